@@ -1,0 +1,70 @@
+"""Kubernetes versions the simulated node offers, and the image names kubeadm gives their components.
+
+With a custom `imageRepository` kubeadm names images `<repo>/<component>:<tag>` (coredns without its
+`coredns/` sub-path), which is what the image builder pushes and the kubeadm stand-in writes into manifests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VersionImages:
+    kubernetes: str  # "v1.31.4"
+    etcd: str  # etcd image tag
+    coredns: str
+    pause: str
+
+
+VERSIONS: dict[str, VersionImages] = {
+    "v1.31.4": VersionImages(kubernetes="v1.31.4", etcd="3.5.15-0", coredns="v1.11.3", pause="3.10"),
+    "v1.32.1": VersionImages(kubernetes="v1.32.1", etcd="3.5.16-0", coredns="v1.11.3", pause="3.10"),
+}
+DEFAULT_VERSION = "v1.31.4"
+
+BINARIES_IMAGE = "kube-binaries"  # <repo>/kube-binaries:<kubernetes version>, executables in /usr/bin
+BINARIES = ("kubeadm", "kubelet", "kubectl", "crictl")
+
+# Addon images (the service's deploy/addons manifests use these names under the same repository).
+ADDON_IMAGES: dict[str, str] = {
+    "storage-provisioner": "v1.0.0",
+    "lb-forwarder": "v1.0.0",
+}
+
+# Share of the ~190 MB compressed total each component has in real releases; the builder multiplies
+# by its padding parameter.
+REALISTIC_SIZES_BYTES: dict[str, int] = {
+    "kube-apiserver": 28_000_000,
+    "kube-controller-manager": 26_000_000,
+    "kube-scheduler": 20_000_000,
+    "kube-proxy": 30_000_000,
+    "etcd": 57_000_000,
+    "coredns": 18_000_000,
+    "pause": 320_000,
+    "storage-provisioner": 9_000_000,
+    "lb-forwarder": 4_000_000,
+    BINARIES_IMAGE: 150_000_000,
+}
+
+
+def component_images(repo: str, version: str) -> dict[str, str]:
+    """component name -> full image reference for one Kubernetes version."""
+    v = VERSIONS[version]
+    return {
+        "kube-apiserver": f"{repo}/kube-apiserver:{v.kubernetes}",
+        "kube-controller-manager": f"{repo}/kube-controller-manager:{v.kubernetes}",
+        "kube-scheduler": f"{repo}/kube-scheduler:{v.kubernetes}",
+        "kube-proxy": f"{repo}/kube-proxy:{v.kubernetes}",
+        "etcd": f"{repo}/etcd:{v.etcd}",
+        "coredns": f"{repo}/coredns:{v.coredns}",
+        "pause": f"{repo}/pause:{v.pause}",
+    }
+
+
+def addon_images(repo: str) -> dict[str, str]:
+    return {name: f"{repo}/{name}:{tag}" for name, tag in ADDON_IMAGES.items()}
+
+
+def binaries_image(repo: str, version: str) -> str:
+    return f"{repo}/{BINARIES_IMAGE}:{VERSIONS[version].kubernetes}"
