@@ -1,0 +1,3 @@
+"""lifecycle: brings a single-node Kubernetes cluster up through explicit states, driven over MQTT."""
+
+__version__ = "0.1.0"

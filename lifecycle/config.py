@@ -1,0 +1,428 @@
+"""Service settings: read once from TOML at start, validated, then frozen.
+
+Every error names the key it is about (`mqtt.broker: ...`), so a bad file is fixed in one go. Command-line
+flags override the file (`with_overrides`). Nothing here touches the disk beyond reading the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+STEP_NAMES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    broker: str = "mqtt://127.0.0.1:1883"  # mqtt://host[:port] or mqtts://host[:port]
+    prefix: str = "lifecycle"
+    client_id: str | None = None  # default: "lifecycle-<node>"
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None  # read at connect time; wins over `password`
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = 10
+    session_expiry_s: int = 86400
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.broker)
+        return parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.broker).scheme == "mqtts"
+
+
+@dataclass(frozen=True)
+class VersionImages:
+    """Image tags kubeadm uses for one Kubernetes version (what `kubeadm config images list` prints)."""
+
+    etcd: str
+    coredns: str
+    pause: str
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    version: str = "v1.31.4"  # installed when a request names none
+    image_repository: str = "registry.k8s.io"
+    # Image holding /usr/bin/{kubeadm,kubelet,kubectl,crictl}; "{version}" is replaced.
+    binaries_image: str = "docker/desktop-kubernetes:kubernetes-{version}"
+    binaries: tuple[str, ...] = ("kubeadm", "kubelet", "kubectl", "crictl")
+    binary_max_bytes: int = 512 * 1024 * 1024
+    versions: dict[str, VersionImages] = field(default_factory=dict)
+    addon_images: tuple[str, ...] = ()  # full references, pulled with the rest
+    node_ip: str = "127.0.0.1"
+    endpoint_name: str = "kubernetes.docker.internal"
+    api_port: int = 6443  # 0: pick a free port at install time
+    kubelet_healthz_port: int = 10248  # 0: pick a free port at install time
+    cri_socket: str = "unix:///var/run/cri-dockerd.sock"
+    service_subnet: str = "10.96.0.0/12"
+    pod_subnet: str = "10.244.0.0/16"
+    dns_domain: str = "cluster.local"
+    cluster_name: str = "docker-desktop"
+    user_name: str = "docker-desktop"
+    context_name: str = "docker-desktop"
+    extra_sans: tuple[str, ...] = ()
+
+    def images_for(self, version: str) -> dict[str, str]:
+        """component -> image reference, named as kubeadm names them under a custom repository."""
+        tags = self.versions[version]
+        repo = self.image_repository
+        return {
+            "kube-apiserver": f"{repo}/kube-apiserver:{version}",
+            "kube-controller-manager": f"{repo}/kube-controller-manager:{version}",
+            "kube-scheduler": f"{repo}/kube-scheduler:{version}",
+            "kube-proxy": f"{repo}/kube-proxy:{version}",
+            "etcd": f"{repo}/etcd:{tags.etcd}",
+            "coredns": f"{repo}/coredns:{tags.coredns}",
+            "pause": f"{repo}/pause:{tags.pause}",
+        }
+
+    def binaries_image_for(self, version: str) -> str:
+        return self.binaries_image.replace("{version}", version).replace("{repo}", self.image_repository)
+
+
+@dataclass(frozen=True)
+class PkiConfig:
+    key_algorithm: str = "ecdsa-p256"  # or "rsa-2048"
+    cert_validity_days: int = 365
+    ca_validity_days: int = 3650
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    host: str = "unix:///var/run/docker.sock"
+    pull_concurrency: int = 3
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """Deadline covering all attempts of one step, and how often it may be retried."""
+
+    timeout_s: float
+    retries: int
+    retry_delay_s: float = 1.0
+
+
+DEFAULT_STEP_POLICIES: dict[str, StepPolicy] = {
+    "certs": StepPolicy(timeout_s=60, retries=0),
+    "images": StepPolicy(timeout_s=1800, retries=3, retry_delay_s=2.0),
+    "binaries": StepPolicy(timeout_s=300, retries=2),
+    "kubeadm": StepPolicy(timeout_s=300, retries=1, retry_delay_s=2.0),
+    "kubelet": StepPolicy(timeout_s=120, retries=2),
+    "readiness": StepPolicy(timeout_s=600, retries=0),
+    "addons": StepPolicy(timeout_s=300, retries=2),
+}
+
+
+@dataclass(frozen=True)
+class ReadinessConfig:
+    components: tuple[str, ...] = ("kube-apiserver", "kube-controller-manager", "coredns")
+
+
+@dataclass(frozen=True)
+class AddonsConfig:
+    manifests_dir: Path = Path("/usr/share/lifecycle/addons")
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str = "docker-desktop"
+    root: Path = Path("/")
+    log_level: str = "info"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    pki: PkiConfig = field(default_factory=PkiConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    steps: dict[str, StepPolicy] = field(default_factory=lambda: dict(DEFAULT_STEP_POLICIES))
+    readiness: ReadinessConfig = field(default_factory=ReadinessConfig)
+    addons: AddonsConfig = field(default_factory=AddonsConfig)
+
+    def with_overrides(
+        self, *, root: Path | None = None, node_name: str | None = None, broker: str | None = None
+    ) -> Config:
+        cfg = self
+        if root is not None:
+            cfg = replace(cfg, root=root.resolve())
+        if node_name is not None:
+            _check_name(node_name, "node.name")
+            cfg = replace(cfg, node_name=node_name)
+        if broker is not None:
+            _check_broker(broker, "mqtt.broker")
+            cfg = replace(cfg, mqtt=replace(cfg.mqtt, broker=broker))
+        return cfg
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+
+def _check_name(value: str, key: str) -> None:
+    if not _NAME_RE.match(value) or len(value) > 63:
+        raise ConfigError(f"{key}: {value!r} is not a valid node name (lowercase DNS label)")
+
+
+def _check_broker(value: str, key: str) -> None:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ConfigError(f"{key}: expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
+
+
+class _Table:
+    """A TOML table read key by key, so every error names its full key and unknown keys are caught."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self._seen.add(name)
+        if name not in self._data:
+            return default
+        value = self._data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:  # TOML true is an int to isinstance
+            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def table(self, name: str) -> _Table:
+        raw = self.get(name, dict, {})
+        return _Table(raw, f"{self.key(name)}.")
+
+    def names(self) -> list[str]:
+        return list(self._data)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
+             list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(t: _Table, name: str, default: float, *, allow_zero: bool = False) -> float:
+    value = float(t.get(name, (int, float), default))
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{t.key(name)}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def _port(t: _Table, name: str, default: int) -> int:
+    value = int(t.get(name, int, default))
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{t.key(name)}: port must be 0..65535 (0 = pick a free one), got {value}")
+    return value
+
+
+def _path(t: _Table, name: str, base: Path) -> Path | None:
+    value = t.get(name, str, None)
+    if value is None:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _str_list(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = t.get(name, list, list(default))
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{t.key(name)}: expected a list of strings")
+    return tuple(value)
+
+
+def _cidr(t: _Table, name: str, default: str) -> str:
+    value = t.get(name, str, default)
+    try:
+        ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise ConfigError(f"{t.key(name)}: {exc}") from exc
+    return str(value)
+
+
+def _load_mqtt(t: _Table, base: Path) -> MqttConfig:
+    d = MqttConfig()
+    broker = t.get("broker", str, d.broker)
+    _check_broker(broker, t.key("broker"))
+    prefix = t.get("prefix", str, d.prefix)
+    if not prefix or any(c in prefix for c in "#+") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ConfigError(f"{t.key('prefix')}: {prefix!r} is not a valid topic prefix")
+    cfg = MqttConfig(
+        broker=broker,
+        prefix=prefix,
+        client_id=t.get("client_id", str, None),
+        username=t.get("username", str, None),
+        password=t.get("password", str, None),
+        password_file=_path(t, "password_file", base),
+        ca_file=_path(t, "ca_file", base),
+        cert_file=_path(t, "cert_file", base),
+        key_file=_path(t, "key_file", base),
+        keepalive_s=int(_positive(t, "keepalive_s", d.keepalive_s)),
+        session_expiry_s=int(_positive(t, "session_expiry_s", d.session_expiry_s)),
+        reconnect_min_s=_positive(t, "reconnect_min_s", d.reconnect_min_s),
+        reconnect_max_s=_positive(t, "reconnect_max_s", d.reconnect_max_s),
+    )
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        raise ConfigError(f"{t.key('cert_file')}: cert_file and key_file go together")
+    t.finish()
+    return cfg
+
+
+def _load_kubernetes(t: _Table) -> KubernetesConfig:
+    d = KubernetesConfig()
+    versions: dict[str, VersionImages] = {}
+    vt = t.table("versions")
+    for version in vt.names():
+        if not _VERSION_RE.match(version):
+            raise ConfigError(f"{vt.key(version)}: version must look like v1.31.4")
+        one = vt.table(version)
+        versions[version] = VersionImages(
+            etcd=one.get("etcd", str, ""),
+            coredns=one.get("coredns", str, ""),
+            pause=one.get("pause", str, ""),
+        )
+        for tag_key in ("etcd", "coredns", "pause"):
+            if not getattr(versions[version], tag_key):
+                raise ConfigError(f"{one.key(tag_key)}: missing image tag")
+        one.finish()
+    vt.finish()
+    if not versions:
+        raise ConfigError(f"{t.key('versions')}: at least one Kubernetes version must be listed")
+    version = t.get("version", str, d.version)
+    if version not in versions:
+        known = sorted(versions)
+        raise ConfigError(f"{t.key('version')}: {version!r} is not among kubernetes.versions {known}")
+    node_ip = t.get("node_ip", str, d.node_ip)
+    try:
+        ipaddress.ip_address(node_ip)
+    except ValueError as exc:
+        raise ConfigError(f"{t.key('node_ip')}: {exc}") from exc
+    cri = t.get("cri_socket", str, d.cri_socket)
+    if not cri.startswith("unix:///"):
+        raise ConfigError(f"{t.key('cri_socket')}: expected unix:///path, got {cri!r}")
+    cfg = KubernetesConfig(
+        version=version,
+        image_repository=t.get("image_repository", str, d.image_repository).rstrip("/"),
+        binaries_image=t.get("binaries_image", str, d.binaries_image),
+        binaries=_str_list(t, "binaries", d.binaries),
+        binary_max_bytes=int(_positive(t, "binary_max_bytes", d.binary_max_bytes)),
+        versions=versions,
+        addon_images=_str_list(t, "addon_images", d.addon_images),
+        node_ip=node_ip,
+        endpoint_name=t.get("endpoint_name", str, d.endpoint_name),
+        api_port=_port(t, "api_port", d.api_port),
+        kubelet_healthz_port=_port(t, "kubelet_healthz_port", d.kubelet_healthz_port),
+        cri_socket=cri,
+        service_subnet=_cidr(t, "service_subnet", d.service_subnet),
+        pod_subnet=_cidr(t, "pod_subnet", d.pod_subnet),
+        dns_domain=t.get("dns_domain", str, d.dns_domain),
+        cluster_name=t.get("cluster_name", str, d.cluster_name),
+        user_name=t.get("user_name", str, d.user_name),
+        context_name=t.get("context_name", str, d.context_name),
+        extra_sans=_str_list(t, "extra_sans", d.extra_sans),
+    )
+    if ipaddress.ip_network(cfg.service_subnet).overlaps(ipaddress.ip_network(cfg.pod_subnet)):
+        raise ConfigError(f"{t.key('pod_subnet')}: overlaps kubernetes.service_subnet")
+    t.finish()
+    return cfg
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file. Relative paths in it are relative to the file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    base = path.resolve().parent
+    top = _Table(raw, "")
+    node = top.table("node")
+    name = node.get("name", str, Config.node_name)
+    _check_name(name, node.key("name"))
+    root = Path(node.get("root", str, "/"))
+    if not root.is_absolute():
+        root = (base / root).resolve()
+    log_level = node.get("log_level", str, "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{node.key('log_level')}: expected debug, info, warning or error")
+    node.finish()
+
+    mqtt = _load_mqtt(top.table("mqtt"), base)
+    kubernetes = _load_kubernetes(top.table("kubernetes"))
+
+    pt = top.table("pki")
+    algorithm = pt.get("key_algorithm", str, PkiConfig.key_algorithm)
+    if algorithm not in ("ecdsa-p256", "rsa-2048"):
+        raise ConfigError(f"{pt.key('key_algorithm')}: expected ecdsa-p256 or rsa-2048, got {algorithm!r}")
+    pki = PkiConfig(
+        key_algorithm=algorithm,
+        cert_validity_days=int(_positive(pt, "cert_validity_days", PkiConfig.cert_validity_days)),
+        ca_validity_days=int(_positive(pt, "ca_validity_days", PkiConfig.ca_validity_days)),
+    )
+    pt.finish()
+
+    dt = top.table("docker")
+    docker = DockerConfig(
+        host=dt.get("host", str, DockerConfig.host),
+        pull_concurrency=int(_positive(dt, "pull_concurrency", DockerConfig.pull_concurrency)),
+    )
+    if not docker.host.startswith(("unix://", "tcp://")):
+        raise ConfigError(f"{dt.key('host')}: expected unix:///path or tcp://host:port")
+    dt.finish()
+
+    steps = dict(DEFAULT_STEP_POLICIES)
+    st = top.table("steps")
+    for step_name in st.names():
+        if step_name not in STEP_NAMES:
+            raise ConfigError(f"{st.key(step_name)}: unknown step (known: {', '.join(STEP_NAMES)})")
+        one = st.table(step_name)
+        base_policy = steps[step_name]
+        steps[step_name] = StepPolicy(
+            timeout_s=_positive(one, "timeout_s", base_policy.timeout_s),
+            retries=int(_positive(one, "retries", base_policy.retries, allow_zero=True)),
+            retry_delay_s=_positive(one, "retry_delay_s", base_policy.retry_delay_s, allow_zero=True),
+        )
+        one.finish()
+    st.finish()
+
+    rt = top.table("readiness")
+    readiness = ReadinessConfig(components=_str_list(rt, "components", ReadinessConfig.components))
+    rt.finish()
+    at = top.table("addons")
+    addons = AddonsConfig(manifests_dir=_path(at, "manifests_dir", base) or AddonsConfig.manifests_dir)
+    at.finish()
+    top.finish()
+    return Config(
+        node_name=name, root=root, log_level=log_level, mqtt=mqtt, kubernetes=kubernetes, pki=pki,
+        docker=docker, steps=steps, readiness=readiness, addons=addons,
+    )

@@ -1,0 +1,103 @@
+"""Small protocols for everything outside the service: container engine, commands, kubelet process, Kubernetes API.
+
+Implemented in `lifecycle/adapters/`, built only in `lifecycle/__main__.py`, reached by steps through
+`StepContext.ports`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """Byte progress of one image pull, summed over its layers."""
+
+    image: str
+    current_bytes: int
+    total_bytes: int | None  # None until every layer's size is known
+    status: str  # the engine's last status word ("Downloading", "Pull complete", ...)
+
+
+class ContainerEngine(Protocol):
+    async def image_id(self, ref: str) -> str | None:
+        """The local image id (sha256:...) of `ref`, or None when it is not present."""
+
+    async def pull(self, ref: str, *, on_progress: Callable[[PullProgress], None]) -> str:
+        """Pull `ref` (raising on any error inside the stream) and return its local image id."""
+
+    async def create_container(self, image: str) -> str:
+        """Create, never start, a container from `image`; return its id."""
+
+    def archive(self, container_id: str, path: str) -> AsyncIterator[bytes]:
+        """Stream the uncompressed tar of `path` inside the container as it arrives."""
+
+    async def remove_container(self, container_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    exit_code: int
+    output_tail: tuple[str, ...]  # last lines of stdout+stderr, interleaved as printed
+
+
+class CommandRunner(Protocol):
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        on_line: Callable[[str], None] | None = None,
+        env: Mapping[str, str] | None = None,
+        tail_lines: int = 40,
+    ) -> CommandResult:
+        """Run to completion (cancellation kills it); every output line goes to `on_line` as it comes."""
+
+
+class KubeletSupervisor(Protocol):
+    """Keeps one kubelet process running, restarting it with backoff if it dies, until `stop`.
+
+    The process is started in its own session so it survives a crash of the service (as a kubelet run by
+    systemd would); a restarted service adopts it through its pid file instead of starting a second one.
+    """
+
+    async def start(self, argv: Sequence[str], *, log_path: Path) -> None: ...
+
+    async def stop(self, *, timeout_s: float = 10.0) -> None: ...
+
+    def is_running(self) -> bool: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+
+class KubeApi(Protocol):
+    """The Kubernetes API as the readiness and addons steps need it (kubernetes_asyncio behind it)."""
+
+    async def list_pods(self, namespace: str) -> list[dict[str, Any]]: ...
+
+    def watch_pods(self, namespace: str, *, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        """Yields watch events ({"type", "object"}) until `timeout_s` passes or the server ends the watch."""
+
+    async def apply(self, manifest: Mapping[str, Any], *, field_manager: str) -> dict[str, Any]:
+        """Server-side apply one object (force=True: the service owns what it applies)."""
+
+    async def get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None: ...
+
+
+class KubeApiFactory(Protocol):
+    def connect(self, kubeconfig: Path) -> AbstractAsyncContextManager[KubeApi]: ...
+
+
+@dataclass(frozen=True)
+class Ports:
+    docker: ContainerEngine
+    commands: CommandRunner
+    kubelet: KubeletSupervisor
+    kube: KubeApiFactory

@@ -1,0 +1,73 @@
+"""What a step is and what it is given: the contract between the engine and the modules in `states/`.
+
+A step never publishes events, never catches `Exception` wholesale and never sleeps without a deadline: it
+reports progress through `ctx.progress` and raises `lifecycle.errors` errors; the engine does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lifecycle.config import Config
+from lifecycle.paths import HostPaths
+from lifecycle.ports import Ports
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """Fixed for one install and persisted with it, so a resumed install uses the same values.
+
+    Ports configured as 0 are resolved to free ports once, when the install starts.
+    """
+
+    kubernetes_version: str
+    api_port: int
+    kubelet_healthz_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kubernetes_version": self.kubernetes_version,
+            "api_port": self.api_port,
+            "kubelet_healthz_port": self.kubelet_healthz_port,
+        }
+
+
+class ProgressFn(Protocol):
+    def __call__(
+        self,
+        message: str,
+        *,
+        current: int | float | None = None,
+        total: int | float | None = None,
+        unit: str | None = None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepContext:
+    config: Config
+    paths: HostPaths
+    cluster: ClusterParams
+    ports: Ports
+    request_id: str | None
+    log: Any  # a structlog bound logger, bound to request id and state
+    progress: ProgressFn
+
+
+class Step(Protocol):
+    name: str  # also the state name and the word on the wire
+    timeout_s: float  # default deadline covering all attempts (config `steps.<name>` overrides)
+    retries: int  # default number of retries after a retryable error
+
+    async def is_done(self, ctx: StepContext) -> bool:
+        """True when the step's outcome already holds (checked, not remembered): the engine then skips run."""
+
+    async def run(self, ctx: StepContext) -> None: ...
+
+    async def before_retry(self, ctx: StepContext) -> None:
+        """Undo a failed attempt's partial work so that `run` may start over (most steps: nothing)."""
+
+
+StepFactory = Callable[[], list[Step]]
