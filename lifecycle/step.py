@@ -52,6 +52,7 @@ class StepContext:
     cluster: ClusterParams
     ports: Ports
     request_id: str | None
+    deadline: float  # loop.time() at which the engine cancels the step; waiting steps fail with a precise reason first
     log: Any  # a structlog bound logger, bound to request id and state
     progress: ProgressFn
 

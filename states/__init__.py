@@ -1,0 +1,33 @@
+"""The steps of a bring-up, one module per state: `is_done` and `run`.
+
+The plan is this list, in order; the engine walks it and skips what `is_done` says already holds.
+"""
+
+from __future__ import annotations
+
+from lifecycle.step import Step
+
+STEP_ORDER = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+
+
+def build_plan() -> list[Step]:
+    # Imported here so `lifecycle graph` and request parsing do not pay for the steps' dependencies.
+    from states.addons import Addons
+    from states.binaries import Binaries
+    from states.certs import Certs
+    from states.images import Images
+    from states.kubeadm import Kubeadm
+    from states.kubelet import Kubelet
+    from states.readiness import Readiness
+
+    plan: list[Step] = [
+        Certs(),  # the kubeadm PKI, kubeconfigs and the kubeadm config, from our own CA
+        Images(),  # binaries, control-plane and addon images, pulled through the Docker Engine
+        Binaries(),  # kubeadm, kubelet, kubectl, crictl copied out of the binaries image
+        Kubeadm(),  # kubeadm init phases up to kubelet-start: manifests and kubelet config
+        Kubelet(),  # the kubelet, supervised, healthy
+        Readiness(),  # kubeadm's API phases, then control-plane and coredns pods Running and Ready
+        Addons(),  # storage provisioner and LoadBalancer forwarder applied and available
+    ]
+    assert tuple(step.name for step in plan) == STEP_ORDER
+    return plan
