@@ -1,0 +1,65 @@
+"""The kubelet's files kubeadm writes: /var/lib/kubelet/config.yaml, kubeadm-flags.env, and (finalize)
+the rotatable client pem /var/lib/kubelet/pki/kubelet-client-current.pem that kubelet.conf then points at.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import yaml
+
+from simnode.kubeadm.config import Config
+from simnode.kubeadm.files import write_atomic
+from simnode.kubeadm.kubeconfig import read_kubeconfig
+from simnode.paths import NodeRoot
+
+KUBELET_CONFIG = "/var/lib/kubelet/config.yaml"
+KUBELET_FLAGS = "/var/lib/kubelet/kubeadm-flags.env"
+KUBELET_CLIENT_PEM = "/var/lib/kubelet/pki/kubelet-client-current.pem"
+KUBELET_CONF = "/etc/kubernetes/kubelet.conf"
+
+
+def kubelet_config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.kubelet, sort_keys=True)
+
+
+def kubelet_flags(cfg: Config) -> str:
+    """The KUBELET_KUBEADM_ARGS line: runtime endpoint, pause image, node IP/name, kubeletExtraArgs."""
+    flags: dict[str, str] = {
+        "container-runtime-endpoint": cfg.init.cri_socket,
+        "pod-infra-container-image": cfg.images["pause"],
+        "node-ip": cfg.init.advertise_address,
+    }
+    if cfg.init.node_name != socket.gethostname().lower():
+        flags["hostname-override"] = cfg.init.node_name
+    for name, value in cfg.init.kubelet_extra_args:
+        flags[name] = value
+    args = " ".join(f"--{k}={v}" for k, v in sorted(flags.items()))
+    return f'KUBELET_KUBEADM_ARGS="{args}"\n'
+
+
+def write_kubelet_start(cfg: Config, root: NodeRoot, out: Callable[[str], None]) -> None:
+    out(f'[kubelet-start] Writing kubelet environment file with flags to file "{KUBELET_FLAGS}"')
+    write_atomic(root.path(KUBELET_FLAGS), kubelet_flags(cfg))
+    out(f'[kubelet-start] Writing kubelet configuration to file "{KUBELET_CONFIG}"')
+    write_atomic(root.path(KUBELET_CONFIG), kubelet_config_yaml(cfg))
+    # Real kubeadm runs `systemctl start kubelet` here; the simulated node has no init system, so
+    # starting the kubelet is up to whoever runs the node (the lifecycle service).
+    out("[kubelet-start] Starting the kubelet")
+
+
+def finalize_client_cert(root: NodeRoot, out: Callable[[str], None]) -> None:
+    """Move kubelet.conf's embedded credentials into the rotatable pem and point kubelet.conf at it."""
+    kc = read_kubeconfig(KUBELET_CONF, root)
+    if kc.cert_pem is None or kc.key_pem is None:
+        raise ValueError(f"{KUBELET_CONF}: the user has no client certificate and key")
+    out(f'[kubelet-finalize] Updating "{KUBELET_CONF}" to point to a rotatable kubelet client certificate and key')
+    pem = kc.cert_pem.rstrip(b"\n") + b"\n" + kc.key_pem
+    write_atomic(root.path(KUBELET_CLIENT_PEM), pem, mode=0o600)
+    doc = kc.doc
+    context = next(c for c in doc["contexts"] if c["name"] == doc["current-context"])
+    for user in doc["users"]:
+        if user["name"] == context["context"]["user"]:
+            user["user"] = {"client-certificate": KUBELET_CLIENT_PEM, "client-key": KUBELET_CLIENT_PEM}
+    write_atomic(root.path(KUBELET_CONF), yaml.safe_dump(doc, sort_keys=True), mode=0o600)

@@ -1,0 +1,168 @@
+"""The `kubeadm init` workflow: phase table, selection (--skip-phases, `init phase X`), and the
+validate-everything-first plan that the phases then write to disk or send to the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from simnode.kubeadm.config import Config
+from simnode.kubeadm.errors import KubeadmError, PhaseError
+from simnode.kubeadm.kubeconfig import KubeconfigPlan, kubeconfig_specs, plan_kubeconfigs
+from simnode.kubeadm.pki import PHASE_TO_NAME, PkiPlan, plan_pki
+from simnode.kubeadm.x509util import PrivateKey, check_is_ca, check_key_matches, check_validity, load_cert, load_key
+from simnode.paths import NodeRoot
+
+Out = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PhaseDef:
+    name: str
+    subs: tuple[str, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()  # (old name, current name) of a sub-phase
+
+
+PHASES: tuple[PhaseDef, ...] = (
+    PhaseDef("preflight"),
+    PhaseDef("certs", tuple(PHASE_TO_NAME)),
+    PhaseDef("kubeconfig", ("admin", "super-admin", "kubelet", "controller-manager", "scheduler")),
+    PhaseDef("etcd", ("local",)),
+    PhaseDef("control-plane", ("apiserver", "controller-manager", "scheduler")),
+    PhaseDef("kubelet-start"),
+    PhaseDef("wait-control-plane"),
+    PhaseDef("upload-config", ("kubeadm", "kubelet")),
+    PhaseDef("upload-certs"),
+    PhaseDef("mark-control-plane"),
+    PhaseDef("bootstrap-token"),
+    PhaseDef("kubelet-finalize", ("enable-client-cert-rotation",),
+             (("experimental-cert-rotation", "enable-client-cert-rotation"),)),
+    PhaseDef("addon", ("coredns", "kube-proxy")),
+    PhaseDef("show-join-command"),
+)
+BY_NAME = {p.name: p for p in PHASES}
+API_PHASES = ("wait-control-plane", "upload-config", "upload-certs", "mark-control-plane", "bootstrap-token", "addon")
+
+# phase -> sub-phases to run ([] for a phase without sub-phases), in workflow order.
+Selection = dict[str, list[str]]
+
+
+def _canonical_sub(phase: PhaseDef, sub: str) -> str | None:
+    if sub in phase.subs:
+        return sub
+    return dict(phase.aliases).get(sub)
+
+
+def all_phases() -> Selection:
+    return {p.name: list(p.subs) for p in PHASES}
+
+
+def select_single(name: str, sub: str | None) -> Selection:
+    """`kubeadm init phase <name> [<sub>]`; KubeadmError for an unknown phase like kubeadm's."""
+    phase = BY_NAME.get(name)
+    if phase is None:
+        raise KubeadmError(f'unknown command "{name}" for "kubeadm init phase"\n'
+                           f"Available phases: {', '.join(BY_NAME)}")
+    if sub is None or sub == "all":
+        return {name: list(phase.subs)}
+    canonical = _canonical_sub(phase, sub)
+    if canonical is None:
+        known = ", ".join(("all", *phase.subs)) if phase.subs else "none"
+        raise KubeadmError(f'unknown command "{sub}" for "kubeadm init phase {name}"\nAvailable sub-phases: {known}')
+    return {name: [canonical]}
+
+
+def apply_skips(selection: Selection, skips: list[str]) -> Selection:
+    """Drop `phase` or `phase/sub` entries (from --skip-phases and InitConfiguration.skipPhases)."""
+    out = {k: list(v) for k, v in selection.items()}
+    for skip in skips:
+        name, _, sub = skip.strip().partition("/")
+        phase = BY_NAME.get(name)
+        canonical = _canonical_sub(phase, sub) if phase is not None and sub else None
+        if phase is None or (sub and sub != "all" and canonical is None):
+            raise KubeadmError(f'skip-phases: unknown phase "{skip}" (phases: {", ".join(BY_NAME)}; sub-phases '
+                               'as "phase/sub")')
+        if not sub or sub == "all":
+            out.pop(name, None)
+        elif name in out and canonical in out[name]:
+            out[name].remove(canonical)
+            if not out[name]:
+                out.pop(name)
+    return out
+
+
+@dataclass
+class InitPlan:
+    """What a run will do, checked before anything is written."""
+
+    cfg: Config
+    root: NodeRoot
+    selection: Selection
+    ignore_preflight: set[str] = field(default_factory=set)
+    upload_certs: bool = False
+    full_init: bool = False
+    pki: PkiPlan | None = None
+    kubeconfigs: KubeconfigPlan | None = None
+    ca_cert: x509.Certificate | None = None
+    admin_binding_done: bool = False
+
+
+def _disk_ca(cfg: Config, root: NodeRoot, phase: str) -> tuple[x509.Certificate, PrivateKey | None]:
+    crt = f"{cfg.cert_dir.rstrip('/')}/ca.crt"
+    key_shown = f"{cfg.cert_dir.rstrip('/')}/ca.key"
+    cert = load_cert(root.path(crt), crt)
+    if isinstance(cert, str):
+        raise PhaseError(phase, f"couldn't load the cluster CA; the CA files couldn't be loaded: {cert}")
+    key: PrivateKey | None = None
+    if root.path(key_shown).exists():
+        loaded = load_key(root.path(key_shown), key_shown)
+        if isinstance(loaded, str):
+            raise PhaseError(phase, loaded)
+        key = loaded
+    problems = [p for p in (check_is_ca(cert, crt), check_validity(cert, crt),
+                            check_key_matches(cert, key, key_shown) if key is not None else None) if p]
+    if problems:
+        raise PhaseError(phase, "\n".join(problems))
+    return cert, key
+
+
+def _require_file(plan: InitPlan, phase: str, real: str, planned: bool) -> None:
+    if not planned and not plan.root.path(real).exists():
+        raise PhaseError(phase, f"{real}: file does not exist (run the phase that writes it first)")
+
+
+def prepare(plan: InitPlan) -> None:
+    """Validate the existing PKI/kubeconfigs and generate missing ones in memory; PhaseError on any problem."""
+    cfg, root, sel = plan.cfg, plan.root, plan.selection
+    if "certs" in sel:
+        pki, problems = plan_pki(cfg, root, set(sel["certs"]))
+        if problems:
+            raise PhaseError("certs", "\n".join(problems))
+        plan.pki = pki
+    needs_ca = "kubeconfig" in sel or "bootstrap-token" in sel or "show-join-command" in sel
+    ca: tuple[x509.Certificate, PrivateKey | None] | None = None
+    if plan.pki is not None and "ca" in plan.pki.pairs:
+        pair = plan.pki.pairs["ca"]
+        ca = (pair.cert, pair.key)
+    elif needs_ca:
+        ca = _disk_ca(cfg, root, "kubeconfig" if "kubeconfig" in sel else "bootstrap-token")
+    if ca is not None:
+        plan.ca_cert = ca[0]
+    if "kubeconfig" in sel and ca is not None:
+        kc_plan, problems = plan_kubeconfigs(cfg, root, ca, set(sel["kubeconfig"]))
+        if problems:
+            raise PhaseError("kubeconfig", "\n".join(problems))
+        plan.kubeconfigs = kc_plan
+    planned = set(plan.kubeconfigs.contents) if plan.kubeconfigs else set()
+    for phase in API_PHASES:
+        if phase in sel and phase != "upload-certs":
+            _require_file(plan, phase, "/etc/kubernetes/admin.conf", "admin.conf" in planned)
+    if "kubelet-finalize" in sel:
+        _require_file(plan, "kubelet-finalize", "/etc/kubernetes/kubelet.conf", "kubelet.conf" in planned)
+
+
+def kubeconfig_files(cfg: Config, subs: list[str]) -> list[str]:
+    return [s.file for s in kubeconfig_specs(cfg) if s.phase in subs]
