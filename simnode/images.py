@@ -27,7 +27,7 @@ import aiodocker
 import aiohttp
 
 from simnode import versions as v
-from simnode.zipapp import build_zipapp
+from simnode.zipapp import PACKAGE_DIR, build_zipapp
 
 DEFAULT_REGISTRY = "127.0.0.1:5000"
 DEFAULT_DOCKER_HOST = "unix:///tmp/lifecycle-services/docker/docker.sock"
@@ -116,11 +116,13 @@ def pad_size_bytes(name: str, pad_scale: float) -> int:
     return max(MIN_PAD_BYTES, int(v.REALISTIC_SIZES_BYTES[name] * pad_scale))
 
 
-def plan_images(repo: str, versions: Iterable[str], pad_scale: float, *, python: str | None = None) -> list[ImageSpec]:
+def plan_images(
+    repo: str, versions: Iterable[str], pad_scale: float, *, package_dir: Path = PACKAGE_DIR
+) -> list[ImageSpec]:
     """The images to build, without duplicates (coredns and pause share tags across versions)."""
     specs: dict[str, ImageSpec] = {}
     for version in versions:
-        tools = build_zipapp(v.VERSIONS[version].kubernetes, python=python)
+        tools = build_zipapp(v.VERSIONS[version].kubernetes, package_dir=package_dir)
         ref = v.binaries_image(repo, version)
         specs[ref] = ImageSpec(
             name=v.BINARIES_IMAGE,
@@ -283,6 +285,8 @@ class BuildRequest:
     pad_scale: float = 1.0
     docker_host: str | None = None
     namespace: str = ""  # optional path under the registry (tests use a unique one)
+    only: tuple[str, ...] = ()  # image names (keys of REALISTIC_SIZES_BYTES) to limit the run to
+    package_dir: Path = PACKAGE_DIR  # the simnode sources packed into the tools (a frozen copy in tests)
 
     @property
     def repo(self) -> str:
@@ -297,6 +301,9 @@ class BuildRequest:
             raise ValueError(f"unknown Kubernetes versions {unknown or '(none given)'}; known: {sorted(v.VERSIONS)}")
         if not math.isfinite(self.pad_scale) or not 0 < self.pad_scale <= 10:
             raise ValueError(f"pad scale {self.pad_scale!r}: expected a number in (0, 10]")
+        bad_names = [name for name in self.only if name not in v.REALISTIC_SIZES_BYTES]
+        if bad_names:
+            raise ValueError(f"unknown image names {bad_names}; known: {sorted(v.REALISTIC_SIZES_BYTES)}")
         ns = self.namespace
         if ns and (ns != ns.lower() or ns.startswith("/") or ns.endswith("/") or any(c.isspace() for c in ns)):
             raise ValueError(f"namespace {ns!r}: expected a lowercase repository path like 'test/abc'")
@@ -313,7 +320,8 @@ def _lock_path(registry: str) -> Path:
 async def build_images(req: BuildRequest, *, log: IO[str] | None = sys.stdout) -> list[ImageResult]:
     """Build and push every image of `req`; one line per image on `log`. Raises ImageBuildError."""
     req.validate()
-    specs = plan_images(req.repo, req.versions, req.pad_scale)
+    planned = plan_images(req.repo, req.versions, req.pad_scale, package_dir=req.package_dir)
+    specs = [s for s in planned if not req.only or s.name in req.only]
     url = docker_url(req.docker_host)
     # Two builders at once (parallel test runs) would race on the same tags; take turns per registry.
     lock = await asyncio.to_thread(open, _lock_path(req.registry), "a")
@@ -360,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--versions", default=",".join(v.VERSIONS), help="comma-separated Kubernetes versions")
     parser.add_argument("--pad-scale", type=float, default=1.0, help="padding as a share of real image sizes")
     parser.add_argument("--docker-host", default=None, help=f"default $DOCKER_HOST or {DEFAULT_DOCKER_HOST}")
+    parser.add_argument("--only", default="", help="comma-separated image names to limit the run to")
     args = parser.parse_args(argv)
     req = BuildRequest(
         registry=args.registry,
@@ -367,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         pad_scale=args.pad_scale,
         docker_host=args.docker_host,
         namespace=args.namespace,
+        only=tuple(x.strip() for x in args.only.split(",") if x.strip()),
     )
     try:
         req.validate()
