@@ -41,8 +41,14 @@ def client_version() -> dict[str, object]:
     }
 
 
+# Global flags that take a value and do not change what `version --client` prints.
+VALUE_FLAGS = {"--kubeconfig", "--context", "--cluster", "--user", "-n", "--namespace", "-s", "--server",
+               "--request-timeout", "-v", "--v", "--token", "--as"}
+
+
 def _version(argv: list[str]) -> int | None:
-    """Handle `version --client [-o json|yaml]`; None means "not ours, delegate"."""
+    """Handle `[global flags] version --client [-o json|yaml]`; None means "not ours, delegate"."""
+    positional: list[str] = []
     client, output, i = False, "", 0
     while i < len(argv):
         arg = argv[i]
@@ -52,12 +58,14 @@ def _version(argv: list[str]) -> int | None:
             output, i = argv[i + 1], i + 1
         elif arg.startswith(("-o=", "--output=")):
             output = arg.split("=", 1)[1]
-        elif arg.startswith("-o") and len(arg) > 2:
-            output = arg[2:]
-        else:
-            return None  # flags we do not model (--kubeconfig, ...) go to the real kubectl
+        elif arg in VALUE_FLAGS:
+            i += 1
+        elif not arg.startswith("-"):
+            positional.append(arg)
+        elif arg.split("=", 1)[0] not in VALUE_FLAGS:
+            return None  # a flag we do not model: the real kubectl knows what it means
         i += 1
-    if not client:
+    if positional != ["version"] or not client:
         return None
     info = client_version()
     if output == "json":
@@ -116,8 +124,8 @@ def _reroot_kubeconfig(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["version"]:
-        handled = _version(argv[1:])
+    if "version" in argv:
+        handled = _version(argv)
         if handled is not None:
             return handled
     if os.environ.get(GUARD_ENV):
