@@ -1,0 +1,265 @@
+"""Keeps one kubelet process running, as a systemd unit would, and restarts it with backoff when it dies.
+
+Leaves `pid_file` (JSON: pid, kernel start time, argv, cmdline, log path) while the kubelet should run; a new
+supervisor (after a service restart) adopts the live process it names instead of starting a second kubelet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class _Record:
+    pid: int
+    start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid from ours
+    argv: list[str]  # as requested by the caller
+    cmdline: list[str]  # as the kernel shows it (a script's interpreter comes first)
+    log_path: str
+
+
+class ProcessKubeletSupervisor:
+    """`KubeletSupervisor` for a local process started in its own session (it survives a service crash)."""
+
+    def __init__(
+        self,
+        *,
+        pid_file: Path,
+        log: Any,
+        min_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        stable_after_s: float = 60.0,
+    ) -> None:
+        self._pid_file = pid_file
+        self._log = log
+        self._min_backoff_s = min_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._stable_after_s = stable_after_s  # a kubelet that ran this long restarts without delay build-up
+        self._record: _Record | None = None
+        self._proc: asyncio.subprocess.Process | None = None  # set when the kubelet is our own child
+        self._task: asyncio.Task[None] | None = None
+        self._restarts = 0
+        self._adopt()
+
+    # ---- KubeletSupervisor -------------------------------------------------------------------------------
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    def is_running(self) -> bool:
+        """True while the supervised kubelet process is alive (not during a restart backoff).
+
+        An adopted kubelet is watched from the first call made inside the event loop, so a service that only
+        checks (`is_done`) after a restart still restarts its kubelet should it die later.
+        """
+        record = self._record
+        if record is None or not _alive(record):
+            return False
+        self._ensure_task()
+        return True
+
+    async def start(self, argv: Sequence[str], *, log_path: Path) -> None:
+        wanted = list(argv)
+        if not wanted:
+            raise ValueError("kubelet argv is empty")
+        if self._record is not None and self._record.argv == wanted:
+            if self._task is not None and not self._task.done():
+                return  # running or in backoff: the watch task owns it
+            if _alive(self._record):
+                self._ensure_task()
+                return
+        if self._record is not None:
+            self._log.info("kubelet command line changed: replacing the running kubelet", pid=self._record.pid)
+            await self.stop()
+        await self._spawn(wanted, log_path)
+        self._ensure_task()
+
+    async def stop(self, *, timeout_s: float = 10.0) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # waits without re-raising the task's CancelledError into us
+        record, proc = self._record, self._proc
+        self._record, self._proc = None, None
+        if record is not None and _alive(record):
+            self._log.info("stopping kubelet", pid=record.pid)
+            _signal_group(record.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(_wait_exit(record.pid, proc), timeout=timeout_s)
+            except TimeoutError:
+                self._log.warning("kubelet ignored SIGTERM: killing it", pid=record.pid, timeout_s=timeout_s)
+                _signal_group(record.pid, signal.SIGKILL)
+                await asyncio.wait_for(_wait_exit(record.pid, proc), timeout=timeout_s)
+        self._pid_file.unlink(missing_ok=True)
+
+    # ---- internals ---------------------------------------------------------------------------------------
+
+    def _adopt(self) -> None:
+        record = _read_record(self._pid_file)
+        if record is None:
+            return
+        if _alive(record):
+            self._record = record
+            self._log.info("adopted running kubelet", pid=record.pid)
+        else:
+            self._log.info("kubelet recorded in pid file is gone", pid=record.pid)
+
+    def _ensure_task(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # constructed outside the loop: watching starts with the first call inside it
+        self._task = asyncio.create_task(self._supervise(), name="kubelet-supervisor")
+
+    async def _spawn(self, argv: list[str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # not in our process group: a crash or ^C of the service spares it
+            )
+        finally:
+            os.close(log_fd)
+        record = _Record(
+            pid=proc.pid,
+            start_ticks=_start_ticks(proc.pid) or 0,
+            argv=argv,
+            cmdline=_cmdline(proc.pid) or argv,
+            log_path=str(log_path),
+        )
+        _write_record(self._pid_file, record)
+        self._record, self._proc = record, proc
+        self._log.info("started kubelet", pid=proc.pid, log_path=str(log_path))
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff_s = self._min_backoff_s
+        while True:
+            record = self._record
+            if record is None:
+                return
+            started_at = loop.time()
+            exit_code: int | None = None
+            if _alive(record):  # never wait on a pid the kernel has since given to someone else
+                own = self._proc if self._proc is not None and self._proc.pid == record.pid else None
+                exit_code = await _wait_exit(record.pid, own)
+            ran_s = loop.time() - started_at
+            if ran_s >= self._stable_after_s:
+                backoff_s = self._min_backoff_s
+            self._log.warning("kubelet exited: restarting", pid=record.pid, exit_code=exit_code,
+                              ran_s=round(ran_s, 1), backoff_s=backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, self._max_backoff_s)
+            try:
+                await self._spawn(record.argv, Path(record.log_path))
+            except OSError as exc:
+                # Keep the old record: the next round waits (it is gone already) and tries again after backoff.
+                self._log.error("kubelet could not be started", error=str(exc))
+                continue
+            self._restarts += 1
+
+
+# ---- /proc helpers ---------------------------------------------------------------------------------------
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # the command name in parens may hold spaces
+    if fields[0] == "Z":
+        return None  # exited, not yet reaped: as good as gone
+    return int(fields[19])
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part] or None
+
+
+def _alive(record: _Record) -> bool:
+    return _start_ticks(record.pid) == record.start_ticks and _cmdline(record.pid) == record.cmdline
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:
+            return
+        # The kubelet leads its own session; its static pods run in sessions of their own and stay up.
+        if group == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+async def _wait_exit(pid: int, proc: asyncio.subprocess.Process | None) -> int | None:
+    """Wait until `pid` exits; its exit code when it is our child, else None (adopted processes)."""
+    if proc is not None:
+        return await proc.wait()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return None
+
+
+def _read_record(pid_file: Path) -> _Record | None:
+    try:
+        raw = json.loads(pid_file.read_text())
+        return _Record(
+            pid=int(raw["pid"]),
+            start_ticks=int(raw["start_ticks"]),
+            argv=[str(a) for a in raw["argv"]],
+            cmdline=[str(a) for a in raw["cmdline"]],
+            log_path=str(raw["log_path"]),
+        )
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn or foreign file: treat as no kubelet, the next start rewrites it
+
+
+def _write_record(pid_file: Path, record: _Record) -> None:
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pid_file.with_name(f".{pid_file.name}.tmp")
+    data = {"pid": record.pid, "start_ticks": record.start_ticks, "argv": record.argv,
+            "cmdline": record.cmdline, "log_path": record.log_path}
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(pid_file)
