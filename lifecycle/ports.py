@@ -23,9 +23,29 @@ class PullProgress:
     status: str  # the engine's last status word ("Downloading", "Pull complete", ...)
 
 
+class EngineError(Exception):
+    """The container engine refused a request or could not be reached; the message is the engine's own.
+
+    `not_found`: the image, tag or container does not exist (repeating cannot help until it does).
+    """
+
+    def __init__(self, message: str, *, not_found: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.not_found = not_found
+
+
 class ContainerEngine(Protocol):
+    """Raises `EngineError` for everything the engine reports as an error."""
+
     async def image_id(self, ref: str) -> str | None:
         """The local image id (sha256:...) of `ref`, or None when it is not present."""
+
+    async def repo_digests(self, ref: str) -> list[str]:
+        """The local image's RepoDigests (`repo@sha256:...`); empty when it is absent or was never pulled."""
+
+    async def registry_digest(self, ref: str) -> str | None:
+        """The registry's current manifest digest for `ref`, asked through the engine; None when it cannot say."""
 
     async def pull(self, ref: str, *, on_progress: Callable[[PullProgress], None]) -> str:
         """Pull `ref` (raising on any error inside the stream) and return its local image id."""
