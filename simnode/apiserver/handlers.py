@@ -1,0 +1,412 @@
+"""HTTP routing for the API server: authentication, health, discovery, and the resource verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from simnode.apiserver import discovery, printing
+from simnode.apiserver.api import Api
+from simnode.apiserver.errors import ApiError, bad_request, method_not_allowed, resource_not_found, unauthorized
+from simnode.apiserver.health import Health
+from simnode.apiserver.patch import json_patch, merge_patch, strategic_merge
+from simnode.apiserver.resources import ResourceType, lookup
+from simnode.apiserver.selectors import parse_selector
+from simnode.apiserver.store import Obj, Store
+from simnode.apiserver.tls import IDENTITY_KEY, Identity
+from simnode.apiserver.watch import WatchRequest, parse_timeout, serve_watch
+
+log = logging.getLogger("simnode.apiserver.http")
+
+MAX_BODY_BYTES = 3 * 1024 * 1024
+_PUBLIC = ("version", "healthz", "livez", "readyz")
+_APPLY = "application/apply-patch+yaml"
+_PATCHES = {
+    "application/json-patch+json": "json",
+    "application/merge-patch+json": "merge",
+    "application/strategic-merge-patch+json": "strategic",
+    _APPLY: "apply",
+}
+
+
+@dataclass
+class Target:
+    rt: ResourceType
+    namespace: str | None  # None: cluster-scoped, or all namespaces
+    name: str | None
+    sub: str
+    legacy_watch: bool
+
+
+def parse_target(group: str, version: str, parts: list[str]) -> Target | None:
+    legacy = bool(parts) and parts[0] == "watch"
+    if legacy:
+        parts = parts[1:]
+    namespace = None
+    if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] not in ("status", "finalize"):
+        namespace, parts = parts[1], parts[2:]
+    if not parts or len(parts) > 3:
+        return None
+    if group == "" and parts[0] == "bindings" and namespace is not None and len(parts) == 1:
+        pods = lookup("", "v1", "pods")
+        assert pods is not None
+        return Target(pods, namespace, None, "bindings", False)
+    rt = lookup(group, version, parts[0])
+    if rt is None or (namespace is not None and not rt.namespaced):
+        return None
+    sub = parts[2] if len(parts) == 3 else ""
+    if sub and sub not in rt.subresources:
+        return None
+    return Target(rt, namespace, parts[1] if len(parts) >= 2 else None, sub, legacy)
+
+
+def negotiate(accept: str) -> tuple[str, str]:
+    """("Table" | "Partial" | "json", meta.k8s.io version) from an Accept header."""
+    for clause in accept.split(","):
+        media, *raw = (s.strip() for s in clause.split(";"))
+        if media not in ("application/json", "*/*", "application/*", ""):
+            continue
+        params = dict(p.split("=", 1) for p in raw if "=" in p)
+        as_kind = params.get("as")
+        if as_kind is None:
+            return "json", ""
+        if params.get("g") == "meta.k8s.io" and params.get("v") in ("v1", "v1beta1"):
+            if as_kind == "Table":
+                return "Table", params["v"]
+            if as_kind in ("PartialObjectMetadata", "PartialObjectMetadataList"):
+                return "Partial", params["v"]
+    return "json", ""
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
+                        content_type="application/json")
+
+
+def text_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/plain",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.lower() in ("1", "true", "yes")
+
+
+async def read_body(request: web.BaseRequest) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY_BYTES}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(data: bytes, content_type: str) -> Any:
+    if "protobuf" in content_type:
+        raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
+                       "media types include: application/json, application/yaml")
+    if not data.strip():
+        raise bad_request("the request body is empty")
+    try:
+        if "yaml" in content_type:
+            return yaml.safe_load(data)
+        return json.loads(data)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise bad_request(f"couldn't decode the request body as {content_type or 'JSON'}: {exc}") from exc
+
+
+class Handler:
+    def __init__(
+        self, api: Api, health: Health, *, server_address: str, anonymous_auth: bool, verbosity: int,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.api = api
+        self.store: Store = api.store
+        self.health = health
+        self.server_address = server_address
+        self.anonymous_auth = anonymous_auth
+        self.verbosity = verbosity
+        self.stopping = stopping
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            response = await self._dispatch(request)
+        except ApiError as exc:
+            response = json_response(exc.status(), exc.code)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.path_qs)
+            response = json_response(ApiError(500, "InternalError", "Internal error occurred").status(), 500)
+        if self.verbosity >= 3:
+            log.info('"HTTP" verb="%s" URI="%s" latency="%.1fms" userAgent="%s" resp=%d', request.method,
+                     request.path_qs, (time.monotonic() - started) * 1000, request.headers.get("User-Agent", ""),
+                     response.status)
+        return response
+
+    def _authenticate(self, request: web.BaseRequest, parts: list[str]) -> Identity:
+        transport = request.transport
+        ident = transport.get_extra_info(IDENTITY_KEY) if transport is not None else None
+        if not isinstance(ident, Identity):
+            ident = Identity()
+        if ident.error:
+            log.info("Unable to authenticate the request: %s", ident.error)
+            raise unauthorized()
+        if not ident.authenticated and not (self.anonymous_auth and parts and parts[0] in _PUBLIC):
+            raise unauthorized()
+        return ident
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        parts = [p for p in request.path.split("/") if p]
+        self._authenticate(request, parts)
+        head = parts[0] if parts else ""
+        if head in ("healthz", "livez", "readyz"):
+            return self._health(request, head, parts[1:])
+        if (request.method not in ("GET", "HEAD") and head in ("version", "openapi")) or (
+            request.method != "GET" and head in ("api", "apis") and len(parts) <= (2 if head == "api" else 3)
+        ):
+            raise method_not_allowed()
+        if parts == ["version"]:
+            return json_response(discovery.version_info())
+        if head == "openapi":
+            return self._openapi(parts[1:])
+        if head == "api" and len(parts) >= 2:
+            if len(parts) == 2:
+                return self._maybe(discovery.resource_list("", parts[1]))
+            return await self._resource(request, "", parts[1], parts[2:])
+        if parts == ["api"]:
+            return json_response(discovery.core_versions(self.server_address))
+        if parts == ["apis"]:
+            return json_response(discovery.group_list())
+        if head == "apis" and len(parts) == 2:
+            return self._maybe(discovery.group(parts[1]))
+        if head == "apis" and len(parts) == 3:
+            return self._maybe(discovery.resource_list(parts[1], parts[2]))
+        if head == "apis" and len(parts) > 3:
+            return await self._resource(request, parts[1], parts[2], parts[3:])
+        return text_response("404 page not found\n", 404)
+
+    @staticmethod
+    def _maybe(doc: dict[str, Any] | None) -> web.Response:
+        if doc is None:
+            raise resource_not_found()
+        return json_response(doc)
+
+    def _health(self, request: web.BaseRequest, endpoint: str, rest: list[str]) -> web.Response:
+        verbose = "verbose" in request.query
+        excluded = request.query.getall("exclude", [])
+        status, body = self.health.check(endpoint, "/".join(rest), verbose, excluded)
+        return text_response(body, status)
+
+    def _openapi(self, rest: list[str]) -> web.Response:
+        if rest == ["v3"]:
+            return json_response(discovery.openapi_v3_index())
+        if rest and rest[0] == "v3":
+            doc = discovery.openapi_v3_doc("/".join(rest[1:]))
+            if doc is not None:
+                return json_response(doc)
+        return text_response("404 page not found\n", 404)
+
+    # -- resources --
+
+    def _options(self, request: web.BaseRequest) -> tuple[bool, str]:
+        q = request.query
+        dry = q.getall("dryRun", [])
+        if any(v != "All" for v in dry):
+            raise bad_request(f"Invalid dry run value: {dry!r}; the only supported value is All")
+        validation = q.get("fieldValidation", "")
+        if validation not in ("", "Ignore", "Warn", "Strict"):
+            raise bad_request(f'Invalid value "{validation}" for fieldValidation: Ignore, Warn or Strict')
+        manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0]
+        if len(manager) > 128:
+            raise bad_request("fieldManager: Too long: must have at most 128 bytes")
+        return bool(dry), manager
+
+    async def _resource(
+        self, request: web.BaseRequest, group: str, version: str, parts: list[str]
+    ) -> web.StreamResponse:
+        target = parse_target(group, version, parts)
+        if target is None:
+            raise resource_not_found()
+        method = request.method
+        if method == "GET":
+            return await self._get(request, target)
+        if target.rt.namespaced and target.namespace is None:
+            raise method_not_allowed()
+        if method == "POST":
+            return await self._post(request, target)
+        if method == "DELETE":
+            return await self._delete(request, target)
+        if method in ("PUT", "PATCH") and target.name is not None:
+            return await self._write(request, target)
+        raise method_not_allowed()
+
+    def _selector_matcher(self, request: web.BaseRequest, t: Target) -> Any:
+        sel = parse_selector(request.query.get("labelSelector", ""), request.query.get("fieldSelector", ""),
+                             t.rt.plural)
+
+        def matches(obj: Obj) -> bool:
+            m = obj["metadata"]
+            if t.namespace is not None and t.rt.namespaced and m.get("namespace") != t.namespace:
+                return False
+            if t.name is not None and m.get("name") != t.name:
+                return False
+            return sel.matches(obj)
+
+        return matches
+
+    def _render(self, request: web.BaseRequest, rt: ResourceType, objs: list[Obj], *, single: bool) -> web.Response:
+        fmt, version = negotiate(request.headers.get("Accept", ""))
+        rv = str(self.store.resource_version)
+        if fmt == "Table":
+            include = request.query.get("includeObject", "Metadata")
+            return json_response(printing.table(rt, objs, table_version=version, resource_version=rv,
+                                                include_object=include))
+        if fmt == "Partial":
+            items = [{"kind": "PartialObjectMetadata", "apiVersion": f"meta.k8s.io/{version}",
+                      "metadata": o["metadata"]} for o in objs]
+            if single:
+                return json_response(items[0])
+            return json_response({"kind": "PartialObjectMetadataList", "apiVersion": f"meta.k8s.io/{version}",
+                                  "metadata": {"resourceVersion": rv}, "items": items})
+        if single:
+            return json_response(objs[0])
+        return json_response({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
+                              "metadata": {"resourceVersion": rv}, "items": objs})
+
+    async def _get(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+        if t.legacy_watch or _truthy(request.query.get("watch")):
+            if t.sub:
+                raise method_not_allowed()
+            return await self._watch(request, t)
+        if t.name is None:
+            matches = self._selector_matcher(request, t)
+            ns = t.namespace if t.rt.namespaced else None
+            objs = json.loads(json.dumps([o for o in self.store.iter_resource(t.rt.key, ns) if matches(o)]))
+            return self._render(request, t.rt, objs, single=False)
+        obj = self.api.get(t.rt, t.namespace or "", t.name)
+        if t.sub == "scale":
+            return json_response(self.api.scale(t.rt, obj))
+        if t.sub not in ("", "status"):
+            raise method_not_allowed()
+        return self._render(request, t.rt, [obj], single=True)
+
+    async def _watch(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+        q = request.query
+        fmt, version = negotiate(request.headers.get("Accept", ""))
+        include = q.get("includeObject", "Metadata")
+        rt = t.rt
+
+        def render(obj: Obj, first: bool) -> Obj:
+            if fmt == "Table":
+                return printing.table(rt, [obj], table_version=version, resource_version=obj["metadata"].get(
+                    "resourceVersion", ""), include_object=include, with_columns=first)
+            if fmt == "Partial":
+                return {"kind": "PartialObjectMetadata", "apiVersion": f"meta.k8s.io/{version}",
+                        "metadata": obj["metadata"]}
+            return obj
+
+        wr = WatchRequest(
+            rt=rt,
+            matches=self._selector_matcher(request, t),
+            resource_version=q.get("resourceVersion", ""),
+            timeout_s=parse_timeout(q.get("timeoutSeconds")),
+            bookmarks=_truthy(q.get("allowWatchBookmarks")),
+            send_initial=_truthy(q.get("sendInitialEvents")),
+            render=render,
+        )
+        return await serve_watch(request, self.store, wr, self.stopping)
+
+    async def _post(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+        dry, manager = self._options(request)
+        body = decode(await read_body(request), request.content_type)
+        ns = t.namespace or ""
+        if t.sub in ("binding", "bindings"):
+            name = t.name or (body.get("metadata") or {}).get("name", "") if isinstance(body, dict) else ""
+            self.api.bind(ns, name, body, manager=manager, dry_run=dry)
+            return json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                  "code": 201}, 201)
+        if t.name is not None:
+            raise method_not_allowed()
+        return json_response(self.api.create(t.rt, ns, body, manager=manager, dry_run=dry), 201)
+
+    async def _write(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+        assert t.name is not None
+        dry, manager = self._options(request)
+        data = await read_body(request)
+        ns = t.namespace or ""
+        if request.method == "PUT":
+            body = decode(data, request.content_type)
+            if t.sub == "scale":
+                return json_response(self.api.set_scale(t.rt, ns, t.name, body, manager=manager, dry_run=dry))
+            return json_response(self.api.update(t.rt, ns, t.name, body, manager=manager, dry_run=dry,
+                                                 subresource=t.sub))
+        kind = _PATCHES.get(request.content_type)
+        if kind is None:
+            raise ApiError(415, "UnsupportedMediaType",
+                           f"the body of the request was in an unknown format - accepted media types include: "
+                           f"{', '.join(_PATCHES)}")
+        patch = decode(data, "yaml" if kind == "apply" else "json")
+        if kind == "apply":
+            if not request.query.get("fieldManager"):
+                raise ApiError(422, "Invalid", 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: '
+                                               "Required value: is required for apply patch")
+            if t.sub == "scale":
+                raise method_not_allowed()
+            obj, created = self.api.apply(t.rt, ns, t.name, patch, manager=manager,
+                                          force=_truthy(request.query.get("force")), dry_run=dry, subresource=t.sub)
+            return json_response(obj, 201 if created else 200)
+        if t.sub == "scale":
+            current = self.api.scale(t.rt, self.api.get(t.rt, ns, t.name))
+            return json_response(self.api.set_scale(t.rt, ns, t.name, _apply_patch(kind, current, patch),
+                                                    manager=manager, dry_run=dry))
+        current = self.api.get(t.rt, ns, t.name)
+        patched = _apply_patch(kind, current, patch)
+        return json_response(self.api.update(t.rt, ns, t.name, patched, manager=manager, dry_run=dry,
+                                             subresource=t.sub))
+
+    async def _delete(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
+        data = await read_body(request)
+        options: dict[str, Any] = {}
+        if data.strip():
+            decoded = decode(data, request.content_type)
+            if not isinstance(decoded, dict):
+                raise bad_request("DeleteOptions: expected a JSON object")
+            options = decoded
+        q = request.query
+        if q.get("propagationPolicy"):
+            options["propagationPolicy"] = q["propagationPolicy"]
+        if _truthy(q.get("orphanDependents")) or options.get("orphanDependents") is True:
+            options["propagationPolicy"] = "Orphan"
+        if options.get("propagationPolicy") not in (None, "Orphan", "Background", "Foreground"):
+            raise bad_request(f"propagationPolicy: Unsupported value: {options['propagationPolicy']!r}")
+        dry, _ = self._options(request)
+        dry = dry or options.get("dryRun") == ["All"]
+        ns = t.namespace or ""
+        if t.sub:
+            raise method_not_allowed()
+        if t.name is not None:
+            return json_response(self.api.delete(t.rt, ns, t.name, options, dry_run=dry))
+        matches = self._selector_matcher(request, t)
+        victims = [o["metadata"]["name"] for o in self.store.iter_resource(t.rt.key, ns or None) if matches(o)]
+        deleted = [self.api.delete(t.rt, ns, name, options, dry_run=dry) for name in victims
+                   if self.store.peek(self.api.key(t.rt, ns, name)) is not None]
+        return json_response({"kind": f"{t.rt.kind}List", "apiVersion": t.rt.api_version,
+                              "metadata": {"resourceVersion": str(self.store.resource_version)}, "items": deleted})
+
+
+def _apply_patch(kind: str, current: Obj, patch: Any) -> Any:
+    if kind == "json":
+        return json_patch(current, patch)
+    if not isinstance(patch, dict):
+        raise bad_request(f"{kind} patch: the body must be a JSON object")
+    if kind == "merge":
+        return merge_patch(current, patch)
+    return strategic_merge(current, patch)
