@@ -6,7 +6,7 @@ Implemented in `lifecycle/adapters/`, built only in `lifecycle/__main__.py`, rea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +97,32 @@ class KubeletSupervisor(Protocol):
     def restarts(self) -> int: ...
 
 
+class KubeApiError(Exception):
+    """The Kubernetes API refused a request (`status` = HTTP code) or could not be reached (`status` None).
+
+    The message is the server's own (its Status message) or the connection error.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.reason = reason  # the Status reason word: NotFound, Conflict, Invalid, ...
+
+
 class KubeApi(Protocol):
-    """The Kubernetes API as the readiness and addons steps need it (kubernetes_asyncio behind it)."""
+    """The Kubernetes API as the readiness and addons steps need it (kubernetes_asyncio behind it).
+
+    Objects are plain dicts as the API serialises them (camelCase keys). Every method raises `KubeApiError`.
+    """
 
     async def list_pods(self, namespace: str) -> list[dict[str, Any]]: ...
 
-    def watch_pods(self, namespace: str, *, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
-        """Yields watch events ({"type", "object"}) until `timeout_s` passes or the server ends the watch."""
+    def watch_pods(self, namespace: str, *, timeout_s: float) -> AsyncGenerator[dict[str, Any], None]:
+        """Yields watch events ({"type", "object"}) until `timeout_s` passes or the server ends the watch.
+
+        Starts with the current pods as ADDED events. An async generator: close it (`contextlib.aclosing`)
+        when leaving early, so the connection is released at once."""
 
     async def apply(self, manifest: Mapping[str, Any], *, field_manager: str) -> dict[str, Any]:
         """Server-side apply one object (force=True: the service owns what it applies)."""

@@ -1,0 +1,219 @@
+"""addons: server-side applies every object of the `*.yaml` manifests in `config.addons.manifests_dir`
+(field manager `lifecycle`, `${IMAGE_REPOSITORY}` substituted), then waits for their Deployments and DaemonSets.
+Done when every object exists and those workloads are available.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lifecycle.errors import PermanentError, StepError, TemporaryError
+from lifecycle.ports import KubeApi, KubeApiError
+from lifecycle.step import StepContext
+from states.kubeadm import fail_at
+from states.readiness import HOPELESS_REASONS, labels_match, pods_summary
+
+FIELD_MANAGER = "lifecycle"
+WORKLOAD_KINDS = frozenset({("apps/v1", "Deployment"), ("apps/v1", "DaemonSet")})
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class AddonObject:
+    source: str  # "<file> document <n>", for error messages
+    body: dict[str, Any]
+
+    @property
+    def api_version(self) -> str:
+        return str(self.body["apiVersion"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.body["kind"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str | None:
+        ns = self.body["metadata"].get("namespace")
+        return str(ns) if ns else None
+
+    def label(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
+
+
+class Addons:
+    """Applies the addon manifests and waits for their workloads to be available."""
+
+    name = "addons"
+    timeout_s = 300.0
+    retries = 2  # server-side apply is idempotent
+
+    async def is_done(self, ctx: StepContext) -> bool:
+        try:
+            objects = load_manifests(ctx.config.addons.manifests_dir, image_repository=_repo(ctx))
+        except PermanentError:
+            return False  # run reports what is wrong with them
+        if not ctx.paths.admin_conf.is_file():
+            return False
+        try:
+            async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+                for obj in objects:
+                    current = await api.get(obj.api_version, obj.kind, obj.name, obj.namespace or "default")
+                    if current is None:
+                        return False
+                    if (obj.api_version, obj.kind) in WORKLOAD_KINDS and workload_problem(current) is not None:
+                        return False
+        except KubeApiError:
+            return False
+        return True
+
+    async def run(self, ctx: StepContext) -> None:
+        objects = load_manifests(ctx.config.addons.manifests_dir, image_repository=_repo(ctx))
+        try:
+            async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+                for index, obj in enumerate(objects, start=1):
+                    await _apply(api, obj)
+                    ctx.progress(f"applied {obj.label()}", current=index, total=len(objects))
+                await _wait_available(ctx, api, [o for o in objects if (o.api_version, o.kind) in WORKLOAD_KINDS])
+        except KubeApiError as exc:
+            raise _api_error(exc, "talking to the API") from exc
+
+    async def before_retry(self, ctx: StepContext) -> None:
+        return None
+
+
+def load_manifests(directory: Path, *, image_repository: str) -> list[AddonObject]:
+    """Every document of every `*.yaml` in `directory` (sorted by file name), validated; nothing is applied."""
+    if not directory.is_dir():
+        raise PermanentError(f"addons.manifests_dir {directory} is not a directory", code="bad_manifest")
+    objects: list[AddonObject] = []
+    for path in sorted(directory.glob("*.yaml")):
+        text = path.read_text().replace("${IMAGE_REPOSITORY}", image_repository)
+        left = _PLACEHOLDER.search(text)
+        if left:
+            raise PermanentError(f"{path}: unknown placeholder {left.group(0)} (only ${{IMAGE_REPOSITORY}} is set)",
+                                 code="bad_manifest")
+        try:
+            documents = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise PermanentError(f"{path}: not valid YAML: {exc}", code="bad_manifest") from exc
+        for index, doc in enumerate(documents):
+            if doc is None:
+                continue  # an empty document (a trailing `---`)
+            source = f"{path} document {index}"
+            _validate(doc, source)
+            objects.append(AddonObject(source=source, body=doc))
+    return objects
+
+
+def _validate(doc: object, source: str) -> None:
+    if not isinstance(doc, dict):
+        raise PermanentError(f"{source}: expected a mapping, got {type(doc).__name__}", code="bad_manifest")
+    for key in ("apiVersion", "kind"):
+        if not isinstance(doc.get(key), str) or not doc[key]:
+            raise PermanentError(f"{source}: missing {key}", code="bad_manifest")
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise PermanentError(f"{source}: missing metadata.name", code="bad_manifest")
+
+
+async def _apply(api: KubeApi, obj: AddonObject) -> None:
+    try:
+        await api.apply(obj.body, field_manager=FIELD_MANAGER)
+    except KubeApiError as exc:
+        raise _api_error(exc, f"applying {obj.label()} from {obj.source}") from exc
+
+
+def _api_error(exc: KubeApiError, doing: str) -> StepError:
+    # 4xx other than timeouts and throttling: the server judged the request; sending it again changes nothing.
+    if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
+        return PermanentError(f"{doing}: {exc.message}", code="apply_rejected")
+    return TemporaryError(f"{doing}: {exc.message}", code="api_unavailable", delay_s=2.0)
+
+
+async def _wait_available(ctx: StepContext, api: KubeApi, workloads: list[AddonObject]) -> None:
+    loop = asyncio.get_running_loop()
+    give_up_at = fail_at(ctx)
+    pending = {w.label(): w for w in workloads}
+    problems: dict[str, str] = dict.fromkeys(pending, "not seen yet")
+    done_count = 0
+    while pending:
+        for label, workload in list(pending.items()):
+            try:
+                current = await api.get(workload.api_version, workload.kind, workload.name,
+                                        workload.namespace or "default")
+            except KubeApiError as exc:
+                problems[label] = f"API error: {exc.message}"  # an API restart is waited out, not fatal
+                continue
+            problem = "not found" if current is None else workload_problem(current)
+            if problem is None:
+                del pending[label]
+                problems.pop(label, None)
+                done_count += 1
+                ctx.progress(f"{label} available", current=done_count, total=len(workloads))
+            else:
+                problems[label] = problem
+        if not pending:
+            return
+        if loop.time() + _POLL_S >= give_up_at:
+            break
+        await asyncio.sleep(_POLL_S)
+    raise await _not_available_error(api, pending, problems)
+
+
+def workload_problem(obj: dict[str, Any]) -> str | None:
+    """None when a Deployment is Available (for its current generation) or a DaemonSet has every pod available."""
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration")
+    if generation is not None and (observed is None or observed < generation):
+        return "status not yet updated by the controller"
+    if obj.get("kind") == "DaemonSet":
+        desired = int(status.get("desiredNumberScheduled") or 0)
+        available = int(status.get("numberAvailable") or 0)
+        if desired > 0 and available == desired:
+            return None
+        return f"{available}/{desired} available" if desired else "no node to schedule on"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Available":
+            if condition.get("status") == "True":
+                return None
+            return f"{int(status.get('availableReplicas') or 0)}/{spec.get('replicas', 1)} available" + (
+                f" ({condition['reason']})" if condition.get("reason") else "")
+    return "no Available condition yet"
+
+
+async def _not_available_error(api: KubeApi, pending: dict[str, AddonObject], problems: dict[str, str]) -> StepError:
+    """Name each workload that is not available, with its pods' reasons (ErrImagePull, CrashLoopBackOff...)."""
+    parts: list[str] = []
+    for label, workload in pending.items():
+        why = problems.get(label, "not available")
+        selector = ((workload.body.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if selector:
+            try:
+                pods = [p for p in await api.list_pods(workload.namespace or "default") if labels_match(selector, p)]
+                summary = pods_summary(pods)
+                if summary is not None:
+                    why += f"; pods: {summary}"
+            except KubeApiError as exc:
+                why += f"; pods unknown: {exc.message}"
+        parts.append(f"{label}: {why}")
+    message = "not available before the deadline: " + "; ".join(parts)
+    details: dict[str, object] = {"workloads": dict(zip(pending, parts, strict=True))}
+    if any(reason in part for part in parts for reason in HOPELESS_REASONS):
+        return PermanentError(message, code="not_available", details=details)
+    return TemporaryError(message, code="not_available", details=details)
+
+
+def _repo(ctx: StepContext) -> str:
+    return ctx.config.kubernetes.image_repository

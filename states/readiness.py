@@ -1,0 +1,206 @@
+"""readiness: kubeadm's init phases that need the API (wait-control-plane .. addon all), then waits until the
+configured kube-system components have all their pods Running and Ready. Leaves what kubeadm puts in the API.
+Done when those pods are Ready now and the kubeadm-config ConfigMap and the coredns Deployment exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from lifecycle.errors import PermanentError, StepError, TemporaryError
+from lifecycle.ports import KubeApi, KubeApiError
+from lifecycle.step import StepContext
+from states.kubeadm import fail_at, run_kubeadm
+
+API_PHASES: tuple[tuple[str, ...], ...] = (
+    ("wait-control-plane",),
+    ("upload-config", "all"),
+    ("mark-control-plane",),
+    ("bootstrap-token",),
+    ("kubelet-finalize", "all"),
+    ("addon", "all"),
+)
+NAMESPACE = "kube-system"
+# Components whose pods carry no `component` label; others match it (static pods) or their name prefix.
+_SELECTORS: dict[str, dict[str, str]] = {"coredns": {"k8s-app": "kube-dns"}, "kube-proxy": {"k8s-app": "kube-proxy"}}
+# Pod problems that waiting does not cure (repeating the step cannot help until something outside changes).
+HOPELESS_REASONS = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CrashLoopBackOff",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+_WATCH_MAX_S = 30.0
+_API_RETRY_S = 0.5
+
+
+class Readiness:
+    """Runs kubeadm's API phases, then watches kube-system pods until the configured components are Ready."""
+
+    name = "readiness"
+    timeout_s = 600.0
+    retries = 0
+
+    async def is_done(self, ctx: StepContext) -> bool:
+        if not ctx.paths.admin_conf.is_file():
+            return False
+        try:
+            async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+                pods = await api.list_pods(NAMESPACE)
+                if unmet_components(ctx.config.readiness.components, pods):
+                    return False
+                config_map = await api.get("v1", "ConfigMap", "kubeadm-config", NAMESPACE)
+                coredns = await api.get("apps/v1", "Deployment", "coredns", NAMESPACE)
+                return config_map is not None and coredns is not None
+        except KubeApiError:
+            return False
+
+    async def run(self, ctx: StepContext) -> None:
+        for index, phase in enumerate(API_PHASES, start=1):
+            ctx.progress(f"kubeadm init phase {' '.join(phase)}", current=index, total=len(API_PHASES))
+            # These phases create-or-update through the API: repeating them is safe.
+            await run_kubeadm(ctx, ["init", "phase", *phase, f"--config={ctx.paths.kubeadm_config}"],
+                              retryable=True)
+        await wait_for_components(ctx, ctx.config.readiness.components)
+
+    async def before_retry(self, ctx: StepContext) -> None:
+        return None
+
+
+async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> None:
+    """Watch kube-system pods until every component is Ready, or fail before the deadline saying why not."""
+    loop = asyncio.get_running_loop()
+    give_up_at = fail_at(ctx)
+    unmet: dict[str, str] = dict.fromkeys(components, "no answer from the API yet")
+    api_error: str | None = None
+    ctx.progress(f"waiting for {', '.join(components)} to be Ready", current=0, total=len(components))
+    try:
+        async with asyncio.timeout_at(give_up_at), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+            while True:
+                try:
+                    unmet = await _watch_until_ready(ctx, api, components, unmet)
+                    if not unmet:
+                        return
+                    api_error = None
+                except KubeApiError as exc:
+                    api_error = exc.message
+                    await asyncio.sleep(min(_API_RETRY_S, max(0.0, give_up_at - loop.time())))
+    except TimeoutError:
+        pass
+    except KubeApiError as exc:  # the kubeconfig itself is unusable
+        raise PermanentError(f"cannot reach the API: {exc.message}", code="not_ready") from exc
+    raise not_ready_error(unmet, api_error=api_error)
+
+
+async def _watch_until_ready(
+    ctx: StepContext, api: KubeApi, components: tuple[str, ...], unmet: dict[str, str]
+) -> dict[str, str]:
+    """One list + watch round; returns what is still unmet when the server ends the watch."""
+    pods = {_key(p): p for p in await api.list_pods(NAMESPACE)}
+    unmet = _report(ctx, components, unmet, unmet_components(components, pods.values()))
+    if not unmet:
+        return unmet
+    left_s = ctx.deadline - asyncio.get_running_loop().time()
+    async with contextlib.aclosing(api.watch_pods(NAMESPACE, timeout_s=max(1.0, min(_WATCH_MAX_S, left_s)))) as events:
+        async for event in events:
+            pod = event.get("object") or {}
+            if event.get("type") == "DELETED":
+                pods.pop(_key(pod), None)
+            elif event.get("type") in ("ADDED", "MODIFIED"):
+                pods[_key(pod)] = pod
+            unmet = _report(ctx, components, unmet, unmet_components(components, pods.values()))
+            if not unmet:
+                break
+    return unmet
+
+
+def _report(
+    ctx: StepContext, components: tuple[str, ...], before: dict[str, str], now: dict[str, str]
+) -> dict[str, str]:
+    for component in components:
+        if component in before and component not in now:
+            ready = len(components) - len(now)
+            ctx.progress(f"{component} ready", current=ready, total=len(components))
+    return now
+
+
+def not_ready_error(unmet: Mapping[str, str], *, api_error: str | None) -> StepError:
+    reasons = "; ".join(f"{c}: {why}" for c, why in unmet.items())
+    message = f"not ready before the deadline: {reasons}"
+    if api_error:
+        message += f" (last API error: {api_error})"
+    details: dict[str, object] = {"components": dict(unmet)}
+    if any(reason in why for why in unmet.values() for reason in HOPELESS_REASONS):
+        return PermanentError(message, code="not_ready", details=details)
+    return TemporaryError(message, code="not_ready", details=details)
+
+
+# ---- pod status, shared with the addons state ----------------------------------------------------------
+
+
+def unmet_components(components: Iterable[str], pods: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """component -> why it is not ready (`0/2 ready (ErrImagePull)`, `no pod`); ready ones are left out."""
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    unmet: dict[str, str] = {}
+    for component in components:
+        mine = [p for p in live if _belongs_to(component, p)]
+        why = pods_summary(mine)
+        if why is not None:
+            unmet[component] = why
+    return unmet
+
+
+def pods_summary(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """None when every pod is Ready, else `n/m ready (reasons)` or `no pod`."""
+    if not pods:
+        return "no pod"
+    not_ready = [p for p in pods if not pod_ready(p)]
+    if not not_ready:
+        return None
+    reasons = sorted({pod_problem(p) for p in not_ready})
+    return f"{len(pods) - len(not_ready)}/{len(pods)} ready ({', '.join(reasons)})"
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def pod_problem(pod: Mapping[str, Any]) -> str:
+    """The most telling reason a pod is not Ready, as kubectl's STATUS column would show it."""
+    status = pod.get("status") or {}
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        state = container.get("state") or {}
+        for key in ("waiting", "terminated"):
+            reason = (state.get(key) or {}).get("reason")
+            if reason and reason not in ("ContainerCreating", "PodInitializing", "Completed"):
+                return str(reason)
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return str(condition.get("reason") or "Unschedulable")
+    phase = status.get("phase") or "Pending"
+    return "not Ready" if phase == "Running" else str(phase)
+
+
+def labels_match(selector: Mapping[str, str], pod: Mapping[str, Any]) -> bool:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _belongs_to(component: str, pod: Mapping[str, Any]) -> bool:
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get("component") == component or labels.get("k8s-app") == component:
+        return True
+    selector = _SELECTORS.get(component)
+    if selector is not None and labels_match(selector, pod):
+        return True
+    return str(meta.get("name", "")).startswith(f"{component}-")
+
+
+def _key(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    return str(meta.get("uid") or meta.get("name"))

@@ -1,0 +1,265 @@
+"""KubernetesApiFactory against the simulated node's real HTTPS API server (client-certificate auth):
+list/watch pods, server-side apply (create, update, discovery for kinds outside the table), get, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import ipaddress
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import free_port
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from lifecycle.adapters.kube import KubernetesApiFactory
+from lifecycle.ports import KubeApi, KubeApiError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    kubeconfig: Path
+    port: int
+
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    root = tmp_path_factory.mktemp("node")
+    pki = root / "etc" / "kubernetes" / "pki"
+    pki.mkdir(parents=True)
+    ca_key, ca_cert = _issue("kubernetes", (), None, ca=True)
+    server_key, server_cert = _issue("kube-apiserver", (), (ca_key, ca_cert), server=True)
+    client_key, client_cert = _issue("kubernetes-admin", ("system:masters",), (ca_key, ca_cert))
+    for name, key, cert in (("ca", ca_key, ca_cert), ("apiserver", server_key, server_cert)):
+        (pki / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (pki / f"{name}.key").write_bytes(_key_pem(key))
+        (pki / f"{name}.key").chmod(0o600)
+    port = free_port()
+    kubeconfig = root / "etc" / "kubernetes" / "admin.conf"
+    kubeconfig.write_text(_kubeconfig(f"https://127.0.0.1:{port}", ca_cert, client_cert, client_key))
+    env = {**os.environ, "SIMNODE_ROOT": str(root), "PYTHONPATH": str(REPO)}
+    log = open(root / "apiserver.log", "wb")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simnode", "kube-apiserver", "--advertise-address=127.0.0.1",
+         f"--secure-port={port}", "--bind-address=127.0.0.1",
+         "--tls-cert-file=/etc/kubernetes/pki/apiserver.crt",
+         "--tls-private-key-file=/etc/kubernetes/pki/apiserver.key",
+         "--client-ca-file=/etc/kubernetes/pki/ca.crt", "--service-cluster-ip-range=10.96.0.0/12"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    try:
+        _wait_ready(kubeconfig, proc, root / "apiserver.log")
+        yield ApiServer(kubeconfig=kubeconfig, port=port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+async def api(api_server: ApiServer) -> AsyncIterator[KubeApi]:
+    async with KubernetesApiFactory().connect(api_server.kubeconfig) as client:
+        yield client
+
+
+def _deployment(name: str, *, replicas: int = 1, image: str = "127.0.0.1:5000/pause:3.10") -> dict[str, object]:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "kube-system"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "c", "image": image}]}},
+        },
+    }
+
+
+async def test_server_side_apply_creates_then_updates_with_our_field_manager(api: KubeApi) -> None:
+    name = f"apply-{uuid.uuid4().hex[:8]}"
+    created = await api.apply(_deployment(name), field_manager="lifecycle")
+    assert created["metadata"]["name"] == name
+    updated = await api.apply(_deployment(name, replicas=3), field_manager="lifecycle")
+    assert updated["spec"]["replicas"] == 3
+    assert updated["metadata"]["uid"] == created["metadata"]["uid"]
+    managers = {m.get("manager") for m in updated["metadata"].get("managedFields", [])}
+    assert "lifecycle" in managers
+    fetched = await api.get("apps/v1", "Deployment", name, "kube-system")
+    assert fetched is not None and fetched["spec"]["replicas"] == 3
+
+
+async def test_cluster_scoped_and_discovered_kinds_are_applied(api: KubeApi) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": f"role-{suffix}"},
+            "rules": [{"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]}
+    await api.apply(role, field_manager="lifecycle")
+    assert await api.get("rbac.authorization.k8s.io/v1", "ClusterRole", f"role-{suffix}", None) is not None
+    # EndpointSlice is not in the adapter's table: found through API discovery.
+    slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+              "metadata": {"name": f"slice-{suffix}", "namespace": "default"},
+              "addressType": "IPv4", "endpoints": [], "ports": []}
+    await api.apply(slice_, field_manager="lifecycle")
+    assert await api.get("discovery.k8s.io/v1", "EndpointSlice", f"slice-{suffix}", "default") is not None
+
+
+async def test_get_of_a_missing_object_is_none_and_unknown_kinds_fail(api: KubeApi) -> None:
+    assert await api.get("v1", "ConfigMap", f"absent-{uuid.uuid4().hex[:8]}", "kube-system") is None
+    with pytest.raises(KubeApiError) as caught:
+        await api.get("example.com/v1", "Widget", "w", "default")
+    assert caught.value.status == 404
+
+
+async def test_an_invalid_object_is_rejected_with_the_servers_reason(api: KubeApi) -> None:
+    bad = _deployment("Not_A_Valid_Name")
+    with pytest.raises(KubeApiError) as caught:
+        await api.apply(bad, field_manager="lifecycle")
+    assert caught.value.status is not None and 400 <= caught.value.status < 500
+    assert "Not_A_Valid_Name" in caught.value.message
+
+
+async def test_pods_are_listed_and_watched(api: KubeApi) -> None:
+    name = f"watched-{uuid.uuid4().hex[:8]}"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "kube-system",
+                                                           "labels": {"component": name}},
+           "spec": {"containers": [{"name": "c", "image": "127.0.0.1:5000/pause:3.10"}]}}
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async with contextlib.aclosing(api.watch_pods("kube-system", timeout_s=10)) as events:
+            async for event in events:
+                if event["object"]["metadata"]["name"] == name:
+                    seen.append(event["type"])
+                    return
+
+    watcher = asyncio.create_task(watch(), name="watch-under-test")
+    await asyncio.sleep(0.3)
+    await api.apply(pod, field_manager="lifecycle")
+    await asyncio.wait_for(watcher, timeout=10)
+    assert seen == ["ADDED"]
+    names = [p["metadata"]["name"] for p in await api.list_pods("kube-system")]
+    assert name in names
+
+
+async def test_the_watch_ends_when_its_timeout_passes(api: KubeApi) -> None:
+    started = time.monotonic()
+    async with contextlib.aclosing(api.watch_pods(f"ns-{uuid.uuid4().hex[:6]}", timeout_s=1)) as events:
+        async for _ in events:
+            pass
+    assert time.monotonic() - started < 5
+
+
+async def test_connecting_twice_with_the_same_kubeconfig_works_and_leaves_no_key_files(api_server: ApiServer) -> None:
+    before = _key_dirs()
+    for _ in range(2):
+        async with KubernetesApiFactory().connect(api_server.kubeconfig) as api:
+            await api.list_pods("kube-system")
+            [key_dir] = _key_dirs() - before  # the client key lives here while connected, mode 0700
+            assert key_dir.stat().st_mode & 0o777 == 0o700
+    assert _key_dirs() == before
+
+
+def _key_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("lifecycle-kube-*"))
+
+
+async def test_an_unreachable_server_is_an_error_without_status(tmp_path: Path, api_server: ApiServer) -> None:
+    doc = yaml.safe_load(api_server.kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
+    moved = tmp_path / "moved.conf"
+    moved.write_text(yaml.safe_dump(doc))
+    async with KubernetesApiFactory(request_timeout_s=3).connect(moved) as api:
+        with pytest.raises(KubeApiError) as caught:
+            await api.list_pods("kube-system")
+    assert caught.value.status is None
+
+
+async def test_an_unusable_kubeconfig_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.conf"
+    broken.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
+    with pytest.raises(KubeApiError) as caught:
+        async with KubernetesApiFactory().connect(broken):
+            pass
+    assert str(broken) in caught.value.message
+
+
+# ---- PKI and kubeconfig ----------------------------------------------------------------------------------
+
+
+def _issue(
+    cn: str, orgs: tuple[str, ...], issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None,
+    *, ca: bool = False, server: bool = False,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+                     + [x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(name)
+        .issuer_name(issuer[1].subject if issuer else name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    elif not ca:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
+    return key, cert
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+
+
+def _kubeconfig(server: str, ca: x509.Certificate, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> str:
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {
+            "server": server, "certificate-authority-data": b64(ca.public_bytes(serialization.Encoding.PEM))}}],
+        "users": [{"name": "admin", "user": {
+            "client-certificate-data": b64(cert.public_bytes(serialization.Encoding.PEM)),
+            "client-key-data": b64(_key_pem(key))}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
+    })
+
+
+def _wait_ready(kubeconfig: Path, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Real kubectl says when the server is ready (and proves the certificates work for a Go client too)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"kube-apiserver exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        probe = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "get", "--raw", "/readyz"],
+                               capture_output=True, text=True, timeout=10)
+        if probe.returncode == 0 and probe.stdout.strip() == "ok":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"kube-apiserver not ready within 30s:\n{log_path.read_text()[-3000:]}")
