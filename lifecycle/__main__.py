@@ -1,0 +1,102 @@
+"""The `lifecycle` console script and the only wiring of the service: config, real adapters, signals, serve().
+
+Everything else receives what it needs as parameters, so tests run the same `run_service` with their own plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from lifecycle import cli
+from lifecycle.config import Config, ConfigError, load_config
+from lifecycle.engine import ResetRoutine
+from lifecycle.logging import configure_logging, get_logger
+from lifecycle.paths import HostPaths
+from lifecycle.ports import Ports
+from lifecycle.service import serve
+from lifecycle.step import Step
+from lifecycle.store import StoreError
+
+EXIT_FORCED = 1  # a second SIGTERM/SIGINT: exit at once, the broker publishes the `offline` will
+
+
+def real_ports(config: Config) -> Ports:
+    # Imported here: `lifecycle status` and friends never pay for aiodocker or kubernetes_asyncio.
+    from lifecycle.adapters.docker import DockerEngine
+    from lifecycle.adapters.kube import KubernetesApiFactory
+    from lifecycle.adapters.kubelet import ProcessKubeletSupervisor
+    from lifecycle.adapters.process import SubprocessRunner
+
+    paths = HostPaths(config.root)
+    return Ports(
+        docker=DockerEngine(config.docker.host),
+        commands=SubprocessRunner(),
+        kubelet=ProcessKubeletSupervisor(pid_file=paths.state_dir / "kubelet.pid", log=get_logger("lifecycle.kubelet")),
+        kube=KubernetesApiFactory(),
+    )
+
+
+def load_serve_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config).with_overrides(root=args.root, node_name=args.node, broker=args.broker)
+
+
+def run_service(
+    config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports]
+) -> int:
+    """Run until SIGTERM/SIGINT (a clean, staged shutdown); a second signal forces the exit."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        log = get_logger("lifecycle.main", node=config.node_name)
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
+                os._exit(EXIT_FORCED)
+            log.info("signal: shutting down", signal=signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        ports = ports_factory(config)
+        try:
+            await serve(config, plan=plan, reset=reset, ports=ports, stop=stop)
+        finally:
+            await ports.docker.close()  # the kubelet is left running on purpose
+
+    try:
+        asyncio.run(main())
+    except StoreError as exc:
+        print(f"lifecycle: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_serve_config(args)
+    except ConfigError as exc:
+        print(f"lifecycle: {exc}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    configure_logging(config.log_level)
+    from states import build_plan
+    from states.reset import reset
+
+    return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve_command(args)
+    return cli.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

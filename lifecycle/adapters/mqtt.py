@@ -1,0 +1,211 @@
+"""The MQTT bridge: one aiomqtt client (MQTT 5, persistent session, `offline` will) kept connected forever.
+
+After every connect: `online` (retained), subscribe to requests, re-publish the status (retained), then flush
+the outbox of events kept while the broker was away, oldest first. Requests go to the service's handler and the
+reply goes to the MQTT 5 response topic (with the correlation data), else to the request's `reply_to`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from lifecycle.bus import BusItem, Subscription
+from lifecycle.config import MqttConfig
+from lifecycle.logging import get_logger
+from lifecycle.protocol import (
+    MAX_PAYLOAD_BYTES,
+    BadRequestError,
+    Event,
+    Reply,
+    Request,
+    Status,
+    Topics,
+    dumps,
+    parse_request,
+    valid_reply_topic,
+)
+
+RequestHandler = Callable[[Request], Awaitable[Reply]]
+
+
+def mqtt_properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho's constructor is unannotated
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+    if config.cert_file is not None and config.key_file is not None:
+        context.load_cert_chain(certfile=str(config.cert_file), keyfile=str(config.key_file))
+    return context
+
+
+def _password(config: MqttConfig) -> str | None:
+    if config.password_file is not None:
+        return config.password_file.read_text().strip()
+    return config.password
+
+
+class MqttBridge:
+    """Use as `async with bridge:` (starts the connection loop), then `await bridge.close(...)`."""
+
+    def __init__(
+        self, *, config: MqttConfig, topics: Topics, outbox: Subscription, status: Callable[[], Status],
+        handle: RequestHandler, client_id: str,
+    ) -> None:
+        self._config = config
+        self._topics = topics
+        self._outbox = outbox
+        self._status = status
+        self._handle = handle
+        self._log = get_logger("lifecycle.mqtt", broker=config.broker, client_id=client_id)
+        self.connected = asyncio.Event()
+        self._run_task: asyncio.Task[None] | None = None
+        self._client = self._make_client(client_id)
+
+    def _make_client(self, client_id: str) -> aiomqtt.Client:
+        connect_properties = mqtt_properties(PacketTypes.CONNECT)
+        connect_properties.SessionExpiryInterval = self._config.session_expiry_s
+        return aiomqtt.Client(
+            self._config.host,
+            self._config.port,
+            identifier=client_id,
+            username=self._config.username,
+            password=_password(self._config),
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,  # keep the session (and its subscription) across reconnects
+            properties=connect_properties,
+            keepalive=self._config.keepalive_s,
+            will=aiomqtt.Will(self._topics.availability, b"offline", qos=1, retain=True),
+            tls_context=tls_context(self._config),
+        )
+
+    async def __aenter__(self) -> MqttBridge:
+        self._run_task = asyncio.create_task(self.run(), name="mqtt-bridge")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stop_run_task()
+
+    async def _stop_run_task(self) -> None:
+        task, self._run_task = self._run_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def close(self, *, drain_timeout_s: float) -> None:
+        """Deliver what is queued (while connected, up to `drain_timeout_s`), publish `offline`, disconnect."""
+        if self.connected.is_set():
+            try:
+                async with asyncio.timeout(drain_timeout_s):
+                    await self._outbox.drained()
+                    await self._client.publish(self._topics.availability, b"offline", qos=1, retain=True)
+            except (TimeoutError, aiomqtt.MqttError) as exc:
+                self._log.warning("could not deliver everything before disconnecting", error=str(exc),
+                                  undelivered=len(self._outbox))
+        await self._stop_run_task()  # leaving the client's context sends DISCONNECT: the broker drops the will
+
+    async def run(self) -> None:
+        """Connect, serve, and on any connection loss reconnect with exponential backoff; until cancelled."""
+        delay_s = self._config.reconnect_min_s
+        while True:
+            try:
+                await self._session()
+            except* aiomqtt.MqttError as group:
+                self._log.warning("broker connection lost or refused", error="; ".join(map(str, group.exceptions)))
+            if self.connected.is_set():
+                delay_s = self._config.reconnect_min_s  # it was up: come back fast, then back off
+            self.connected.clear()
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, self._config.reconnect_max_s)
+
+    async def _session(self) -> None:
+        async with self._client as client:
+            await client.publish(self._topics.availability, b"online", qos=1, retain=True)
+            await client.subscribe(self._topics.requests, qos=1)
+            await client.publish(self._topics.status, dumps(self._status().to_json()), qos=1, retain=True)
+            self.connected.set()
+            self._log.info("connected", undelivered=len(self._outbox))
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read_requests(client), name="mqtt-requests")
+                group.create_task(self._drain_outbox(client), name="mqtt-outbox")
+
+    async def _drain_outbox(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._outbox.wait()
+            item = self._outbox.peek()
+            if item is None:
+                continue
+            topic, payload, retain = self._encode(item)
+            await client.publish(topic, payload, qos=1, retain=retain)
+            if self._outbox.peek() is item:  # removed only once the broker has it (it may have been dropped)
+                self._outbox.pop()
+
+    def _encode(self, item: BusItem) -> tuple[str, bytes, bool]:
+        if isinstance(item, Event):
+            return self._topics.events, dumps(item.to_cloudevent(self._topics.source)), False
+        return self._topics.status, dumps(item.to_json()), True
+
+    async def _read_requests(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if message.retain:
+                # A retained request is stale by definition (an old install must never reinstall a cluster).
+                self._log.warning("ignoring a retained request", topic=str(message.topic))
+                continue
+            await self._on_request(client, message)
+
+    async def _on_request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        props = message.properties
+        response_topic: str | None = getattr(props, "ResponseTopic", None)
+        correlation: bytes | None = getattr(props, "CorrelationData", None)
+        if response_topic is not None and not valid_reply_topic(response_topic):
+            response_topic = None
+        reply_to: str | None
+        if len(payload) > MAX_PAYLOAD_BYTES:  # checked before any parsing
+            reply_to = None
+            reply = self._rejected(None, "payload_too_large",
+                                   f"request is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}")
+        else:
+            try:
+                request = parse_request(payload)
+            except BadRequestError as exc:
+                reply_to = exc.reply_to
+                reply = self._rejected(exc.request_id, exc.code, exc.message)
+            else:
+                reply_to = request.reply_to
+                reply = await self._handle(request)
+        target = response_topic or reply_to
+        if reply.error is not None:
+            self._log.info("request rejected", request_id=reply.id, code=reply.error[0], error=reply.error[1])
+        if target is None:
+            return  # acted on, but the sender asked for no reply
+        await self._reply(client, target, reply, correlation)
+
+    def _rejected(self, request_id: str | None, code: str, message: str) -> Reply:
+        return Reply(id=request_id, ok=False, state=self._status().state, error=(code, message))
+
+    async def _reply(self, client: aiomqtt.Client, topic: str, reply: Reply, correlation: bytes | None) -> None:
+        props = mqtt_properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        if correlation is not None:
+            props.CorrelationData = correlation
+        try:
+            await client.publish(topic, dumps(reply.to_json()), qos=1, properties=props)
+        except aiomqtt.MqttError as exc:  # the requester will time out and ask again; the action stands
+            self._log.warning("could not send a reply", topic=topic, error=str(exc))
+
+    @property
+    def undelivered(self) -> int:
+        return len(self._outbox)
+

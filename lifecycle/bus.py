@@ -1,0 +1,94 @@
+"""In-process fan-out of events and status from the engine to its subscribers (MQTT bridge, tests).
+
+`publish` only appends to each subscriber's bounded buffer: it never blocks and never raises, so a slow or
+broken subscriber cannot stall or fail the engine. A full buffer drops its oldest item and counts the drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+
+import structlog
+
+from lifecycle.protocol import Event, Status
+
+BusItem = Event | Status
+_log = structlog.get_logger("lifecycle.bus")
+
+
+class Subscription:
+    """One subscriber's buffer. Consumers either iterate it, or `peek` / `pop` to remove an item only once it
+    has been delivered (the MQTT bridge keeps undelivered items across broker outages this way)."""
+
+    def __init__(self, *, name: str, max_items: int) -> None:
+        self.name = name
+        self.dropped = 0
+        self._items: deque[BusItem] = deque()
+        self._max_items = max_items
+        self._changed = asyncio.Event()
+        self._emptied = asyncio.Event()
+        self._emptied.set()
+
+    def offer(self, item: BusItem) -> None:
+        if len(self._items) >= self._max_items:
+            self._items.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                _log.warning("subscriber buffer full, dropping oldest", subscriber=self.name, dropped=self.dropped)
+        self._items.append(item)
+        self._changed.set()
+        self._emptied.clear()
+
+    def peek(self) -> BusItem | None:
+        return self._items[0] if self._items else None
+
+    def pop(self) -> BusItem:
+        item = self._items.popleft()
+        if not self._items:
+            self._changed.clear()
+            self._emptied.set()
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait(self) -> None:
+        """Return once at least one item is buffered."""
+        while not self._items:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def drained(self) -> None:
+        """Return once every buffered item has been taken."""
+        await self._emptied.wait()
+
+    def __aiter__(self) -> AsyncIterator[BusItem]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[BusItem]:
+        while True:
+            await self.wait()
+            yield self.pop()
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._subscribers: list[Subscription] = []
+
+    def subscribe(self, name: str, *, max_items: int = 10_000) -> Subscription:
+        sub = Subscription(name=name, max_items=max_items)
+        self._subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subscribers:
+            self._subscribers.remove(sub)
+
+    def publish(self, item: BusItem) -> None:
+        for sub in list(self._subscribers):
+            try:
+                sub.offer(item)
+            except Exception:  # a subscriber must never fail the engine; offer() is plain deque work
+                _log.exception("subscriber failed to take an item", subscriber=sub.name)

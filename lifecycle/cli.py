@@ -1,0 +1,238 @@
+"""`lifecycle` commands: `serve` (wired in `__main__`), the MQTT 5 clients `install`, `status`, `watch`, `reset`,
+`cancel`, and `graph`. Clients send a request with a response topic and correlation data and wait for the reply;
+`--watch` then follows the events of that request. Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+
+from lifecycle.adapters.mqtt import mqtt_properties, tls_context
+from lifecycle.cli_render import Renderer
+from lifecycle.config import Config, ConfigError, MqttConfig, load_config
+from lifecycle.protocol import EventType, Topics, dumps
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the service refused the request, or the install/reset being watched failed
+EXIT_USAGE = 2  # bad flags or config file
+EXIT_UNREACHABLE = 3  # no broker, or no reply within --timeout
+EXIT_INTERRUPTED = 130  # Ctrl-C while waiting
+
+EPILOG = f"""exit codes:
+  {EXIT_OK}    success (for --watch: the install reached running / the reset reached idle)
+  {EXIT_FAILED}    the service refused the request, or the watched install/reset failed (cause printed)
+  {EXIT_USAGE}    bad command line or config file
+  {EXIT_UNREACHABLE}    broker unreachable, or no reply within --timeout (is the service running?)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); `watch` exits {EXIT_OK} when interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lifecycle", description="Bring a single-node Kubernetes cluster up and down, driven over MQTT.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the service", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--config", type=Path, required=True, help="TOML config file")
+    serve.add_argument("--root", type=Path, help="node root (overrides node.root)")
+    serve.add_argument("--node", help="node name (overrides node.name)")
+    serve.add_argument("--broker", help="mqtt://host[:port] or mqtts://host[:port] (overrides mqtt.broker)")
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", type=Path, help="read broker, TLS settings, prefix and node name from this file")
+        p.add_argument("--broker", help="mqtt://host[:port] or mqtts://host[:port] (default mqtt://127.0.0.1:1883)")
+        p.add_argument("--node", help="node name (default: from --config, else docker-desktop)")
+        p.add_argument("--prefix", help="topic prefix (default: from --config, else lifecycle)")
+        p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                       help="seconds to wait for the reply (with --watch: for each next event) (default 10)")
+        p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+        return p
+
+    install = client("install", "install (or resume) Kubernetes")
+    install.add_argument("--version", dest="kubernetes_version", help="Kubernetes version, e.g. v1.31.4")
+    install.add_argument("--watch", action="store_true", help="follow the install until running or failed")
+    client("status", "print the current state")
+    client("watch", "print events until interrupted")
+    reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")
+    reset.add_argument("--no-wait", dest="watch", action="store_false", help="return once the reset is accepted")
+    client("cancel", "stop a running install (state failed, code cancelled; install resumes it)")
+    sub.add_parser("graph", help="print the state graph as a Mermaid diagram")
+    return parser
+
+
+@dataclass(frozen=True)
+class Target:
+    mqtt: MqttConfig
+    topics: Topics
+
+
+def target_from_args(args: argparse.Namespace) -> Target:
+    mqtt, node = MqttConfig(), "docker-desktop"
+    if args.config is not None:
+        config = load_config(args.config)
+        mqtt, node = config.mqtt, config.node_name
+    if args.broker:
+        mqtt = Config(mqtt=mqtt).with_overrides(broker=args.broker).mqtt  # validates the URL
+    if args.prefix:
+        if any(c in args.prefix for c in "#+") or args.prefix.startswith("/") or args.prefix.endswith("/"):
+            raise ConfigError(f"--prefix: {args.prefix!r} is not a valid topic prefix")
+        mqtt = replace(mqtt, prefix=args.prefix)
+    return Target(mqtt=mqtt, topics=Topics(mqtt.prefix, args.node or node))
+
+
+class ServiceClient:
+    """One short MQTT 5 session: a private reply topic, optionally the event stream."""
+
+    def __init__(self, client: aiomqtt.Client, target: Target) -> None:
+        self._client = client
+        self.topics = target.topics
+        self.reply_topic = f"{target.topics.base}/replies/{uuid.uuid4().hex}"
+        self.available: str | None = None  # last seen retained availability
+
+    async def send(self, request: dict[str, Any], *, timeout_s: float) -> bytes:
+        correlation = uuid.uuid4().bytes
+        props = mqtt_properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = correlation
+        props.MessageExpiryInterval = max(1, int(timeout_s))  # a service that is down must not act on it later
+        await self._client.publish(self.topics.requests, dumps(request), qos=1, properties=props)
+        return correlation
+
+    async def next_message(self) -> aiomqtt.Message:
+        message = await self._client.messages.__anext__()
+        if message.topic.matches(self.topics.availability):
+            self.available = _text(message.payload)
+        return message
+
+
+def _text(payload: Any) -> str:
+    return payload.decode("utf-8", errors="replace") if isinstance(payload, bytes | bytearray) else str(payload)
+
+
+@asynccontextmanager
+async def connect(target: Target, *, events: bool) -> AsyncIterator[ServiceClient]:
+    password = target.mqtt.password_file.read_text().strip() if target.mqtt.password_file else target.mqtt.password
+    async with aiomqtt.Client(
+        target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-cli-{uuid.uuid4().hex[:12]}",
+        username=target.mqtt.username, password=password, protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=tls_context(target.mqtt), keepalive=target.mqtt.keepalive_s,
+    ) as raw:
+        client = ServiceClient(raw, target)
+        await raw.subscribe(client.reply_topic, qos=1)
+        await raw.subscribe(target.topics.availability, qos=1)
+        if events:  # before the request, so no event of it is missed
+            await raw.subscribe(target.topics.events, qos=1)
+            await raw.subscribe(target.topics.status, qos=1)
+        yield client
+
+
+async def request(args: argparse.Namespace, target: Target, out: Renderer) -> int:
+    body: dict[str, Any] = {"id": f"cli-{uuid.uuid4().hex[:12]}", "action": args.command}
+    if getattr(args, "kubernetes_version", None):
+        body["kubernetes_version"] = args.kubernetes_version
+    watch = bool(getattr(args, "watch", False))
+    async with connect(target, events=watch) as client:
+        correlation = await client.send(body, timeout_s=args.timeout)
+        reply = await _await_reply(client, correlation, timeout_s=args.timeout)
+        if reply is None:
+            where = " (the service's availability is 'offline')" if client.available == "offline" else ""
+            out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{where}")
+            return EXIT_UNREACHABLE
+        out.reply(reply)
+        if not reply.get("ok"):
+            return EXIT_FAILED
+        if not watch:
+            return EXIT_OK
+        goal = "idle" if args.command == "reset" else "running"
+        if reply.get("state") == goal and args.command == "install":
+            return EXIT_OK  # nothing to follow: already running
+        return await _follow(client, reply.get("request_id"), goal=goal, timeout_s=args.timeout, out=out)
+
+
+async def _await_reply(client: ServiceClient, correlation: bytes, *, timeout_s: float) -> dict[str, Any] | None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await client.next_message()
+                if not message.topic.matches(client.reply_topic):
+                    continue
+                if getattr(message.properties, "CorrelationData", None) != correlation:
+                    continue  # a late reply to an earlier request
+                reply: dict[str, Any] = json.loads(_text(message.payload))
+                return reply
+    except TimeoutError:
+        return None
+
+
+async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, timeout_s: float, out: Renderer) -> int:
+    """Print the events of `request_id` until the state reaches `goal` (0) or failed / another job (1)."""
+    inactivity_s = max(timeout_s, 60.0)  # steps report at least this often; silence means the service is gone
+    while True:
+        try:
+            async with asyncio.timeout(inactivity_s):
+                message = await client.next_message()
+        except TimeoutError:
+            out.error(f"no event for {inactivity_s:g} s; the service may be down (check `lifecycle status`)")
+            return EXIT_UNREACHABLE
+        if not message.topic.matches(client.topics.events):
+            continue
+        event = json.loads(_text(message.payload))
+        data = event.get("data") or {}
+        if data.get("request_id") != request_id:
+            continue
+        out.event(event)
+        if event.get("type") == EventType.STATE_CHANGED:
+            if data.get("to") == goal:
+                return EXIT_OK
+            if data.get("to") in ("failed", "resetting", "idle") and data.get("to") != goal:
+                out.failure(data, event)
+                return EXIT_FAILED
+
+
+async def watch(target: Target, out: Renderer) -> int:
+    async with connect(target, events=True) as client:
+        while True:
+            message = await client.next_message()
+            if message.topic.matches(client.topics.events):
+                out.event(json.loads(_text(message.payload)))
+            elif message.topic.matches(client.topics.status) and message.retain:
+                out.status(json.loads(_text(message.payload)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a client command (everything except `serve`)."""
+    if args.command == "graph":
+        from lifecycle.machine import mermaid
+
+        print(mermaid())
+        return EXIT_OK
+    try:
+        target = target_from_args(args)
+    except ConfigError as exc:
+        print(f"lifecycle: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Renderer(json_output=args.output == "json", stream=sys.stdout)
+    try:
+        if args.command == "watch":
+            return asyncio.run(watch(target, out))
+        return asyncio.run(request(args, target, out))
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
+    except aiomqtt.MqttError as exc:
+        out.error(f"broker {target.mqtt.broker}: {exc}")
+        return EXIT_UNREACHABLE

@@ -1,0 +1,141 @@
+"""How the `lifecycle` client commands print replies, events and failures: text for people, JSON lines for
+scripts (`-o json`). Pull progress is one line per image, redrawn in place on a terminal, plain lines otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+BAR_WIDTH = 24
+_INSTALL_STATES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def progress_text(data: dict[str, Any]) -> str:
+    message, current, total, unit = data.get("message", ""), data.get("current"), data.get("total"), data.get("unit")
+    if unit == "bytes" and isinstance(current, int | float):
+        if isinstance(total, int | float) and total > 0:
+            share = min(1.0, current / total)
+            filled = int(share * BAR_WIDTH)
+            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+            return f"{message} [{bar}] {share:4.0%} {_size(current)}/{_size(total)}"
+        return f"{message} {_size(current)}"
+    if isinstance(current, int | float) and isinstance(total, int | float):
+        return f"{message} ({current:g}/{total:g})"
+    return str(message)
+
+
+class ProgressBoard:
+    """Lines keyed by item; on a terminal an update rewrites its own line, otherwise it prints a new one."""
+
+    def __init__(self, stream: TextIO, *, tty: bool) -> None:
+        self._stream = stream
+        self._tty = tty
+        self._keys: list[str] = []
+
+    def reset(self) -> None:
+        self._keys = []
+
+    def update(self, key: str, text: str) -> None:
+        if not self._tty or key not in self._keys:
+            self._keys.append(key)
+            self._stream.write(f"{text}\n")
+        else:
+            up = len(self._keys) - self._keys.index(key)
+            self._stream.write(f"\x1b[{up}A\r\x1b[2K{text}\x1b[{up}B\r")
+        self._stream.flush()
+
+
+class Renderer:
+    def __init__(self, *, json_output: bool, stream: TextIO, err: TextIO | None = None) -> None:
+        self._json = json_output
+        self._out = stream
+        self._err = err or sys.stderr
+        self._board = ProgressBoard(stream, tty=stream.isatty() and not json_output)
+        self._last_error: dict[str, Any] | None = None
+
+    def _line(self, text: str) -> None:
+        self._board.reset()
+        self._out.write(f"{text}\n")
+        self._out.flush()
+
+    def error(self, text: str) -> None:
+        self._err.write(f"lifecycle: {text}\n")
+        self._err.flush()
+
+    def reply(self, reply: dict[str, Any]) -> None:
+        if self._json:
+            self._line(json.dumps(reply))
+            return
+        error = reply.get("error")
+        if not reply.get("ok"):
+            self.error(f"refused ({error.get('code') if error else '?'}): {error.get('message') if error else ''}")
+            return
+        if "status" in reply:
+            self.status(reply["status"])
+            return
+        note = f"{reply.get('note')}, " if reply.get("note") else ""
+        self._line(f"{note}request {reply.get('request_id')}, state {reply.get('state')}")
+
+    def status(self, status: dict[str, Any]) -> None:
+        if self._json:
+            self._line(json.dumps(status))
+            return
+        version = f" ({status['kubernetes_version']})" if status.get("kubernetes_version") else ""
+        step = f" step {status['step']}/{status['steps']}" if status.get("step") else ""
+        self._line(f"node {status.get('node')}: {status.get('state')}{step}{version} since {status.get('since')}"
+                   f", request {status.get('request_id')}")
+        if status.get("error"):
+            self._print_error(status["error"])
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self._json:
+            self._line(json.dumps(event))
+            return
+        kind, data = event.get("type"), event.get("data") or {}
+        if kind == "lifecycle.state.changed":
+            left, entered = data.get("from"), data.get("to")
+            if left in _INSTALL_STATES or left == "resetting":
+                self._line(f"  {left} took {data.get('duration_s', 0):.2f} s")
+            step = f"[{data['step']}/{data['steps']}] " if data.get("step") and entered in _INSTALL_STATES else ""
+            self._line(f"{step}{entered}")
+        elif kind == "lifecycle.step.progress":
+            self._board.update(f"{data.get('state')}|{data.get('message')}", f"    {progress_text(data)}")
+        elif kind == "lifecycle.step.retrying":
+            err = data.get("error") or {}
+            self._line(f"    retrying {data.get('state')} in {data.get('delay_s', 0):g} s "
+                       f"(attempt {data.get('attempt')} of {1 + int(data.get('retries') or 0)}): {err.get('message')}")
+        elif kind == "lifecycle.step.failed":
+            self._last_error = data.get("error")
+        else:
+            self._line(f"{kind}: {json.dumps(data)}")
+
+    def failure(self, data: dict[str, Any], event: dict[str, Any]) -> None:
+        """The watched job ended somewhere other than its goal; say why."""
+        if self._json:
+            return
+        if data.get("to") == "failed" and self._last_error is not None:
+            self.error(f"failed in {data.get('from')}")
+            self._print_error(self._last_error, stream=self._err)
+        elif data.get("to") == "resetting":
+            self.error("the install was interrupted by a reset")
+        else:
+            self.error(f"ended in state {data.get('to')}")
+
+    def _print_error(self, error: dict[str, Any], *, stream: TextIO | None = None) -> None:
+        out = stream or self._out
+        out.write(f"  error {error.get('code')}: {error.get('message')}\n")
+        tail = (error.get("details") or {}).get("output_tail") or []
+        message = str(error.get("message") or "")
+        if tail and not all(line in message for line in tail):  # CommandError messages already end with it
+            out.write("  output:\n" + "".join(f"    {line}\n" for line in tail))
+        out.flush()

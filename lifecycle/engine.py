@@ -1,0 +1,420 @@
+"""Runs the plan: one install or reset job at a time, with deadlines, retries, cancellation and events.
+
+The only place that changes state and emits events: every change is checked against the graph (`machine.py`),
+saved with its event sequence number (`store.py`), then published on the bus. Steps run as named tasks owned
+here; a cancellation (reset, cancel, shutdown) lets the step clean up and is never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from lifecycle.bus import Bus
+from lifecycle.config import Config, StepPolicy
+from lifecycle.errors import RequestError, StepError
+from lifecycle.logging import get_logger
+from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
+from lifecycle.paths import HostPaths
+from lifecycle.ports import Ports
+from lifecycle.protocol import Action, ErrorInfo, Event, EventType, Status
+from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext
+from lifecycle.store import Snapshot, Store
+
+T = TypeVar("T")
+ResetRoutine = Callable[[StepContext], Coroutine[Any, Any, None]]  # states.reset.reset
+RESET_TIMEOUT_S = 300.0
+STOP_RETRY_S = 5.0  # a step that ignores its cancellation is cancelled again this often
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request the engine took (or joined): the install/reset it belongs to, and what happened."""
+
+    request_id: str | None
+    note: str
+
+
+@dataclass(frozen=True)
+class _Job:
+    kind: str  # "install" or "reset"
+    request_id: str | None
+    cluster: ClusterParams | None
+    task: asyncio.Task[None]
+
+
+class _StepFailedError(Exception):
+    """Stops the walk; the engine has already moved to `failed`."""
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Engine:
+    stop_retry_s = STOP_RETRY_S
+
+    def __init__(
+        self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
+        store: Store, bus: Bus,
+    ) -> None:
+        names = tuple(step.name for step in plan)
+        if names != tuple(s.value for s in INSTALL_STATES):
+            raise ValueError(f"plan steps {names} must be the install states {[s.value for s in INSTALL_STATES]}")
+        self._config = config
+        self._paths = paths
+        self._ports = ports
+        self._plan = list(plan)
+        self._reset = reset
+        self._store = store
+        self._bus = bus
+        self._log = get_logger("lifecycle.engine", node=config.node_name)
+        self._snap = store.load() or Snapshot(state=State.IDLE.value, since=time.time(), seq=0)
+        self._machine = StateMachine(State(self._snap.state))
+        self._job: _Job | None = None
+        self._lock = asyncio.Lock()  # one control operation (install/reset/cancel/shutdown) at a time
+        self._stopping = False
+
+    # ---- public API ---------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._machine.current
+
+    def status(self) -> Status:
+        snap = self._snap
+        return Status(
+            node=self._config.node_name, state=snap.state, since=snap.since, seq=snap.seq,
+            request_id=snap.request_id, kubernetes_version=snap.cluster.kubernetes_version if snap.cluster else None,
+            step=snap.step, steps=len(self._plan), error=snap.error,
+        )
+
+    async def start(self) -> None:
+        """Pick up where the last run stopped: resume an install or a reset, re-check a running cluster."""
+        snap, state = self._snap, self.state
+        self._bus.publish(self.status())
+        if state in INSTALL_STATES:
+            cluster = snap.cluster or self._resolve_cluster(None)
+            self._emit_progress(state, snap.request_id, "resuming after a restart")
+            first = INSTALL_STATES.index(state)
+            self._start_install(snap.request_id, cluster, first=first, quiet_until=0)
+        elif state == State.RESETTING:
+            self._emit_progress(state, snap.request_id, "resuming the reset after a restart")
+            self._start_job("reset", snap.request_id, snap.cluster, lambda: self._reset_job(snap.request_id))
+        elif state == State.RUNNING and snap.cluster is not None:
+            # Quietly: no event unless some step's outcome no longer holds (a kubelet that died with the host).
+            self._start_install(snap.request_id, snap.cluster, first=0, quiet_until=len(self._plan))
+
+    async def install(self, *, request_id: str, version: str | None) -> Accepted:
+        async with self._lock:
+            self._check_accepting()
+            if version is not None and version not in self._config.kubernetes.versions:
+                known = ", ".join(sorted(self._config.kubernetes.versions))
+                raise RequestError("unsupported_version", f"{version} is not a configured version ({known})")
+            job = self._job
+            if job is not None and job.kind == "reset":
+                raise RequestError("busy", "a reset is in progress; request the install once it finished")
+            current = job.cluster if job is not None else self._snap.cluster
+            if version is not None and current is not None and version != current.kubernetes_version:
+                raise RequestError(
+                    "upgrade_unsupported",
+                    f"the node is set up for {current.kubernetes_version}; reset before installing {version}",
+                )
+            if job is not None:
+                return Accepted(job.request_id, "already installing")
+            if self.state == State.RUNNING:
+                return Accepted(self._snap.request_id, "already running")
+            if self.state == State.FAILED:
+                # Steps before the one that failed are checked quietly; the walk re-enters the failed one.
+                quiet_until = (self._snap.step - 1) if self._snap.step else 0
+                cluster = current or self._resolve_cluster(version)
+                self._start_install(request_id, cluster, first=0, quiet_until=quiet_until)
+                return Accepted(request_id, "install resumed")
+            if self.state != State.IDLE:
+                raise RequestError("busy", f"cannot install in state {self.state}")
+            self._start_install(request_id, self._resolve_cluster(version), first=0, quiet_until=0)
+            return Accepted(request_id, "install started")
+
+    async def reset(self, *, request_id: str) -> Accepted:
+        async with self._lock:
+            self._check_accepting()
+            job = self._job
+            if job is not None and job.kind == "reset":
+                return Accepted(job.request_id, "already resetting")
+            if job is not None:
+                if self.state not in PREEMPTS[Action.RESET]:
+                    raise RequestError("busy", f"a reset cannot interrupt state {self.state}")
+                await self._stop_job()
+            self._transition(State.RESETTING, step=None, request_id=request_id, cluster=self._snap.cluster)
+            self._start_job("reset", request_id, self._snap.cluster, lambda: self._reset_job(request_id))
+            return Accepted(request_id, "reset started")
+
+    async def cancel(self, *, request_id: str) -> Accepted:
+        async with self._lock:
+            self._check_accepting()
+            job = self._job
+            if job is None:
+                return Accepted(self._snap.request_id, "nothing to cancel")
+            if job.kind == "reset" or self.state not in PREEMPTS[Action.CANCEL]:
+                raise RequestError("not_cancellable", f"a {job.kind} in state {self.state} cannot be cancelled")
+            await self._stop_job()
+            state = self.state
+            if state in INSTALL_STATES:
+                error = ErrorInfo("cancelled", f"cancelled by request {request_id}", retryable=True,
+                                  details={"step": state.value})
+                self._fail(state, job.request_id, job.cluster, error, step=self._snap.step)
+            return Accepted(job.request_id, f"cancelled in {state}")
+
+    async def shutdown(self) -> None:
+        """Stop taking requests and cancel the running job cleanly; the saved state lets the next start resume."""
+        self._stopping = True
+        async with self._lock:
+            await self._stop_job()
+
+    async def wait_job(self) -> None:
+        """Return when no job is running (tests and the CLI-less use)."""
+        while self._job is not None:
+            await asyncio.wait({self._job.task})
+
+    # ---- jobs ----------------------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self._stopping:
+            raise RequestError("shutting_down", "the service is shutting down")
+
+    def _resolve_cluster(self, version: str | None) -> ClusterParams:
+        k8s = self._config.kubernetes
+        return ClusterParams(
+            kubernetes_version=version or k8s.version,
+            api_port=k8s.api_port or free_port(k8s.node_ip),
+            kubelet_healthz_port=k8s.kubelet_healthz_port or free_port("127.0.0.1"),
+        )
+
+    def _start_install(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:
+        self._start_job("install", request_id, cluster,
+                        lambda: self._walk(request_id, cluster, first=first, quiet_until=quiet_until))
+
+    def _start_job(
+        self, kind: str, request_id: str | None, cluster: ClusterParams | None,
+        work: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
+        task = asyncio.create_task(self._supervise(work), name=f"lifecycle-{kind}-{request_id or 'resumed'}")
+        self._job = _Job(kind, request_id, cluster, task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        if self._job is not None and self._job.task is task:
+            self._job = None
+
+    async def _supervise(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await work()  # created here: a job cancelled before it ran leaves no un-awaited coroutine behind
+        except _StepFailedError:
+            pass
+        except Exception as exc:  # a bug in the engine itself or a failing disk: make it visible, never silent
+            self._log.exception("job crashed", state=self.state.value)
+            if self._machine.allows(State.FAILED):
+                error = ErrorInfo("internal", f"{type(exc).__name__}: {exc}")
+                self._fail(self.state, self._snap.request_id, self._snap.cluster, error, step=self._snap.step)
+
+    async def _stop_job(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        while not job.task.done():
+            job.task.cancel()
+            done, _ = await asyncio.wait({job.task}, timeout=self.stop_retry_s)
+            if not done:
+                self._log.warning("job ignores cancellation, cancelling again", job=job.task.get_name())
+        self._job = None
+
+    async def _walk(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:
+        """Enter each step's state and run it; steps below `quiet_until` are only checked, without events,
+        until one of them is found not done."""
+        for index, step in enumerate(self._plan):
+            if index < first:
+                continue
+            if index < quiet_until:
+                if await self._quietly_done(step, request_id, cluster):
+                    continue
+                quiet_until = 0
+            if self._snap.state != step.name:
+                self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=cluster)
+            await self._run_step(step, index, request_id, cluster)
+        if self.state != State.RUNNING:
+            self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
+
+    async def _quietly_done(self, step: Step, request_id: str | None, cluster: ClusterParams) -> bool:
+        ctx = self._context(step.name, request_id, cluster, self._policy(step).timeout_s)
+        try:
+            async with asyncio.timeout_at(ctx.deadline):
+                return await self._in_task(step.is_done(ctx), name=f"step-{step.name}-check")
+        except Exception as exc:  # the loud pass calls is_done again and classifies the error properly
+            ctx.log.info("quiet check failed; running the step", error=f"{type(exc).__name__}: {exc}")
+            return False
+
+    async def _run_step(self, step: Step, index: int, request_id: str | None, cluster: ClusterParams) -> None:
+        policy = self._policy(step)
+        ctx = self._context(step.name, request_id, cluster, policy.timeout_s)
+        attempts = 0
+        timer = asyncio.timeout_at(ctx.deadline)  # one deadline covering every attempt and the waits between
+        try:
+            async with timer:
+                if await self._in_task(step.is_done(ctx), name=f"step-{step.name}-is-done"):
+                    self._emit_progress(State(step.name), request_id, "already done")
+                    return
+                while True:
+                    attempts += 1
+                    try:
+                        await self._in_task(step.run(ctx), name=f"step-{step.name}-run-{attempts}")
+                    except StepError as exc:
+                        if not exc.retryable or attempts > policy.retries:
+                            raise
+                        await self._retry_pause(step, ctx, exc, attempts=attempts, policy=policy)
+                    else:
+                        return
+        except TimeoutError as exc:
+            if timer.expired():
+                error = ErrorInfo(
+                    "deadline_exceeded", f"step {step.name} did not finish within {policy.timeout_s:g} s",
+                    details={"step": step.name, "timeout_s": policy.timeout_s, "attempts": attempts},
+                )
+            else:
+                error = self._internal(ctx, exc, attempts)
+        except StepError as exc:
+            error = ErrorInfo(exc.code, exc.message, exc.retryable, details={**exc.details, "attempts": attempts})
+        except Exception as exc:
+            error = self._internal(ctx, exc, attempts)
+        self._fail(State(step.name), request_id, cluster, error, step=index + 1)
+        raise _StepFailedError
+
+    async def _retry_pause(
+        self, step: Step, ctx: StepContext, exc: StepError, *, attempts: int, policy: StepPolicy
+    ) -> None:
+        delay_s = max(exc.delay_s, policy.retry_delay_s)
+        ctx.log.warning("step failed, retrying", attempt=attempts, delay_s=delay_s, error=exc.message)
+        self._emit(EventType.STEP_RETRYING, {
+            "request_id": ctx.request_id, "state": step.name, "attempt": attempts, "retries": policy.retries,
+            "delay_s": delay_s,
+            "error": ErrorInfo(exc.code, exc.message, exc.retryable, dict(exc.details)).to_json(),
+        })
+        await asyncio.sleep(delay_s)
+        await self._in_task(step.before_retry(ctx), name=f"step-{step.name}-before-retry-{attempts}")
+
+    async def _reset_job(self, request_id: str | None) -> None:
+        cluster = self._snap.cluster or self._resolve_cluster(None)
+        ctx = self._context(State.RESETTING.value, request_id, cluster, RESET_TIMEOUT_S)
+        timer = asyncio.timeout_at(ctx.deadline)
+        try:
+            async with timer:
+                await self._in_task(self._reset(ctx), name="reset")
+        except TimeoutError as exc:
+            error = (ErrorInfo("deadline_exceeded", f"reset did not finish within {RESET_TIMEOUT_S:g} s",
+                               details={"step": "resetting", "timeout_s": RESET_TIMEOUT_S})
+                     if timer.expired() else self._internal(ctx, exc, 1))
+        except StepError as exc:
+            error = ErrorInfo(exc.code, exc.message, exc.retryable, dict(exc.details))
+        except Exception as exc:
+            error = self._internal(ctx, exc, 1)
+        else:
+            self._transition(State.IDLE, step=None, request_id=request_id, cluster=None)
+            return
+        self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
+
+    async def _in_task(self, work: Coroutine[Any, Any, T], *, name: str) -> T:
+        """Run step code as its own named task. Cancelling the caller cancels it and waits for its cleanup."""
+        task = asyncio.create_task(work, name=name)
+        current = asyncio.current_task()
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError from None  # the step turned our cancellation into an error
+            raise
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError  # the step swallowed our cancellation: stop anyway
+        return result
+
+    # ---- state, events -----------------------------------------------------------------------------------
+
+    def _policy(self, step: Step) -> StepPolicy:
+        return self._config.steps.get(step.name) or StepPolicy(timeout_s=step.timeout_s, retries=step.retries)
+
+    def _context(self, state: str, request_id: str | None, cluster: ClusterParams, timeout_s: float) -> StepContext:
+        return StepContext(
+            config=self._config, paths=self._paths, cluster=cluster, ports=self._ports, request_id=request_id,
+            deadline=asyncio.get_running_loop().time() + timeout_s,
+            log=self._log.bind(request_id=request_id, state=state),
+            progress=self._progress_fn(State(state), request_id),
+        )
+
+    def _internal(self, ctx: StepContext, exc: BaseException, attempts: int) -> ErrorInfo:
+        ctx.log.error("step raised an unexpected error", exc_info=exc)
+        return ErrorInfo("internal", f"{type(exc).__name__}: {exc}", details={"attempts": attempts})
+
+    def _progress_fn(self, state: State, request_id: str | None) -> ProgressFn:
+        def progress(
+            message: str, *, current: int | float | None = None, total: int | float | None = None,
+            unit: str | None = None,
+        ) -> None:
+            self._emit_progress(state, request_id, message, current=current, total=total, unit=unit)
+
+        return progress
+
+    def _emit_progress(
+        self, state: State, request_id: str | None, message: str, *, current: int | float | None = None,
+        total: int | float | None = None, unit: str | None = None,
+    ) -> None:
+        self._emit(EventType.STEP_PROGRESS, {
+            "request_id": request_id, "state": state.value, "message": message, "current": current,
+            "total": total, "unit": unit,
+        })
+
+    def _emit(self, kind: EventType, data: dict[str, Any]) -> Event:
+        seq = self._snap.seq + 1
+        self._snap = replace(self._snap, seq=seq)
+        self._store.save_seq(seq)  # before publishing: a seq seen on the wire is never handed out again
+        event = Event(type=kind, seq=seq, data={"seq": seq, **data})
+        self._bus.publish(event)
+        return event
+
+    def _fail(
+        self, state: State, request_id: str | None, cluster: ClusterParams | None, error: ErrorInfo, *,
+        step: int | None,
+    ) -> None:
+        self._log.error("step failed", state=state.value, request_id=request_id, code=error.code,
+                        error=error.message)
+        self._emit(EventType.STEP_FAILED, {"request_id": request_id, "state": state.value, "error": error.to_json()})
+        self._transition(State.FAILED, step=step, request_id=request_id, cluster=cluster, error=error)
+
+    def _transition(
+        self, dest: State, *, step: int | None, request_id: str | None, cluster: ClusterParams | None,
+        error: ErrorInfo | None = None,
+    ) -> None:
+        prev = self._snap
+        if not self._machine.allows(dest):
+            self._machine.move(dest)  # raises IllegalTransitionError naming both states
+        now = time.time()
+        seq = prev.seq + 1
+        snap = Snapshot(state=dest.value, since=now, seq=seq, request_id=request_id, cluster=cluster, step=step,
+                        error=error)
+        self._store.save(snap)
+        self._machine.move(dest)
+        self._snap = snap
+        duration_s = round(max(0.0, now - prev.since), 3)
+        self._bus.publish(Event(type=EventType.STATE_CHANGED, seq=seq, time_s=now, data={
+            "seq": seq, "request_id": request_id, "from": prev.state, "to": dest.value, "step": step,
+            "steps": len(self._plan), "duration_s": duration_s,
+        }))
+        self._bus.publish(self.status())
+        self._log.info("state changed", request_id=request_id, state=dest.value, previous=prev.state,
+                       duration_s=duration_s)

@@ -1,0 +1,241 @@
+"""The public MQTT contract as data: topics, requests, replies, the retained status and CloudEvents.
+
+Pure data and parsing, no I/O. `docs/protocol.md` and `docs/schemas/` describe the same contract for clients;
+later versions may add fields and event types, never remove them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from lifecycle.errors import RequestError
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_ID_CHARS = 128
+MAX_TOPIC_CHARS = 1024
+_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
+
+
+class Action(StrEnum):
+    INSTALL = "install"
+    RESET = "reset"
+    STATUS = "status"
+    CANCEL = "cancel"
+
+
+class EventType(StrEnum):
+    STATE_CHANGED = "lifecycle.state.changed"
+    STEP_PROGRESS = "lifecycle.step.progress"
+    STEP_RETRYING = "lifecycle.step.retrying"
+    STEP_FAILED = "lifecycle.step.failed"
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    node: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.node}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.base}/availability"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.base}/requests"
+
+    @property
+    def source(self) -> str:
+        """CloudEvents `source` of every event this node emits."""
+        return f"/{self.base}"
+
+
+def iso_time(epoch_s: float) -> str:
+    """RFC 3339 UTC with milliseconds, as CloudEvents and the status use it."""
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---- requests -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    action: Action
+    kubernetes_version: str | None = None
+    reply_to: str | None = None
+
+
+class BadRequestError(RequestError):
+    """A request that cannot be acted on; carries what could still be read of it, to address the reply."""
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None, reply_to: str | None = None):
+        super().__init__(code, message)
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
+def valid_reply_topic(topic: str) -> bool:
+    """A topic a reply may be published to: non-empty, no wildcards, no NUL, not too long."""
+    return 0 < len(topic) <= MAX_TOPIC_CHARS and not any(c in topic for c in "+#\x00")
+
+
+def parse_request(payload: bytes) -> Request:
+    """Decode one request; raise `BadRequestError` (a `RequestError`) naming what is wrong.
+
+    Unknown fields are ignored so that newer clients can talk to this service.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise BadRequestError("payload_too_large", f"request is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}")
+    try:
+        raw = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError("malformed_json", f"request is not UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadRequestError("invalid_request", f"request must be a JSON object, got {type(raw).__name__}")
+    request_id = raw.get("id")
+    readable_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS else None
+    reply_to = raw.get("reply_to")
+    readable_reply_to = reply_to if isinstance(reply_to, str) and valid_reply_topic(reply_to) else None
+
+    def bad(code: str, message: str) -> BadRequestError:
+        return BadRequestError(code, message, request_id=readable_id, reply_to=readable_reply_to)
+
+    if readable_id is None:
+        raise bad("invalid_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters, got {request_id!r}")
+    if reply_to is not None and readable_reply_to is None:
+        raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards, got {reply_to!r}")
+    action = raw.get("action")
+    if not isinstance(action, str):
+        raise bad("invalid_request", f"'action' must be a string, got {action!r}")
+    if action not in Action.__members__.values():
+        known = ", ".join(a.value for a in Action)
+        raise bad("unknown_action", f"unknown action {action!r} (known: {known})")
+    version = raw.get("kubernetes_version")
+    if version is not None:
+        if action != Action.INSTALL:
+            raise bad("invalid_request", f"'kubernetes_version' only goes with 'install', not {action!r}")
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise bad("invalid_request", f"'kubernetes_version' must look like v1.31.4, got {version!r}")
+    return Request(id=readable_id, action=Action(action), kubernetes_version=version, reply_to=readable_reply_to)
+
+
+# ---- replies, status, events ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a step or a reset failed, as it appears in the status and in `lifecycle.step.failed`."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retryable": self.retryable, "details": self.details}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ErrorInfo:
+        details = raw.get("details") or {}
+        if not isinstance(raw.get("code"), str) or not isinstance(raw.get("message"), str):
+            raise TypeError("error needs string 'code' and 'message'")
+        if not isinstance(details, dict):
+            raise TypeError("error 'details' must be an object")
+        return cls(code=raw["code"], message=raw["message"], retryable=bool(raw.get("retryable")), details=details)
+
+
+@dataclass(frozen=True)
+class Status:
+    node: str
+    state: str
+    since: float  # epoch seconds
+    seq: int  # the last event's seq when this status was produced
+    request_id: str | None
+    kubernetes_version: str | None
+    step: int | None  # 1-based index of the state's step in the plan (failed: the step that failed)
+    steps: int
+    error: ErrorInfo | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "state": self.state,
+            "since": iso_time(self.since),
+            "seq": self.seq,
+            "request_id": self.request_id,
+            "kubernetes_version": self.kubernetes_version,
+            "step": self.step,
+            "steps": self.steps,
+            "error": self.error.to_json() if self.error else None,
+        }
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: str | None
+    ok: bool
+    state: str
+    error: tuple[str, str] | None = None  # (code, message)
+    request_id: str | None = None  # the install or reset this request joined or started
+    note: str | None = None  # what happened, for people ("already running", ...)
+    status: Status | None = None  # for `status`
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "ok": self.ok,
+            "state": self.state,
+            "error": {"code": self.error[0], "message": self.error[1]} if self.error else None,
+        }
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
+        if self.note is not None:
+            out["note"] = self.note
+        if self.status is not None:
+            out["status"] = self.status.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class Event:
+    """One CloudEvent; `seq` is also in `data` (increases by one per event, across restarts)."""
+
+    type: EventType
+    seq: int
+    data: dict[str, Any]
+    time_s: float = field(default_factory=time.time)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_cloudevent(self, source: str) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": source,
+            "type": self.type.value,
+            "time": iso_time(self.time_s),
+            "datacontenttype": "application/json",
+            "data": self.data,
+        }
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

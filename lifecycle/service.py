@@ -1,0 +1,93 @@
+"""serve(): the engine, the MQTT bridge and request handling, with a staged shutdown.
+
+Start: lock the root, load the saved state, connect (in the background, retrying forever), resume what was
+running. Shutdown (when `stop` is set): refuse new requests, cancel the running step cleanly, deliver what is
+queued, publish `offline`, disconnect. The kubelet keeps running, as a unit of its own would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from lifecycle.adapters.mqtt import MqttBridge
+from lifecycle.bus import Bus
+from lifecycle.config import Config
+from lifecycle.engine import Accepted, Engine, ResetRoutine
+from lifecycle.errors import RequestError
+from lifecycle.logging import get_logger
+from lifecycle.machine import State
+from lifecycle.paths import HostPaths
+from lifecycle.ports import Ports
+from lifecycle.protocol import Action, Reply, Request, Topics
+from lifecycle.step import Step
+from lifecycle.store import Store
+
+DRAIN_TIMEOUT_S = 5.0
+
+
+def state_file(paths: HostPaths) -> Store:
+    return Store(paths.state_dir / "state.json", known_states={s.value for s in State})
+
+
+class RequestHandler:
+    """Turns a parsed request into an engine call and the engine's answer (or refusal) into a reply."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._log = get_logger("lifecycle.requests")
+
+    async def handle(self, request: Request) -> Reply:
+        log = self._log.bind(request_id=request.id, action=request.action.value)
+        log.info("request", kubernetes_version=request.kubernetes_version)
+        engine = self._engine
+        try:
+            accepted: Accepted
+            if request.action == Action.STATUS:
+                status = engine.status()
+                return Reply(id=request.id, ok=True, state=status.state, request_id=status.request_id, status=status)
+            if request.action == Action.INSTALL:
+                accepted = await engine.install(request_id=request.id, version=request.kubernetes_version)
+            elif request.action == Action.RESET:
+                accepted = await engine.reset(request_id=request.id)
+            else:
+                accepted = await engine.cancel(request_id=request.id)
+        except RequestError as exc:
+            log.info("request refused", code=exc.code, error=exc.message)
+            return Reply(id=request.id, ok=False, state=engine.state.value, error=(exc.code, exc.message))
+        except Exception as exc:  # a bug must not kill the request loop; the requester gets told
+            log.exception("request failed")
+            return Reply(id=request.id, ok=False, state=engine.state.value,
+                         error=("internal", f"{type(exc).__name__}: {exc}"))
+        return Reply(id=request.id, ok=True, state=engine.state.value, request_id=accepted.request_id,
+                     note=accepted.note)
+
+
+async def serve(
+    config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+) -> None:
+    """Run the service until `stop` is set (the caller owns signals; tests set it themselves)."""
+    log = get_logger("lifecycle.service", node=config.node_name)
+    paths = HostPaths(config.root)
+    store = state_file(paths)
+    store.lock()
+    try:
+        bus = Bus()
+        outbox = bus.subscribe("mqtt")
+        engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus)
+        bridge = MqttBridge(
+            config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,
+            status=engine.status, handle=RequestHandler(engine).handle,
+            client_id=config.mqtt.client_id or f"lifecycle-{config.node_name}",
+        )
+        async with bridge:
+            log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
+            await engine.start()
+            await stop.wait()
+            log.info("stopping", state=engine.state.value)
+            await engine.shutdown()
+            await bridge.close(drain_timeout_s=drain_timeout_s)
+        log.info("stopped", state=engine.state.value)
+    finally:
+        store.unlock()
