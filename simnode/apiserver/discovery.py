@@ -12,6 +12,7 @@ import json
 import platform
 from typing import Any
 
+from simnode.apiserver.protowire import field_bytes, field_str
 from simnode.apiserver.resources import ALL_VERBS, ResourceType, group_versions, types_in
 from simnode.launch import build_version
 
@@ -154,3 +155,32 @@ def openapi_v3_doc(gv_path: str) -> dict[str, Any] | None:
         "paths": paths,
         "components": {"schemas": {}},
     }
+
+
+OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+
+
+def openapi_v2_protobuf() -> bytes:
+    """A gnostic `openapi_v2.Document` with one PATCH operation per kind and no schemas.
+
+    kubectl <= 1.28 reads it to learn that the server validates fields (`fieldValidation` on PATCH); with no
+    definitions it computes client-side apply patches from its compiled-in types.
+    """
+    query = field_str(2, "query") + field_str(6, "string")
+    params = b"".join(
+        field_bytes(8, field_bytes(1, field_bytes(2, field_bytes(3, query + field_str(4, name)))))
+        for name in ("dryRun", "fieldManager", "fieldValidation", "force")
+    )
+    paths = b""
+    for g, versions in group_versions().items():
+        for v in versions:
+            for rt in types_in(g, v):
+                gvk_yaml = f"group: {json.dumps(rt.group)}\nkind: {rt.kind}\nversion: {rt.version}\n"
+                extension = field_bytes(13, field_str(1, "x-kubernetes-group-version-kind") + field_bytes(
+                    2, field_str(2, gvk_yaml)))
+                operation = field_str(5, f"patch{rt.kind}") + params + extension
+                scope = "/namespaces/{namespace}" if rt.namespaced else ""
+                path = f"/{_gv_path(g, v)}{scope}/{rt.plural}/{{name}}"
+                paths += field_bytes(2, field_str(1, path) + field_bytes(2, field_bytes(8, operation)))
+    info = field_str(1, "Kubernetes") + field_str(2, build_version())
+    return field_str(1, "2.0") + field_bytes(2, info) + field_bytes(8, paths)

@@ -17,6 +17,8 @@ from simnode.apiserver.api import Api
 from simnode.apiserver.errors import ApiError, bad_request, method_not_allowed, resource_not_found, unauthorized
 from simnode.apiserver.health import Health
 from simnode.apiserver.patch import json_patch, merge_patch, strategic_merge
+from simnode.apiserver.protobody import decode_object
+from simnode.apiserver.protowire import ProtoError
 from simnode.apiserver.resources import ResourceType, lookup
 from simnode.apiserver.selectors import parse_selector
 from simnode.apiserver.store import Obj, Store
@@ -110,9 +112,11 @@ async def read_body(request: web.BaseRequest) -> bytes:
 
 
 def decode(data: bytes, content_type: str) -> Any:
-    if "protobuf" in content_type:
-        raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
-                       "media types include: application/json, application/yaml")
+    if content_type == "application/vnd.kubernetes.protobuf":
+        try:
+            return decode_object(data)
+        except (ProtoError, UnicodeDecodeError) as exc:
+            raise ApiError(415, "UnsupportedMediaType", f"cannot decode the protobuf body: {exc}") from exc
     if not data.strip():
         raise bad_request("the request body is empty")
     try:
@@ -208,6 +212,8 @@ class Handler:
     def _openapi(self, rest: list[str]) -> web.Response:
         if rest == ["v3"]:
             return json_response(discovery.openapi_v3_index())
+        if rest == ["v2"]:
+            return web.Response(body=discovery.openapi_v2_protobuf(), content_type=discovery.OPENAPI_V2_PROTOBUF)
         if rest and rest[0] == "v3":
             doc = discovery.openapi_v3_doc("/".join(rest[1:]))
             if doc is not None:
