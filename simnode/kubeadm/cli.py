@@ -21,8 +21,6 @@ from simnode.kubeadm.errors import KubeadmError
 from simnode.kubeadm.phases import InitPlan, all_phases, apply_skips, prepare, select_single
 from simnode.kubeadm.reset import reset
 from simnode.kubeadm.runner import run_plan
-from simnode.kubeadm.upgrade import upgrade_apply
-from simnode.kubeclient import ApiError
 from simnode.launch import build_version
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
@@ -165,6 +163,9 @@ def cmd_upgrade(args: Args, root: NodeRoot) -> int:
         raise KubeadmError('only "kubeadm upgrade apply VERSION" is supported by the simulated node')
     if len(rest) != 2:
         raise KubeadmError('"kubeadm upgrade apply" requires exactly one version argument, e.g. v1.32.1')
+    from simnode.kubeadm.upgrade import upgrade_apply  # imports aiohttp: only when upgrading
+    from simnode.kubeclient import ApiError
+
     version = build_version()
     config = _load(args, root, (rest[1] if rest[1].startswith("v") else f"v{rest[1]}",)) \
         if args.values.get("config") else None

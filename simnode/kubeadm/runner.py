@@ -7,21 +7,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
 from simnode.faults import FaultsFileError, load_faults
-from simnode.kubeadm import addons, apiphases, manifests
-from simnode.kubeadm.apiclient import client_for, ensure_admin_binding
+from simnode.kubeadm import manifests
 from simnode.kubeadm.errors import KubeadmError, PhaseError
 from simnode.kubeadm.kubeconfig import write_kubeconfigs
 from simnode.kubeadm.kubeletfiles import finalize_client_cert, write_kubelet_start
 from simnode.kubeadm.phases import InitPlan, Out, kubeconfig_files
 from simnode.kubeadm.pki import PHASE_TO_NAME, write_pki
 from simnode.kubeadm.preflight import run_preflight
-from simnode.kubeadm.uploadcerts import upload_certs
-from simnode.kubeadm.waitcp import wait_control_plane
-from simnode.kubeclient import ApiError, KubeClient
+
+if TYPE_CHECKING:
+    from simnode.kubeclient import KubeClient
+
+# The API phases import aiohttp (slow to import); the file-only phases the service runs first do not
+# need it, so those modules are imported inside the handlers that use them.
 
 CONTROL_PLANE_SUBS = {"apiserver": "kube-apiserver", "controller-manager": "kube-controller-manager",
                       "scheduler": "kube-scheduler"}
@@ -41,6 +44,9 @@ async def check_faults(plan: InitPlan, phase: str) -> None:
 
 
 async def _with_client(plan: InitPlan, phase: str, work: Callable[[KubeClient], Awaitable[None]]) -> None:
+    from simnode.kubeadm.apiclient import client_for, ensure_admin_binding
+    from simnode.kubeclient import ApiError
+
     try:
         if not plan.admin_binding_done:
             await ensure_admin_binding(plan.root)
@@ -83,10 +89,14 @@ async def _kubelet_start(plan: InitPlan, subs: list[str], out: Out) -> None:
 
 
 async def _wait(plan: InitPlan, subs: list[str], out: Out) -> None:
+    from simnode.kubeadm.waitcp import wait_control_plane
+
     await wait_control_plane(plan.cfg, plan.root, out)
 
 
 async def _upload_config(plan: InitPlan, subs: list[str], out: Out) -> None:
+    from simnode.kubeadm import apiphases
+
     async def work(client: KubeClient) -> None:
         if "kubeadm" in subs:
             await apiphases.upload_kubeadm_config(plan.cfg, client, out)
@@ -100,14 +110,20 @@ async def _upload_certs(plan: InitPlan, subs: list[str], out: Out) -> None:
     if not plan.upload_certs:
         out("[upload-certs] Skipping phase. Please see --upload-certs")
         return
+    from simnode.kubeadm.uploadcerts import upload_certs
+
     await _with_client(plan, "upload-certs", lambda client: upload_certs(plan.cfg, plan.root, client, out))
 
 
 async def _mark(plan: InitPlan, subs: list[str], out: Out) -> None:
+    from simnode.kubeadm import apiphases
+
     await _with_client(plan, "mark-control-plane", lambda client: apiphases.mark_control_plane(plan.cfg, client, out))
 
 
 async def _bootstrap(plan: InitPlan, subs: list[str], out: Out) -> None:
+    from simnode.kubeadm import apiphases
+
     assert plan.ca_cert is not None
     ca = plan.ca_cert
     await _with_client(plan, "bootstrap-token", lambda client: apiphases.bootstrap_tokens(plan.cfg, client, ca, out))
@@ -121,6 +137,8 @@ async def _finalize(plan: InitPlan, subs: list[str], out: Out) -> None:
 
 
 async def _addon(plan: InitPlan, subs: list[str], out: Out) -> None:
+    from simnode.kubeadm import addons
+
     async def work(client: KubeClient) -> None:
         if "coredns" in subs:
             if plan.cfg.cluster.dns_disabled:
