@@ -1,5 +1,6 @@
-"""`etcd` stand-in: creates its data directory (`--data-dir`, re-rooted, mode 0700, with `member/`) and
-waits for SIGTERM. The API simulator keeps its own data under /var/lib/etcd; nothing listens here.
+"""`etcd` stand-in: creates its data directory (`--data-dir`, re-rooted, mode 0700, with `member/`),
+answers plain-HTTP /health, /livez and /readyz on the first `--listen-metrics-urls` address (what the
+kubelet probes), and waits for SIGTERM. The API simulator keeps its own data under /var/lib/etcd.
 """
 
 from __future__ import annotations
@@ -7,16 +8,60 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from urllib.parse import urlsplit
+
+from aiohttp import web
 
 from simnode.controllers.common import FlagError, parse_flags, run_until_signal, setup_logging
 from simnode.paths import NodeRootError, resolve_root
 
 log = logging.getLogger("etcd")
 
+BIND_RETRY_S = 2.0  # another node's etcd on this host may hold the port; take it over when it is free
+
+
+def metrics_address(flags: dict[str, str]) -> tuple[str, int] | None:
+    first = (flags.get("listen-metrics-urls") or "").split(",")[0].strip()
+    if not first:
+        return None
+    url = urlsplit(first)
+    if url.scheme != "http" or not url.hostname or not url.port:
+        raise FlagError(f"etcd: --listen-metrics-urls={first}: expected http://host:port")
+    return url.hostname, url.port
+
+
+async def serve_health(address: tuple[str, int]) -> None:
+    async def health(request: web.Request) -> web.Response:
+        if request.path == "/health":
+            return web.json_response({"health": "true", "reason": ""})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    for path in ("/health", "/livez", "/readyz"):
+        app.router.add_get(path, health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    warned = False
+    try:
+        while True:
+            try:
+                await web.TCPSite(runner, address[0], address[1]).start()
+                break
+            except OSError as exc:
+                if not warned:
+                    log.warning("cannot listen on %s:%d (%s); retrying", address[0], address[1], exc.strerror)
+                    warned = True
+                await asyncio.sleep(BIND_RETRY_S)
+        log.info("serving health on http://%s:%d", *address)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
 
 def main(argv: list[str]) -> int:
     try:
         flags = parse_flags("etcd", argv)
+        address = metrics_address(flags)
         root = resolve_root()
     except (FlagError, NodeRootError) as exc:
         print(f"etcd: {exc}", file=sys.stderr)
@@ -29,9 +74,14 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"etcd: cannot create data dir {data_dir}: {exc.strerror}", file=sys.stderr)
         return 1
-    log.info("etcd %s serving (simulated) with data dir %s", flags.get("name", "default"), root.real(data_dir))
+    log.info("etcd %s running (simulated), data dir %s", flags.get("name", "default"), root.real(data_dir))
 
-    async def wait_forever() -> None:
-        await asyncio.Event().wait()
+    async def run() -> None:
+        if address is not None:
+            await serve_health(address)
+        else:
+            await asyncio.Event().wait()
 
-    return run_until_signal(wait_forever)
+    code = run_until_signal(run)
+    log.info("etcd exiting")
+    return code

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import io
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -227,3 +228,190 @@ def scratch_images(components: list[str], *, tag: str = "v1.31.4") -> Iterator[d
         yield refs
     finally:
         remove_images(list(refs.values()))
+
+
+# --- a whole simulated control plane, started the way kubeadm + the service would ----------------------
+
+CONTROL_PLANE_IMAGES = ["kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"]
+FAST_FAULTS = {"delays_s": {"apiserver_ready": 0.2, "pod_running": 0.2, "pod_ready": 0.2}}
+
+
+def _pod_manifest(name: str, image: str, command: list[str], **container: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "kube-system",
+                     "labels": {"component": name, "tier": "control-plane"}},
+        "spec": {"hostNetwork": True, "priorityClassName": "system-node-critical",
+                 "containers": [{"name": name, "image": image, "command": command, **container}]},
+    }
+
+
+@dataclass
+class Cluster:
+    """One simulated node under `root`: PKI, kubeconfigs, static pod manifests and a kubelet process."""
+
+    root: Path
+    node: str
+    api_port: int
+    images: dict[str, str]
+    kubelet: subprocess.Popen[bytes] | None = None
+
+    @property
+    def admin_conf(self) -> Path:
+        return self.root / "etc/kubernetes/admin.conf"
+
+    @property
+    def kubelet_log(self) -> Path:
+        return self.root.parent / f"{self.root.name}-kubelet.log"
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["kubectl", f"--kubeconfig={self.admin_conf}", *args], capture_output=True, text=True, input=stdin,
+            timeout=30, check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", stdin=json.dumps(obj))
+
+    def write_manifest(self, pod: dict[str, Any]) -> Path:
+        path = self.root / f"etc/kubernetes/manifests/{pod['metadata']['name']}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(pod))
+        return path
+
+    def set_faults(self, faults: dict[str, Any]) -> None:
+        path = self.root / "etc/simnode/faults.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(faults))
+
+    def start_kubelet(self) -> subprocess.Popen[bytes]:
+        # As the service starts it: systemd-style flags plus the contents of kubeadm-flags.env.
+        args = [
+            "--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf",
+            "--kubeconfig=/etc/kubernetes/kubelet.conf",
+            "--config=/var/lib/kubelet/config.yaml",
+            f"--container-runtime-endpoint=unix://{DOCKER_SOCK}",
+            f"--pod-infra-container-image={REGISTRY}/pause:3.10",
+            "--node-ip=127.0.0.1",
+        ]
+        self.kubelet = start_tool("kubelet", args, self.root, self.kubelet_log)
+        return self.kubelet
+
+    def stop_kubelet(self, sig: int = signal.SIGTERM) -> int:
+        assert self.kubelet is not None
+        self.kubelet.send_signal(sig)
+        code = self.kubelet.wait(timeout=10)
+        self.kubelet = None
+        return code
+
+    def pod(self, name: str, namespace: str = "kube-system") -> dict[str, Any]:
+        result: dict[str, Any] = self.get("pod", "-n", namespace, name)
+        return result
+
+    def wait_pod(self, name: str, check: Callable[[dict[str, Any]], Any], *, namespace: str = "kube-system",
+                 timeout_s: float = 20, what: str = "") -> dict[str, Any]:
+        def probe() -> Any:
+            pod = self.pod(name, namespace)
+            return pod if check(pod) else None
+
+        result: dict[str, Any] = wait_for(probe, timeout_s=timeout_s, what=what or f"pod {namespace}/{name}")
+        return result
+
+
+def pod_is_ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+
+
+def waiting_reason(pod: dict[str, Any]) -> str | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason:
+            return str(reason)
+    return None
+
+
+def write_control_plane(root: Path, node: str, images: dict[str, str]) -> Cluster:
+    """What kubeadm init leaves behind (PKI, kubeconfigs, kubelet config, manifests), for a node `node`."""
+    pki = Pki.create()
+    pki_dir = root / "etc/kubernetes/pki"
+    pki_dir.mkdir(parents=True)
+    (pki_dir / "ca.crt").write_bytes(pki.ca_pem)
+    (pki_dir / "ca.key").write_bytes(_pem_key(pki.ca_key))
+    cert, key = pki.issue("kube-apiserver", server=True)
+    (pki_dir / "apiserver.crt").write_bytes(cert)
+    (pki_dir / "apiserver.key").write_bytes(key)
+    port = free_port()
+    server = f"https://127.0.0.1:{port}"
+    identities = {
+        "admin.conf": ("kubernetes-admin", ("system:masters",)),
+        "kubelet.conf": (f"system:node:{node}", ("system:nodes",)),
+        "controller-manager.conf": ("system:kube-controller-manager", ()),
+        "scheduler.conf": ("system:kube-scheduler", ()),
+    }
+    for name, (cn, orgs) in identities.items():
+        c, k = pki.issue(cn, orgs=orgs)
+        write_kubeconfig(root / "etc/kubernetes" / name, server, pki, c, k)
+    config = {"apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+              "staticPodPath": "/etc/kubernetes/manifests", "healthzPort": free_port(),
+              "healthzBindAddress": "127.0.0.1", "clusterDNS": ["10.96.0.10"], "clusterDomain": "cluster.local"}
+    (root / "var/lib/kubelet").mkdir(parents=True)
+    (root / "var/lib/kubelet/config.yaml").write_text(yaml.safe_dump(config))
+    cluster = Cluster(root=root, node=node, api_port=port, images=images)
+    probe = {"httpGet": {"host": "127.0.0.1", "path": "/readyz", "port": port, "scheme": "HTTPS"},
+             "periodSeconds": 1, "timeoutSeconds": 15, "failureThreshold": 3}
+    cluster.write_manifest(_pod_manifest("kube-apiserver", images["kube-apiserver"], [
+        "kube-apiserver", "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1", f"--secure-port={port}",
+        "--client-ca-file=/etc/kubernetes/pki/ca.crt", "--tls-cert-file=/etc/kubernetes/pki/apiserver.crt",
+        "--tls-private-key-file=/etc/kubernetes/pki/apiserver.key", "--service-cluster-ip-range=10.96.0.0/12",
+        "--authorization-mode=Node,RBAC", "--etcd-servers=https://127.0.0.1:2379",
+    ], readinessProbe=probe))
+    metrics = free_port()
+    etcd_probe = {"httpGet": {"host": "127.0.0.1", "path": "/readyz", "port": metrics, "scheme": "HTTP"},
+                  "periodSeconds": 1}
+    cluster.write_manifest(_pod_manifest("etcd", images["etcd"], [
+        "etcd", "--data-dir=/var/lib/etcd", f"--name={node}", f"--listen-metrics-urls=http://127.0.0.1:{metrics}",
+        "--listen-client-urls=https://127.0.0.1:2379",
+    ], readinessProbe=etcd_probe))
+    cluster.write_manifest(_pod_manifest("kube-controller-manager", images["kube-controller-manager"], [
+        "kube-controller-manager", "--kubeconfig=/etc/kubernetes/controller-manager.conf",
+        "--authentication-kubeconfig=/etc/kubernetes/controller-manager.conf", "--leader-elect=true",
+        "--allocate-node-cidrs=true", "--cluster-cidr=10.244.0.0/16", "--bind-address=127.0.0.1",
+        "--use-service-account-credentials=true",
+    ]))
+    cluster.write_manifest(_pod_manifest("kube-scheduler", images["kube-scheduler"], [
+        "kube-scheduler", "--kubeconfig=/etc/kubernetes/scheduler.conf", "--leader-elect=true",
+        "--authentication-kubeconfig=/etc/kubernetes/scheduler.conf", "--bind-address=127.0.0.1",
+    ]))
+    cluster.set_faults(FAST_FAULTS)
+    return cluster
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, images: dict[str, str], *, node: str = "node1") -> Iterator[Cluster]:
+    """Start the kubelet on a fresh control plane and wait until the API answers and the node is Ready."""
+    cluster = write_control_plane(root, node, images)
+    cluster.start_kubelet()
+    try:
+        wait_for(lambda: cluster.kubectl("get", "--raw", "/readyz", check=False).returncode == 0,
+                 timeout_s=30, what="API server ready")
+        wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True"
+                             for c in cluster.get("node", node)["status"]["conditions"]),
+                 timeout_s=20, what="node Ready")
+        yield cluster
+    finally:
+        if cluster.kubelet is not None:
+            kill_group(cluster.kubelet)
+        from simnode.kubelet.runtime import stop_pod_processes
+        from simnode.paths import NodeRoot
+
+        stop_pod_processes(NodeRoot(root), grace_s=3)
