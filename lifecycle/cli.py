@@ -179,6 +179,10 @@ async def _await_reply(client: ServiceClient, correlation: bytes, *, timeout_s: 
         return None
 
 
+# Where a watched job ends when it does not reach its goal: an install that failed or was reset away, a failed reset.
+_END_STATES = {"running": ("failed", "resetting", "idle"), "idle": ("failed",)}
+
+
 async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, timeout_s: float, out: Renderer) -> int:
     """Print the events of `request_id` until the state reaches `goal` (0) or failed / another job (1)."""
     inactivity_s = max(timeout_s, 60.0)  # steps report at least this often; silence means the service is gone
@@ -198,9 +202,10 @@ async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, t
         out.event(event)
         if event.get("type") == EventType.STATE_CHANGED:
             if data.get("to") == goal:
+                out.done(goal)
                 return EXIT_OK
-            if data.get("to") in ("failed", "resetting", "idle") and data.get("to") != goal:
-                out.failure(data, event)
+            if data.get("to") in _END_STATES[goal]:
+                out.failure(data)
                 return EXIT_FAILED
 
 

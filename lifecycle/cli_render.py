@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, TextIO
 
 BAR_WIDTH = 24
@@ -62,6 +63,7 @@ class Renderer:
         self._err = err or sys.stderr
         self._board = ProgressBoard(stream, tty=stream.isatty() and not json_output)
         self._last_error: dict[str, Any] | None = None
+        self._started_s = time.monotonic()
 
     def _line(self, text: str) -> None:
         self._board.reset()
@@ -83,8 +85,8 @@ class Renderer:
         if "status" in reply:
             self.status(reply["status"])
             return
-        note = f"{reply.get('note')}, " if reply.get("note") else ""
-        self._line(f"{note}request {reply.get('request_id')}, state {reply.get('state')}")
+        note = reply.get("note") or "accepted"
+        self._line(f"{note}: request {reply.get('request_id')} (state {reply.get('state')})")
 
     def status(self, status: dict[str, Any]) -> None:
         if self._json:
@@ -119,7 +121,11 @@ class Renderer:
         else:
             self._line(f"{kind}: {json.dumps(data)}")
 
-    def failure(self, data: dict[str, Any], event: dict[str, Any]) -> None:
+    def done(self, goal: str) -> None:
+        if not self._json:
+            self._line(f"done: {goal} after {time.monotonic() - self._started_s:.1f} s")
+
+    def failure(self, data: dict[str, Any]) -> None:
         """The watched job ended somewhere other than its goal; say why."""
         if self._json:
             return

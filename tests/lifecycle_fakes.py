@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from lifecycle.config import STEP_NAMES, Config, KubernetesConfig, StepPolicy, VersionImages
-from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.ports import Ports
 from lifecycle.step import Step, StepContext
 
@@ -50,7 +50,7 @@ def mark_done(root: Path, *names: str) -> None:
 @dataclass(frozen=True)
 class Behaviour:
     run_s: float = 0.0  # how long `run` takes
-    fail: str | None = None  # "permanent" | "temporary" | "internal"
+    fail: str | None = None  # "permanent" | "temporary" | "command" | "internal"
     fail_times: int = 1_000_000  # attempts that fail before one succeeds
     block: bool = False  # `run` waits until cancelled
     ignore_cancel: bool = False  # a badly behaved step: swallows the first cancellation
@@ -95,6 +95,8 @@ class FakeStep:
         if b.fail and self.attempts <= b.fail_times:
             if b.fail == "permanent":
                 raise PermanentError(f"{self.name} cannot work", code="fake_permanent", details={"hint": "fix it"})
+            if b.fail == "command":
+                raise CommandError([f"/usr/bin/{self.name}", "init"], 3, ["preflight ok", f"error: {self.name} broke"])
             if b.fail == "temporary":
                 raise TemporaryError(f"{self.name} hiccup {self.attempts}", code="fake_temporary", delay_s=0.01)
             raise RuntimeError(f"{self.name} exploded")

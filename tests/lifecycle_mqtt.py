@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -131,10 +134,18 @@ class Probe:
 
 
 @asynccontextmanager
-async def probe(topics: Topics, *, port: int = 1883, v5: bool = True) -> AsyncIterator[Probe]:
+async def probe(
+    topics: Topics, *, port: int = 1883, v5: bool = True, session: str | None = None
+) -> AsyncIterator[Probe]:
+    """A recording client; with `session`, a persistent MQTT 5 session that the broker queues messages for."""
+    properties = None
+    if session is not None:
+        properties = mqtt_properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 300
     client = aiomqtt.Client(
-        "127.0.0.1", port, identifier=f"probe-{uuid.uuid4().hex[:10]}",
+        "127.0.0.1", port, identifier=session or f"probe-{uuid.uuid4().hex[:10]}",
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        clean_start=session is None, properties=properties,
     )
     async with client:
         p = Probe(client, topics, reply_topic=f"{topics.base}/test-replies/{uuid.uuid4().hex[:8]}")
@@ -156,3 +167,31 @@ async def retained(topic: str, *, port: int = 1883, timeout_s: float = 3.0) -> b
                 if message.retain:
                     return message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
     raise AssertionError(f"nothing retained on {topic}")
+
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_SERVICE = REPO / "tests" / "lifecycle_fakes.py"
+
+
+@dataclass
+class ServiceProcess:
+    """The service with test steps in a process of its own (to SIGKILL it, to send it real signals)."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout_s: float = 10.0) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+
+def start_service_process(config_path: Path, *, root: Path, node: str, log_path: Path) -> ServiceProcess:
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(FAKE_SERVICE), "--config", str(config_path), "--root", str(root), "--node", node],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        )
+    return ServiceProcess(proc, log_path)

@@ -1,0 +1,103 @@
+"""The `lifecycle` command as a user runs it, against the service (test steps) in another process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from lifecycle_fakes import steer, write_config
+from lifecycle_mqtt import REPO, ServiceProcess, start_service_process, unique_prefix
+
+
+@dataclass
+class Node:
+    root: Path
+    flags: list[str]
+    svc: ServiceProcess
+
+
+@pytest.fixture
+def node(tmp_path: Path, mqtt_broker: tuple[str, int]) -> Iterator[Node]:
+    prefix, root = unique_prefix("cli"), tmp_path / "root"
+    config = write_config(tmp_path / "lifecycle.toml", root=root, node="clinode", prefix=prefix,
+                          broker="mqtt://127.0.0.1:1883")
+    steer(root, "images", run_s=0.05, progress=3)
+    svc = start_service_process(config, root=root, node="clinode", log_path=tmp_path / "service.log")
+    flags = ["--config", str(config), "--timeout", "10"]
+    for _ in range(20):  # a request sent before the service subscribed is not seen: ask until it answers
+        if lifecycle("status", "--config", str(config), "--timeout", "0.5").returncode == 0:
+            break
+    else:
+        raise AssertionError(f"the service did not answer:\n{svc.log()}")
+    yield Node(root, flags, svc)
+    svc.proc.send_signal(signal.SIGTERM)
+    svc.wait()
+
+
+def lifecycle(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lifecycle", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout_s, check=False)
+
+
+def test_install_watch_shows_each_state_with_durations_and_pull_progress(node: Node) -> None:
+    done = lifecycle("install", "--watch", *node.flags)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for index, state in enumerate(("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons"), 1):
+        assert f"[{index}/7] {state}\n" in out
+        assert f"  {state} took " in out
+    assert "pulling item2 [" in out and "100%" in out  # plain lines when not a terminal
+    assert out.rstrip().splitlines()[-1].startswith("done: running after ")
+
+    again = lifecycle("install", "--watch", *node.flags)
+    assert again.returncode == 0 and "already running" in again.stdout
+
+
+def test_install_watch_exits_non_zero_with_the_cause_and_command_output(node: Node) -> None:
+    steer(node.root, "kubeadm", fail="command")
+    failed = lifecycle("install", "--watch", *node.flags)
+    assert failed.returncode == 1
+    assert "failed in kubeadm" in failed.stderr
+    assert "error command_failed: kubeadm exited with code 3" in failed.stderr
+    assert "error: kubeadm broke" in failed.stderr
+
+
+def test_status_json_reset_and_the_state_after_it(node: Node) -> None:
+    assert lifecycle("install", "--watch", *node.flags).returncode == 0
+    status = lifecycle("status", "-o", "json", *node.flags)
+    assert status.returncode == 0
+    body = json.loads(status.stdout)
+    assert body["ok"] and body["status"]["state"] == "running" and body["status"]["steps"] == 7
+
+    reset = lifecycle("reset", *node.flags)
+    assert reset.returncode == 0, reset.stderr
+    assert "done: idle" in reset.stdout
+    assert json.loads(lifecycle("status", "-o", "json", *node.flags).stdout)["state"] == "idle"
+
+
+def test_unsupported_version_is_refused_with_exit_1(node: Node) -> None:
+    refused = lifecycle("install", "--version", "v1.99.9", *node.flags)
+    assert refused.returncode == 1 and "unsupported_version" in refused.stderr
+
+
+def test_no_service_means_exit_3_and_bad_flags_exit_2(mqtt_broker: tuple[str, int]) -> None:
+    nobody = lifecycle("status", "--node", "nobody-home", "--prefix", unique_prefix("none"), "--timeout", "1")
+    assert nobody.returncode == 3 and "no reply" in nobody.stderr
+    bad = lifecycle("status", "--broker", "http://x")
+    assert bad.returncode == 2 and "mqtt.broker: expected mqtt://host" in bad.stderr
+    assert lifecycle("install", "--bogus").returncode == 2
+
+
+def test_graph_prints_mermaid_and_help_documents_exit_codes() -> None:
+    graph = lifecycle("graph")
+    assert graph.returncode == 0
+    assert "stateDiagram-v2" in graph.stdout and "failed --> kubeadm: resume" in graph.stdout
+    assert "addons --> running: next" in graph.stdout
+    helptext = lifecycle("install", "--help").stdout
+    assert "exit codes:" in helptext and "no reply within --timeout" in helptext

@@ -1,0 +1,92 @@
+"""Request parsing and the shapes of replies, status and CloudEvents on the wire."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lifecycle.protocol import (
+    MAX_PAYLOAD_BYTES,
+    Action,
+    BadRequestError,
+    ErrorInfo,
+    Event,
+    EventType,
+    Reply,
+    Status,
+    Topics,
+    iso_time,
+    parse_request,
+)
+
+
+def test_a_full_install_request_parses() -> None:
+    req = parse_request(b'{"id": "r1", "action": "install", "kubernetes_version": "v1.32.1", "reply_to": "a/b"}')
+    assert (req.id, req.action, req.kubernetes_version, req.reply_to) == ("r1", Action.INSTALL, "v1.32.1", "a/b")
+
+
+def test_unknown_fields_are_ignored_for_newer_clients() -> None:
+    assert parse_request(b'{"id": "r1", "action": "status", "trace": {"x": 1}}').action == Action.STATUS
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "request_id"),
+    [
+        (b"", "malformed_json", None),
+        (b"{", "malformed_json", None),
+        (b"\xc3\x28", "malformed_json", None),
+        (b"null", "invalid_request", None),
+        (b'"install"', "invalid_request", None),
+        (b'{"action": "install"}', "invalid_request", None),
+        (b'{"id": "", "action": "install"}', "invalid_request", None),
+        (b'{"id": ["r"], "action": "install"}', "invalid_request", None),
+        (b'{"id": "r", "action": null}', "invalid_request", "r"),
+        (b'{"id": "r", "action": "INSTALL"}', "unknown_action", "r"),
+        (b'{"id": "r", "action": "upgrade"}', "unknown_action", "r"),
+        (b'{"id": "r", "action": "install", "kubernetes_version": "1.31"}', "invalid_request", "r"),
+        (b'{"id": "r", "action": "install", "kubernetes_version": true}', "invalid_request", "r"),
+        (b'{"id": "r", "action": "reset", "kubernetes_version": "v1.31.4"}', "invalid_request", "r"),
+        (b'{"id": "r", "action": "status", "reply_to": "a/+/b"}', "invalid_reply_to", "r"),
+        (b'{"id": "r", "action": "status", "reply_to": ""}', "invalid_reply_to", "r"),
+        (b'{"id": "r", "action": "status", "reply_to": 5}', "invalid_reply_to", "r"),
+    ],
+)
+def test_bad_requests_name_their_cause(payload: bytes, code: str, request_id: str | None) -> None:
+    with pytest.raises(BadRequestError) as info:
+        parse_request(payload)
+    assert (info.value.code, info.value.request_id) == (code, request_id)
+    assert info.value.message
+
+
+def test_the_reply_address_of_a_bad_request_is_kept_when_readable() -> None:
+    with pytest.raises(BadRequestError) as info:
+        parse_request(b'{"id": "r", "action": "nope", "reply_to": "replies/7"}')
+    assert info.value.reply_to == "replies/7"
+
+
+def test_payload_limit_is_checked_before_parsing() -> None:
+    ok = json.dumps({"id": "r", "action": "status", "pad": "x" * (MAX_PAYLOAD_BYTES - 60)}).encode()
+    assert len(ok) <= MAX_PAYLOAD_BYTES and parse_request(ok).id == "r"
+    with pytest.raises(BadRequestError) as info:
+        parse_request(b"{" * (1024 * 1024))  # 1 MB: refused by size, not by the JSON parser
+    assert info.value.code == "payload_too_large"
+
+
+def test_wire_shapes() -> None:
+    topics = Topics("lifecycle", "n1")
+    assert (topics.status, topics.events, topics.availability, topics.requests) == (
+        "lifecycle/n1/status", "lifecycle/n1/events", "lifecycle/n1/availability", "lifecycle/n1/requests")
+    event = Event(type=EventType.STATE_CHANGED, seq=3, data={"seq": 3}, time_s=0.5, id="e3")
+    assert event.to_cloudevent(topics.source) == {
+        "specversion": "1.0", "id": "e3", "source": "/lifecycle/n1", "type": "lifecycle.state.changed",
+        "time": "1970-01-01T00:00:00.500Z", "datacontenttype": "application/json", "data": {"seq": 3}}
+    status = Status(node="n1", state="failed", since=0.0, seq=9, request_id="r", kubernetes_version="v1.31.4",
+                    step=2, steps=7, error=ErrorInfo("x", "y", details={"a": 1}))
+    assert set(status.to_json()) == {"node", "state", "since", "seq", "request_id", "kubernetes_version", "step",
+                                     "steps", "error"}
+    assert status.to_json()["error"] == {"code": "x", "message": "y", "retryable": False, "details": {"a": 1}}
+    reply = Reply(id=None, ok=False, state="idle", error=("malformed_json", "bad"))
+    assert reply.to_json() == {"id": None, "ok": False, "state": "idle",
+                               "error": {"code": "malformed_json", "message": "bad"}}
+    assert iso_time(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
