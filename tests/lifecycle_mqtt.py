@@ -142,11 +142,13 @@ async def probe(
     if session is not None:
         properties = mqtt_properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 300
-    client = aiomqtt.Client(
-        "127.0.0.1", port, identifier=session or f"probe-{uuid.uuid4().hex[:10]}",
-        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-        clean_start=session is None, properties=properties,
-    )
+    if v5:
+        client = aiomqtt.Client("127.0.0.1", port, identifier=session or f"probe-{uuid.uuid4().hex[:10]}",
+                                protocol=aiomqtt.ProtocolVersion.V5, clean_start=session is None,
+                                properties=properties)
+    else:
+        client = aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{uuid.uuid4().hex[:10]}",
+                                protocol=aiomqtt.ProtocolVersion.V311)
     async with client:
         p = Probe(client, topics, reply_topic=f"{topics.base}/test-replies/{uuid.uuid4().hex[:8]}")
         await client.subscribe(f"{topics.base}/#", qos=1)
