@@ -89,13 +89,15 @@ class KubernetesConfig:
         """component -> image reference, named as kubeadm names them under a custom repository."""
         tags = self.versions[version]
         repo = self.image_repository
+        # kubeadm keeps CoreDNS under its own sub-path only in the default repository (registry.k8s.io/coredns/coredns).
+        coredns_repo = f"{repo}/coredns" if repo == "registry.k8s.io" else repo
         return {
             "kube-apiserver": f"{repo}/kube-apiserver:{version}",
             "kube-controller-manager": f"{repo}/kube-controller-manager:{version}",
             "kube-scheduler": f"{repo}/kube-scheduler:{version}",
             "kube-proxy": f"{repo}/kube-proxy:{version}",
             "etcd": f"{repo}/etcd:{tags.etcd}",
-            "coredns": f"{repo}/coredns:{tags.coredns}",
+            "coredns": f"{coredns_repo}/coredns:{tags.coredns}",
             "pause": f"{repo}/pause:{tags.pause}",
         }
 
