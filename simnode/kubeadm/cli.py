@@ -25,8 +25,8 @@ from simnode.launch import build_version
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
 VALUE_FLAGS = {"config", "rootfs", "v", "skip-phases", "ignore-preflight-errors", "cert-dir", "output",
-               "kubeconfig", "certificate-key"}
-BOOL_FLAGS = {"force", "yes", "upload-certs", "help", "dry-run", "skip-token-print", "skip-certificate-key-print"}
+               "certificate-key"}
+BOOL_FLAGS = {"force", "yes", "upload-certs", "help", "skip-token-print", "skip-certificate-key-print"}
 SHORT = {"o": "output", "v": "v", "f": "force", "y": "yes", "h": "help"}
 USAGE = """Usage:
   kubeadm init [--config FILE] [--skip-phases a,b] [--ignore-preflight-errors x,y] [--upload-certs]
@@ -121,9 +121,12 @@ def cmd_init(args: Args, root: NodeRoot) -> int:
             raise KubeadmError('"kubeadm init phase" requires a phase name')
         selection = select_single(rest[1], rest[2] if len(rest) > 2 else None)
     cfg = _load(args, root, (build_version(),))
+    if args.values.get("certificate-key"):
+        cfg.init.certificate_key = args.values["certificate-key"]
     if full:
         selection = apply_skips(all_phases(), cfg.init.skip_phases + _split(args.values.get("skip-phases")))
     plan = InitPlan(cfg=cfg, root=root, selection=selection, full_init=full, upload_certs="upload-certs" in args.flags,
+                    print_certificate_key="skip-certificate-key-print" not in args.flags,
                     ignore_preflight={e.lower() for e in _split(args.values.get("ignore-preflight-errors"))})
     if full:
         _out(f"[init] Using Kubernetes version: {cfg.cluster.kubernetes_version}")

@@ -48,13 +48,15 @@ class KubeconfigSpec:
 
 
 def kubeconfig_specs(cfg: Config) -> list[KubeconfigSpec]:
+    """As kubeadm >= 1.30 (ControlPlaneKubeletLocalMode off): admin, super-admin and kubelet reach the API via
+    controlPlaneEndpoint; controller-manager and scheduler via this node's advertise address."""
     public = f"https://{cfg.control_plane_endpoint}"
     local = f"https://{cfg.local_endpoint}"
     node = f"system:node:{cfg.init.node_name}"
     return [
         KubeconfigSpec("admin", "admin.conf", "kubernetes-admin", ("kubeadm:cluster-admins",), public),
         KubeconfigSpec("super-admin", "super-admin.conf", "kubernetes-super-admin", ("system:masters",), public),
-        KubeconfigSpec("kubelet", "kubelet.conf", node, ("system:nodes",), local),
+        KubeconfigSpec("kubelet", "kubelet.conf", node, ("system:nodes",), public),
         KubeconfigSpec("controller-manager", "controller-manager.conf", "system:kube-controller-manager", (), local),
         KubeconfigSpec("scheduler", "scheduler.conf", "system:kube-scheduler", (), local),
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -196,6 +197,16 @@ def scheduler(cfg: Config) -> dict[str, Any]:
                 [("kubeconfig", kubeconfig, "FileOrCreate")])
 
 
+def _metrics_endpoint(extra: list[tuple[str, str]]) -> tuple[str, int]:
+    """Where etcd's probes go: kubeadm's 127.0.0.1:2381, or the first --listen-metrics-urls override."""
+    for name, value in extra:
+        if name == "listen-metrics-urls":
+            url = urlsplit(value.split(",")[0].strip())
+            if url.hostname and url.port:
+                return url.hostname, url.port
+    return "127.0.0.1", 2381
+
+
 def etcd(cfg: Config) -> dict[str, Any]:
     pki, name, c = f"{cfg.cert_dir.rstrip('/')}/etcd", cfg.init.node_name, cfg.cluster
     adv = cfg.init.advertise_address
@@ -221,10 +232,11 @@ def etcd(cfg: Config) -> dict[str, Any]:
         "snapshot-count": "10000",
         "trusted-ca-file": f"{pki}/ca.crt",
     }
+    host, port = _metrics_endpoint(c.etcd_extra_args)
     probes = {
-        "livenessProbe": _probe("127.0.0.1", "/livez", 2381, "HTTP", failures=8),
-        "readinessProbe": {**_probe("127.0.0.1", "/readyz", 2381, "HTTP", failures=3), "periodSeconds": 1},
-        "startupProbe": _probe("127.0.0.1", "/readyz", 2381, "HTTP", failures=24),
+        "livenessProbe": _probe(host, "/livez", port, "HTTP", failures=8),
+        "readinessProbe": {**_probe(host, "/readyz", port, "HTTP", failures=3), "periodSeconds": 1},
+        "startupProbe": _probe(host, "/readyz", port, "HTTP", failures=24),
     }
     probes["readinessProbe"].pop("initialDelaySeconds")
     volumes = [("etcd-data", c.etcd_data_dir, "DirectoryOrCreate"), ("etcd-certs", pki, "DirectoryOrCreate")]

@@ -103,6 +103,7 @@ class InitPlan:
     selection: Selection
     ignore_preflight: set[str] = field(default_factory=set)
     upload_certs: bool = False
+    print_certificate_key: bool = True
     full_init: bool = False
     pki: PkiPlan | None = None
     kubeconfigs: KubeconfigPlan | None = None

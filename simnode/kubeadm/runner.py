@@ -112,7 +112,8 @@ async def _upload_certs(plan: InitPlan, subs: list[str], out: Out) -> None:
         return
     from simnode.kubeadm.uploadcerts import upload_certs
 
-    await _with_client(plan, "upload-certs", lambda client: upload_certs(plan.cfg, plan.root, client, out))
+    await _with_client(plan, "upload-certs", lambda client: upload_certs(
+        plan.cfg, plan.root, client, out, print_key=plan.print_certificate_key))
 
 
 async def _mark(plan: InitPlan, subs: list[str], out: Out) -> None:

@@ -39,7 +39,8 @@ def certificate_key(cfg: Config) -> tuple[bytes, bool]:
     return key, False
 
 
-async def upload_certs(cfg: Config, root: NodeRoot, client: KubeClient, out: Callable[[str], None]) -> None:
+async def upload_certs(cfg: Config, root: NodeRoot, client: KubeClient, out: Callable[[str], None], *,
+                       print_key: bool = True) -> None:
     key, generated = certificate_key(cfg)
     data: dict[str, str] = {}
     for name in SHARED:
@@ -51,6 +52,7 @@ async def upload_certs(cfg: Config, root: NodeRoot, client: KubeClient, out: Cal
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": "kubeadm-certs", "namespace": "kube-system"}, "data": data,
     })
-    if generated:
+    if generated and print_key:
+        # Like kubeadm: the key is needed to join more control-plane nodes and exists nowhere else.
         out(f"[upload-certs] Using certificate key:\n{key.hex()}")
 

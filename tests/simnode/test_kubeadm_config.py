@@ -10,10 +10,12 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kubeadm_support import config_v1beta4, free_port, run_kubeadm, tree_hash
+from test_kubeadm_support import config_v1beta3, config_v1beta4, free_port, run_kubeadm, tree_hash
 
+from simnode.kubeadm.config import Config
 from simnode.kubeadm.configload import load_config
-from simnode.kubeadm.errors import ConfigError
+from simnode.kubeadm.errors import ConfigError, KubeadmError
+from simnode.kubeadm.upgrade import check_target
 from simnode.kubeadm.values import format_duration, parse_duration_s
 
 
@@ -154,3 +156,39 @@ def test_port_flag_and_config_error_exit_codes(tmp_path: Path) -> None:
     result = run_kubeadm(tmp_path / "root", "init", f"--config={cfg}", "--skip-phases=nope")
     assert result.returncode == 1
     assert 'skip-phases: unknown phase "nope"' in result.stderr
+
+
+def _load_text(tmp_path: Path, text: str) -> Config:
+    cfg = tmp_path / "kubeadm.yaml"
+    cfg.write_text(text)
+    return load_config(cfg, allowed_versions=("v1.31.4",), default_version="v1.31.4")
+
+
+def test_taints_default_to_control_plane_and_empty_means_none(tmp_path: Path) -> None:
+    default = _load_text(tmp_path, _good())
+    assert [(t.key, t.effect) for t in default.init.taints] == [("node-role.kubernetes.io/control-plane",
+                                                                  "NoSchedule")]
+    none = _load_text(tmp_path, _replace(_good(), "  criSocket:", "  taints: []\n  criSocket:"))
+    assert none.init.taints == []
+
+
+def test_v1beta3_shapes_are_read(tmp_path: Path) -> None:
+    cfg = _load_text(tmp_path, config_v1beta3(port=16443, healthz_port=20248))
+    assert cfg.init.kubelet_extra_args == [("max-pods", "50")]
+    assert cfg.cluster.apiserver_extra_args == [("audit-log-maxage", "9")]
+    assert cfg.init.control_plane_timeout_s == 1.0
+    assert cfg.cluster.encryption_algorithm == "RSA-2048"
+    assert str(cfg.dns_service_ip) == "10.112.0.10"
+
+
+def test_upgrade_version_skew_rules() -> None:
+    assert check_target("v1.32.1", "v1.32.1", "v1.31.4") == "v1.32.1"
+    assert check_target("1.31.4", "v1.32.1", "v1.31.4") == "v1.31.4"  # same version: allowed, kubeadm re-applies
+    with pytest.raises(KubeadmError, match="is higher than the kubeadm version"):
+        check_target("v1.32.1", "v1.31.4", "v1.31.4")
+    with pytest.raises(KubeadmError, match="not supported"):
+        check_target("v1.31.4", "v1.32.1", "v1.32.1")  # a downgrade
+    with pytest.raises(KubeadmError, match="not a version the simulated node offers"):
+        check_target("v1.33.0", "v1.33.0", "v1.32.1")
+    with pytest.raises(KubeadmError, match=r"is not of the form vX\.Y\.Z"):
+        check_target("latest", "v1.32.1", "v1.31.4")

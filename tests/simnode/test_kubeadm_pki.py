@@ -114,7 +114,7 @@ def test_kubeconfigs_are_issued_from_the_openssl_ca(node: tuple[Path, Path], tmp
     expected = {
         "admin.conf": ("CN = kubernetes-admin", "O = kubeadm:cluster-admins", f"https://{ENDPOINT_IP}:"),
         "super-admin.conf": ("CN = kubernetes-super-admin", "O = system:masters", f"https://{ENDPOINT_IP}:"),
-        "kubelet.conf": ("CN = system:node:node1", "O = system:nodes", "https://127.0.0.1:"),
+        "kubelet.conf": ("CN = system:node:node1", "O = system:nodes", f"https://{ENDPOINT_IP}:"),
         "controller-manager.conf": ("CN = system:kube-controller-manager", "", "https://127.0.0.1:"),
         "scheduler.conf": ("CN = system:kube-scheduler", "", "https://127.0.0.1:"),
     }
