@@ -39,6 +39,15 @@ KUBELET_API_VERSION = "kubelet.config.k8s.io/v1beta1"
 KUBEPROXY_API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 
 
+def kubeadm_images(repo: str, version: str) -> dict[str, str]:
+    """Image references as kubeadm names them: CoreDNS keeps its `coredns/` sub-path only in the default
+    repository (registry.k8s.io/coredns/coredns), a custom repository gets `<repo>/coredns`."""
+    images = component_images(repo, version)
+    if repo == DEFAULT_IMAGE_REPOSITORY:
+        images["coredns"] = images["coredns"].replace(f"{repo}/coredns:", f"{repo}/coredns/coredns:", 1)
+    return images
+
+
 @dataclass(frozen=True)
 class Taint:
     key: str
@@ -147,7 +156,7 @@ class Config:
 
     @property
     def images(self) -> dict[str, str]:
-        return component_images(self.cluster.image_repository, self.cluster.kubernetes_version)
+        return kubeadm_images(self.cluster.image_repository, self.cluster.kubernetes_version)
 
     @property
     def cert_dir(self) -> str:

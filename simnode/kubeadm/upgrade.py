@@ -15,14 +15,14 @@ import yaml
 from simnode.kubeadm import addons
 from simnode.kubeadm.apiclient import apply, client_for, core, namespaced, wait_for
 from simnode.kubeadm.apiphases import config_map
-from simnode.kubeadm.config import Config
+from simnode.kubeadm.config import Config, kubeadm_images
 from simnode.kubeadm.configdoc import cluster_configuration_yaml, read_cluster_configuration
 from simnode.kubeadm.errors import ConfigError, KubeadmError, PhaseError
 from simnode.kubeadm.manifests import CONTROL_PLANE, ETCD, manifest_path, write_manifest
 from simnode.kubeadm.waitcp import wait_api
 from simnode.kubeclient import ApiError, KubeClient
 from simnode.paths import NodeRoot
-from simnode.versions import VERSIONS, component_images
+from simnode.versions import VERSIONS
 
 Out = Callable[[str], None]
 PHASE = "upgrade/apply"
@@ -122,7 +122,7 @@ async def upgrade_apply(root: NodeRoot, target: str, kubeadm_version: str, *, ye
             answer = ask("[upgrade] Are you sure you want to proceed? [y/N]: ")
             if answer.strip().lower() not in ("y", "yes"):
                 raise KubeadmError("won't proceed; the user didn't answer (Y|y) in order to continue")
-        images = component_images(repo, version)
+        images = kubeadm_images(repo, version)
         out(f'[upgrade/apply] Upgrading your Static Pod-hosted control plane to version "{version}" (timeout: 5m0s)...')
         for component in (ETCD, *CONTROL_PLANE):
             await _upgrade_component(root, client, component, pods[component], images[component], out)

@@ -12,7 +12,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from test_kubeadm_support import config_v1beta3, config_v1beta4, free_port, run_kubeadm, tree_hash
 
-from simnode.kubeadm.config import Config
+from simnode.kubeadm.addons import coredns_deployment, coredns_service
+from simnode.kubeadm.config import Config, kubeadm_images
 from simnode.kubeadm.configload import load_config
 from simnode.kubeadm.errors import ConfigError, KubeadmError
 from simnode.kubeadm.upgrade import check_target
@@ -192,3 +193,13 @@ def test_upgrade_version_skew_rules() -> None:
         check_target("v1.33.0", "v1.33.0", "v1.32.1")
     with pytest.raises(KubeadmError, match=r"is not of the form vX\.Y\.Z"):
         check_target("latest", "v1.32.1", "v1.31.4")
+
+
+def test_coredns_image_naming_follows_kubeadm(tmp_path: Path) -> None:
+    assert kubeadm_images("registry.k8s.io", "v1.31.4")["coredns"] == "registry.k8s.io/coredns/coredns:v1.11.3"
+    assert kubeadm_images("127.0.0.1:5000/k8s", "v1.32.1")["coredns"] == "127.0.0.1:5000/k8s/coredns:v1.11.3"
+    cfg = _load_text(tmp_path, _replace(_good(), "imageRepository: 127.0.0.1:5000/k8s\n", ""))
+    deployment = coredns_deployment(cfg)
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.k8s.io/coredns/coredns:v1.11.3"
+    assert coredns_service(cfg)["spec"]["clusterIP"] == "10.96.0.10"
