@@ -28,7 +28,22 @@ _DNS1035_MSG = (
 )
 
 
+def _path_segment_problem(name: str) -> str | None:
+    """RBAC names only need to be usable in a URL path (`system:node`, `kubeadm:cluster-admins`)."""
+    if name in (".", ".."):
+        return f"may not be '{name}'"
+    for bad in ("/", "%"):
+        if bad in name:
+            return f"may not contain '{bad}'"
+    return None
+
+
 def check_name(rt: ResourceType, name: str) -> None:
+    if rt.group == "rbac.authorization.k8s.io" and name:
+        problem = _path_segment_problem(name)
+        if problem:
+            raise invalid(rt, name, [("metadata.name", f'Invalid value: "{name}": {problem}')])
+        return
     if rt.kind == "Namespace":
         ok, limit, msg = _LABEL_RE.match(name), 63, _LABEL_MSG
     elif rt.kind == "Service":

@@ -144,6 +144,13 @@ async def test_create_rules_generate_name_and_dry_run(api: client.ApiClient) -> 
     with pytest.raises(ApiException) as err:
         await v1.create_namespaced_config_map("cr", {"metadata": {"name": "Bad_Name"}})
     assert err.value.status == 422 and json.loads(err.value.body)["reason"] == "Invalid"
+    rbac = client.RbacAuthorizationV1Api(api)
+    role = await rbac.create_cluster_role({"metadata": {"name": "kubeadm:get-nodes"},
+                                           "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]})
+    assert role.metadata.name == "kubeadm:get-nodes"  # RBAC names are path segments, not DNS names
+    with pytest.raises(ApiException) as err:
+        await rbac.create_cluster_role({"metadata": {"name": "a/b"}})
+    assert err.value.status == 422
     dry = await v1.create_namespaced_config_map("cr", {"metadata": {"name": "dry"}}, dry_run="All")
     assert dry.metadata.name == "dry"
     names = [c.metadata.name for c in (await v1.list_namespaced_config_map("cr")).items]
