@@ -105,6 +105,7 @@ class Scheduler:
 
     async def schedule_all(self) -> None:
         nodes = self.nodes.values()
+        self._reported = {k: v for k, v in self._reported.items() if self.pods.get(k) is not None}
         for pod in self.pods.values():
             m, spec = meta(pod), pod.get("spec") or {}
             if spec.get("nodeName") or m.get("deletionTimestamp"):

@@ -181,7 +181,7 @@ class WorkloadControllers:
             "updatedReplicas": updated,
             "readyReplicas": total(everything, "readyReplicas"),
             "availableReplicas": available,
-            "unavailableReplicas": max(total(everything, "replicas") - available, 0),
+            "unavailableReplicas": max(desired - available, 0),
             "conditions": [avail, prog],
         }
         current = dep.get("status") or {}

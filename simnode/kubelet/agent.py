@@ -172,14 +172,18 @@ class Kubelet:
                 await asyncio.sleep(CONNECT_RETRY_S * 5)
                 continue
             try:
-                await self.api_session(client, bootstrap=creds[1])
-            except (ApiError, Reconnect) as exc:
-                log.debug("API session ended: %s", exc)
+                await self.api_session(client, creds[0], bootstrap=creds[1])
+            except Exception as exc:  # the session restarts on anything; only surprises get a traceback
+                expected = (ApiError, Reconnect)
+                if isinstance(exc, expected) or (isinstance(exc, ExceptionGroup) and exc.split(expected)[1] is None):
+                    log.info("API session ended (%s); reconnecting", _describe(exc))
+                else:
+                    log.exception("API session failed; reconnecting")
             finally:
                 await client.close()
             await asyncio.sleep(CONNECT_RETRY_S)
 
-    async def api_session(self, client: KubeClient, *, bootstrap: bool) -> None:
+    async def api_session(self, client: KubeClient, source: Path, *, bootstrap: bool) -> None:
         agent = NodeAgent(client, self.node_name(client), self.node_ip, self.runtime_version)
         logged = False
         while True:
@@ -194,28 +198,29 @@ class Kubelet:
             if bootstrap and self.credentials() != (self.s.bootstrap_kubeconfig, True):
                 raise Reconnect("kubeconfig appeared")
             await asyncio.sleep(CONNECT_RETRY_S)
+        log.info("node %s registered at %s using %s", agent.name, client.server, self.root.real(source))
         sync = PodSync(self.root, client, agent, self.static, self.docker, config_pod_cidr=self.s.config.pod_cidr)
         async with asyncio.TaskGroup() as group:
             group.create_task(sync.pods.run(), name="kubelet pod informer")
-            group.create_task(self.heartbeat_loop(agent, bootstrap), name="kubelet heartbeat")
-            group.create_task(self.sync_loop(sync), name="kubelet pod sync")
+            group.create_task(self.heartbeat_loop(agent), name="kubelet heartbeat")
+            group.create_task(self.sync_loop(sync, bootstrap), name="kubelet pod sync")
 
-    async def heartbeat_loop(self, agent: NodeAgent, bootstrap: bool) -> None:
+    async def heartbeat_loop(self, agent: NodeAgent) -> None:
         while True:
             try:
                 await agent.renew_lease()
             except ApiError as exc:
                 log.warning("lease renewal for node %s failed: %s", agent.name, exc)
             await asyncio.sleep(HEARTBEAT_S)
-            if bootstrap and self.credentials() != (self.s.bootstrap_kubeconfig, True):
-                raise Reconnect("kubeconfig appeared")
             try:
                 await agent.heartbeat()
             except ApiError as exc:
                 log.warning("node status update for %s failed: %s", agent.name, exc)
 
-    async def sync_loop(self, sync: PodSync) -> None:
+    async def sync_loop(self, sync: PodSync, bootstrap: bool) -> None:
         while True:
+            if bootstrap and self.credentials() != (self.s.bootstrap_kubeconfig, True):
+                raise Reconnect(f"{self.s.kubeconfig} appeared")
             await sync.sync(self.faults)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sync.pods.changed.wait(), SYNC_PERIOD_S)
@@ -226,3 +231,8 @@ async def _ok() -> web.Response:
     return web.Response(text="ok")
 
 
+def _describe(exc: BaseException) -> str:
+    """The messages of an exception or of every exception inside a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__

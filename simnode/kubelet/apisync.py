@@ -113,6 +113,11 @@ class PodSync:
             if uid not in live:
                 del self.api_pods[uid]
                 changed = True
+        # Forget what was sent to pods that are gone, so the bookkeeping does not grow without bound.
+        for key in [k for k in self._sent if self.pods.get(k) is None]:
+            del self._sent[key]
+        stale_before = time.monotonic() - 60 * RETRY_WRITE_S
+        self._last_write = {k: t for k, t in self._last_write.items() if t > stale_before}
         if changed or self._dirty:
             self._save()
 

@@ -215,3 +215,24 @@ def test_bad_kubeconfigs(tmp_path: Path) -> None:
     kc2 = write_kubeconfig(tmp_path / "k2.conf", "https://127.0.0.1:1", pki, key, cert)  # swapped
     with pytest.raises(KubeconfigError, match="do not load"):
         KubeClient.from_kubeconfig(kc2)
+
+
+async def test_combined_pem_like_kubelet_finalize(server: tuple[FakeApi, Pki, str], tmp_path: Path) -> None:
+    """kubeadm's kubelet-finalize points client-certificate and client-key at one pem holding both."""
+    api, pki, url = server
+    root = NodeRoot(tmp_path / "node")
+    cert, key = pki.issue("system:node:n1", orgs=("system:nodes",))
+    pem = root.path("/var/lib/kubelet/pki/kubelet-client-current.pem")
+    pem.parent.mkdir(parents=True)
+    pem.write_bytes(cert + key)
+    kc = write_kubeconfig(root.path("/etc/kubernetes/kubelet.conf"), url, pki, cert, key)
+    text = kc.read_text().split("users:")[0] + (
+        "users:\n- name: admin\n  user:\n"
+        "    client-certificate: /var/lib/kubelet/pki/kubelet-client-current.pem\n"
+        "    client-key: /var/lib/kubelet/pki/kubelet-client-current.pem\n"
+    )
+    kc.write_text(text)
+    async with KubeClient.from_kubeconfig(Path("/etc/kubernetes/kubelet.conf"), root=root) as client:
+        with pytest.raises(ApiError):
+            await client.get(f"{CM}/none")
+    assert api.seen[-1]["cn"] == "system:node:n1"

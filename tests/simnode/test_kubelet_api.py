@@ -162,3 +162,21 @@ def test_kubelet_restart_adopts_the_apiserver(cluster: Cluster) -> None:
     assert cluster.get("node", "node1")["metadata"]["uid"] == node_uid
     state = json.loads((cluster.root / "var/lib/kubelet/simnode/state.json").read_text())
     assert state["node"] == {"name": "node1", "uid": node_uid}
+
+
+def test_bootstrap_kubeconfig_until_kubeconfig_exists(cluster: Cluster) -> None:
+    """Without kubelet.conf the kubelet uses --bootstrap-kubeconfig, and switches once kubelet.conf appears."""
+    assert cluster.stop_kubelet() == 0
+    kubeconfig = cluster.root / "etc/kubernetes/kubelet.conf"
+    bootstrap = cluster.root / "etc/kubernetes/bootstrap-kubelet.conf"
+    kubeconfig.rename(bootstrap)
+    start = len(cluster.kubelet_log.read_text())
+    cluster.start_kubelet()
+    try:
+        wait_for(lambda: "using /etc/kubernetes/bootstrap-kubelet.conf" in cluster.kubelet_log.read_text()[start:],
+                 timeout_s=15, what="session with the bootstrap kubeconfig")
+    finally:
+        bootstrap.rename(kubeconfig)
+    wait_for(lambda: "using /etc/kubernetes/kubelet.conf" in cluster.kubelet_log.read_text()[start:],
+             timeout_s=15, what="session with kubelet.conf")
+    cluster.wait_pod("kube-apiserver-node1", pod_is_ready, what="apiserver mirror Ready")
