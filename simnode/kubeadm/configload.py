@@ -122,6 +122,8 @@ def load_config(
             text = path.read_text()
         except OSError as exc:
             raise ConfigError([f'unable to read config from "{path}" : {exc.strerror or exc}']) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f'unable to read config from "{path}" : not UTF-8 text ({exc.reason})']) from exc
         docs = parse_documents(text, source)
     errors: list[str] = []
     warnings: list[str] = []

@@ -90,8 +90,12 @@ async def _kubelet_start(plan: InitPlan, subs: list[str], out: Out) -> None:
 
 async def _wait(plan: InitPlan, subs: list[str], out: Out) -> None:
     from simnode.kubeadm.waitcp import wait_control_plane
+    from simnode.kubeclient import ApiError
 
-    await wait_control_plane(plan.cfg, plan.root, out)
+    try:
+        await wait_control_plane(plan.cfg, plan.root, out)
+    except ApiError as exc:  # admin.conf unusable as a client
+        raise PhaseError("wait-control-plane", str(exc)) from exc
 
 
 async def _upload_config(plan: InitPlan, subs: list[str], out: Out) -> None:

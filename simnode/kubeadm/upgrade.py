@@ -149,10 +149,12 @@ async def _upgrade_component(root: NodeRoot, client: KubeClient, component: str,
     out("[upgrade/staticpods] Waiting for the kubelet to restart the component")
     out("[upgrade/staticpods] This can take up to 5m0s")
     try:
-        if component == "kube-apiserver":
-            await wait_api(root, COMPONENT_TIMEOUT_S, out, phase=PHASE)
+        # The mirror pod shows the new image and Ready only once the kubelet runs the new manifest (the old
+        # API server may still answer until then); API errors while it restarts are retried.
         await wait_for(f"{component} to run {image}", COMPONENT_TIMEOUT_S,
                        lambda: _component_ready(client, component, image), interval_s=0.5)
+        if component == "kube-apiserver":
+            await wait_api(root, COMPONENT_TIMEOUT_S, out, phase=PHASE)
     except TimeoutError as exc:
         raise PhaseError(PHASE, f"couldn't upgrade control plane: {component}: {exc}") from exc
     out(f'[upgrade/staticpods] Component "{component}" upgraded successfully!')
