@@ -62,6 +62,7 @@ class ContainerSim:
     last_terminated: dict[str, Any] | None = None
     probe_ok: bool = False
     probe_next: float = 0.0
+    probed: bool = False  # set for containers that run a real process: only they can answer probes
 
     PERSISTED = ("image_id", "created_at", "pid", "restart_count", "crash_streak", "backoff_until",
                  "last_terminated")
@@ -247,9 +248,10 @@ def container_status(pod: PodSim, c: ContainerSim, now: float, faults: Faults) -
 
 
 def readiness_probe(c: ContainerSim) -> dict[str, Any] | None:
-    """The container's httpGet readiness probe, if it has one and a process that can answer it."""
+    """The container's httpGet readiness probe, if it has one and a process that can answer it
+    (simulated containers without a process, such as coredns, are ready after the delays)."""
     probe = c.spec.get("readinessProbe")
-    if not c.command or not isinstance(probe, dict) or not isinstance(probe.get("httpGet"), dict):
+    if not c.probed or not isinstance(probe, dict) or not isinstance(probe.get("httpGet"), dict):
         return None
     return probe
 

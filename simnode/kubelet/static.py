@@ -250,6 +250,8 @@ class StaticPods:
             host_network=bool(spec.get("hostNetwork")),
             qos_class=qos_class(spec["containers"]),
         )
+        for c in sim.containers:
+            c.probed = self.runner.runs_process(c)
         record = self.records.get(key)
         if record is None or record.get("manifest_hash") != digest:
             return sim

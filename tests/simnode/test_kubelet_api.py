@@ -104,7 +104,12 @@ def test_deleted_mirror_pod_is_recreated(cluster: Cluster) -> None:
 
 
 def test_api_pods_bound_to_the_node(cluster: Cluster) -> None:
-    cluster.apply(pod_body("web", cluster.images["app"]))
+    # A readiness probe on a container without a process (like coredns' :8181/ready) cannot be answered:
+    # such containers are Ready after the delays.
+    probe = {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 1}
+    web_body = pod_body("web", cluster.images["app"])
+    web_body["spec"]["containers"][0].update(args=["-conf", "/etc/coredns/Corefile"], readinessProbe=probe)
+    cluster.apply(web_body)
     missing = cluster.images["app"].replace("/app:", "/missing:")
     cluster.apply(pod_body("broken", missing))
     try:
@@ -180,3 +185,15 @@ def test_bootstrap_kubeconfig_until_kubeconfig_exists(cluster: Cluster) -> None:
     wait_for(lambda: "using /etc/kubernetes/kubelet.conf" in cluster.kubelet_log.read_text()[start:],
              timeout_s=15, what="session with kubelet.conf")
     cluster.wait_pod("kube-apiserver-node1", pod_is_ready, what="apiserver mirror Ready")
+
+
+def test_apiserver_readiness_probe(cluster: Cluster) -> None:
+    """The kubelet probes the apiserver's /readyz as the manifest says: never-ready -> mirror pod not Ready."""
+    cluster.set_faults({**FAST_FAULTS, "apiserver_never_ready": True})
+    try:
+        pod = cluster.wait_pod("kube-apiserver-node1", lambda p: not pod_is_ready(p), what="apiserver unready")
+        assert pod["status"]["phase"] == "Running"
+        assert pod["status"]["containerStatuses"][0]["started"]
+    finally:
+        cluster.set_faults(FAST_FAULTS)
+    cluster.wait_pod("kube-apiserver-node1", pod_is_ready, what="apiserver Ready again")
