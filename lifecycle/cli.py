@@ -125,12 +125,12 @@ def _text(payload: Any) -> str:
 
 
 @asynccontextmanager
-async def connect(target: Target, *, events: bool) -> AsyncIterator[ServiceClient]:
+async def connect(target: Target, *, events: bool, timeout_s: float) -> AsyncIterator[ServiceClient]:
     password = target.mqtt.password_file.read_text().strip() if target.mqtt.password_file else target.mqtt.password
     async with aiomqtt.Client(
         target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-cli-{uuid.uuid4().hex[:12]}",
         username=target.mqtt.username, password=password, protocol=aiomqtt.ProtocolVersion.V5,
-        tls_context=tls_context(target.mqtt), keepalive=target.mqtt.keepalive_s,
+        tls_context=tls_context(target.mqtt), keepalive=target.mqtt.keepalive_s, timeout=timeout_s,
     ) as raw:
         client = ServiceClient(raw, target)
         await raw.subscribe(client.reply_topic, qos=1)
@@ -146,7 +146,7 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
     if getattr(args, "kubernetes_version", None):
         body["kubernetes_version"] = args.kubernetes_version
     watch = bool(getattr(args, "watch", False))
-    async with connect(target, events=watch) as client:
+    async with connect(target, events=watch, timeout_s=args.timeout) as client:
         correlation = await client.send(body, timeout_s=args.timeout)
         reply = await _await_reply(client, correlation, timeout_s=args.timeout)
         if reply is None:
@@ -209,8 +209,8 @@ async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, t
                 return EXIT_FAILED
 
 
-async def watch(target: Target, out: Renderer) -> int:
-    async with connect(target, events=True) as client:
+async def watch(target: Target, out: Renderer, *, timeout_s: float) -> int:
+    async with connect(target, events=True, timeout_s=timeout_s) as client:
         while True:
             message = await client.next_message()
             if message.topic.matches(client.topics.events):
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     out = Renderer(json_output=args.output == "json", stream=sys.stdout)
     try:
         if args.command == "watch":
-            return asyncio.run(watch(target, out))
+            return asyncio.run(watch(target, out, timeout_s=args.timeout))
         return asyncio.run(request(args, target, out))
     except KeyboardInterrupt:
         return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED

@@ -186,7 +186,7 @@ def make_config(root: Path, *, node: str = "unit", **policies: StepPolicy) -> Co
 
 def write_config(
     path: Path, *, root: Path, node: str, prefix: str, broker: str, keepalive_s: int = 2,
-    timeout_s: float = 5.0, retries: int = 0, extra: str = "",
+    timeout_s: float = 5.0, retries: int = 0, extra: str = "", mqtt_extra: str = "",
 ) -> Path:
     steps = "\n".join(
         f"[steps.{name}]\ntimeout_s = {timeout_s}\nretries = {retries}\nretry_delay_s = 0.0\n" for name in STEP_NAMES
@@ -203,6 +203,7 @@ prefix = "{prefix}"
 keepalive_s = {keepalive_s}
 reconnect_min_s = 0.1
 reconnect_max_s = 0.5
+{mqtt_extra}
 
 [kubernetes]
 version = "v1.31.4"

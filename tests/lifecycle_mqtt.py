@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from conftest import free_port
 from lifecycle_fakes import fake_plan, fake_reset, make_config, null_ports
 from paho.mqtt.packettypes import PacketTypes
 
@@ -135,7 +139,8 @@ class Probe:
 
 @asynccontextmanager
 async def probe(
-    topics: Topics, *, port: int = 1883, v5: bool = True, session: str | None = None
+    topics: Topics, *, port: int = 1883, v5: bool = True, session: str | None = None,
+    username: str | None = None, password: str | None = None,
 ) -> AsyncIterator[Probe]:
     """A recording client; with `session`, a persistent MQTT 5 session that the broker queues messages for."""
     properties = None
@@ -145,12 +150,12 @@ async def probe(
     if v5:
         client = aiomqtt.Client("127.0.0.1", port, identifier=session or f"probe-{uuid.uuid4().hex[:10]}",
                                 protocol=aiomqtt.ProtocolVersion.V5, clean_start=session is None,
-                                properties=properties)
+                                properties=properties, username=username, password=password)
     else:
         client = aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{uuid.uuid4().hex[:10]}",
                                 protocol=aiomqtt.ProtocolVersion.V311)
     async with client:
-        p = Probe(client, topics, reply_topic=f"{topics.base}/test-replies/{uuid.uuid4().hex[:8]}")
+        p = Probe(client, topics, reply_topic=f"{topics.base}/replies/test-{uuid.uuid4().hex[:8]}")
         await client.subscribe(f"{topics.base}/#", qos=1)
         recorder = asyncio.create_task(p._record(), name="probe-recorder")
         try:
@@ -197,3 +202,46 @@ def start_service_process(config_path: Path, *, root: Path, node: str, log_path:
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )
     return ServiceProcess(proc, log_path)
+
+
+class PrivateBroker:
+    """A Mosquitto of the test's own on a free port, to stop and restart or to configure (auth, TLS).
+
+    `conf(port, workdir)` returns the config text; runs as root (`user root`) so it can write in the tmp dir.
+    """
+
+    def __init__(self, workdir: Path, conf: Callable[[int, Path], str]) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.conf_path = workdir / "mosquitto.conf"
+        self.conf_path.write_text(conf(self.port, workdir) + f"\nuser root\nlog_dest file {workdir / 'broker.log'}\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def anonymous(port: int, workdir: Path) -> str:
+        """Anonymous, with persistence: sessions and what is queued for them survive a restart."""
+        (workdir / "data").mkdir(exist_ok=True)
+        return (f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                f"persistence_location {workdir / 'data'}/")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.conf_path)])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                time.sleep(0.05)
+            else:
+                return
+        raise AssertionError(f"private mosquitto did not listen on {self.port}: {self.log()}")
+
+    def log(self) -> str:
+        path = self.workdir / "broker.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: mosquitto saves its persistence file on the way out
+            self.proc.wait(timeout=5)
+            self.proc = None

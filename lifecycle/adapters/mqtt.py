@@ -86,6 +86,9 @@ class MqttBridge:
             keepalive=self._config.keepalive_s,
             will=aiomqtt.Will(self._topics.availability, b"offline", qos=1, retain=True),
             tls_context=tls_context(self._config),
+            # How long a connect (or an acknowledgement) may take: a broker that accepts TCP but never answers
+            # (a TLS refusal arrives as a closed socket) must not hold the reconnect loop for aiomqtt's 10 s.
+            timeout=float(max(self._config.keepalive_s, 5)),
         )
 
     async def __aenter__(self) -> MqttBridge:

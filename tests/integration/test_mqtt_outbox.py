@@ -1,58 +1,24 @@
 """Events produced while the broker is away are kept and delivered after it comes back, in order, without gaps;
 the service reconnects on its own. Uses a private Mosquitto (free port, persistence on) stopped and restarted."""
 
+
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from lifecycle_fakes import eventually, steer
-from lifecycle_mqtt import probe, service_config, service_in_process, unique_prefix
+from lifecycle_mqtt import PrivateBroker, probe, service_config, service_in_process, unique_prefix
 
 from lifecycle.config import STEP_NAMES
 
 
-class PrivateBroker:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        (workdir / "data").mkdir()
-        # Persistence on: the test subscriber's session (and what is queued for it) survives the restart.
-        # `user root`: run as root, mosquitto would otherwise switch to its own user, who cannot write here.
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n"
-                             f"persistence_location {workdir / 'data'}/\nlog_dest file {workdir / 'broker.log'}\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([mosquitto, "-c", str(self.conf)])
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            except OSError:
-                time.sleep(0.05)
-            else:
-                return
-        raise AssertionError(f"private mosquitto did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()  # SIGTERM: mosquitto saves its persistence file on the way out
-            self.proc.wait(timeout=5)
-            self.proc = None
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
-    b = PrivateBroker(tmp_path)
+    b = PrivateBroker(tmp_path, PrivateBroker.anonymous)
     b.start()
     yield b
     b.stop()

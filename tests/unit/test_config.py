@@ -1,0 +1,95 @@
+"""The shipped config files load, name what they must, and a bad file is refused with its key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lifecycle.config import STEP_NAMES, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_simnode_config_targets_the_local_services() -> None:
+    config = load_config(REPO / "simnode" / "lifecycle.toml")
+    k8s = config.kubernetes
+    assert config.node_name == "simnode" and config.mqtt.broker == "mqtt://127.0.0.1:1883"
+    assert sorted(k8s.versions) == ["v1.31.4", "v1.32.1"]
+    assert k8s.images_for("v1.31.4")["etcd"] == "127.0.0.1:5000/etcd:3.5.15-0"
+    assert k8s.images_for("v1.32.1")["etcd"] == "127.0.0.1:5000/etcd:3.5.16-0"
+    assert k8s.images_for("v1.32.1")["coredns"] == "127.0.0.1:5000/coredns:v1.11.3"
+    assert k8s.binaries_image_for("v1.32.1") == "127.0.0.1:5000/kube-binaries:v1.32.1"
+    assert set(k8s.addon_images) == {"127.0.0.1:5000/storage-provisioner:v1.0.0",
+                                     "127.0.0.1:5000/lb-forwarder:v1.0.0"}
+    assert (k8s.api_port, k8s.kubelet_healthz_port, k8s.node_ip, k8s.endpoint_name) == (0, 0, "127.0.0.1", "localhost")
+    assert k8s.cri_socket == config.docker.host == "unix:///tmp/lifecycle-services/docker/docker.sock"
+    assert config.addons.manifests_dir == REPO / "deploy" / "addons"
+    assert all(config.steps[name].timeout_s <= 600 for name in STEP_NAMES)
+
+
+def test_two_nodes_from_one_file_differ_in_root_and_name() -> None:
+    base = load_config(REPO / "simnode" / "lifecycle.toml")
+    a = base.with_overrides(root=Path("/tmp/a"), node_name="node-a")
+    b = base.with_overrides(root=Path("/tmp/b"), node_name="node-b", broker="mqtt://127.0.0.1:1884")
+    assert (a.root, a.node_name, b.root, b.node_name) == (Path("/tmp/a"), "node-a", Path("/tmp/b"), "node-b")
+    assert b.mqtt.port == 1884 and a.mqtt.port == 1883
+
+
+def test_deploy_config_is_a_real_vm() -> None:
+    config = load_config(REPO / "deploy" / "lifecycle.toml")
+    k8s = config.kubernetes
+    assert config.root == Path("/") and config.docker.host == "unix:///var/run/docker.sock"
+    assert k8s.cri_socket == "unix:///var/run/cri-dockerd.sock"
+    assert (k8s.api_port, k8s.kubelet_healthz_port) == (6443, 10248)
+    assert k8s.endpoint_name == "kubernetes.docker.internal"
+    assert (k8s.cluster_name, k8s.user_name, k8s.context_name) == ("docker-desktop",) * 3
+    assert k8s.images_for("v1.31.4") == {
+        "kube-apiserver": "registry.k8s.io/kube-apiserver:v1.31.4",
+        "kube-controller-manager": "registry.k8s.io/kube-controller-manager:v1.31.4",
+        "kube-scheduler": "registry.k8s.io/kube-scheduler:v1.31.4",
+        "kube-proxy": "registry.k8s.io/kube-proxy:v1.31.4",
+        "etcd": "registry.k8s.io/etcd:3.5.15-0",
+        "coredns": "registry.k8s.io/coredns/coredns:v1.11.3",
+        "pause": "registry.k8s.io/pause:3.10",
+    }
+    assert k8s.images_for("v1.32.1")["etcd"] == "registry.k8s.io/etcd:3.5.16-0"
+
+
+def test_every_key_of_the_deploy_config_is_commented() -> None:
+    lines = (REPO / "deploy" / "lifecycle.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            commented = "#" in line or lines[i - 1].lstrip().startswith("#")
+            assert commented, f"line {i + 1} has no comment: {line}"
+
+
+@pytest.mark.parametrize(
+    ("snippet", "key"),
+    [
+        ('[mqtt]\nbroker = "http://x"', "mqtt.broker"),
+        ('[mqtt]\nprefix = "a/#"', "mqtt.prefix"),
+        ("[mqtt]\nkeepalive_s = 0", "mqtt.keepalive_s"),
+        ('[kubernetes]\nversion = "v9.9.9"', "kubernetes.version"),
+        ("[kubernetes]\napi_port = 70000", "kubernetes.api_port"),
+        ("[steps.images]\ntimeout_s = -1", "steps.images.timeout_s"),
+        ("[steps.upgrade]\ntimeout_s = 1", "steps.upgrade"),
+        ("[node]\nname = \"Bad_Name\"", "node.name"),
+        ("[mqtt]\nbrokr = \"mqtt://x\"", "mqtt.brokr"),
+    ],
+)
+def test_a_bad_value_names_its_key(tmp_path: Path, snippet: str, key: str) -> None:
+    versions = '[kubernetes.versions."v1.31.4"]\netcd = "3.5.15-0"\ncoredns = "v1.11.3"\npause = "3.10"\n'
+    path = tmp_path / "bad.toml"
+    path.write_text(f"{snippet}\n{versions}")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{key}:")
+
+
+def test_missing_or_broken_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+    (tmp_path / "broken.toml").write_text("[node\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
