@@ -20,6 +20,7 @@ from simnode.kubeadm.x509util import (
     cert_pem,
     check_is_ca,
     check_key_matches,
+    check_public_matches,
     check_sans,
     check_signed_by,
     check_validity,
@@ -243,8 +244,9 @@ class _Planner:
         if isinstance(key, str):
             self.problems.append(key)
             return
-        if self.root.path(pub_shown).read_bytes().strip() != public_pem(key).strip():
-            self.problems.append(f"{pub_shown}: public key does not match {key_shown}")
+        problem = check_public_matches(self.root.path(pub_shown).read_bytes(), key, pub_shown, key_shown)
+        if problem:
+            self.problems.append(problem)
             return
         self.plan.sa_key = key
         self.plan.messages["sa"] = ['[certs] Using the existing "sa" key']

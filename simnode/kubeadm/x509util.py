@@ -182,6 +182,18 @@ def check_key_matches(cert: x509.Certificate, key: PrivateKey, key_shown: str) -
     return None
 
 
+def check_public_matches(pub_pem: bytes, key: PrivateKey, pub_shown: str, key_shown: str) -> str | None:
+    """sa.pub against sa.key, whatever PEM flavour (PKIX "PUBLIC KEY" or PKCS#1 "RSA PUBLIC KEY") it uses."""
+    try:
+        pub = serialization.load_pem_public_key(pub_pem)
+    except (ValueError, TypeError):
+        return f"{pub_shown}: not a readable PEM public key"
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if pub.public_bytes(*fmt) != key.public_key().public_bytes(*fmt):
+        return f"{pub_shown}: public key does not match {key_shown}"
+    return None
+
+
 def check_is_ca(cert: x509.Certificate, shown: str) -> str | None:
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value

@@ -178,12 +178,19 @@ def _wrong_server(pki: Path) -> None:
     cfg.unlink()
 
 
+def _sa_mismatch(pki: Path) -> None:
+    ec_key(pki / "other-sa.key")
+    openssl_out("pkey", "-in", str(pki / "other-sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+    (pki / "other-sa.key").unlink()
+
+
 BROKEN: list[tuple[str, Callable[[Path], None], list[str]]] = [
     ("external-ca-leaf-missing", _external_ca, ["external CA mode", "apiserver.crt: file does not exist"]),
     ("expired", _expired, ["/etc/kubernetes/pki/apiserver.crt: certificate has expired (not after"]),
     ("sans", _sans_miss_endpoint, [f'/etc/kubernetes/pki/apiserver.crt: SANs do not cover "{ENDPOINT_IP}"']),
     ("key-mismatch", _key_mismatch, ["/etc/kubernetes/pki/apiserver.key: private key does not match certificate"]),
     ("other-ca", _other_ca, ["apiserver.crt: certificate is not signed by the CA in /etc/kubernetes/pki/ca.crt"]),
+    ("sa-mismatch", _sa_mismatch, ["/etc/kubernetes/pki/sa.pub: public key does not match /etc/kubernetes/pki/sa.key"]),
     ("not-pem", _not_a_cert, ["front-proxy-client.crt: not a readable PEM certificate"]),
     ("kubeconfig-server", _wrong_server,
      ['a kubeconfig file "/etc/kubernetes/admin.conf" exists already but has got the wrong API Server URL']),
@@ -247,3 +254,18 @@ def test_rsa_encryption_algorithm_and_validity_period(tmp_path: Path) -> None:
     assert "will not expire" in end
     with pytest.raises(subprocess.CalledProcessError):
         openssl_out("x509", "-in", str(pki_dir(root) / "apiserver.crt"), "-noout", "-checkend", str(49 * 3600))
+
+
+def test_rsa_sa_key_with_pkcs1_public_key_is_reused(node: tuple[Path, Path], copy_pki: Callable[[Path, str], None]
+                                                   ) -> None:
+    root, cfg = node
+    pki = pki_dir(root)
+    copy_pki(pki, "full")
+    openssl_out("genrsa", "-out", str(pki / "sa.key"), "2048")
+    openssl_out("rsa", "-in", str(pki / "sa.key"), "-RSAPublicKey_out", "-out", str(pki / "sa.pub"))
+    assert (pki / "sa.pub").read_text().startswith("-----BEGIN RSA PUBLIC KEY-----")
+    before = tree_hash(pki)
+    result = run_kubeadm(root, "init", "phase", "certs", "sa", f"--config={cfg}")
+    assert result.returncode == 0, result.stderr
+    assert '[certs] Using the existing "sa" key' in result.stdout
+    assert tree_hash(pki) == before
