@@ -5,7 +5,9 @@ Endpoints, ServiceAccounts, taints and unschedulable pods."""
 from __future__ import annotations
 
 import re
+import signal
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_kubelet_support import (
     CONTROL_PLANE_IMAGES,
     Cluster,
+    Pki,
+    free_port,
+    kill_group,
     pod_is_ready,
     running_cluster,
     scratch_images,
+    start_tool,
     wait_for,
     waiting_reason,
+    write_kubeconfig,
 )
 
 
@@ -171,3 +178,33 @@ def test_scheduler_respects_taints(cluster: Cluster) -> None:
     pod = cluster.wait_pod("waiter", pod_is_ready, namespace="default", what="scheduled once the taint is gone")
     assert pod["spec"]["nodeName"] == "node1"
     cluster.kubectl("delete", "pod", "waiter", "--wait=false")
+
+
+@pytest.mark.parametrize("tool", ["kube-controller-manager", "kube-scheduler", "etcd"])
+def test_components_exit_0_on_sigterm(tmp_path: Path, tool: str) -> None:
+    """Without an API server they keep retrying; SIGTERM ends them cleanly. Bad flags exit 1."""
+    pki = Pki.create()
+    cert, key = pki.issue("system:kube-scheduler")
+    conf = write_kubeconfig(tmp_path / "etc/kubernetes/c.conf", f"https://127.0.0.1:{free_port()}", pki, cert, key)
+    metrics = free_port()
+    args = {"etcd": ["--data-dir=/var/lib/etcd", f"--listen-metrics-urls=http://127.0.0.1:{metrics}"]}.get(
+        tool, ["--kubeconfig=/etc/kubernetes/c.conf", "--leader-elect=true", "--bind-address=127.0.0.1", "--v=4"])
+    assert conf.exists()
+    proc = start_tool(tool, args, tmp_path, tmp_path / "out.log")
+    try:
+        if tool == "etcd":
+            wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics}/readyz", timeout=1).read() == b"ok",
+                     timeout_s=15, what="etcd /readyz")
+            assert (tmp_path / "var/lib/etcd/member").is_dir()
+        else:
+            # With --v=4 the informers log each failed list: proof the loop runs and retries.
+            wait_for(lambda: "relisting" in (tmp_path / "out.log").read_text(), timeout_s=15,
+                     what=f"{tool} retrying")
+        assert proc.poll() is None, (tmp_path / "out.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        kill_group(proc)
+    bad = start_tool(tool, ["stray-argument"], tmp_path, tmp_path / "bad.log")
+    assert bad.wait(timeout=30) == 1
+    assert "unexpected argument 'stray-argument'" in (tmp_path / "bad.log").read_text()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +142,9 @@ def test_unreachable_runtime_exits_1(tmp_path: Path) -> None:
 def test_healthz_and_sigterm(tmp_path: Path) -> None:
     port = free_port()
     write_config(tmp_path, healthzPort=port, healthzBindAddress="127.0.0.1")
+    (tmp_path / "etc/simnode").mkdir(parents=True)
+    (tmp_path / "etc/simnode/faults.json").write_text(json.dumps({"delays_s": {"kubelet_start": 2.0}}))
+    started = time.monotonic()
     # Real-kubelet flags in both forms, including ones that are accepted and ignored.
     proc = kubelet(tmp_path, "--node-ip", "10.1.2.3", "--hostname-override=n1", "--fail-swap-on=false",
                    "--cgroup-driver", "systemd", "--pod-infra-container-image=x/pause:3.10", "--v=2")
@@ -148,6 +152,7 @@ def test_healthz_and_sigterm(tmp_path: Path) -> None:
         body = wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read(),
                         timeout_s=15, what="/healthz")
         assert body == b"ok"
+        assert time.monotonic() - started >= 2.0, "/healthz answered before the kubelet_start delay"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
     finally:
