@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from lifecycle_fakes import fake_plan, fake_reset, make_config, null_ports, steer
+from referencing import Registry, Resource
 
+from lifecycle.bus import Bus
+from lifecycle.config import StepPolicy
+from lifecycle.engine import Engine
+from lifecycle.paths import HostPaths
 from lifecycle.protocol import (
     MAX_PAYLOAD_BYTES,
     Action,
@@ -14,11 +23,13 @@ from lifecycle.protocol import (
     Event,
     EventType,
     Reply,
+    Request,
     Status,
     Topics,
     iso_time,
     parse_request,
 )
+from lifecycle.service import RequestHandler, state_file
 
 
 def test_a_full_install_request_parses() -> None:
@@ -90,3 +101,78 @@ def test_wire_shapes() -> None:
     assert reply.to_json() == {"id": None, "ok": False, "state": "idle",
                                "error": {"code": "malformed_json", "message": "bad"}}
     assert iso_time(1_700_000_000.25) == "2023-11-14T22:13:20.250Z"
+
+
+# ---- the documented JSON Schemas (docs/schemas) against what the code produces and accepts -------------------
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
+
+
+def _validators() -> dict[str, Draft202012Validator]:
+    schemas = {p.name.split(".")[0]: json.loads(p.read_text()) for p in SCHEMAS.glob("*.schema.json")}
+    registry: Registry[Any] = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema)) for schema in schemas.values()
+    )
+    return {name: Draft202012Validator(schema, registry=registry, format_checker=Draft202012Validator.FORMAT_CHECKER)
+            for name, schema in schemas.items()}
+
+
+async def test_every_message_the_service_produces_matches_the_documented_schemas(tmp_path: Path) -> None:
+    v = _validators()
+    assert set(v) == {"request", "reply", "status", "event"}
+    bus = Bus()
+    sub = bus.subscribe("schemas")
+    config = make_config(tmp_path, images=StepPolicy(timeout_s=5, retries=1, retry_delay_s=0))
+    engine = Engine(config=config, paths=HostPaths(tmp_path), ports=null_ports(), plan=fake_plan(), reset=fake_reset,
+                    store=state_file(HostPaths(tmp_path)), bus=bus)
+    handler = RequestHandler(engine)
+    steer(tmp_path, "images", fail="temporary", fail_times=1, progress=2)
+    steer(tmp_path, "kubeadm", fail="command")
+    replies = [await handler.handle(Request(id="r1", action=Action.INSTALL, kubernetes_version="v1.32.1"))]
+    await engine.wait_job()
+    steer(tmp_path, "kubeadm")
+    replies.append(await handler.handle(Request(id="r2", action=Action.INSTALL)))
+    await engine.wait_job()
+    for action in (Action.STATUS, Action.CANCEL, Action.INSTALL, Action.RESET):
+        replies.append(await handler.handle(Request(id=f"x-{action}", action=action, kubernetes_version=None)))
+    replies.append(await handler.handle(Request(id="bad", action=Action.INSTALL, kubernetes_version="v1.99.1")))
+    replies.append(Reply(id=None, ok=False, state="idle", error=("malformed_json", "not JSON")))
+    await engine.wait_job()
+
+    items = []
+    while len(sub):
+        items.append(sub.pop())
+    events = [i.to_cloudevent("/lifecycle/unit") for i in items if isinstance(i, Event)]
+    statuses = [i.to_json() for i in items if isinstance(i, Status)]
+    assert {e["type"] for e in events} == {t.value for t in EventType}
+    for event in events:
+        v["event"].validate(event)
+    for status in statuses:
+        v["status"].validate(status)
+    assert {r.ok for r in replies} == {True, False} and any(r.status for r in replies)
+    for reply in replies:
+        v["reply"].validate(reply.to_json())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"id": "r", "action": "install"}',
+        b'{"id": "r", "action": "install", "kubernetes_version": "v1.31.4", "reply_to": "a/b", "extra": 1}',
+        b'{"id": "r", "action": "reset"}',
+        b'{"id": "r", "action": "upgrade"}',
+        b'{"id": "", "action": "status"}',
+        b'{"id": "r", "action": "status", "reply_to": "a/#"}',
+        b'{"id": "r", "action": "reset", "kubernetes_version": "v1.31.4"}',
+        b'{"id": "r", "action": "install", "kubernetes_version": "1.31"}',
+        b'{"action": "status"}',
+        b"[]",
+    ],
+)
+def test_the_request_schema_accepts_exactly_what_the_parser_accepts(payload: bytes) -> None:
+    try:
+        parse_request(payload)
+        parsed = True
+    except BadRequestError:
+        parsed = False
+    assert _validators()["request"].is_valid(json.loads(payload)) == parsed
