@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,8 @@ def test_kubelet_restart_adopts_the_apiserver(cluster: Cluster) -> None:
     pid = records["kube-system/kube-apiserver"]["containers"]["kube-apiserver"]["pid"]
     assert pid_alive(pid)
     node_uid = cluster.get("node", "node1")["metadata"]["uid"]
+    start_time = cluster.pod("kube-apiserver-node1")["status"]["startTime"]
+    sessions = cluster.kubelet_log.read_text().count("registered at")
     assert cluster.stop_kubelet(signal.SIGTERM) == 0
     # The API keeps serving without a kubelet, as real static pods do.
     assert cluster.kubectl("get", "--raw", "/readyz").stdout == "ok"
@@ -161,8 +164,12 @@ def test_kubelet_restart_adopts_the_apiserver(cluster: Cluster) -> None:
     assert records["kube-system/kube-apiserver"]["containers"]["kube-apiserver"]["pid"] == pid
     log = (cluster.root / "var/log/pods/kube-system_kube-apiserver/kube-apiserver.log").read_text()
     assert log.count("start kube-apiserver") == 1
+    wait_for(lambda: cluster.kubelet_log.read_text().count("registered at") > sessions, timeout_s=15,
+             what="new API session")
+    time.sleep(1)  # a few sync passes: the new kubelet has posted whatever status it computes
     pod = cluster.wait_pod("kube-apiserver-node1", pod_is_ready, what="apiserver mirror still Ready")
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert pod["status"]["startTime"] == start_time
     assert pid_alive(pid)
     assert cluster.get("node", "node1")["metadata"]["uid"] == node_uid
     state = json.loads((cluster.root / "var/lib/kubelet/simnode/state.json").read_text())
