@@ -28,8 +28,6 @@ from simnode.kubelet.runtime import stop_pod_processes
 from simnode.paths import NodeRoot
 from simnode.versions import VERSIONS, component_images
 
-RBAC_NAME_BUG = 'ClusterRoleBinding "kubeadm:cluster-admins" is invalid: metadata.name: Invalid value'
-
 
 @pytest.fixture(scope="module")
 def repo() -> Iterator[str]:
@@ -94,10 +92,6 @@ def test_init_with_a_running_kubelet_then_kubectl_upgrade_and_reset(tmp_path: Pa
         kubelet = start_tool("kubelet", kubelet_args(root), root, tmp_path / "kubelet.log")
         code = init.wait(timeout=120)
         output = init_log.read_text()
-        if code != 0 and RBAC_NAME_BUG in output:
-            # Known limitation of the API simulator, not of kubeadm: real RBAC names are path segments, so
-            # kubeadm's "kubeadm:cluster-admins" is valid. Only this exact rejection is tolerated.
-            pytest.xfail("the API simulator rejects RBAC object names containing ':' (kubeadm:cluster-admins)")
         assert code == 0, output + (tmp_path / "kubelet.log").read_text()[-3000:]
         for line in ("[kubelet-check] The kubelet is healthy after", "[api-check] The API server is healthy after",
                      '[upload-config] Storing the configuration used in ConfigMap "kubeadm-config"',
