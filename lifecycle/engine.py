@@ -167,7 +167,7 @@ class Engine:
             await self._stop_job()
             state = self.state
             if state in INSTALL_STATES:
-                error = ErrorInfo("cancelled", f"cancelled by request {request_id}", retryable=True,
+                error = ErrorInfo.safe("cancelled", f"cancelled by request {request_id}", retryable=True,
                                   details={"step": state.value})
                 self._fail(state, job.request_id, job.cluster, error, step=self._snap.step)
             return Accepted(job.request_id, f"cancelled in {state}")
@@ -221,7 +221,7 @@ class Engine:
         except Exception as exc:  # a bug in the engine itself or a failing disk: make it visible, never silent
             self._log.exception("job crashed", state=self.state.value)
             if self._machine.allows(State.FAILED):
-                error = ErrorInfo("internal", f"{type(exc).__name__}: {exc}")
+                error = ErrorInfo.safe("internal", f"{type(exc).__name__}: {exc}")
                 self._fail(self.state, self._snap.request_id, self._snap.cluster, error, step=self._snap.step)
 
     async def _stop_job(self) -> None:
@@ -282,14 +282,14 @@ class Engine:
                         return
         except TimeoutError as exc:
             if timer.expired():
-                error = ErrorInfo(
+                error = ErrorInfo.safe(
                     "deadline_exceeded", f"step {step.name} did not finish within {policy.timeout_s:g} s",
                     details={"step": step.name, "timeout_s": policy.timeout_s, "attempts": attempts},
                 )
             else:
                 error = self._internal(ctx, exc, attempts)
         except StepError as exc:
-            error = ErrorInfo(exc.code, exc.message, exc.retryable, details={**exc.details, "attempts": attempts})
+            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, details={**exc.details, "attempts": attempts})
         except Exception as exc:
             error = self._internal(ctx, exc, attempts)
         self._fail(State(step.name), request_id, cluster, error, step=index + 1)
@@ -303,7 +303,7 @@ class Engine:
         self._emit(EventType.STEP_RETRYING, {
             "request_id": ctx.request_id, "state": step.name, "attempt": attempts, "retries": policy.retries,
             "delay_s": delay_s,
-            "error": ErrorInfo(exc.code, exc.message, exc.retryable, dict(exc.details)).to_json(),
+            "error": ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details)).to_json(),
         })
         await asyncio.sleep(delay_s)
         await self._in_task(step.before_retry(ctx), name=f"step-{step.name}-before-retry-{attempts}")
@@ -316,11 +316,11 @@ class Engine:
             async with timer:
                 await self._in_task(self._reset(ctx), name="reset")
         except TimeoutError as exc:
-            error = (ErrorInfo("deadline_exceeded", f"reset did not finish within {RESET_TIMEOUT_S:g} s",
+            error = (ErrorInfo.safe("deadline_exceeded", f"reset did not finish within {RESET_TIMEOUT_S:g} s",
                                details={"step": "resetting", "timeout_s": RESET_TIMEOUT_S})
                      if timer.expired() else self._internal(ctx, exc, 1))
         except StepError as exc:
-            error = ErrorInfo(exc.code, exc.message, exc.retryable, dict(exc.details))
+            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
         except Exception as exc:
             error = self._internal(ctx, exc, 1)
         else:
@@ -359,7 +359,7 @@ class Engine:
 
     def _internal(self, ctx: StepContext, exc: BaseException, attempts: int) -> ErrorInfo:
         ctx.log.error("step raised an unexpected error", exc_info=exc)
-        return ErrorInfo("internal", f"{type(exc).__name__}: {exc}", details={"attempts": attempts})
+        return ErrorInfo.safe("internal", f"{type(exc).__name__}: {exc}", details={"attempts": attempts})
 
     def _progress_fn(self, state: State, request_id: str | None) -> ProgressFn:
         def progress(

@@ -21,6 +21,8 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ID_CHARS = 128
 MAX_TOPIC_CHARS = 1024
 _VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
+_PEM_KEY_RE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
+REDACTED_KEY = "[private key redacted]"
 
 
 class Action(StrEnum):
@@ -141,6 +143,29 @@ def parse_request(payload: bytes) -> Request:
 # ---- replies, status, events ----------------------------------------------------------------------------
 
 
+def scrub(value: Any) -> Any:
+    """`value` with PEM private keys cut out: error texts carry command output, which must never leak a key.
+
+    In a list of lines (an output tail) every line from a BEGIN ... PRIVATE KEY line to its END line goes."""
+    if isinstance(value, str):
+        return _PEM_KEY_RE.sub(REDACTED_KEY, value)
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        out: list[Any] = []
+        inside = False
+        for item in value:
+            if isinstance(item, str) and "-----BEGIN" in item and "PRIVATE KEY-----" in item:
+                inside = "-----END" not in item
+                out.append(REDACTED_KEY)
+            elif inside:
+                inside = not (isinstance(item, str) and "-----END" in item)
+            else:
+                out.append(scrub(item))
+        return out
+    return value
+
+
 @dataclass(frozen=True)
 class ErrorInfo:
     """Why a step or a reset failed, as it appears in the status and in `lifecycle.step.failed`."""
@@ -152,6 +177,11 @@ class ErrorInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "retryable": self.retryable, "details": self.details}
+
+    @classmethod
+    def safe(cls, code: str, message: str, retryable: bool = False, details: dict[str, Any] | None = None) -> ErrorInfo:
+        """An ErrorInfo from text that came from outside (step errors, command output), with keys scrubbed."""
+        return cls(code=code, message=scrub(message), retryable=retryable, details=scrub(dict(details or {})))
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> ErrorInfo:

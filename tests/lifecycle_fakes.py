@@ -55,11 +55,15 @@ class Behaviour:
     block: bool = False  # `run` waits until cancelled
     ignore_cancel: bool = False  # a badly behaved step: swallows the first cancellation
     progress: int = 0  # progress reports (as pulls: bytes of "item<i>") before finishing
+    output: tuple[str, ...] = ("preflight ok",)  # what a failing command printed ("command" failures)
 
     @classmethod
     def read(cls, root: Path, name: str) -> Behaviour:
         path = fake_dir(root) / f"{name}.json"
-        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+        if not path.exists():
+            return cls()
+        raw = json.loads(path.read_text())
+        return cls(**{**raw, "output": tuple(raw.get("output", cls.output))})
 
 
 def _append(root: Path, line: str) -> None:
@@ -96,7 +100,7 @@ class FakeStep:
             if b.fail == "permanent":
                 raise PermanentError(f"{self.name} cannot work", code="fake_permanent", details={"hint": "fix it"})
             if b.fail == "command":
-                raise CommandError([f"/usr/bin/{self.name}", "init"], 3, ["preflight ok", f"error: {self.name} broke"])
+                raise CommandError([f"/usr/bin/{self.name}", "init"], 3, [*b.output, f"error: {self.name} broke"])
             if b.fail == "temporary":
                 raise TemporaryError(f"{self.name} hiccup {self.attempts}", code="fake_temporary", delay_s=0.01)
             raise RuntimeError(f"{self.name} exploded")

@@ -4,17 +4,21 @@ reset pre-emption, resume after a failure or a restart."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
 from lifecycle_fakes import eventually, fake_plan, fake_reset, journal, make_config, mark_done, null_ports, steer
 
 from lifecycle.bus import Bus, Subscription
 from lifecycle.config import STEP_NAMES, Config, StepPolicy
 from lifecycle.engine import Engine
 from lifecycle.errors import RequestError
+from lifecycle.logging import configure_logging
 from lifecycle.machine import State
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import Event, EventType
@@ -313,3 +317,29 @@ async def test_progress_reports_become_progress_events(rig: Rig) -> None:
     assert [(p["state"], p["current"], p["total"], p["unit"]) for p in progress] == [
         ("images", 1000, 3000, "bytes"), ("images", 2000, 3000, "bytes"), ("images", 3000, 3000, "bytes")]
 
+
+
+KEY_LINES = ["-----BEGIN EC PRIVATE KEY-----", "MHcCAQEEIBx6Ks2pQmSecretSecretSecretAoGCCqGSM49AwEHoUQDQgAE",
+             "-----END EC PRIVATE KEY-----"]
+
+
+async def test_private_keys_in_step_output_reach_neither_events_nor_logs(tmp_path: Path) -> None:
+    logs = io.StringIO()
+    configure_logging("debug", stream=logs)  # before the engine binds its logger, as __main__ does
+    try:
+        rig = make_rig(tmp_path)
+        steer(rig.root, "certs", fail="command", output=["writing key", *KEY_LINES, "done"])
+        await rig.engine.install(request_id="r1", version=None)
+        await rig.engine.wait_job()
+    finally:
+        structlog.reset_defaults()
+    failed = next(e for e in rig.events() if e.type == EventType.STEP_FAILED)
+    wire = json.dumps(failed.to_cloudevent("/x")) + json.dumps(rig.engine.status().to_json())
+    on_disk = (rig.root / "var/lib/lifecycle/state.json").read_text()
+    for text in (wire, on_disk, logs.getvalue()):
+        assert "Secret" not in text and "BEGIN EC PRIVATE KEY" not in text
+    assert failed.data["error"]["details"]["output_tail"] == ["writing key", "[private key redacted]", "done",
+                                                              "error: certs broke"]
+    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
+    failure = next(line for line in lines if line["event"] == "step failed")
+    assert (failure["request_id"], failure["state"], failure["code"]) == ("r1", "certs", "command_failed")

@@ -17,6 +17,7 @@ from lifecycle.engine import Engine
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import (
     MAX_PAYLOAD_BYTES,
+    REDACTED_KEY,
     Action,
     BadRequestError,
     ErrorInfo,
@@ -28,6 +29,7 @@ from lifecycle.protocol import (
     Topics,
     iso_time,
     parse_request,
+    scrub,
 )
 from lifecycle.service import RequestHandler, state_file
 
@@ -176,3 +178,11 @@ def test_the_request_schema_accepts_exactly_what_the_parser_accepts(payload: byt
     except BadRequestError:
         parsed = False
     assert _validators()["request"].is_valid(json.loads(payload)) == parsed
+
+
+def test_scrub_cuts_private_keys_out_of_text_and_line_lists() -> None:
+    pem = "-----BEGIN PRIVATE KEY-----\nAAAAsecret\n-----END PRIVATE KEY-----"
+    assert scrub(f"before\n{pem}\nafter") == f"before\n{REDACTED_KEY}\nafter"
+    assert scrub({"tail": ["a", *pem.splitlines(), "b"], "n": 3}) == {"tail": ["a", REDACTED_KEY, "b"], "n": 3}
+    assert scrub("-----BEGIN RSA PRIVATE KEY-----\ncut off") == REDACTED_KEY  # a truncated key goes too
+    assert scrub("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----").startswith("-----BEGIN CERT")
