@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,7 +161,10 @@ def test_init_with_a_running_kubelet_then_kubectl_upgrade_and_reset(tmp_path: Pa
         kubelet.wait(timeout=20)
         reset = run_kubeadm(root, "reset", "-f")
         assert reset.returncode == 0, reset.stderr
-        assert "[reset] Stopped" in reset.stdout
+        stopped = re.search(r"\[reset\] Stopped (\d+) pod container process", reset.stdout)
+        assert stopped and int(stopped.group(1)) >= 4, reset.stdout  # etcd and the control plane at least
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()  # the API server is gone
         assert not list((root / "etc/kubernetes/manifests").iterdir())
         assert not (root / "etc/kubernetes/admin.conf").exists()
         assert stop_pod_processes(NodeRoot(root), grace_s=1) == 0  # nothing left running

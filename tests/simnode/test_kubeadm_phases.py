@@ -285,3 +285,13 @@ def test_reset_asks_then_clears_what_init_wrote(tmp_path: Path, ca_only: Path) -
     assert leftovers == ["etc/kubernetes/keep-me.txt"]
     assert run_kubeadm(root, "reset", "--cert-dir=/etc", "-f").returncode == 1  # refuses a top-level dir
     assert keep.is_file()
+
+
+def test_rootfs_flag_wins_over_the_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "kubeadm.yaml"
+    cfg.write_text(config_v1beta4(port=free_port(), healthz_port=free_port()))
+    env_root, flag_root = tmp_path / "env-root", tmp_path / "flag-root"
+    result = run_kubeadm(env_root, "init", "phase", "etcd", "local", f"--config={cfg}", "--rootfs", str(flag_root))
+    assert result.returncode == 0, result.stderr
+    assert (flag_root / "etc/kubernetes/manifests/etcd.yaml").is_file()
+    assert not env_root.exists()
