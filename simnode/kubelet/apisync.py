@@ -118,7 +118,7 @@ class PodSync:
             del self._sent[key]
         stale_before = time.monotonic() - 60 * RETRY_WRITE_S
         self._last_write = {k: t for k, t in self._last_write.items() if t > stale_before}
-        if changed or self._dirty:
+        if changed or self._dirty or any(sim.times_changed for sim in self.api_pods.values()):
             self._save()
 
     async def _guard(self, key: str, work: Awaitable[None]) -> None:
@@ -227,7 +227,7 @@ class PodSync:
             qos_class=qos_class(spec.get("containers") or []),
         )
         saved = (self.state.get("api_pods") or {}).get(uid) or {}
-        sim.first_seen = float(saved.get("first_seen", sim.first_seen))
+        sim.restore_times(saved)
         for c in sim.containers:
             c.restore((saved.get("containers") or {}).get(c.name) or {})
         if not sim.host_network:
@@ -254,7 +254,7 @@ class PodSync:
                 "namespace": s.namespace,
                 "name": s.name,
                 "ip": s.ip,
-                "first_seen": s.first_seen,
+                **s.times_record(),
                 "containers": {c.name: c.to_record() for c in s.containers},
             }
             for uid, s in self.api_pods.items()

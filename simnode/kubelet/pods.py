@@ -101,10 +101,26 @@ class PodSim:
     first_seen: float = field(default_factory=time.time)
     qos_class: str = "BestEffort"
     transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    saved_transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def times_record(self) -> dict[str, Any]:
+        """What keeps startTime and condition transition times stable across a kubelet restart."""
+        self.saved_transitions = dict(self.transitions)
+        return {"first_seen": self.first_seen, "transitions": {k: list(v) for k, v in self.transitions.items()}}
+
+    @property
+    def times_changed(self) -> bool:
+        return self.transitions != self.saved_transitions
+
+    def restore_times(self, record: dict[str, Any]) -> None:
+        self.first_seen = float(record.get("first_seen") or self.first_seen)
+        for cond, value in (record.get("transitions") or {}).items():
+            if isinstance(value, list) and len(value) == 2:
+                self.transitions[str(cond)] = (str(value[0]), float(value[1]))
 
     def advance(self, now: float, faults: Faults, runner: Runner) -> bool:
         """Move every container one step; True if something persistent changed."""

@@ -198,6 +198,7 @@ class StaticPods:
             changed |= sp.sim.advance(now, faults, self.runner)
             self._probe(sp.sim, now)
         self.runner.reap()
+        changed |= any(sp.sim.times_changed for sp in self.pods.values())
         if changed:
             self._save()
 
@@ -256,7 +257,7 @@ class StaticPods:
         if record is None or record.get("manifest_hash") != digest:
             return sim
         # Same manifest as before the kubelet restarted: adopt processes that still run.
-        sim.first_seen = float(record.get("first_seen") or sim.first_seen)
+        sim.restore_times(record)
         for c in sim.containers:
             saved = (record.get("containers") or {}).get(c.name)
             if not isinstance(saved, dict):
@@ -278,7 +279,7 @@ class StaticPods:
                 "uid": sp.sim.uid,
                 "manifest_hash": sp.hash,
                 "file": str(sp.file),
-                "first_seen": sp.sim.first_seen,
+                **sp.sim.times_record(),
                 "containers": {c.name: c.to_record() for c in sp.sim.containers},
             }
             for key, sp in self.pods.items()

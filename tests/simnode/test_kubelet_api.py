@@ -152,7 +152,9 @@ def test_kubelet_restart_adopts_the_apiserver(cluster: Cluster) -> None:
     pid = records["kube-system/kube-apiserver"]["containers"]["kube-apiserver"]["pid"]
     assert pid_alive(pid)
     node_uid = cluster.get("node", "node1")["metadata"]["uid"]
-    start_time = cluster.pod("kube-apiserver-node1")["status"]["startTime"]
+    before = cluster.pod("kube-apiserver-node1")["status"]
+    start_time = before["startTime"]
+    ready_since = next(c for c in before["conditions"] if c["type"] == "Ready")["lastTransitionTime"]
     sessions = cluster.kubelet_log.read_text().count("registered at")
     assert cluster.stop_kubelet(signal.SIGTERM) == 0
     # The API keeps serving without a kubelet, as real static pods do.
@@ -170,6 +172,7 @@ def test_kubelet_restart_adopts_the_apiserver(cluster: Cluster) -> None:
     pod = cluster.wait_pod("kube-apiserver-node1", pod_is_ready, what="apiserver mirror still Ready")
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
     assert pod["status"]["startTime"] == start_time
+    assert next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")["lastTransitionTime"] == ready_since
     assert pid_alive(pid)
     assert cluster.get("node", "node1")["metadata"]["uid"] == node_uid
     state = json.loads((cluster.root / "var/lib/kubelet/simnode/state.json").read_text())
