@@ -75,9 +75,10 @@ class PodSync:
         self.state = load_state(root)
         self.api_pods: dict[str, PodSim] = {}
         self.runner = NullRunner()
-        self._sent: dict[str, tuple[dict[str, Any], float]] = {}  # pod key -> (status, when)
+        self._sent: dict[str, tuple[dict[str, Any], float]] = {}  # pod uid -> (status, when)
         self._last_write: dict[str, float] = {}  # throttles creates/deletes that keep failing
         self._dirty = False  # API pod state changed since the last save
+        self._errors: dict[str, str] = {}  # pod key -> last API error logged for it
 
     @property
     def node_ip(self) -> str:
@@ -114,18 +115,27 @@ class PodSync:
                 del self.api_pods[uid]
                 changed = True
         # Forget what was sent to pods that are gone, so the bookkeeping does not grow without bound.
-        for key in [k for k in self._sent if self.pods.get(k) is None]:
-            del self._sent[key]
+        uids = {str(_meta(p).get("uid")) for p in self.pods.values()}
+        self._sent = {uid: sent for uid, sent in self._sent.items() if uid in uids}
+        self._errors = {k: e for k, e in self._errors.items() if k in wanted or self.pods.get(k) is not None}
         stale_before = time.monotonic() - 60 * RETRY_WRITE_S
         self._last_write = {k: t for k, t in self._last_write.items() if t > stale_before}
         if changed or self._dirty or any(sim.times_changed for sim in self.api_pods.values()):
             self._save()
 
     async def _guard(self, key: str, work: Awaitable[None]) -> None:
+        """Run one pod's sync; API errors are logged once per distinct message (the API being away is
+        routine and stays at debug level) and retried on the next pass."""
         try:
             await work
         except ApiError as exc:
-            log.debug("%s: %s", key, exc)
+            if exc.status == 0:
+                log.debug("%s: %s", key, exc)
+            elif self._errors.get(key) != str(exc):
+                log.warning("%s: %s", key, exc)
+                self._errors[key] = str(exc)
+        else:
+            self._errors.pop(key, None)
 
     async def _sync_mirror(self, key: str, sp: StaticPod, faults: Faults) -> None:
         cached = self.pods.get(key)
@@ -182,20 +192,21 @@ class PodSync:
             if exc.status != 404:
                 raise
         self.pods.forget(pod)
-        self._sent.pop(key, None)
+        self._sent.pop(str(meta.get("uid")), None)
 
     async def _post_status(self, pod: Obj, status: dict[str, Any]) -> None:
-        key = obj_key(pod)
-        sent = self._sent.get(key)
-        now = time.monotonic()
-        unchanged = sent is not None and sent[0] == status
-        if sent is not None and unchanged and (_shown(status, pod.get("status") or {}) or now - sent[1] < RESEND_S):
-            return
+        """Patch the pod's status when ours changed, or (rarely) when the API shows something else."""
         meta = _meta(pod)
+        uid = str(meta.get("uid"))  # by uid: a recreated pod of the same name starts afresh
+        sent = self._sent.get(uid)
+        now = time.monotonic()
+        if sent is not None and sent[0] == status and (_shown(status, pod.get("status") or {})
+                                                        or now - sent[1] < RESEND_S):
+            return
         updated = await self.client.patch(
             f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", {"status": status}
         )
-        self._sent[key] = (status, now)
+        self._sent[uid] = (status, now)
         self.pods.upsert(updated)
 
     async def _sync_api_pod(self, pod: Obj, faults: Faults) -> None:
