@@ -12,17 +12,16 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
-
-from simnode.kubeadm.config import Config
-from simnode.kubeadm.configload import load_config
 from simnode.kubeadm.errors import KubeadmError
-from simnode.kubeadm.phases import InitPlan, all_phases, apply_skips, prepare, select_single
-from simnode.kubeadm.reset import reset
-from simnode.kubeadm.runner import run_plan
 from simnode.launch import build_version
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
+
+if TYPE_CHECKING:
+    from simnode.kubeadm.config import Config
+
+# Each command imports what it needs when it runs: `kubeadm version` stays quick (no yaml/cryptography).
 
 VALUE_FLAGS = {"config", "rootfs", "v", "skip-phases", "ignore-preflight-errors", "cert-dir", "output",
                "certificate-key"}
@@ -105,6 +104,8 @@ def _config_path(args: Args, root: NodeRoot) -> Path | None:
 
 
 def _load(args: Args, root: NodeRoot, versions: tuple[str, ...]) -> Config:
+    from simnode.kubeadm.configload import load_config
+
     cfg = load_config(_config_path(args, root), allowed_versions=versions, default_version=versions[0])
     for warning in cfg.warnings:
         print(warning, file=sys.stderr, flush=True)
@@ -112,6 +113,9 @@ def _load(args: Args, root: NodeRoot, versions: tuple[str, ...]) -> Config:
 
 
 def cmd_init(args: Args, root: NodeRoot) -> int:
+    from simnode.kubeadm.phases import InitPlan, all_phases, apply_skips, prepare, select_single
+    from simnode.kubeadm.runner import run_plan
+
     rest = args.positional[1:]
     full = not rest
     if rest and rest[0] != "phase":
@@ -145,6 +149,8 @@ def cmd_version(args: Args) -> int:
     elif output == "json":
         _out(json.dumps(info, indent=2))
     elif output == "yaml":
+        import yaml
+
         _out(yaml.safe_dump(info, sort_keys=True).rstrip())
     elif output == "":
         _out(f"kubeadm version: &version.Info{{Major:\"{info['clientVersion']['major']}\", "
@@ -156,6 +162,8 @@ def cmd_version(args: Args) -> int:
 
 
 def cmd_reset(args: Args, root: NodeRoot) -> int:
+    from simnode.kubeadm.reset import reset
+
     reset(root, cert_dir=args.values.get("cert-dir"), force="force" in args.flags, ask=_ask, out=_out)
     return 0
 
