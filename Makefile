@@ -14,6 +14,7 @@ export DOCKER_BUILDKIT := 0
 SIM_PAD_SCALE ?= 1.0
 TEST_PAD_SCALE ?= 0.005
 PYTEST_ARGS ?=
+SIM_IMAGES_ARGS ?=  # extra builder flags, e.g. --namespace=try --versions=v1.31.4
 
 .PHONY: venv services sim-images lint test demo clean
 
@@ -30,7 +31,7 @@ services:
 
 # sim-images: build the simulated node's images with padding SIM_PAD_SCALE and push them to the registry.
 sim-images: venv services
-	$(PY) -m simnode.images --pad-scale $(SIM_PAD_SCALE)
+	$(PY) -m simnode.images --pad-scale $(SIM_PAD_SCALE) $(SIM_IMAGES_ARGS)
 
 # lint: ruff and mypy --strict over the code.
 lint: venv

@@ -35,6 +35,7 @@ INPUTS_LABEL = "simnode.inputs-sha256"
 MIN_PAD_BYTES = 8 * 1024
 PAD_BLOCK_BYTES = 1 << 20
 PARALLEL_BUILDS = 3
+BUILD_ATTEMPTS = 3
 # Bump when the way an image is assembled changes, so old images stop counting as up to date.
 RECIPE_VERSION = "1"
 
@@ -65,7 +66,9 @@ class ImageSpec:
         return "\n".join(lines) + "\n"
 
     def pad_seed(self) -> str:
-        return f"{self.name}:{self.pad_size_bytes}"
+        # Name, tag and size: each version gets its own bytes, so an upgrade pulls new layers as on a real node.
+        tag = self.ref.rpartition(":")[2]
+        return f"{self.name}:{tag}:{self.pad_size_bytes}"
 
     def inputs_sha256(self) -> str:
         doc = {
@@ -208,6 +211,20 @@ def compressed_size_bytes(manifest: dict[str, Any]) -> int:
 
 
 async def _build(docker: aiodocker.Docker, spec: ImageSpec, inputs: str) -> None:
+    for attempt in range(1, BUILD_ATTEMPTS + 1):
+        try:
+            await _build_once(docker, spec, inputs)
+        except ImageBuildError as exc:
+            # The classic builder's cache probe lists parentless images, then loads each one: an image that
+            # someone removes in between (tests do, all the time) fails the build though nothing is wrong.
+            if "unable to find image" not in str(exc) or attempt == BUILD_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * attempt)
+        else:
+            return
+
+
+async def _build_once(docker: aiodocker.Docker, spec: ImageSpec, inputs: str) -> None:
     with tempfile.TemporaryFile(prefix="simnode-context-") as ctx:
         await asyncio.to_thread(write_context, spec, ctx, inputs)
         ctx.seek(0)
@@ -254,16 +271,21 @@ async def _drop_if_dangling(docker: aiodocker.Docker, image_id: str) -> None:
         pass  # in use by a container or already gone: keeping it is harmless
 
 
-async def ensure_image(docker: aiodocker.Docker, session: aiohttp.ClientSession, spec: ImageSpec) -> ImageResult:
-    """Build unless the local image has the inputs label, push unless the registry serves its digest."""
+async def ensure_image(
+    docker: aiodocker.Docker, session: aiohttp.ClientSession, spec: ImageSpec, replaced: list[str] | None = None
+) -> ImageResult:
+    """Build unless the local image has the inputs label, push unless the registry serves its digest.
+
+    The id of an image a rebuild replaced goes to `replaced`, for removal once no build runs any more.
+    """
     inputs = spec.inputs_sha256()
     actions: list[str] = []
     local = await _local_image(docker, spec.ref)
     if local is None or (local.get("Config") or {}).get("Labels", {}).get(INPUTS_LABEL) != inputs:
         await _build(docker, spec, inputs)
         actions.append("built")
-        if local is not None:
-            await _drop_if_dangling(docker, local["Id"])
+        if local is not None and replaced is not None:
+            replaced.append(local["Id"])
         local = await _local_image(docker, spec.ref)
         if local is None:
             raise ImageBuildError(f"building {spec.ref} reported success but the engine has no such image")
@@ -344,16 +366,25 @@ async def _ensure_all(
 ) -> list[ImageResult]:
     # Each build step waits mostly on the engine's layer commits; a few at once keep both cores busy.
     gate = asyncio.Semaphore(PARALLEL_BUILDS)
+    replaced: list[str] = []
 
     async def one(spec: ImageSpec) -> ImageResult:
         async with gate:
-            result = await ensure_image(docker, session, spec)
+            result = await ensure_image(docker, session, spec, replaced)
         if log is not None:
             print(result.line(), file=log, flush=True)
         return result
 
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(one(spec), name=f"image {spec.ref}") for spec in specs]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(spec), name=f"image {spec.ref}") for spec in specs]
+    except ExceptionGroup as group_error:
+        errors = group_error.exceptions
+        if all(isinstance(e, ImageBuildError) for e in errors):
+            raise ImageBuildError("; ".join(str(e) for e in errors)) from group_error
+        raise
+    for image_id in replaced:
+        await _drop_if_dangling(docker, image_id)
     return [task.result() for task in tasks]
 
 
