@@ -340,6 +340,10 @@ def validate_kubelet(cfg: Config, errors: list[str]) -> None:
         errors.append(invalid("KubeletConfiguration.healthzBindAddress", k["healthzBindAddress"],
                               "must be a valid IP address"))
     _absolute("KubeletConfiguration.staticPodPath", str(k["staticPodPath"]), errors)
+    if k["staticPodPath"] != "/etc/kubernetes/manifests":
+        # kubeadm always writes its manifests to /etc/kubernetes/manifests and only warns about this.
+        cfg.warnings.append('[config] WARNING: The recommended value for "staticPodPath" in "KubeletConfiguration" '
+                            f'is: /etc/kubernetes/manifests; the provided value is: {k["staticPodPath"]}')
     if k["cgroupDriver"] not in ("systemd", "cgroupfs"):
         errors.append(f'KubeletConfiguration.cgroupDriver: Unsupported value: "{k["cgroupDriver"]}": '
                       'supported values: "cgroupfs", "systemd"')

@@ -203,3 +203,9 @@ def test_coredns_image_naming_follows_kubeadm(tmp_path: Path) -> None:
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
         "registry.k8s.io/coredns/coredns:v1.11.3"
     assert coredns_service(cfg)["spec"]["clusterIP"] == "10.96.0.10"
+
+
+def test_static_pod_path_other_than_kubeadms_only_warns(tmp_path: Path) -> None:
+    cfg = _load_text(tmp_path, _good() + "staticPodPath: /etc/kubelet.d\n")
+    assert cfg.static_pod_path == "/etc/kubelet.d"
+    assert any('"staticPodPath"' in w and "/etc/kubelet.d" in w for w in cfg.warnings)
