@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--node", help="node name (default: from --config, else docker-desktop)")
         p.add_argument("--prefix", help="topic prefix (default: from --config, else lifecycle)")
         p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                       help="seconds to wait for the reply (with --watch: for each next event) (default 10)")
+                       help="seconds to wait for the broker and the reply (default 10); a watch gives up after "
+                            "max(S, 60) s without an event")
         p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
         return p
 
@@ -103,6 +105,10 @@ class ServiceClient:
         self.topics = target.topics
         self.reply_topic = f"{target.topics.base}/replies/{uuid.uuid4().hex}"
         self.available: str | None = None  # last seen retained availability
+        self._held: deque[aiomqtt.Message] = deque()  # seen while waiting for the reply, for the watch after it
+
+    def hold(self, message: aiomqtt.Message) -> None:
+        self._held.append(message)
 
     async def send(self, request: dict[str, Any], *, timeout_s: float) -> bytes:
         correlation = uuid.uuid4().bytes
@@ -113,7 +119,10 @@ class ServiceClient:
         await self._client.publish(self.topics.requests, dumps(request), qos=1, properties=props)
         return correlation
 
-    async def next_message(self) -> aiomqtt.Message:
+    async def next_message(self, *, fresh: bool = False) -> aiomqtt.Message:
+        """The next message: those held back first, unless `fresh` (only what arrives from now on)."""
+        if self._held and not fresh:
+            return self._held.popleft()
         message = await self._client.messages.__anext__()
         if message.topic.matches(self.topics.availability):
             self.available = _text(message.payload)
@@ -168,8 +177,9 @@ async def _await_reply(client: ServiceClient, correlation: bytes, *, timeout_s: 
     try:
         async with asyncio.timeout(timeout_s):
             while True:
-                message = await client.next_message()
+                message = await client.next_message(fresh=True)
                 if not message.topic.matches(client.reply_topic):
+                    client.hold(message)  # an event of the request may overtake its reply
                     continue
                 if getattr(message.properties, "CorrelationData", None) != correlation:
                     continue  # a late reply to an earlier request

@@ -10,6 +10,7 @@ import time
 from typing import Any, TextIO
 
 BAR_WIDTH = 24
+MESSAGE_WIDTH = 56  # bars of one pull line up below each other (image references are mostly shorter)
 _INSTALL_STATES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
 
 
@@ -28,7 +29,7 @@ def progress_text(data: dict[str, Any]) -> str:
             share = min(1.0, current / total)
             filled = int(share * BAR_WIDTH)
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-            return f"{message} [{bar}] {share:4.0%} {_size(current)}/{_size(total)}"
+            return f"{message:<{MESSAGE_WIDTH}} [{bar}] {share:4.0%} {_size(current)}/{_size(total)}"
         return f"{message} {_size(current)}"
     if isinstance(current, int | float) and isinstance(total, int | float):
         return f"{message} ({current:g}/{total:g})"

@@ -1,13 +1,12 @@
 """Runs the plan: one install or reset job at a time, with deadlines, retries, cancellation and events.
 
-The only place that changes state and emits events: every change is checked against the graph (`machine.py`),
-saved with its event sequence number (`store.py`), then published on the bus. Steps run as named tasks owned
-here; a cancellation (reset, cancel, shutdown) lets the step clean up and is never swallowed.
-"""
+The only place that changes state and emits events: each change is checked against the graph, saved, then
+published. Steps run as named tasks owned here; a cancellation lets them clean up and is never swallowed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -51,11 +50,15 @@ class _StepFailedError(Exception):
     """Stops the walk; the engine has already moved to `failed`."""
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(*hosts: str) -> list[int]:
+    """One free TCP port per host; all sockets stay bound until every port is chosen, so they differ."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for host in hosts:
+            sock = stack.enter_context(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 class Engine:
@@ -127,8 +130,9 @@ class Engine:
                     "upgrade_unsupported",
                     f"the node is set up for {current.kubernetes_version}; reset before installing {version}",
                 )
-            if job is not None:
-                return Accepted(job.request_id, "already installing")
+            if job is not None:  # in running, the quiet re-check after a restart is the job
+                return Accepted(job.request_id, "already running" if self.state == State.RUNNING else
+                                "already installing")
             if self.state == State.RUNNING:
                 return Accepted(self._snap.request_id, "already running")
             if self.state == State.FAILED:
@@ -168,7 +172,7 @@ class Engine:
             state = self.state
             if state in INSTALL_STATES:
                 error = ErrorInfo.safe("cancelled", f"cancelled by request {request_id}", retryable=True,
-                                  details={"step": state.value})
+                                       details={"step": state.value})
                 self._fail(state, job.request_id, job.cluster, error, step=self._snap.step)
             return Accepted(job.request_id, f"cancelled in {state}")
 
@@ -191,10 +195,11 @@ class Engine:
 
     def _resolve_cluster(self, version: str | None) -> ClusterParams:
         k8s = self._config.kubernetes
+        api_port, healthz_port = free_ports(k8s.node_ip, "127.0.0.1")  # used where the config says 0
         return ClusterParams(
             kubernetes_version=version or k8s.version,
-            api_port=k8s.api_port or free_port(k8s.node_ip),
-            kubelet_healthz_port=k8s.kubelet_healthz_port or free_port("127.0.0.1"),
+            api_port=k8s.api_port or api_port,
+            kubelet_healthz_port=k8s.kubelet_healthz_port or healthz_port,
         )
 
     def _start_install(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:

@@ -1,9 +1,6 @@
-"""serve(): the engine, the MQTT bridge and request handling, with a staged shutdown.
-
-Start: lock the root, load the saved state, connect (in the background, retrying forever), resume what was
-running. Shutdown (when `stop` is set): refuse new requests, cancel the running step cleanly, deliver what is
-queued, publish `offline`, disconnect. The kubelet keeps running, as a unit of its own would.
-"""
+"""serve(): the engine, the MQTT bridge and request handling; on `stop`, a staged shutdown (refuse requests,
+cancel the running step cleanly, deliver what is queued, publish `offline`, disconnect). Leaves the saved state
+for the next start to resume, and the kubelet running, as a unit of its own would."""
 
 from __future__ import annotations
 

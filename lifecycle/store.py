@@ -1,10 +1,6 @@
-"""The engine's persisted snapshot: `<root>/var/lib/lifecycle/state.json`, plus `seq` and `lock` beside it.
-
-`state.json` is written atomically (temp file, fsync, rename, fsync of the directory) on every state change, so
-a restart after a crash or SIGKILL finds the last state and the install's parameters. Every event's sequence
-number also goes to `seq`, a fixed-width counter overwritten in place (one pwrite, ~10 us, no fsync: progress
-events must not stall the loop for the ~20 ms an fsync takes here); it survives a process crash, not a power loss.
-"""
+"""The engine's snapshot in `<root>/var/lib/lifecycle/`: `state.json` replaced atomically and fsynced at every
+state change; `seq`, the last event number, overwritten in place per event (~10 us, survives a process crash,
+not a power loss: an fsync per progress event would stall the loop ~20 ms); `lock`, one service per root."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The MQTT bridge: one aiomqtt client (MQTT 5, persistent session, `offline` will) kept connected forever.
-
-After every connect: `online` (retained), subscribe to requests, re-publish the status (retained), then flush
-the outbox of events kept while the broker was away, oldest first. Requests go to the service's handler and the
-reply goes to the MQTT 5 response topic (with the correlation data), else to the request's `reply_to`.
-"""
+"""The MQTT bridge: one aiomqtt client (MQTT 5, persistent session, `offline` will) reconnected forever. After
+each connect: `online`, subscribe to requests, re-publish the status, flush the outbox of events kept while the
+broker was away. Replies go to the MQTT 5 response topic (with correlation data), else to `reply_to`."""
 
 from __future__ import annotations
 
