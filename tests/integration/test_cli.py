@@ -135,3 +135,11 @@ def test_pull_progress_redraws_its_own_line_on_a_terminal() -> None:
     assert out.count("\n") == 2  # one line per image
     assert "\x1b[2A\r\x1b[2Kpulling etcd" in out and "50% 50.0 MB/100.0 MB\x1b[2B" in out
     assert "\x1b[1A\r\x1b[2Kpulling coredns" in out
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nbroker = "tcp://127.0.0.1"\n')
+    served = lifecycle("serve", "--config", str(bad), "--root", str(tmp_path / "root"))
+    assert served.returncode == 2 and "mqtt.broker: expected mqtt://host" in served.stderr
+    assert not (tmp_path / "root").exists()

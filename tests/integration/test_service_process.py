@@ -153,3 +153,14 @@ async def test_two_nodes_run_side_by_side_and_a_root_takes_one_service(tmp_path:
         for svc in (a, b):
             svc.proc.send_signal(signal.SIGTERM)
         assert a.wait() == 0 and b.wait() == 0
+
+
+async def test_a_broken_state_file_stops_the_start_with_its_name_and_is_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    state = root / "var/lib/lifecycle/state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"format": 1, "state": "half-written')
+    svc = _start(tmp_path, _config(tmp_path, unique_prefix("broken")), node="broken", root=root)
+    assert await asyncio.to_thread(svc.wait, 10) == 1
+    assert f"{state}: not a valid state file" in svc.log()
+    assert state.read_text() == '{"format": 1, "state": "half-written'
