@@ -1,7 +1,8 @@
-"""Shared helpers for the node-runtime tests: a throwaway PKI, kubeconfigs, tiny Docker images, processes.
+"""Shared helpers for the node-runtime tests: a throwaway PKI, kubeconfigs, tiny Docker images, processes,
+and `running_cluster`: a control plane as kubeadm leaves it, run by the kubelet, driven with real kubectl.
 
-Not a test module itself (no tests); imported by test_kubeclient, test_kubelet* and test_controllers*.
-Everything it makes lives in the test's tmp dir or under a unique image name removed afterwards.
+Not a test module itself (no tests); imported by test_kubeclient, test_kubelet*, test_controllers* (and the
+kubeadm tests). Everything it makes lives in the test's tmp dir or under a unique image name removed after.
 """
 
 from __future__ import annotations
