@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
 
 import structlog
 
@@ -19,8 +18,8 @@ _log = structlog.get_logger("lifecycle.bus")
 
 
 class Subscription:
-    """One subscriber's buffer. Consumers either iterate it, or `peek` / `pop` to remove an item only once it
-    has been delivered (the MQTT bridge keeps undelivered items across broker outages this way)."""
+    """One subscriber's buffer. A consumer `peek`s and `pop`s an item only once it has delivered it (the MQTT
+    bridge keeps undelivered items across broker outages this way)."""
 
     def __init__(self, *, name: str, max_items: int) -> None:
         self.name = name
@@ -64,14 +63,6 @@ class Subscription:
         """Return once every buffered item has been taken."""
         await self._emptied.wait()
 
-    def __aiter__(self) -> AsyncIterator[BusItem]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[BusItem]:
-        while True:
-            await self.wait()
-            yield self.pop()
-
 
 class Bus:
     def __init__(self) -> None:
@@ -81,10 +72,6 @@ class Bus:
         sub = Subscription(name=name, max_items=max_items)
         self._subscribers.append(sub)
         return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subscribers:
-            self._subscribers.remove(sub)
 
     def publish(self, item: BusItem) -> None:
         for sub in list(self._subscribers):

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -162,16 +162,6 @@ async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 5.0, i
             if predicate():
                 return
             await asyncio.sleep(interval_s)
-
-
-async def collect(items: AsyncIterator[Any], *, count: int, timeout_s: float = 5.0) -> list[Any]:
-    out: list[Any] = []
-    async with asyncio.timeout(timeout_s):
-        async for item in items:
-            out.append(item)
-            if len(out) == count:
-                break
-    return out
 
 
 def make_config(root: Path, *, node: str = "unit", **policies: StepPolicy) -> Config:

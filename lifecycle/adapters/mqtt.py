@@ -205,7 +205,3 @@ class MqttBridge:
         except aiomqtt.MqttError as exc:  # the requester will time out and ask again; the action stands
             self._log.warning("could not send a reply", topic=topic, error=str(exc))
 
-    @property
-    def undelivered(self) -> int:
-        return len(self._outbox)
-
