@@ -72,6 +72,7 @@ async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> 
     """Watch kube-system pods until every component is Ready, or fail before the deadline saying why not."""
     loop = asyncio.get_running_loop()
     give_up_at = fail_at(ctx)
+    # Updated in place as pods change, so that what was last seen survives the timeout's cancellation.
     unmet: dict[str, str] = dict.fromkeys(components, "no answer from the API yet")
     api_error: str | None = None
     ctx.progress(f"waiting for {', '.join(components)} to be Ready", current=0, total=len(components))
@@ -79,7 +80,7 @@ async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> 
         async with asyncio.timeout_at(give_up_at), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
             while True:
                 try:
-                    unmet = await _watch_until_ready(ctx, api, components, unmet)
+                    await _watch_until_ready(ctx, api, components, unmet)
                     if not unmet:
                         return
                     api_error = None
@@ -95,12 +96,12 @@ async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> 
 
 async def _watch_until_ready(
     ctx: StepContext, api: KubeApi, components: tuple[str, ...], unmet: dict[str, str]
-) -> dict[str, str]:
-    """One list + watch round; returns what is still unmet when the server ends the watch."""
+) -> None:
+    """One list + watch round, updating `unmet`; returns when all are ready or the server ends the watch."""
     pods = {_key(p): p for p in await api.list_pods(NAMESPACE)}
-    unmet = _report(ctx, components, unmet, unmet_components(components, pods.values()))
+    _update(ctx, components, unmet, unmet_components(components, pods.values()))
     if not unmet:
-        return unmet
+        return
     left_s = ctx.deadline - asyncio.get_running_loop().time()
     async with contextlib.aclosing(api.watch_pods(NAMESPACE, timeout_s=max(1.0, min(_WATCH_MAX_S, left_s)))) as events:
         async for event in events:
@@ -109,20 +110,20 @@ async def _watch_until_ready(
                 pods.pop(_key(pod), None)
             elif event.get("type") in ("ADDED", "MODIFIED"):
                 pods[_key(pod)] = pod
-            unmet = _report(ctx, components, unmet, unmet_components(components, pods.values()))
+            _update(ctx, components, unmet, unmet_components(components, pods.values()))
             if not unmet:
-                break
-    return unmet
+                return
 
 
-def _report(
-    ctx: StepContext, components: tuple[str, ...], before: dict[str, str], now: dict[str, str]
-) -> dict[str, str]:
+def _update(ctx: StepContext, components: tuple[str, ...], unmet: dict[str, str], now: dict[str, str]) -> None:
+    """Replace `unmet` with `now`, reporting each component that became ready."""
+    ready_count = len([c for c in components if c not in unmet])
     for component in components:
-        if component in before and component not in now:
-            ready = len(components) - len(now)
-            ctx.progress(f"{component} ready", current=ready, total=len(components))
-    return now
+        if component in unmet and component not in now:
+            ready_count += 1
+            ctx.progress(f"{component} ready", current=ready_count, total=len(components))
+    unmet.clear()
+    unmet.update(now)
 
 
 def not_ready_error(unmet: Mapping[str, str], *, api_error: str | None) -> StepError:
