@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from lifecycle_fakes import eventually, journal, steer, write_config
-from lifecycle_mqtt import ServiceProcess, probe, retained, start_service_process, unique_prefix
+from lifecycle_mqtt import REPO, ServiceProcess, probe, retained, start_service_process, unique_prefix
 
 from lifecycle.protocol import Topics
 
@@ -134,25 +134,27 @@ async def test_a_second_signal_forces_the_exit(tmp_path: Path) -> None:
         svc.proc.kill()
 
 
-async def test_two_nodes_run_side_by_side_and_a_root_takes_one_service(tmp_path: Path) -> None:
-    prefix = unique_prefix("side")
-    config = _config(tmp_path, prefix)
-    a = _start(tmp_path, config, node="node-a", root=tmp_path / "a")
-    b = _start(tmp_path, config, node="node-b", root=tmp_path / "b")
+async def test_two_nodes_run_side_by_side_from_the_simnode_config_and_a_root_takes_one_service(
+    tmp_path: Path,
+) -> None:
+    config = REPO / "simnode" / "lifecycle.toml"  # as shipped: prefix `lifecycle`, so the node names are unique
+    suffix = unique_prefix("side").removeprefix("test-side-")
+    nodes = {f"node-a-{suffix}": tmp_path / "a", f"node-b-{suffix}": tmp_path / "b"}
+    running = {node: _start(tmp_path, config, node=node, root=root) for node, root in nodes.items()}
     try:
-        for node in ("node-a", "node-b"):
-            async with probe(Topics(prefix, node)) as p:
+        for node in nodes:
+            async with probe(Topics("lifecycle", node)) as p:
                 await p.ready(timeout_s=10)
                 assert (await p.ask({"id": f"i-{node}", "action": "install"}))["ok"]
                 await p.wait_state("running", timeout_s=10)
-        third = _start(tmp_path, config, node="node-c", root=tmp_path / "a")
+        third = _start(tmp_path, config, node=f"node-c-{suffix}", root=tmp_path / "a")
         assert await asyncio.to_thread(third.wait, 10) == 1
         assert "another lifecycle service" in third.log()
-        assert a.proc.poll() is None and b.proc.poll() is None
+        assert all(svc.proc.poll() is None for svc in running.values())
     finally:
-        for svc in (a, b):
+        for svc in running.values():
             svc.proc.send_signal(signal.SIGTERM)
-        assert a.wait() == 0 and b.wait() == 0
+        assert all(svc.wait() == 0 for svc in running.values())
 
 
 async def test_a_broken_state_file_stops_the_start_with_its_name_and_is_left_alone(tmp_path: Path) -> None:
