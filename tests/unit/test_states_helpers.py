@@ -1,0 +1,106 @@
+"""The pure parts of the kubelet, readiness and addons states: manifests, kubelet flags, pod and workload status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lifecycle.errors import PermanentError
+from states.addons import load_manifests, workload_problem
+from states.kubelet import kubeadm_flags
+from states.readiness import not_ready_error, unmet_components
+
+DEPLOY_ADDONS = Path(__file__).resolve().parents[2] / "deploy" / "addons"
+
+
+def test_the_shipped_addon_manifests_load_with_the_repository_substituted() -> None:
+    objects = load_manifests(DEPLOY_ADDONS, image_repository="registry.example:5000/mirror")
+    kinds = {(o.kind, o.name) for o in objects}
+    assert ("Deployment", "storage-provisioner") in kinds and ("Deployment", "lb-forwarder") in kinds
+    assert ("StorageClass", "hostpath") in kinds
+    images = [c["image"] for o in objects if o.kind == "Deployment"
+              for c in o.body["spec"]["template"]["spec"]["containers"]]
+    assert images == ["registry.example:5000/mirror/lb-forwarder:v1.0.0",
+                      "registry.example:5000/mirror/storage-provisioner:v1.0.0"]
+    for obj in objects:
+        if obj.kind == "Deployment":  # a selector that does not match its template is rejected by real servers
+            spec = obj.body["spec"]
+            labels = spec["template"]["metadata"]["labels"]
+            assert all(labels.get(k) == v for k, v in spec["selector"]["matchLabels"].items())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kind: ConfigMap\nmetadata: {name: a}\n", "document 0: missing apiVersion"),
+        ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\n",
+         "document 1: missing metadata.name"),
+        ("- just\n- a list\n", "document 0: expected a mapping"),
+        ("apiVersion: v1\nkind: [unclosed\n", "not valid YAML"),
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: ${POD_NAME}}\n", "unknown placeholder ${POD_NAME}"),
+    ],
+)
+def test_a_bad_manifest_is_rejected_naming_file_and_document(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "10-good.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: fine}\n")
+    (tmp_path / "20-bad.yaml").write_text(text)
+    with pytest.raises(PermanentError) as caught:
+        load_manifests(tmp_path, image_repository="r")
+    assert f"{tmp_path / '20-bad.yaml'}" in caught.value.message
+    assert expected in caught.value.message
+    assert caught.value.code == "bad_manifest"
+
+
+def test_a_missing_manifests_dir_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PermanentError, match="is not a directory"):
+        load_manifests(tmp_path / "absent", image_repository="r")
+
+
+def test_kubeadm_flags_are_split_like_systemd_expands_them(tmp_path: Path) -> None:
+    env = tmp_path / "kubeadm-flags.env"
+    env.write_text('KUBELET_KUBEADM_ARGS="--container-runtime-endpoint=unix:///run/x.sock '
+                   '--pod-infra-container-image=r/pause:3.10 --node-ip=10.0.0.5"\n')
+    assert kubeadm_flags(env) == ["--container-runtime-endpoint=unix:///run/x.sock",
+                                  "--pod-infra-container-image=r/pause:3.10", "--node-ip=10.0.0.5"]
+    env.write_text('KUBELET_KUBEADM_ARGS="--node-ip=1.2.3.4\n')
+    with pytest.raises(PermanentError, match="cannot be parsed"):
+        kubeadm_flags(env)
+    with pytest.raises(PermanentError, match="is missing"):
+        kubeadm_flags(tmp_path / "absent.env")
+
+
+def _pod(name: str, *, labels: dict[str, str], ready: bool, waiting: str | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Running" if ready or waiting is None else "Pending",
+                              "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    if waiting:
+        status["containerStatuses"] = [{"name": "c", "state": {"waiting": {"reason": waiting}}}]
+    return {"metadata": {"name": name, "uid": name, "labels": labels}, "status": status}
+
+
+def test_unmet_components_say_why_per_component() -> None:
+    pods = [
+        _pod("kube-apiserver-node", labels={"component": "kube-apiserver"}, ready=True),
+        _pod("coredns-1", labels={"k8s-app": "kube-dns"}, ready=False, waiting="ErrImagePull"),
+        _pod("coredns-2", labels={"k8s-app": "kube-dns"}, ready=False, waiting="ImagePullBackOff"),
+    ]
+    unmet = unmet_components(("kube-apiserver", "kube-controller-manager", "coredns"), pods)
+    assert unmet == {"kube-controller-manager": "no pod", "coredns": "0/2 ready (ErrImagePull, ImagePullBackOff)"}
+    error = not_ready_error(unmet, api_error=None)
+    assert isinstance(error, PermanentError)  # waiting does not bring an image
+    assert "coredns: 0/2 ready (ErrImagePull, ImagePullBackOff)" in error.message
+    slow = not_ready_error({"coredns": "1/2 ready (not Ready)"}, api_error=None)
+    assert slow.retryable
+
+
+def test_workload_availability() -> None:
+    deployment: dict[str, Any] = {"kind": "Deployment", "metadata": {"generation": 2}, "spec": {"replicas": 1},
+                                  "status": {"observedGeneration": 2, "availableReplicas": 1,
+                                             "conditions": [{"type": "Available", "status": "True"}]}}
+    assert workload_problem(deployment) is None
+    deployment["status"]["observedGeneration"] = 1
+    assert workload_problem(deployment) == "status not yet updated by the controller"
+    daemonset: dict[str, Any] = {"kind": "DaemonSet", "status": {"desiredNumberScheduled": 1, "numberAvailable": 0}}
+    assert workload_problem(daemonset) == "0/1 available"
+    daemonset["status"]["numberAvailable"] = 1
+    assert workload_problem(daemonset) is None
