@@ -45,6 +45,8 @@ IGNORED_PREFLIGHT_ERRORS: tuple[str, ...] = ()
 STATIC_POD_MANIFESTS = ("etcd.yaml", "kube-apiserver.yaml", "kube-controller-manager.yaml", "kube-scheduler.yaml")
 STAMP_NAME = "kubeadm.stamp.json"
 _PHASE_LINE = re.compile(r"^\[[a-z][a-z0-9-]*(/[a-z0-9-]+)?\] ")  # "[certs] Using existing ca certificate ..."
+# A bootstrap token ("abcdef.0123456789abcdef") is a credential: kubeadm prints it, we never pass it on.
+_TOKEN = re.compile(r"\b([a-z0-9]{6})\.[a-z0-9]{16}\b")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
 
 
@@ -100,7 +102,8 @@ async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool)
     argv = [str(kubeadm), *args]
     tail: deque[str] = deque(maxlen=40)
 
-    def on_line(line: str) -> None:
+    def on_line(raw: str) -> None:
+        line = redact(raw)
         tail.append(line)
         ctx.log.info("kubeadm output", line=line)
         if _PHASE_LINE.match(line):
@@ -118,7 +121,13 @@ async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool)
             details={"argv": argv, "output_tail": list(tail)},
         ) from None
     if result.exit_code != 0:
-        raise CommandError(argv, result.exit_code, result.output_tail, retryable=retryable, code="kubeadm_failed")
+        # Our redacted copy of the tail, not the runner's raw one.
+        raise CommandError(argv, result.exit_code, list(tail), retryable=retryable, code="kubeadm_failed")
+
+
+def redact(line: str) -> str:
+    """The line with any bootstrap token's secret half replaced (it goes to logs, events and errors)."""
+    return _TOKEN.sub(r"\1.<redacted>", line)
 
 
 def fail_at(ctx: StepContext) -> float:

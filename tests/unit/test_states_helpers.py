@@ -9,6 +9,7 @@ import pytest
 
 from lifecycle.errors import PermanentError
 from states.addons import load_manifests, workload_problem
+from states.kubeadm import redact
 from states.kubelet import kubeadm_flags
 from states.readiness import not_ready_error, unmet_components
 
@@ -104,3 +105,11 @@ def test_workload_availability() -> None:
     assert workload_problem(daemonset) == "0/1 available"
     daemonset["status"]["numberAvailable"] = 1
     assert workload_problem(daemonset) is None
+
+
+def test_bootstrap_tokens_are_redacted_from_kubeadm_output() -> None:
+    assert redact("[bootstrap-token] Using token: abcdef.0123456789abcdef") == (
+        "[bootstrap-token] Using token: abcdef.<redacted>")
+    assert "0123456789abcdef" not in redact("kubeadm join h:6443 --token abcdef.0123456789abcdef")
+    line = '[certs] apiserver serving cert is signed for DNS names [kubernetes.default.svc] and IPs [10.96.0.1]'
+    assert redact(line) == line
