@@ -119,6 +119,18 @@ class ServiceClient:
         await self._client.publish(self.topics.requests, dumps(request), qos=1, properties=props)
         return correlation
 
+    async def wait_online(self, *, timeout_s: float) -> bool:
+        """Wait until the service's availability is `online`; what else arrives meanwhile is held."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.available != "online":
+                    message = await self.next_message(fresh=True)
+                    if not message.topic.matches(self.topics.availability):
+                        self.hold(message)
+        except TimeoutError:
+            return False
+        return True
+
     async def next_message(self, *, fresh: bool = False) -> aiomqtt.Message:
         """The next message: those held back first, unless `fresh` (only what arrives from now on)."""
         if self._held and not fresh:
@@ -156,8 +168,13 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
         body["kubernetes_version"] = args.kubernetes_version
     watch = bool(getattr(args, "watch", False))
     async with connect(target, events=watch, timeout_s=args.timeout) as client:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.timeout
+        # A service that is starting has not subscribed yet and would never see the request: wait for its
+        # retained `online` (published once it has subscribed), within the same --timeout.
+        await client.wait_online(timeout_s=args.timeout)
         correlation = await client.send(body, timeout_s=args.timeout)
-        reply = await _await_reply(client, correlation, timeout_s=args.timeout)
+        reply = await _await_reply(client, correlation, timeout_s=max(0.5, deadline - loop.time()))
         if reply is None:
             where = " (the service's availability is 'offline')" if client.available == "offline" else ""
             out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{where}")

@@ -131,8 +131,9 @@ class MqttBridge:
 
     async def _session(self) -> None:
         async with self._client as client:
-            await client.publish(self._topics.availability, b"online", qos=1, retain=True)
             await client.subscribe(self._topics.requests, qos=1)
+            # `online` only once subscribed: a client that saw it may send a request and be heard.
+            await client.publish(self._topics.availability, b"online", qos=1, retain=True)
             await client.publish(self._topics.status, dumps(self._status().to_json()), qos=1, retain=True)
             self.connected.set()
             self._log.info("connected", undelivered=len(self._outbox))

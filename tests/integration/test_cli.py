@@ -34,11 +34,8 @@ def node(tmp_path: Path, mqtt_broker: tuple[str, int]) -> Iterator[Node]:
     steer(root, "images", run_s=0.05, progress=3)
     svc = start_service_process(config, root=root, node="clinode", log_path=tmp_path / "service.log")
     flags = ["--config", str(config), "--timeout", "10"]
-    for _ in range(20):  # a request sent before the service subscribed is not seen: ask until it answers
-        if lifecycle("status", "--config", str(config), "--timeout", "0.5").returncode == 0:
-            break
-    else:
-        raise AssertionError(f"the service did not answer:\n{svc.log()}")
+    first = lifecycle("status", *flags)  # sent while the service starts: the CLI waits for its `online`
+    assert first.returncode == 0, first.stderr + svc.log()
     yield Node(root, flags, svc)
     svc.proc.send_signal(signal.SIGTERM)
     svc.wait()
