@@ -95,8 +95,9 @@ class Renderer:
             return
         version = f" ({status['kubernetes_version']})" if status.get("kubernetes_version") else ""
         step = f" step {status['step']}/{status['steps']}" if status.get("step") else ""
+        request = f", request {status['request_id']}" if status.get("request_id") else ""
         self._line(f"node {status.get('node')}: {status.get('state')}{step}{version} since {status.get('since')}"
-                   f", request {status.get('request_id')}")
+                   f"{request}")
         if status.get("error"):
             self._print_error(status["error"])
 
