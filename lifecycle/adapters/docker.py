@@ -130,13 +130,16 @@ class DockerEngine:
             async with self._client()._query(
                 "images/create", "POST", params=params, timeout=_STREAM_TIMEOUT
             ) as response:
-                async for line in response.content:
-                    message = _parse_line(line)
-                    if message is None:
-                        continue
-                    _raise_on_stream_error(message, ref)
-                    sums.update(message)
-                    on_progress(sums.progress(ref, str(message.get("status", ""))))
+                try:
+                    async for line in response.content:
+                        message = _parse_line(line)
+                        if message is None:
+                            continue
+                        _raise_on_stream_error(message, ref)
+                        sums.update(message)
+                        on_progress(sums.progress(ref, str(message.get("status", ""))))
+                finally:
+                    response.close()  # aiodocker's _query leaves it open: drop the connection on any exit
         except DockerError as exc:
             raise _engine_error(exc, f"pulling {ref}") from exc
         except aiohttp.ClientError as exc:
@@ -164,8 +167,13 @@ class DockerEngine:
                 headers={"Accept-Encoding": "identity"},
                 timeout=_STREAM_TIMEOUT,
             ) as response:
-                async for chunk in response.content.iter_chunked(ARCHIVE_CHUNK_BYTES):
-                    yield chunk
+                try:
+                    async for chunk in response.content.iter_chunked(ARCHIVE_CHUNK_BYTES):
+                        yield chunk
+                finally:
+                    # aiodocker's _query leaves it open; an open stream keeps dockerd busy with the container,
+                    # and removing the container would then wait for it.
+                    response.close()
         except DockerError as exc:
             raise _engine_error(exc, f"reading {path} from container {container_id[:12]}") from exc
         except aiohttp.ClientError as exc:

@@ -3,6 +3,7 @@ digests, containers created but never started, and a streamed (not buffered) arc
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -136,4 +137,21 @@ async def test_archive_of_a_missing_path_is_not_found(engine: DockerEngine, dock
         assert info.value.not_found
     finally:
         await engine.remove_container(cid)
+        remove_images(docker_host, [ref])
+
+
+async def test_leaving_an_archive_stream_early_lets_the_container_go(engine: DockerEngine, docker_host: str) -> None:
+    ref = f"lifecycle-test-early-{os.urandom(4).hex()}:v1"
+    import_image(docker_host, ref, [Entry("usr"), Entry("usr/bin"), Entry("usr/bin/big", size_bytes=30 << 20)])
+    cid = await engine.create_container(ref)
+    try:
+        stream = engine.archive(cid, "/usr/bin")
+        async for _ in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        # An unclosed stream keeps dockerd copying, and the removal would wait for it.
+        async with asyncio.timeout(10):
+            await engine.remove_container(cid)
+        assert containers_from(docker_host, ref) == []
+    finally:
         remove_images(docker_host, [ref])

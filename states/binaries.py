@@ -1,0 +1,214 @@
+"""binaries: copy kubeadm, kubelet, kubectl and crictl out of the binaries image into `<root>/usr/bin` (0755).
+
+Records `<state_dir>/binaries.json` (image id, sha256 per file). Done when the record's image id is the local id
+of the binaries image and every file still has its recorded sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.ports import EngineError
+from lifecycle.step import StepContext
+from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, extract_source, plan_sources
+
+RECORD_NAME = "binaries.json"
+PROGRESS_INTERVAL_S = 0.25
+T = TypeVar("T")
+
+
+class Binaries:
+    name = "binaries"
+    timeout_s = 300.0
+    retries = 2  # a copy is idempotent: safe to repeat
+
+    async def is_done(self, ctx: StepContext) -> bool:
+        record = _read_record(ctx.paths.state_dir / RECORD_NAME)
+        if record is None or set(record["files"]) != set(_names(ctx)):
+            return False
+        try:
+            image_id = await ctx.ports.docker.image_id(self._image(ctx))
+        except EngineError:
+            return False
+        if image_id is None or image_id != record["image_id"]:
+            return False
+        actual = await asyncio.to_thread(_hash_files, ctx.paths.bin_dir, list(record["files"]))
+        return actual == {name: entry["sha256"] for name, entry in record["files"].items()}
+
+    async def run(self, ctx: StepContext) -> None:
+        image = self._image(ctx)
+        sources = _sources(ctx)
+        image_id = await _local_image_id(ctx, image)
+        bin_dir = ctx.paths.bin_dir
+        await asyncio.to_thread(_prepare_dir, bin_dir)
+        container = await _engine_call(ctx.ports.docker.create_container(image), f"creating a container from {image}")
+        extracted: list[Extracted] = []
+        try:
+            for source in sources:
+                extracted += await _copy_source(ctx, container, source)
+            await asyncio.to_thread(_install, bin_dir, extracted)
+        finally:
+            await asyncio.to_thread(_discard, extracted)  # temp files left only if something failed
+            await _remove_container(ctx, container)
+        record = {
+            "image": image,
+            "image_id": image_id,
+            "files": {e.name: {"sha256": e.sha256, "size_bytes": e.size_bytes} for e in extracted},
+        }
+        await asyncio.to_thread(_write_record, ctx.paths.state_dir / RECORD_NAME, record)
+        total = sum(e.size_bytes for e in extracted)
+        ctx.progress(f"installed {', '.join(e.name for e in extracted)}", current=total, total=total, unit="bytes")
+
+    async def before_retry(self, ctx: StepContext) -> None:
+        return None  # run() cleans its own temp files and container; installed files are replaced atomically
+
+    def _image(self, ctx: StepContext) -> str:
+        return ctx.config.kubernetes.binaries_image_for(ctx.cluster.kubernetes_version)
+
+
+def _names(ctx: StepContext) -> list[str]:
+    return [name.rsplit("/", 1)[-1] for name in ctx.config.kubernetes.binaries]
+
+
+def _sources(ctx: StepContext) -> list[ArchiveSource]:
+    try:
+        return plan_sources(ctx.config.kubernetes.binaries)
+    except ValueError as exc:
+        raise PermanentError(f"kubernetes.binaries: {exc}", code="invalid_config") from exc
+
+
+async def _engine_call(call: Awaitable[T], doing: str) -> T:
+    try:
+        return await call
+    except EngineError as exc:
+        if exc.not_found:
+            raise PermanentError(f"{doing}: {exc.message}", code="image_missing") from exc
+        raise TemporaryError(f"{doing}: {exc.message}", code="engine_failed") from exc
+
+
+async def _local_image_id(ctx: StepContext, image: str) -> str:
+    image_id = await _engine_call(ctx.ports.docker.image_id(image), f"inspecting {image}")
+    if image_id is None:
+        raise PermanentError(
+            f"the binaries image {image} is not in the container engine (the images step pulls it)",
+            code="image_missing",
+        )
+    return image_id
+
+
+async def _remove_container(ctx: StepContext, container: str) -> None:
+    # Shielded: a cancelled step still removes its container; a second cancel leaves the removal running.
+    removal = asyncio.create_task(ctx.ports.docker.remove_container(container), name=f"binaries-rm-{container[:12]}")
+    try:
+        await asyncio.shield(removal)
+    except EngineError as exc:
+        ctx.log.warning("could not remove the copy container", container=container, error=exc.message)
+
+
+async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) -> list[Extracted]:
+    """Stream one archive into a worker thread that checks and writes each entry as it arrives."""
+    pipe = ChunkPipe(asyncio.get_running_loop())
+    limit = ctx.config.kubernetes.binary_max_bytes
+    extract = asyncio.create_task(
+        asyncio.to_thread(extract_source, pipe, source, ctx.paths.bin_dir, limit),
+        name=f"binaries-extract-{source.path}",
+    )
+    feed = asyncio.create_task(_feed(ctx, container, source.path, pipe), name=f"binaries-feed-{source.path}")
+    try:
+        await asyncio.wait({extract, feed}, return_when=asyncio.FIRST_EXCEPTION)
+        failures = [t.exception() for t in (extract, feed) if t.done() and not t.cancelled() and t.exception()]
+        # The extractor fails with ChunkPipe.Aborted only because the feed failed: report the feed's error.
+        failures.sort(key=lambda exc: isinstance(exc, ChunkPipe.Aborted))
+        if failures:
+            raise failures[0]  # type: ignore[misc]
+        return extract.result()
+    finally:
+        feed.cancel()
+        pipe.abort()  # wakes the thread if it still waits for data
+        await asyncio.gather(feed, extract, return_exceptions=True)  # the thread removes its temp files
+
+
+async def _feed(ctx: StepContext, container: str, path: str, pipe: ChunkPipe) -> None:
+    last_s = 0.0
+    loop = asyncio.get_running_loop()
+    chunks = ctx.ports.docker.archive(container, path)
+    try:
+        async for chunk in chunks:
+            await pipe.put(chunk)
+            if loop.time() - last_s >= PROGRESS_INTERVAL_S:
+                last_s = loop.time()
+                ctx.progress(f"extracting {path}", current=pipe.consumed_bytes, unit="bytes")
+    except EngineError as exc:
+        if exc.not_found:
+            raise PermanentError(f"{path} is not in the binaries image: {exc.message}", code="bad_image") from exc
+        raise TemporaryError(f"streaming {path} from the binaries image: {exc.message}", code="engine_failed") from exc
+    finally:
+        close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
+        if close is not None:
+            await close()
+    await pipe.close()
+
+
+def _prepare_dir(bin_dir: Path) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for stale in bin_dir.glob(".*.lifecycle-*"):  # temp files of an attempt that crashed
+        stale.unlink(missing_ok=True)
+
+
+def _install(bin_dir: Path, extracted: list[Extracted]) -> None:
+    for entry in extracted:
+        entry.temp_path.replace(bin_dir / entry.name)
+    dir_fd = os.open(bin_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the renames survive a crash
+    finally:
+        os.close(dir_fd)
+
+
+def _discard(extracted: list[Extracted]) -> None:
+    for entry in extracted:
+        entry.temp_path.unlink(missing_ok=True)
+
+
+def _hash_files(bin_dir: Path, names: list[str]) -> dict[str, str | None]:
+    hashes: dict[str, str | None] = {}
+    for name in names:
+        digest = hashlib.sha256()
+        try:
+            with open(bin_dir / name, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            hashes[name] = digest.hexdigest()
+        except OSError:
+            hashes[name] = None
+    return hashes
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return None
+    files = record["files"]
+    if not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in files.values()):
+        return None
+    return record
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    temp.replace(path)

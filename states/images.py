@@ -1,0 +1,142 @@
+"""images: pull the binaries, control-plane and addon images through the container engine, several at once.
+
+Leaves them in the engine. Done when each is present locally and, when the registry can be asked, has the
+registry's current digest among its RepoDigests (offline, a local copy counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.ports import ContainerEngine, EngineError, PullProgress
+from lifecycle.step import StepContext
+
+PROGRESS_INTERVAL_S = 0.25  # per image: a few lines a second, whatever the engine's rate
+PULL_RETRY_DELAY_S = 2.0
+T = TypeVar("T")
+
+
+def wanted_images(ctx: StepContext) -> list[str]:
+    """Every reference the install needs, in a stable order, each once."""
+    k8s = ctx.config.kubernetes
+    version = ctx.cluster.kubernetes_version
+    refs = [k8s.binaries_image_for(version), *k8s.images_for(version).values(), *k8s.addon_images]
+    return list(dict.fromkeys(refs))
+
+
+def _repository(ref: str) -> str:
+    if "@" in ref:
+        return ref.split("@", 1)[0]
+    name_start = ref.rfind("/") + 1
+    colon = ref.rfind(":")
+    return ref[:colon] if colon > name_start else ref
+
+
+async def up_to_date(engine: ContainerEngine, ref: str) -> tuple[bool, str]:
+    """(is the local copy good, why) for one reference."""
+    if await engine.image_id(ref) is None:
+        return False, "not present"
+    if "@" in ref:
+        return True, "present (pinned by digest)"
+    digest = await engine.registry_digest(ref)
+    if digest is None:
+        return True, "present (registry not reachable: keeping the local copy)"
+    if f"{_repository(ref)}@{digest}" in await engine.repo_digests(ref):
+        return True, "present with the registry's digest"
+    return False, f"registry has a newer digest {digest[:19]}"
+
+
+class Images:
+    name = "images"
+    timeout_s = 1800.0
+    retries = 3  # a pull resumes from the layers it already has: safe to repeat
+
+    async def is_done(self, ctx: StepContext) -> bool:
+        limit = asyncio.Semaphore(ctx.config.docker.pull_concurrency)
+
+        async def check(ref: str) -> bool:
+            async with limit:
+                good, _ = await up_to_date(ctx.ports.docker, ref)
+                return good
+
+        try:
+            results = await _all(ctx, "images-check", [(ref, check(ref)) for ref in wanted_images(ctx)])
+        except EngineError:
+            return False  # cannot tell: run() asks again and reports the engine's error
+        return all(results)
+
+    async def run(self, ctx: StepContext) -> None:
+        refs = wanted_images(ctx)
+        limit = asyncio.Semaphore(ctx.config.docker.pull_concurrency)
+        ctx.log.info("images wanted", count=len(refs), concurrency=ctx.config.docker.pull_concurrency)
+        await _all(ctx, "images-pull", [(ref, self._one(ctx, ref, limit)) for ref in refs])
+
+    async def _one(self, ctx: StepContext, ref: str, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            try:
+                good, why = await up_to_date(ctx.ports.docker, ref)
+                if good:
+                    ctx.progress(f"skipped {ref}: {why}")
+                    return
+                ctx.log.info("pulling image", image=ref, reason=why)
+                throttle = _ProgressThrottle(ctx, ref)
+                image_id = await ctx.ports.docker.pull(ref, on_progress=throttle)
+                throttle.finish()
+            except EngineError as exc:
+                raise _classify(ref, exc) from exc
+            ctx.log.info("pulled image", image=ref, image_id=image_id)
+
+    async def before_retry(self, ctx: StepContext) -> None:
+        return None  # the engine keeps complete layers; nothing to undo
+
+
+async def _all(ctx: StepContext, prefix: str, jobs: list[tuple[str, Coroutine[Any, Any, T]]]) -> list[T]:
+    """Run the jobs concurrently; the first failure cancels the others and propagates as itself (no group)."""
+    tasks = [asyncio.create_task(job, name=f"{prefix}-{ref}") for ref, job in jobs]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _ProgressThrottle:
+    """Forwards pull progress at most every PROGRESS_INTERVAL_S; `finish` always sends the last one."""
+
+    def __init__(self, ctx: StepContext, ref: str) -> None:
+        self._ctx = ctx
+        self._ref = ref
+        self._last_s = 0.0
+        self._latest: PullProgress | None = None
+        self._sent_latest = False
+
+    def __call__(self, progress: PullProgress) -> None:
+        self._latest, self._sent_latest = progress, False
+        now_s = time.monotonic()
+        if now_s - self._last_s >= PROGRESS_INTERVAL_S:
+            self._last_s = now_s
+            self._send()
+
+    def finish(self) -> None:
+        if self._latest is not None and not self._sent_latest:
+            self._send()
+
+    def _send(self) -> None:
+        assert self._latest is not None
+        self._sent_latest = True
+        self._ctx.progress(
+            f"pulling {self._ref}", current=self._latest.current_bytes, total=self._latest.total_bytes, unit="bytes"
+        )
+
+
+def _classify(ref: str, exc: EngineError) -> PermanentError | TemporaryError:
+    if exc.not_found:
+        return PermanentError(f"image {ref} not found: {exc.message}", code="image_not_found", details={"image": ref})
+    return TemporaryError(
+        f"pull of {ref} failed: {exc.message}", code="pull_failed", delay_s=PULL_RETRY_DELAY_S, details={"image": ref}
+    )
