@@ -95,6 +95,12 @@ class BadRequestError(RequestError):
         self.reply_to = reply_to
 
 
+def _shown(value: object) -> str:
+    """A value as quoted in an error message, cut short: the message goes back to the sender and to the log."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def valid_reply_topic(topic: str) -> bool:
     """A topic a reply may be published to: non-empty, no wildcards, no NUL, not too long."""
     return 0 < len(topic) <= MAX_TOPIC_CHARS and not any(c in topic for c in "+#\x00")
@@ -122,21 +128,21 @@ def parse_request(payload: bytes) -> Request:
         return BadRequestError(code, message, request_id=readable_id, reply_to=readable_reply_to)
 
     if readable_id is None:
-        raise bad("invalid_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters, got {request_id!r}")
+        raise bad("invalid_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters, got {_shown(request_id)}")
     if reply_to is not None and readable_reply_to is None:
-        raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards, got {reply_to!r}")
+        raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards, got {_shown(reply_to)}")
     action = raw.get("action")
     if not isinstance(action, str):
-        raise bad("invalid_request", f"'action' must be a string, got {action!r}")
+        raise bad("invalid_request", f"'action' must be a string, got {_shown(action)}")
     if action not in Action.__members__.values():
         known = ", ".join(a.value for a in Action)
-        raise bad("unknown_action", f"unknown action {action!r} (known: {known})")
+        raise bad("unknown_action", f"unknown action {_shown(action)} (known: {known})")
     version = raw.get("kubernetes_version")
     if version is not None:
         if action != Action.INSTALL:
-            raise bad("invalid_request", f"'kubernetes_version' only goes with 'install', not {action!r}")
+            raise bad("invalid_request", f"'kubernetes_version' only goes with 'install', not {_shown(action)}")
         if not isinstance(version, str) or not _VERSION_RE.match(version):
-            raise bad("invalid_request", f"'kubernetes_version' must look like v1.31.4, got {version!r}")
+            raise bad("invalid_request", f"'kubernetes_version' must look like v1.31.4, got {_shown(version)}")
     return Request(id=readable_id, action=Action(action), kubernetes_version=version, reply_to=readable_reply_to)
 
 

@@ -17,7 +17,6 @@ from lifecycle.bus import BusItem, Subscription
 from lifecycle.config import MqttConfig
 from lifecycle.logging import get_logger
 from lifecycle.protocol import (
-    MAX_PAYLOAD_BYTES,
     BadRequestError,
     Event,
     Reply,
@@ -172,20 +171,14 @@ class MqttBridge:
         correlation: bytes | None = getattr(props, "CorrelationData", None)
         if response_topic is not None and not valid_reply_topic(response_topic):
             response_topic = None
-        reply_to: str | None
-        if len(payload) > MAX_PAYLOAD_BYTES:  # checked before any parsing
-            reply_to = None
-            reply = self._rejected(None, "payload_too_large",
-                                   f"request is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}")
+        try:
+            request = parse_request(payload)  # checks the size limit before anything else
+        except BadRequestError as exc:
+            reply_to = exc.reply_to
+            reply = self._rejected(exc.request_id, exc.code, exc.message)
         else:
-            try:
-                request = parse_request(payload)
-            except BadRequestError as exc:
-                reply_to = exc.reply_to
-                reply = self._rejected(exc.request_id, exc.code, exc.message)
-            else:
-                reply_to = request.reply_to
-                reply = await self._handle(request)
+            reply_to = request.reply_to
+            reply = await self._handle(request)
         target = response_topic or reply_to
         if reply.error is not None:
             self._log.info("request rejected", request_id=reply.id, code=reply.error[0], error=reply.error[1])

@@ -186,3 +186,9 @@ def test_scrub_cuts_private_keys_out_of_text_and_line_lists() -> None:
     assert scrub({"tail": ["a", *pem.splitlines(), "b"], "n": 3}) == {"tail": ["a", REDACTED_KEY, "b"], "n": 3}
     assert scrub("-----BEGIN RSA PRIVATE KEY-----\ncut off") == REDACTED_KEY  # a truncated key goes too
     assert scrub("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----").startswith("-----BEGIN CERT")
+
+
+def test_error_messages_quote_bad_values_cut_short() -> None:
+    with pytest.raises(BadRequestError) as info:
+        parse_request(json.dumps({"id": "x" * 5000, "action": "install"}).encode())
+    assert info.value.code == "invalid_request" and len(info.value.message) < 160
