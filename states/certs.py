@@ -1,0 +1,97 @@
+"""certs: the kubeadm PKI in `<root>/etc/kubernetes/pki`, the five kubeconfigs, and the kubeadm config.
+
+Valid files are kept as they are; invalid or missing ones are issued from the existing CAs (a new CA only when
+its own files are unusable). Done when every file is valid for the current config and the kubeadm config is
+exactly what would be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lifecycle.errors import PermanentError
+from lifecycle.kubefiles import render_kubeadm_config
+from lifecycle.pki import (
+    PkiError,
+    PkiParams,
+    PlannedFile,
+    plan_pki,
+    read_existing,
+    rooted_reader,
+    validate_pki,
+    write_atomic,
+    write_files,
+)
+from lifecycle.step import StepContext
+
+KUBEADM_CONFIG_MODE = 0o644
+
+
+class Certs:
+    name = "certs"
+    timeout_s = 60.0
+    retries = 0  # failures here are bad config or a broken disk: repeating does not help
+
+    async def is_done(self, ctx: StepContext) -> bool:
+        params = _params(ctx)
+        paths = ctx.paths
+        try:
+            problems = await asyncio.to_thread(
+                validate_pki, paths.pki_dir, params, kubeconfig_dir=paths.kubernetes_dir, root=paths.root
+            )
+            wanted_config = _kubeadm_config(ctx)
+        except ValueError:
+            return False  # bad config: run() says what is wrong
+        if problems:
+            ctx.log.info("pki needs work", problems=[str(p) for p in problems[:8]], count=len(problems))
+            return False
+        return await asyncio.to_thread(_read_or_none, paths.kubeadm_config) == wanted_config
+
+    async def run(self, ctx: StepContext) -> None:
+        paths = ctx.paths
+        kubeadm_config = _kubeadm_config(ctx)
+        planned = await asyncio.to_thread(_plan, ctx, _params(ctx))
+        config_changed = await asyncio.to_thread(_read_or_none, paths.kubeadm_config) != kubeadm_config
+        await asyncio.to_thread(write_files, planned, pki_dir=paths.pki_dir, kubeconfig_dir=paths.kubernetes_dir)
+        if config_changed:
+            await asyncio.to_thread(write_atomic, paths.kubeadm_config, kubeadm_config, KUBEADM_CONFIG_MODE)
+        for index, item in enumerate(planned, start=1):
+            ctx.progress(f"wrote {item.name}: {item.reason}", current=index, total=len(planned), unit="files")
+        if not planned:
+            ctx.progress("kept every certificate and kubeconfig")
+        ctx.log.info("pki ready", written=[item.name for item in planned], kubeadm_config_written=config_changed)
+
+    async def before_retry(self, ctx: StepContext) -> None:
+        return None  # every file is replaced atomically: a partial run leaves only valid or stale files
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _params(ctx: StepContext) -> PkiParams:
+    return PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port)
+
+
+def _kubeadm_config(ctx: StepContext) -> bytes:
+    return render_kubeadm_config(ctx.config, ctx.cluster, certificates_dir=ctx.paths.pki_dir)
+
+
+def _plan(ctx: StepContext, params: PkiParams) -> list[PlannedFile]:
+    """All checks and all generation, before anything is written (runs in a worker thread)."""
+    paths = ctx.paths
+    existing = read_existing(paths.pki_dir, paths.kubernetes_dir)
+    try:
+        planned, _ = plan_pki(
+            existing, params, now=datetime.now(UTC), read_file=rooted_reader(paths.root, paths.kubernetes_dir)
+        )
+    except ValueError as exc:
+        raise PermanentError(str(exc), code="invalid_config") from exc
+    except PkiError as exc:
+        raise PermanentError(str(exc), code="pki_incomplete", details={"file": exc.file}) from exc
+    return planned
