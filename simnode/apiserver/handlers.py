@@ -6,20 +6,26 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from aiohttp import web
 
 from simnode.apiserver import discovery, printing
 from simnode.apiserver.api import Api
 from simnode.apiserver.errors import ApiError, bad_request, method_not_allowed, resource_not_found, unauthorized
 from simnode.apiserver.health import Health
+from simnode.apiserver.httputil import (
+    Target,
+    decode,
+    json_response,
+    negotiate,
+    parse_target,
+    read_body,
+    text_response,
+    truthy,
+)
 from simnode.apiserver.patch import json_patch, merge_patch, strategic_merge
-from simnode.apiserver.protobody import decode_object
-from simnode.apiserver.protowire import ProtoError
-from simnode.apiserver.resources import ResourceType, lookup
+from simnode.apiserver.resources import ResourceType
 from simnode.apiserver.selectors import parse_selector
 from simnode.apiserver.store import Obj, Store
 from simnode.apiserver.tls import IDENTITY_KEY, Identity
@@ -27,7 +33,6 @@ from simnode.apiserver.watch import WatchRequest, parse_timeout, serve_watch
 
 log = logging.getLogger("simnode.apiserver.http")
 
-MAX_BODY_BYTES = 3 * 1024 * 1024
 _PUBLIC = ("version", "healthz", "livez", "readyz")
 _APPLY = "application/apply-patch+yaml"
 _PATCHES = {
@@ -36,95 +41,6 @@ _PATCHES = {
     "application/strategic-merge-patch+json": "strategic",
     _APPLY: "apply",
 }
-
-
-@dataclass
-class Target:
-    rt: ResourceType
-    namespace: str | None  # None: cluster-scoped, or all namespaces
-    name: str | None
-    sub: str
-    legacy_watch: bool
-
-
-def parse_target(group: str, version: str, parts: list[str]) -> Target | None:
-    legacy = bool(parts) and parts[0] == "watch"
-    if legacy:
-        parts = parts[1:]
-    namespace = None
-    if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] not in ("status", "finalize"):
-        namespace, parts = parts[1], parts[2:]
-    if not parts or len(parts) > 3:
-        return None
-    if group == "" and parts[0] == "bindings" and namespace is not None and len(parts) == 1:
-        pods = lookup("", "v1", "pods")
-        assert pods is not None
-        return Target(pods, namespace, None, "bindings", False)
-    rt = lookup(group, version, parts[0])
-    if rt is None or (namespace is not None and not rt.namespaced):
-        return None
-    sub = parts[2] if len(parts) == 3 else ""
-    if sub and sub not in rt.subresources:
-        return None
-    return Target(rt, namespace, parts[1] if len(parts) >= 2 else None, sub, legacy)
-
-
-def negotiate(accept: str) -> tuple[str, str]:
-    """("Table" | "Partial" | "json", meta.k8s.io version) from an Accept header."""
-    for clause in accept.split(","):
-        media, *raw = (s.strip() for s in clause.split(";"))
-        if media not in ("application/json", "*/*", "application/*", ""):
-            continue
-        params = dict(p.split("=", 1) for p in raw if "=" in p)
-        as_kind = params.get("as")
-        if as_kind is None:
-            return "json", ""
-        if params.get("g") == "meta.k8s.io" and params.get("v") in ("v1", "v1beta1"):
-            if as_kind == "Table":
-                return "Table", params["v"]
-            if as_kind in ("PartialObjectMetadata", "PartialObjectMetadataList"):
-                return "Partial", params["v"]
-    return "json", ""
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
-                        content_type="application/json")
-
-
-def text_response(text: str, status: int = 200) -> web.Response:
-    return web.Response(text=text, status=status, content_type="text/plain",
-                        headers={"X-Content-Type-Options": "nosniff"})
-
-
-def _truthy(value: str | None) -> bool:
-    return value is not None and value.lower() in ("1", "true", "yes")
-
-
-async def read_body(request: web.BaseRequest) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, "RequestEntityTooLarge", f"Request entity too large: limit is {MAX_BODY_BYTES}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def decode(data: bytes, content_type: str) -> Any:
-    if content_type == "application/vnd.kubernetes.protobuf":
-        try:
-            return decode_object(data)
-        except (ProtoError, UnicodeDecodeError) as exc:
-            raise ApiError(415, "UnsupportedMediaType", f"cannot decode the protobuf body: {exc}") from exc
-    if not data.strip():
-        raise bad_request("the request body is empty")
-    try:
-        if "yaml" in content_type:
-            return yaml.safe_load(data)
-        return json.loads(data)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise bad_request(f"couldn't decode the request body as {content_type or 'JSON'}: {exc}") from exc
 
 
 class Handler:
@@ -288,7 +204,7 @@ class Handler:
                               "metadata": {"resourceVersion": rv}, "items": objs})
 
     async def _get(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
-        if t.legacy_watch or _truthy(request.query.get("watch")):
+        if t.legacy_watch or truthy(request.query.get("watch")):
             if t.sub:
                 raise method_not_allowed()
             return await self._watch(request, t)
@@ -324,8 +240,8 @@ class Handler:
             matches=self._selector_matcher(request, t),
             resource_version=q.get("resourceVersion", ""),
             timeout_s=parse_timeout(q.get("timeoutSeconds")),
-            bookmarks=_truthy(q.get("allowWatchBookmarks")),
-            send_initial=_truthy(q.get("sendInitialEvents")),
+            bookmarks=truthy(q.get("allowWatchBookmarks")),
+            send_initial=truthy(q.get("sendInitialEvents")),
             render=render,
         )
         return await serve_watch(request, self.store, wr, self.stopping)
@@ -367,7 +283,7 @@ class Handler:
             if t.sub == "scale":
                 raise method_not_allowed()
             obj, created = self.api.apply(t.rt, ns, t.name, patch, manager=manager,
-                                          force=_truthy(request.query.get("force")), dry_run=dry, subresource=t.sub)
+                                          force=truthy(request.query.get("force")), dry_run=dry, subresource=t.sub)
             return json_response(obj, 201 if created else 200)
         if t.sub == "scale":
             current = self.api.scale(t.rt, self.api.get(t.rt, ns, t.name))
@@ -389,7 +305,7 @@ class Handler:
         q = request.query
         if q.get("propagationPolicy"):
             options["propagationPolicy"] = q["propagationPolicy"]
-        if _truthy(q.get("orphanDependents")) or options.get("orphanDependents") is True:
+        if truthy(q.get("orphanDependents")) or options.get("orphanDependents") is True:
             options["propagationPolicy"] = "Orphan"
         if options.get("propagationPolicy") not in (None, "Orphan", "Background", "Foreground"):
             raise bad_request(f"propagationPolicy: Unsupported value: {options['propagationPolicy']!r}")

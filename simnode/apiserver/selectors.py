@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from simnode.apiserver.errors import ApiError, bad_request
+from simnode.apiserver.errors import bad_request
 
 _KEY = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
 _VALUE = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?"
@@ -158,10 +157,3 @@ class Selector:
 
 def parse_selector(label_text: str, field_text: str, plural: str) -> Selector:
     return Selector(parse_label_selector(label_text), parse_field_selector(field_text, plural))
-
-
-def matcher(sel: Selector) -> Callable[[dict[str, Any]], bool]:
-    return sel.matches
-
-
-__all__ = ["ApiError", "Selector", "parse_selector"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from simnode.apiserver.errors import ApiError, bad_request, invalid
+from simnode.apiserver.errors import bad_request, invalid
 from simnode.apiserver.resources import ResourceType
 
 _SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -135,6 +135,3 @@ def validate(rt: ResourceType, obj: dict[str, Any]) -> None:
         causes += _pod_spec(rt, name, template.get("spec"), "spec.template.spec")
     if causes:
         raise invalid(rt, name, causes)
-
-
-__all__ = ["ApiError", "check_name", "check_shape", "validate"]
