@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,6 +174,8 @@ def test_get_watch_sees_changes(apiserver: ApiServer) -> None:
             "get", "configmap", "watched", "-w", "--request-timeout=0"]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={"HOME": str(apiserver.home), "PATH": "/usr/bin:/bin"}) as watcher:
+        guard = threading.Timer(20, watcher.kill)  # a stuck watch ends in EOF and a failed assertion, not a hang
+        guard.start()
         try:
             assert watcher.stdout is not None
             header = watcher.stdout.readline()
@@ -185,6 +188,7 @@ def test_get_watch_sees_changes(apiserver: ApiServer) -> None:
                 line = watcher.stdout.readline()
             assert line.split()[:2] == ["watched", "2"]
         finally:
+            guard.cancel()
             watcher.terminate()
 
 
