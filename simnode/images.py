@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -102,15 +103,22 @@ class PadReader:
         self._seed = seed
         self._remaining = size_bytes
         self._block_index = 0
-        self._buf = b""
+        self._block = b""
+        self._offset = 0  # read position in the current block; slicing a moving tail would copy it per read
 
     def read(self, n: int = -1) -> bytes:
         want = self._remaining if n < 0 else min(n, self._remaining)
-        while len(self._buf) < want:
-            block = random.Random(f"{self._seed}:{self._block_index}").randbytes(PAD_BLOCK_BYTES)
-            self._buf += block
-            self._block_index += 1
-        out, self._buf = self._buf[:want], self._buf[want:]
+        parts: list[bytes] = []
+        while want > 0:
+            if self._offset == len(self._block):
+                self._block = random.Random(f"{self._seed}:{self._block_index}").randbytes(PAD_BLOCK_BYTES)
+                self._block_index += 1
+                self._offset = 0
+            part = self._block[self._offset : self._offset + want]
+            self._offset += len(part)
+            want -= len(part)
+            parts.append(part)
+        out = b"".join(parts)
         self._remaining -= len(out)
         return out
 
@@ -151,21 +159,10 @@ def write_context(spec: ImageSpec, out: IO[bytes], inputs_sha256: str) -> None:
             tar.addfile(info, src)
 
         dockerfile = spec.dockerfile(inputs_sha256).encode()
-        add("Dockerfile", len(dockerfile), _BytesReader(dockerfile))
+        add("Dockerfile", len(dockerfile), io.BytesIO(dockerfile))
         add("pad", spec.pad_size_bytes, PadReader(spec.pad_seed(), spec.pad_size_bytes))
         for path, data in sorted(spec.files.items()):
-            add(path, len(data), _BytesReader(data), 0o755)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        out = self._data[self._pos : end]
-        self._pos += len(out)
-        return out
+            add(path, len(data), io.BytesIO(data), 0o755)
 
 
 class _ChunkedFile:
