@@ -1,5 +1,4 @@
 """The YAML files made next to the PKI: kubeconfigs with embedded credentials, and the kubeadm config.
-
 Pure rendering and parsing (no crypto, no disk): `lifecycle.pki` decides what goes in and checks what comes out.
 """
 

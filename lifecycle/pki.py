@@ -1,7 +1,5 @@
-"""The kubeadm PKI and kubeconfigs on disk: which files to keep, which to (re)issue, and writing them.
-
-`plan_pki` is pure (contents in, planned files out; all generation happens there, before anything is written);
-`read_existing`, `validate_pki` and `earliest_expiry` read; `write_files` writes each file tmp + fsync + rename.
+"""The kubeadm PKI and kubeconfigs on disk: which files to keep, which to (re)issue (`plan_pki`, pure: all
+generation happens before anything is written), checks (`validate_pki`, `earliest_expiry`), and atomic writes.
 Key material never appears in a message, a log line or a repr.
 """
 

@@ -1,8 +1,6 @@
-"""Checked extraction of a tar stream as it arrives: only expected regular files, each under a size limit.
-
-Runs in a worker thread fed from the event loop through `ChunkPipe`. Leaves each accepted file as a fsynced
-mode-0755 temp file next to its destination (the caller renames them all once every entry is checked); on any
-error it removes what it wrote.
+"""Checked extraction of a tar stream as it arrives (worker thread fed through `ChunkPipe`): only expected
+regular files, each under a size limit. Leaves each as a fsynced 0755 temp file next to its destination, for
+the caller to rename once every entry is checked; on any error removes what it wrote.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""binaries: copy kubeadm, kubelet, kubectl and crictl out of the binaries image into `<root>/usr/bin` (0755).
-
-Records `<state_dir>/binaries.json` (image id, sha256 per file). Done when the record's image id is the local id
-of the binaries image and every file still has its recorded sha256.
+"""binaries: copy kubeadm, kubelet, kubectl and crictl out of the binaries image into `<root>/usr/bin` (0755),
+recorded in `<state_dir>/binaries.json` (image id, sha256 per file). Done when the record's image id is the local
+id of the binaries image and every file still has its recorded sha256.
 """
 
 from __future__ import annotations
@@ -55,8 +54,8 @@ class Binaries:
                 extracted += await _copy_source(ctx, container, source)
             await asyncio.to_thread(_install, bin_dir, extracted)
         finally:
-            await asyncio.to_thread(_discard, extracted)  # temp files left only if something failed
             await _remove_container(ctx, container)
+            await asyncio.to_thread(_discard, extracted)  # temp files left only if something failed
         record = {
             "image": image,
             "image_id": image_id,
@@ -123,11 +122,11 @@ async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) 
     feed = asyncio.create_task(_feed(ctx, container, source.path, pipe), name=f"binaries-feed-{source.path}")
     try:
         await asyncio.wait({extract, feed}, return_when=asyncio.FIRST_EXCEPTION)
-        failures = [t.exception() for t in (extract, feed) if t.done() and not t.cancelled() and t.exception()]
+        failures = [exc for t in (extract, feed) if t.done() and not t.cancelled() and (exc := t.exception())]
         # The extractor fails with ChunkPipe.Aborted only because the feed failed: report the feed's error.
         failures.sort(key=lambda exc: isinstance(exc, ChunkPipe.Aborted))
         if failures:
-            raise failures[0]  # type: ignore[misc]
+            raise failures[0]
         return extract.result()
     finally:
         feed.cancel()

@@ -1,8 +1,6 @@
-"""certs: the kubeadm PKI in `<root>/etc/kubernetes/pki`, the five kubeconfigs, and the kubeadm config.
-
-Valid files are kept as they are; invalid or missing ones are issued from the existing CAs (a new CA only when
-its own files are unusable). Done when every file is valid for the current config and the kubeadm config is
-exactly what would be written.
+"""certs: the kubeadm PKI in `<root>/etc/kubernetes/pki`, the five kubeconfigs and the kubeadm config; valid
+files are kept, the rest issued from the existing CAs. Done when every file is valid for the current config and
+the kubeadm config is exactly what would be written.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """images: pull the binaries, control-plane and addon images through the container engine, several at once.
-
-Leaves them in the engine. Done when each is present locally and, when the registry can be asked, has the
-registry's current digest among its RepoDigests (offline, a local copy counts).
+Leaves them in the engine. Done when each is present and, if the registry can be asked, has its current digest
+among its RepoDigests (offline, a local copy counts).
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """`ContainerEngine` over the Docker Engine API (aiodocker): inspect, pull with byte progress, copy files out.
-
 Leaves pulled images in the engine; the containers it creates are never started and are removed by the caller.
 """
 

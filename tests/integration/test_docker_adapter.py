@@ -4,7 +4,9 @@ digests, containers created but never started, and a streamed (not buffered) arc
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
@@ -155,3 +157,29 @@ async def test_leaving_an_archive_stream_early_lets_the_container_go(engine: Doc
         assert containers_from(docker_host, ref) == []
     finally:
         remove_images(docker_host, [ref])
+
+
+def _delete_first_layer(registry: str, name: str, tag: str) -> None:
+    """Through the registry API (delete is enabled): the manifest stays, its first layer blob is gone."""
+    request = urllib.request.Request(f"http://{registry}/v2/{name}/manifests/{tag}",
+                                     headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        layer = json.load(resp)["layers"][0]["digest"]
+    delete = urllib.request.Request(f"http://{registry}/v2/{name}/blobs/{layer}", method="DELETE")
+    with urllib.request.urlopen(delete, timeout=10) as resp:
+        assert resp.status == 202
+
+
+async def test_an_error_inside_the_200_pull_stream_raises(
+    engine: DockerEngine, docker_host: str, registry: str
+) -> None:
+    """The registry loses a layer: dockerd answers 200 and reports the error as a message in the stream."""
+    repo = f"{unique_repo(registry, 'blobgone')}/img"
+    push_image(docker_host, f"{repo}:v1", [Entry("blob", os.urandom(100_000), mode=0o644)])
+    _delete_first_layer(registry, repo.split("/", 1)[1], "v1")
+    statuses: list[str] = []
+    with pytest.raises(EngineError) as info:
+        await engine.pull(f"{repo}:v1", on_progress=lambda p: statuses.append(p.status))
+    assert "unknown blob" in info.value.message and not info.value.not_found
+    assert "Pulling fs layer" in statuses, "the stream had started: this error came inside it"
+    assert await engine.image_id(f"{repo}:v1") is None
