@@ -84,9 +84,10 @@ class Addons:
                 for index, obj in enumerate(objects, start=1):
                     await _apply(api, obj)
                     ctx.progress(f"applied {obj.label()}", current=index, total=len(objects))
-                await _wait_available(ctx, api, [o for o in objects if (o.api_version, o.kind) in WORKLOAD_KINDS])
+                workloads = [o for o in objects if (o.api_version, o.kind) in WORKLOAD_KINDS]
+                await _wait_available(ctx, api=api, workloads=workloads)
         except KubeApiError as exc:
-            raise _api_error(exc, "talking to the API") from exc
+            raise _api_error(exc, doing="talking to the API") from exc
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None
@@ -111,12 +112,12 @@ def load_manifests(directory: Path, *, image_repository: str) -> list[AddonObjec
             if doc is None:
                 continue  # an empty document (a trailing `---`)
             source = f"{path} document {index}"
-            _validate(doc, source)
+            _validate(doc, source=source)
             objects.append(AddonObject(source=source, body=doc))
     return objects
 
 
-def _validate(doc: object, source: str) -> None:
+def _validate(doc: object, *, source: str) -> None:
     if not isinstance(doc, dict):
         raise PermanentError(f"{source}: expected a mapping, got {type(doc).__name__}", code="bad_manifest")
     for key in ("apiVersion", "kind"):
@@ -131,17 +132,17 @@ async def _apply(api: KubeApi, obj: AddonObject) -> None:
     try:
         await api.apply(obj.body, field_manager=FIELD_MANAGER)
     except KubeApiError as exc:
-        raise _api_error(exc, f"applying {obj.label()} from {obj.source}") from exc
+        raise _api_error(exc, doing=f"applying {obj.label()} from {obj.source}") from exc
 
 
-def _api_error(exc: KubeApiError, doing: str) -> StepError:
+def _api_error(exc: KubeApiError, *, doing: str) -> StepError:
     # 4xx other than timeouts and throttling: the server judged the request; sending it again changes nothing.
     if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
         return PermanentError(f"{doing}: {exc.message}", code="apply_rejected")
     return TemporaryError(f"{doing}: {exc.message}", code="api_unavailable", delay_s=2.0)
 
 
-async def _wait_available(ctx: StepContext, api: KubeApi, workloads: list[AddonObject]) -> None:
+async def _wait_available(ctx: StepContext, *, api: KubeApi, workloads: list[AddonObject]) -> None:
     loop = asyncio.get_running_loop()
     give_up_at = fail_at(ctx)
     pending = {w.label(): w for w in workloads}
@@ -168,7 +169,7 @@ async def _wait_available(ctx: StepContext, api: KubeApi, workloads: list[AddonO
         if loop.time() + _POLL_S >= give_up_at:
             break
         await asyncio.sleep(_POLL_S)
-    raise await _not_available_error(api, pending, problems)
+    raise await _not_available_error(api, pending=pending, problems=problems)
 
 
 def workload_problem(obj: dict[str, Any]) -> str | None:
@@ -193,7 +194,9 @@ def workload_problem(obj: dict[str, Any]) -> str | None:
     return "no Available condition yet"
 
 
-async def _not_available_error(api: KubeApi, pending: dict[str, AddonObject], problems: dict[str, str]) -> StepError:
+async def _not_available_error(
+    api: KubeApi, *, pending: dict[str, AddonObject], problems: dict[str, str]
+) -> StepError:
     """Name each workload that is not available, with its pods' reasons (ErrImagePull, CrashLoopBackOff...)."""
     parts: list[str] = []
     for label, workload in pending.items():

@@ -84,7 +84,7 @@ class Kubeadm:
             await run_kubeadm(ctx, args, retryable=True)
         if _sha256(paths.kubeadm_config) != config_sha256:
             raise TemporaryError(f"{paths.kubeadm_config} changed while kubeadm ran", code="config_changed")
-        _write_stamp(paths, config_sha256)
+        _write_stamp(paths, config_sha256=config_sha256)
 
     async def before_retry(self, ctx: StepContext) -> None:
         await reset_keeping_pki(ctx)
@@ -183,7 +183,7 @@ def _read_stamp(paths: HostPaths) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _write_stamp(paths: HostPaths, config_sha256: str | None) -> None:
+def _write_stamp(paths: HostPaths, *, config_sha256: str | None) -> None:
     stamp = paths.state_dir / STAMP_NAME
     tmp = stamp.with_name(f".{STAMP_NAME}.tmp")
     with open(tmp, "w") as f:

@@ -62,13 +62,13 @@ class Readiness:
             # These phases create-or-update through the API: repeating them is safe.
             await run_kubeadm(ctx, ["init", "phase", *phase, f"--config={ctx.paths.kubeadm_config}"],
                               retryable=True)
-        await wait_for_components(ctx, ctx.config.readiness.components)
+        await wait_for_components(ctx, components=ctx.config.readiness.components)
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None
 
 
-async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> None:
+async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) -> None:
     """Watch kube-system pods until every component is Ready, or fail before the deadline saying why not."""
     loop = asyncio.get_running_loop()
     give_up_at = fail_at(ctx)
@@ -80,7 +80,7 @@ async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> 
         async with asyncio.timeout_at(give_up_at), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
             while True:
                 try:
-                    await _watch_until_ready(ctx, api, components, unmet)
+                    await _watch_until_ready(ctx, api=api, components=components, unmet=unmet)
                     if not unmet:
                         return
                     api_error = None
@@ -95,11 +95,11 @@ async def wait_for_components(ctx: StepContext, components: tuple[str, ...]) -> 
 
 
 async def _watch_until_ready(
-    ctx: StepContext, api: KubeApi, components: tuple[str, ...], unmet: dict[str, str]
+    ctx: StepContext, *, api: KubeApi, components: tuple[str, ...], unmet: dict[str, str]
 ) -> None:
     """One list + watch round, updating `unmet`; returns when all are ready or the server ends the watch."""
     pods = {_key(p): p for p in await api.list_pods(NAMESPACE)}
-    _update(ctx, components, unmet, unmet_components(components, pods.values()))
+    _update(ctx, components=components, unmet=unmet, now=unmet_components(components, pods.values()))
     if not unmet:
         return
     left_s = ctx.deadline - asyncio.get_running_loop().time()
@@ -110,12 +110,14 @@ async def _watch_until_ready(
                 pods.pop(_key(pod), None)
             elif event.get("type") in ("ADDED", "MODIFIED"):
                 pods[_key(pod)] = pod
-            _update(ctx, components, unmet, unmet_components(components, pods.values()))
+            _update(ctx, components=components, unmet=unmet, now=unmet_components(components, pods.values()))
             if not unmet:
                 return
 
 
-def _update(ctx: StepContext, components: tuple[str, ...], unmet: dict[str, str], now: dict[str, str]) -> None:
+def _update(
+    ctx: StepContext, *, components: tuple[str, ...], unmet: dict[str, str], now: dict[str, str]
+) -> None:
     """Replace `unmet` with `now`, reporting each component that became ready."""
     ready_count = len([c for c in components if c not in unmet])
     for component in components:

@@ -132,7 +132,7 @@ class _KubeClient:
         namespace: str | None = None
         if namespaced:
             namespace = body["metadata"].setdefault("namespace", "default")
-        path = f"{_collection_path(api_version, resource, namespace)}/{name}"
+        path = f"{_collection_path(api_version, resource=resource, namespace=namespace)}/{name}"
         return await self._call(
             "PATCH",
             path,
@@ -144,7 +144,8 @@ class _KubeClient:
 
     async def get(self, api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
         resource, namespaced = await self._resource(api_version, kind)
-        path = f"{_collection_path(api_version, resource, namespace if namespaced else None)}/{name}"
+        collection = _collection_path(api_version, resource=resource, namespace=namespace if namespaced else None)
+        path = f"{collection}/{name}"
         try:
             return await self._call("GET", path)
         except KubeApiError as exc:
@@ -210,6 +211,6 @@ class _KubeClient:
         return answer
 
 
-def _collection_path(api_version: str, resource: str, namespace: str | None) -> str:
+def _collection_path(api_version: str, *, resource: str, namespace: str | None) -> str:
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     return f"{base}/namespaces/{namespace}/{resource}" if namespace else f"{base}/{resource}"

@@ -80,7 +80,7 @@ class ProcessKubeletSupervisor:
         if self._record is not None:
             self._log.info("kubelet command line changed: replacing the running kubelet", pid=self._record.pid)
             await self.stop()
-        await self._spawn(wanted, log_path)
+        await self._spawn(wanted, log_path=log_path)
         self._ensure_task()
 
     async def stop(self, *, timeout_s: float = 10.0) -> None:
@@ -94,11 +94,11 @@ class ProcessKubeletSupervisor:
             self._log.info("stopping kubelet", pid=record.pid)
             _signal_group(record.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(_wait_exit(record.pid, proc), timeout=timeout_s)
+                await asyncio.wait_for(_wait_exit(record.pid, proc=proc), timeout=timeout_s)
             except TimeoutError:
                 self._log.warning("kubelet ignored SIGTERM: killing it", pid=record.pid, timeout_s=timeout_s)
                 _signal_group(record.pid, signal.SIGKILL)
-                await asyncio.wait_for(_wait_exit(record.pid, proc), timeout=timeout_s)
+                await asyncio.wait_for(_wait_exit(record.pid, proc=proc), timeout=timeout_s)
         self._pid_file.unlink(missing_ok=True)
 
     # ---- internals ---------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ class ProcessKubeletSupervisor:
             return  # constructed outside the loop: watching starts with the first call inside it
         self._task = asyncio.create_task(self._supervise(), name="kubelet-supervisor")
 
-    async def _spawn(self, argv: list[str], log_path: Path) -> None:
+    async def _spawn(self, argv: list[str], *, log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
@@ -157,7 +157,7 @@ class ProcessKubeletSupervisor:
             exit_code: int | None = None
             if _alive(record):  # never wait on a pid the kernel has since given to someone else
                 own = self._proc if self._proc is not None and self._proc.pid == record.pid else None
-                exit_code = await _wait_exit(record.pid, own)
+                exit_code = await _wait_exit(record.pid, proc=own)
             ran_s = loop.time() - started_at
             if ran_s >= self._stable_after_s:
                 backoff_s = self._min_backoff_s
@@ -166,7 +166,7 @@ class ProcessKubeletSupervisor:
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self._max_backoff_s)
             try:
-                await self._spawn(record.argv, Path(record.log_path))
+                await self._spawn(record.argv, log_path=Path(record.log_path))
             except OSError as exc:
                 # Keep the old record: the next round waits (it is gone already) and tries again after backoff.
                 self._log.error("kubelet could not be started", error=str(exc))
@@ -213,7 +213,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-async def _wait_exit(pid: int, proc: asyncio.subprocess.Process | None) -> int | None:
+async def _wait_exit(pid: int, *, proc: asyncio.subprocess.Process | None) -> int | None:
     """Wait until `pid` exits; its exit code when it is our child, else None (adopted processes)."""
     if proc is not None:
         return await proc.wait()

@@ -208,7 +208,7 @@ async def test_kubeadm_failure_and_retry_then_readiness_names_the_missing_coredn
     # The wait the readiness state does, with a deadline a few seconds away.
     started = time.monotonic()
     with pytest.raises(PermanentError) as not_ready:
-        await wait_for_components(node.ctx("readiness", timeout_s=8), ("kube-apiserver", "coredns"))
+        await wait_for_components(node.ctx("readiness", timeout_s=8), components=("kube-apiserver", "coredns"))
     assert 6 <= time.monotonic() - started < 8, "the wait must last until shortly before its deadline, not beyond"
     error = not_ready.value
     assert error.code == "not_ready"
