@@ -1,0 +1,399 @@
+"""The whole product, checked the way a host backend sees it: the real `lifecycle serve` on the simulated node,
+driven and observed only with `mosquitto_pub`/`mosquitto_sub` (MQTT 5), then inspected with kubectl and openssl.
+
+Each test runs a service of its own on a fresh root and node name; whatever it started under that root
+(kubelet, static pods) is killed in teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SimImages
+
+REPO = Path(__file__).resolve().parents[2]
+SIM_CONFIG = REPO / "simnode" / "lifecycle.toml"
+LIFECYCLE = REPO / ".venv" / "bin" / "lifecycle"
+INSTALL_CHAIN = ["idle", "certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons", "running"]
+KEEPALIVE_S = 10  # simnode/lifecycle.toml
+
+
+class Subscriber:
+    """`mosquitto_sub -V mqttv5` on some topics, each message parsed as it arrives.
+
+    JSON topics are read with `-F %J` (payload and MQTT 5 properties); `%J` refuses other payloads, so plain-text
+    topics (availability) are read with `-F %p` into {"payload": text}.
+    """
+
+    def __init__(self, *topics: str, count: int | None = None, plain: bool = False) -> None:
+        self.plain = plain
+        argv = ["mosquitto_sub", "-V", "mqttv5", "-q", "1", "-F", "%p" if plain else "%J"]
+        for topic in topics:
+            argv += ["-t", topic]
+        if count is not None:
+            argv += ["-C", str(count)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.messages: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = {"payload": line.rstrip("\n")} if self.plain else json.loads(line)
+            with self._cond:
+                self.messages.append(message)
+                self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], *, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        with self._cond:
+            while True:
+                for message in self.messages[seen:]:
+                    if predicate(message):
+                        return message
+                seen = len(self.messages)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching message within {timeout_s} s; last: {self.messages[-3:]}")
+                self._cond.wait(remaining)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=5)
+
+
+def payload(message: dict[str, Any]) -> Any:
+    """%J puts JSON payloads in as objects and anything else as a string."""
+    return message["payload"]
+
+
+@dataclass
+class Node:
+    name: str
+    root: Path
+    config_path: Path
+    log_path: Path
+    service: subprocess.Popen[bytes] | None = None
+    subscribers: list[Subscriber] = field(default_factory=list)
+
+    def topic(self, leaf: str) -> str:
+        return f"lifecycle/{self.name}/{leaf}"
+
+    def start_service(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.service = subprocess.Popen(
+                [str(LIFECYCLE), "serve", "--config", str(self.config_path), "--root", str(self.root),
+                 "--node", self.name],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.retained("availability", lambda m: payload(m) == "online", timeout_s=30)
+
+    def kill_service(self) -> None:
+        assert self.service is not None
+        self.service.send_signal(signal.SIGKILL)
+        self.service.wait(timeout=10)
+
+    def subscribe(self, *leaves: str, plain: bool = False) -> Subscriber:
+        sub = Subscriber(*(self.topic(leaf) for leaf in leaves), plain=plain)
+        self.subscribers.append(sub)
+        time.sleep(0.3)  # the SUBSCRIBE is acknowledged before the test publishes
+        return sub
+
+    def retained(self, leaf: str, predicate: Callable[[dict[str, Any]], bool], *, timeout_s: float) -> dict[str, Any]:
+        """The retained message of a topic (polled with fresh subscribers until it matches)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            plain = leaf == "availability"
+            out = subprocess.run(
+                ["mosquitto_sub", "-V", "mqttv5", "-t", self.topic(leaf), "-C", "1", "-W", "2",
+                 "-F", "%p" if plain else "%J"],
+                capture_output=True, text=True, check=False,
+            )
+            if out.stdout.strip():
+                first = out.stdout.splitlines()[0]
+                message: dict[str, Any] = {"payload": first} if plain else json.loads(first)
+                if predicate(message):
+                    return message
+            if time.monotonic() > deadline:
+                raise AssertionError(f"retained {leaf} never matched; last: {out.stdout.strip()!r}")
+            time.sleep(0.3)
+
+    def request(self, body: bytes | dict[str, Any], *, correlation: str, timeout_s: float = 20) -> dict[str, Any]:
+        """Publish a request with an MQTT 5 response topic and correlation data; return the reply message."""
+        reply_topic = f"e2e/{self.name}/replies/{correlation}"
+        replies = Subscriber(reply_topic, count=1)
+        time.sleep(0.3)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        subprocess.run(
+            ["mosquitto_pub", "-V", "mqttv5", "-q", "1", "-t", self.topic("requests"), "-s",
+             "-D", "publish", "response-topic", reply_topic, "-D", "publish", "correlation-data", correlation],
+            input=raw, check=True,
+        )
+        try:
+            return replies.wait_for(lambda m: True, timeout_s=timeout_s)
+        finally:
+            replies.close()
+
+    def kubectl(self, *args: str) -> str:
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.root / "etc/kubernetes/admin.conf"), *args],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+
+    def write_faults(self, faults: dict[str, Any] | None) -> None:
+        path = self.root / "etc/simnode/faults.json"
+        if faults is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(faults))
+
+
+def _kill_processes_under(root: Path) -> None:
+    """SIGKILL every live process whose command line names a path under `root` (kubelet, static pods)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if f"{root}/" in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., Node]]:
+    nodes: list[Node] = []
+
+    def make(*, config_text: str | None = None) -> Node:
+        name = f"e2e-{uuid.uuid4().hex[:8]}"
+        base = tmp_path / name
+        base.mkdir()
+        config_path = base / "lifecycle.toml"
+        text = config_text if config_text is not None else SIM_CONFIG.read_text()
+        # Relative paths in the config (the addon manifests) are relative to the file: keep them pointing home.
+        config_path.write_text(text.replace('"../deploy/addons"', f'"{REPO / "deploy" / "addons"}"'))
+        node = Node(name=name, root=base / "root", config_path=config_path, log_path=base / "service.log")
+        node.root.mkdir()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        for sub in node.subscribers:
+            sub.close()
+        if node.service is not None and node.service.poll() is None:
+            node.service.kill()
+            node.service.wait(timeout=10)
+        _kill_processes_under(node.root)
+        # Clear the retained messages this node left on the shared broker.
+        for leaf in ("status", "availability"):
+            subprocess.run(["mosquitto_pub", "-t", node.topic(leaf), "-r", "-n"], check=False)
+
+
+@pytest.fixture
+def forget_local_images(sim_images: SimImages) -> Iterator[list[str]]:
+    """Untag the node's images in the engine, so that an install really pulls them (with byte progress).
+
+    The image builder leaves them in the same engine the service uses; afterwards, whatever the test did not
+    pull back is pulled again so later tests find the engine as before.
+    """
+    refs = [sim_images.binaries["v1.31.4"], *sim_images.components["v1.31.4"].values(), *sim_images.addons.values()]
+    for ref in refs:
+        subprocess.run(["docker", "rmi", ref], check=False, capture_output=True)
+    yield refs
+    for ref in refs:
+        if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode != 0:
+            subprocess.run(["docker", "pull", "-q", ref], check=False, capture_output=True)
+
+
+def _state_changes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [payload(m) for m in events if payload(m)["type"] == "lifecycle.state.changed"]
+
+
+def _wait_state(sub: Subscriber, state: str, *, timeout_s: float, request_id: str | None = None) -> dict[str, Any]:
+    """The first change to `state` (or to failed) of the given request."""
+
+    def reached(m: dict[str, Any]) -> bool:
+        body = payload(m)
+        return (body.get("type") == "lifecycle.state.changed" and body["data"]["to"] in (state, "failed")
+                and request_id in (None, body["data"]["request_id"]))
+
+    return payload(sub.wait_for(reached, timeout_s=timeout_s))
+
+
+def test_install_over_mqtt_reaches_running_with_every_state_announced(
+    make_node: Callable[..., Node], forget_local_images: list[str]
+) -> None:
+    node = make_node()
+    node.start_service()
+    events = node.subscribe("events")
+
+    reply = node.request({"id": "req-install-1", "action": "install"}, correlation="corr-1")
+    assert reply["properties"]["correlation-data"] == "corr-1"
+    assert payload(reply)["ok"] is True and payload(reply)["id"] == "req-install-1"
+
+    last = _wait_state(events, "running", timeout_s=240)
+    assert last["data"]["to"] == "running", f"install failed: {last}\n{node.log_path.read_text()[-3000:]}"
+
+    bodies = [payload(m) for m in events.messages]
+    changes = _state_changes(events.messages)
+    assert [c["data"]["from"] for c in changes] + [changes[-1]["data"]["to"]] == INSTALL_CHAIN
+    seqs = [b["data"]["seq"] for b in bodies]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "event seq has gaps or repeats"
+    assert {b["data"]["request_id"] for b in bodies} == {"req-install-1"}
+    assert all(b["specversion"] == "1.0" and b["source"] and b["id"] and b["time"] for b in bodies)
+    pulls = [b["data"] for b in bodies if b["type"] == "lifecycle.step.progress" and b["data"]["unit"] == "bytes"
+             and b["data"]["state"] == "images"]
+    finished = {p["message"].removeprefix("pulling ") for p in pulls if p["total"] and p["current"] == p["total"]}
+    assert finished == set(forget_local_images), f"byte progress to the end for every image, got {sorted(finished)}"
+
+    status = payload(node.retained("status", lambda m: True, timeout_s=10))
+    assert status["state"] == "running" and status["request_id"] == "req-install-1"
+    assert status["seq"] == seqs[-1] and status["node"] == node.name and status["kubernetes_version"] == "v1.31.4"
+
+    # The cluster, seen by the real kubectl through the generated admin kubeconfig.
+    pods = json.loads(node.kubectl("get", "pods", "-n", "kube-system", "-o", "json"))["items"]
+    running = {p["metadata"].get("labels", {}).get("component") for p in pods if p["status"].get("phase") == "Running"}
+    assert {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"} <= running, running
+    assert any(p["metadata"]["name"].startswith("coredns") and p["status"]["phase"] == "Running" for p in pods)
+
+    # Every certificate verifies against its CA with openssl; every key file is 0600.
+    pki = node.root / "etc/kubernetes/pki"
+    ca_of = {"front-proxy-client.crt": "front-proxy-ca.crt", "apiserver-etcd-client.crt": "etcd/ca.crt"}
+    for cert in sorted(pki.rglob("*.crt")):
+        rel = str(cert.relative_to(pki))
+        ca = pki / (ca_of.get(rel) or ("etcd/ca.crt" if rel.startswith("etcd/") else
+                                       "front-proxy-ca.crt" if rel.startswith("front-proxy") else "ca.crt"))
+        out = subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{rel}: {out.stdout}{out.stderr}"
+    for key in [*pki.rglob("*.key")]:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+
+    # Bad requests: each refused with a code, and the retained status does not move.
+    cases: list[tuple[bytes | dict[str, Any], str]] = [
+        (b"{not json", "malformed"),
+        ({"id": "bad-1", "action": "explode"}, "unknown"),
+        ({"id": "bad-2", "action": "install", "kubernetes_version": 131}, "type"),
+        (json.dumps({"id": "bad-3", "action": "install", "pad": "x" * 1_000_000}).encode(), "large"),
+    ]
+    for i, (body, _label) in enumerate(cases):
+        answer = payload(node.request(body, correlation=f"bad-{i}"))
+        assert answer["ok"] is False and answer["error"]["code"], answer
+    assert payload(node.request(b"{not json", correlation="bad-null"))["id"] is None
+    after = payload(node.retained("status", lambda m: True, timeout_s=10))
+    assert (after["state"], after["seq"]) == ("running", status["seq"])
+
+    # A crash of the service: the broker publishes the will within the keepalive (x1.5).
+    availability = node.subscribe("availability", plain=True)
+    availability.wait_for(lambda m: payload(m) == "online", timeout_s=5)
+    killed_at = time.monotonic()
+    node.kill_service()
+    availability.wait_for(lambda m: payload(m) == "offline", timeout_s=KEEPALIVE_S * 1.5 + 2)
+    assert time.monotonic() - killed_at <= KEEPALIVE_S * 1.5 + 2
+
+
+def test_kubeadm_failure_ends_in_failed_with_its_message_and_a_new_install_resumes(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node()
+    node.write_faults({"kubeadm_fail": {"phase": "control-plane", "message": "simulated disk full"}})
+    node.start_service()
+    events = node.subscribe("events")
+
+    assert payload(node.request({"id": "first", "action": "install"}, correlation="c1"))["ok"] is True
+    last = _wait_state(events, "failed", timeout_s=180)
+    assert last["data"]["to"] == "failed"
+    failed = [payload(m)["data"] for m in events.messages if payload(m)["type"] == "lifecycle.step.failed"]
+    assert failed and failed[-1]["state"] == "kubeadm"
+    assert "simulated disk full" in failed[-1]["error"]["message"]
+    status = payload(node.retained("status", lambda m: payload(m)["state"] == "failed", timeout_s=10))
+    assert "simulated disk full" in status["error"]["message"]
+
+    node.write_faults(None)
+    assert payload(node.request({"id": "second", "action": "install"}, correlation="c2"))["ok"] is True
+    last = _wait_state(events, "running", timeout_s=240, request_id="second")
+    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    resumed = [c["data"] for c in _state_changes(events.messages) if c["data"]["request_id"] == "second"]
+    assert resumed[0]["from"] == "failed"
+    # The resume did not go back through certs/images/binaries: those were done.
+    assert not {"certs", "images", "binaries"} & {c["to"] for c in resumed}
+
+
+def _big_image(name: str, size_mb: int) -> str:
+    """A test image with `size_mb` of incompressible data in the local registry, so a pull takes a while."""
+    ref = f"127.0.0.1:5000/{name}:v1"
+    with contextlib.ExitStack() as stack:
+        import tempfile
+
+        ctx = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        (ctx / "pad").write_bytes(os.urandom(size_mb * 1024 * 1024))
+        (ctx / "Dockerfile").write_text("FROM scratch\nCOPY pad /pad\n")
+        env = dict(os.environ, DOCKER_BUILDKIT="0")
+        subprocess.run(["docker", "build", "-q", "-t", ref, str(ctx)], check=True, env=env, capture_output=True)
+        subprocess.run(["docker", "push", ref], check=True, env=env, capture_output=True)
+        subprocess.run(["docker", "rmi", ref], check=True, env=env, capture_output=True)
+    return ref
+
+
+def test_sigkill_during_images_then_restart_resumes_without_pulling_finished_images(
+    make_node: Callable[..., Node], forget_local_images: list[str]
+) -> None:
+    big = _big_image(f"e2e-big-{uuid.uuid4().hex[:8]}", 120)
+    try:
+        text = SIM_CONFIG.read_text()
+        addons = tomllib.loads(text)["kubernetes"]["addon_images"]
+        node = make_node(config_text=text.replace(
+            "addon_images = " + json.dumps(addons).replace('","', '", "'),
+            "addon_images = " + json.dumps([*addons, big]),
+        ))
+        assert big in node.config_path.read_text()
+        node.start_service()
+        events = node.subscribe("events")
+        assert payload(node.request({"id": "kill-me", "action": "install"}, correlation="k1"))["ok"] is True
+
+        def big_pull_under_way(m: dict[str, Any]) -> bool:
+            data = payload(m)["data"]
+            return (payload(m)["type"] == "lifecycle.step.progress" and data.get("message") == f"pulling {big}"
+                    and data["total"] and 0 < data["current"] < data["total"])
+
+        events.wait_for(big_pull_under_way, timeout_s=120)
+        node.kill_service()
+        before = [payload(m)["data"] for m in events.messages]
+        done_before = {d["message"].removeprefix("pulling ") for d in before
+                       if d.get("unit") == "bytes" and d["total"] and d["current"] == d["total"]}
+        done_before |= {d["message"].split()[1].rstrip(":") for d in before
+                        if str(d.get("message", "")).startswith("skipped ")}
+        assert done_before & set(forget_local_images), "no image finished before the kill: nothing to tell apart"
+        seen = len(events.messages)
+
+        node.start_service()
+        last = _wait_state(events, "running", timeout_s=240)
+        assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+        after = [payload(m)["data"] for m in events.messages[seen:]]
+        pulled_again = {d["message"].removeprefix("pulling ") for d in after if d.get("unit") == "bytes"}
+        assert not (done_before & pulled_again), f"pulled again after restart: {done_before & pulled_again}"
+        assert big in pulled_again or any(str(d.get("message", "")).startswith(f"skipped {big}") for d in after)
+        seqs = [payload(m)["data"]["seq"] for m in events.messages]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "seq must keep increasing across the restart"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", big], check=False, capture_output=True)
