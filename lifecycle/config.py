@@ -76,6 +76,7 @@ class KubernetesConfig:
     endpoint_name: str = "kubernetes.docker.internal"
     api_port: int = 6443  # 0: pick a free port at install time
     kubelet_healthz_port: int = 10248  # 0: pick a free port at install time
+    etcd_metrics_port: int = 2381  # kubeadm's default; 0: pick a free port (nodes side by side on one host)
     cri_socket: str = "unix:///var/run/cri-dockerd.sock"
     service_subnet: str = "10.96.0.0/12"
     pod_subnet: str = "10.244.0.0/16"
@@ -343,6 +344,7 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
         endpoint_name=t.get("endpoint_name", str, d.endpoint_name),
         api_port=_port(t, "api_port", d.api_port),
         kubelet_healthz_port=_port(t, "kubelet_healthz_port", d.kubelet_healthz_port),
+        etcd_metrics_port=_port(t, "etcd_metrics_port", d.etcd_metrics_port),
         cri_socket=cri,
         service_subnet=_cidr(t, "service_subnet", d.service_subnet),
         pod_subnet=_cidr(t, "pod_subnet", d.pod_subnet),

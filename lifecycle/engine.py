@@ -195,11 +195,13 @@ class Engine:
 
     def _resolve_cluster(self, version: str | None) -> ClusterParams:
         k8s = self._config.kubernetes
-        api_port, healthz_port = free_ports(k8s.node_ip, "127.0.0.1")  # used where the config says 0
+        # used where the config says 0
+        api_port, healthz_port, metrics_port = free_ports(k8s.node_ip, "127.0.0.1", "127.0.0.1")
         return ClusterParams(
             kubernetes_version=version or k8s.version,
             api_port=k8s.api_port or api_port,
             kubelet_healthz_port=k8s.kubelet_healthz_port or healthz_port,
+            etcd_metrics_port=k8s.etcd_metrics_port or metrics_port,
         )
 
     def _start_install(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:

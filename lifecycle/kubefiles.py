@@ -148,6 +148,10 @@ def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificate
         },
         "apiServer": {"certSANs": list(k8s.extra_sans)},
     }
+    if cluster.etcd_metrics_port != 2381:  # kubeadm's default; another port lets nodes share a host
+        cluster_doc["etcd"] = {"local": {"extraArgs": [
+            {"name": "listen-metrics-urls", "value": f"http://127.0.0.1:{cluster.etcd_metrics_port}"},
+        ]}}
     kubelet = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",

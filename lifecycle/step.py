@@ -25,12 +25,14 @@ class ClusterParams:
     kubernetes_version: str
     api_port: int
     kubelet_healthz_port: int
+    etcd_metrics_port: int = 2381
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kubernetes_version": self.kubernetes_version,
             "api_port": self.api_port,
             "kubelet_healthz_port": self.kubelet_healthz_port,
+            "etcd_metrics_port": self.etcd_metrics_port,
         }
 
 

@@ -64,6 +64,8 @@ def _cluster_from_json(raw: Any) -> ClusterParams | None:
         kubernetes_version=_typed(raw, "kubernetes_version", str),
         api_port=_typed(raw, "api_port", int),
         kubelet_healthz_port=_typed(raw, "kubelet_healthz_port", int),
+        # absent in state written before the key existed: kubeadm's default
+        etcd_metrics_port=_typed(raw, "etcd_metrics_port", int) if "etcd_metrics_port" in raw else 2381,
     )
 
 
