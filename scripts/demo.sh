@@ -27,6 +27,20 @@ if [ "${1:-}" = "stop" ]; then
 fi
 [ -f "$STATE_FILE" ] && stop_demo
 
+# The image builder leaves its images in the same engine the service pulls into; untag this version's images
+# so that the demo shows the pulls (byte progress) a fresh VM would make. The layers stay in the registry.
+VERSION=$(sed -n 's/^version = "\(v[0-9.]*\)".*/\1/p' "$CONFIG" | head -n 1)
+.venv/bin/python - "$VERSION" <<'PY' | xargs -r docker rmi >/dev/null 2>&1 || true
+import sys, tomllib
+cfg = tomllib.load(open("simnode/lifecycle.toml", "rb"))["kubernetes"]
+version, repo = sys.argv[1], cfg["image_repository"]
+tags = cfg["versions"][version]
+names = [f"kube-apiserver:{version}", f"kube-controller-manager:{version}", f"kube-scheduler:{version}",
+         f"kube-proxy:{version}", f"etcd:{tags['etcd']}", f"coredns:{tags['coredns']}", f"pause:{tags['pause']}"]
+print("\n".join([cfg["binaries_image"].replace("{repo}", repo).replace("{version}", version),
+                 *(f"{repo}/{n}" for n in names), *cfg.get("addon_images", [])]))
+PY
+
 ROOT=$(mktemp -d /tmp/lifecycle-demo.XXXXXX)
 mkdir -p "$ROOT/var/log"
 "$LIFECYCLE" serve --config "$CONFIG" --root "$ROOT" --node "$NODE" >"$ROOT/var/log/lifecycle.log" 2>&1 &
