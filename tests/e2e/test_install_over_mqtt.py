@@ -397,3 +397,39 @@ def test_sigkill_during_images_then_restart_resumes_without_pulling_finished_ima
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "seq must keep increasing across the restart"
     finally:
         subprocess.run(["docker", "rmi", "-f", big], check=False, capture_output=True)
+
+
+def test_reset_during_install_stops_everything_removes_generated_files_and_keeps_images(
+    make_node: Callable[..., Node], sim_images: SimImages
+) -> None:
+    node = make_node()
+    node.start_service()
+    events = node.subscribe("events")
+    assert payload(node.request({"id": "doomed", "action": "install"}, correlation="i1"))["ok"] is True
+    # Pre-empt once the kubelet runs the control plane: the most to undo.
+    _wait_state(events, "readiness", timeout_s=180)
+
+    reply = payload(node.request({"id": "wipe", "action": "reset"}, correlation="r1"))
+    assert reply["ok"] is True
+    idle = _wait_state(events, "idle", timeout_s=120, request_id="wipe")
+    assert idle["data"]["to"] == "idle", node.log_path.read_text()[-3000:]
+    changes = [c["data"] for c in _state_changes(events.messages)]
+    assert ("readiness", "resetting") in {(c["from"], c["to"]) for c in changes}
+
+    # Nothing runs from the root any more, generated files are gone, images are kept.
+    leftovers = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if f"{node.root}/" in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    leftovers.append(entry.name)
+    assert not leftovers, f"processes still running from the root: {leftovers}"
+    kubernetes = node.root / "etc/kubernetes"
+    assert not (kubernetes / "pki").exists() or not any((kubernetes / "pki").iterdir())
+    assert not (kubernetes / "admin.conf").exists()
+    manifests = kubernetes / "manifests"
+    assert not manifests.exists() or not list(manifests.glob("*.yaml"))
+    for ref in [sim_images.binaries["v1.31.4"], *sim_images.components["v1.31.4"].values()]:
+        assert subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0, ref
+    status = payload(node.retained("status", lambda m: payload(m)["state"] == "idle", timeout_s=10))
+    assert status["error"] is None
