@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lifecycle import cli
+from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.config import Config, ConfigError, load_config
 from lifecycle.engine import ResetRoutine
 from lifecycle.logging import configure_logging, get_logger
@@ -81,6 +82,7 @@ def run_service(
 def serve_command(args: argparse.Namespace) -> int:
     try:
         config = load_serve_config(args)
+        load_credentials(config.mqtt)  # a missing password or CA file stops the start here, not in a retry loop
     except ConfigError as exc:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return cli.EXIT_USAGE

@@ -20,7 +20,8 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 
-from lifecycle.adapters.mqtt import mqtt_properties, tls_context
+from lifecycle.adapters.mqtt import mqtt_properties
+from lifecycle.adapters.mqtt_credentials import Credentials, load_credentials
 from lifecycle.cli_render import Renderer
 from lifecycle.config import Config, ConfigError, MqttConfig, load_config
 from lifecycle.protocol import EventType, Topics, dumps
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 class Target:
     mqtt: MqttConfig
     topics: Topics
+    credentials: Credentials
 
 
 def target_from_args(args: argparse.Namespace) -> Target:
@@ -94,7 +96,8 @@ def target_from_args(args: argparse.Namespace) -> Target:
         if any(c in args.prefix for c in "#+") or args.prefix.startswith("/") or args.prefix.endswith("/"):
             raise ConfigError(f"--prefix: {args.prefix!r} is not a valid topic prefix")
         mqtt = replace(mqtt, prefix=args.prefix)
-    return Target(mqtt=mqtt, topics=Topics(mqtt.prefix, args.node or node))
+    # Loaded before connecting: an unreadable password or CA file is a usage error that names its key.
+    return Target(mqtt=mqtt, topics=Topics(mqtt.prefix, args.node or node), credentials=load_credentials(mqtt))
 
 
 class ServiceClient:
@@ -147,11 +150,11 @@ def _text(payload: Any) -> str:
 
 @asynccontextmanager
 async def connect(target: Target, *, events: bool, timeout_s: float) -> AsyncIterator[ServiceClient]:
-    password = target.mqtt.password_file.read_text().strip() if target.mqtt.password_file else target.mqtt.password
     async with aiomqtt.Client(
         target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-cli-{uuid.uuid4().hex[:12]}",
-        username=target.mqtt.username, password=password, protocol=aiomqtt.ProtocolVersion.V5,
-        tls_context=tls_context(target.mqtt), keepalive=target.mqtt.keepalive_s, timeout=timeout_s,
+        username=target.credentials.username, password=target.credentials.password,
+        protocol=aiomqtt.ProtocolVersion.V5, tls_context=target.credentials.tls, keepalive=target.mqtt.keepalive_s,
+        timeout=timeout_s,
     ) as raw:
         client = ServiceClient(raw, target)
         await raw.subscribe(client.reply_topic, qos=1)

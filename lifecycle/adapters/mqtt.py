@@ -5,7 +5,6 @@ broker was away. Replies go to the MQTT 5 response topic (with correlation data)
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -13,6 +12,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.bus import BusItem, Subscription
 from lifecycle.config import MqttConfig
 from lifecycle.logging import get_logger
@@ -35,21 +35,6 @@ def mqtt_properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]  # paho's constructor is unannotated
 
 
-def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
-    if not config.tls:
-        return None
-    context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
-    if config.cert_file is not None and config.key_file is not None:
-        context.load_cert_chain(certfile=str(config.cert_file), keyfile=str(config.key_file))
-    return context
-
-
-def _password(config: MqttConfig) -> str | None:
-    if config.password_file is not None:
-        return config.password_file.read_text().strip()
-    return config.password
-
-
 class MqttBridge:
     """Use as `async with bridge:` (starts the connection loop), then `await bridge.close(...)`."""
 
@@ -70,18 +55,19 @@ class MqttBridge:
     def _make_client(self, client_id: str) -> aiomqtt.Client:
         connect_properties = mqtt_properties(PacketTypes.CONNECT)
         connect_properties.SessionExpiryInterval = self._config.session_expiry_s
+        credentials = load_credentials(self._config)  # read once, at start: `serve` checked them already
         return aiomqtt.Client(
             self._config.host,
             self._config.port,
             identifier=client_id,
-            username=self._config.username,
-            password=_password(self._config),
+            username=credentials.username,
+            password=credentials.password,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,  # keep the session (and its subscription) across reconnects
             properties=connect_properties,
             keepalive=self._config.keepalive_s,
             will=aiomqtt.Will(self._topics.availability, b"offline", qos=1, retain=True),
-            tls_context=tls_context(self._config),
+            tls_context=credentials.tls,
             # How long a connect (or an acknowledgement) may take: a broker that accepts TCP but never answers
             # (a TLS refusal arrives as a closed socket) must not hold the reconnect loop for aiomqtt's 10 s.
             timeout=float(max(self._config.keepalive_s, 5)),
