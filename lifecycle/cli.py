@@ -179,8 +179,8 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
         correlation = await client.send(body, timeout_s=args.timeout)
         reply = await _await_reply(client, correlation, timeout_s=max(0.5, deadline - loop.time()))
         if reply is None:
-            where = " (the service's availability is 'offline')" if client.available == "offline" else ""
-            out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{where}")
+            why = _why_silent(client.available)
+            out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{why}")
             return EXIT_UNREACHABLE
         out.reply(reply)
         if not reply.get("ok"):
@@ -191,6 +191,15 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
         if reply.get("state") == goal and args.command == "install":
             return EXIT_OK  # nothing to follow: already running
         return await _follow(client, reply.get("request_id"), goal=goal, timeout_s=args.timeout, out=out)
+
+
+def _why_silent(available: str | None) -> str:
+    if available == "offline":
+        return " (the service's availability is 'offline')"
+    if available is None:
+        # A broker ACL (deploy/mosquitto) lets only the host backend's user read availability and replies.
+        return " (no availability seen: the service never connected, or this broker user may not send requests)"
+    return ""
 
 
 async def _await_reply(client: ServiceClient, correlation: bytes, *, timeout_s: float) -> dict[str, Any] | None:
