@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -140,9 +141,10 @@ class Probe:
 @asynccontextmanager
 async def probe(
     topics: Topics, *, port: int = 1883, v5: bool = True, session: str | None = None,
-    username: str | None = None, password: str | None = None,
+    username: str | None = None, password: str | None = None, tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Probe]:
-    """A recording client; with `session`, a persistent MQTT 5 session that the broker queues messages for."""
+    """A recording client; with `session`, a persistent MQTT 5 session that the broker queues messages for;
+    with `tls`, over TLS (the broker's certificate must name 127.0.0.1)."""
     properties = None
     if session is not None:
         properties = mqtt_properties(PacketTypes.CONNECT)
@@ -150,7 +152,7 @@ async def probe(
     if v5:
         client = aiomqtt.Client("127.0.0.1", port, identifier=session or f"probe-{uuid.uuid4().hex[:10]}",
                                 protocol=aiomqtt.ProtocolVersion.V5, clean_start=session is None,
-                                properties=properties, username=username, password=password)
+                                properties=properties, username=username, password=password, tls_context=tls)
     else:
         client = aiomqtt.Client("127.0.0.1", port, identifier=f"probe-{uuid.uuid4().hex[:10]}",
                                 protocol=aiomqtt.ProtocolVersion.V311)
