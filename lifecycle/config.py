@@ -109,8 +109,11 @@ class KubernetesConfig:
 @dataclass(frozen=True)
 class PkiConfig:
     key_algorithm: str = "ecdsa-p256"  # or "rsa-2048"
-    cert_validity_days: int = 365
-    ca_validity_days: int = 3650
+    cert_validity_days: float = 365  # fractions allowed: tests use lifetimes of minutes
+    ca_validity_days: float = 3650
+    expiry_warning_days: tuple[float, ...] = (90, 30, 7)  # lifecycle.certs.expiring once per threshold crossed
+    renew_before_days: float = 30  # automatic renewal this long before the earliest leaf expiry; 0 disables
+    check_interval_s: float = 3600  # longest wait between expiry checks (they also wake at each due time)
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,14 @@ def _str_list(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]
     return tuple(value)
 
 
+def _thresholds(t: _Table, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """Positive numbers, largest first, each once."""
+    value = t.get(name, list, list(default))
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConfigError(f"{t.key(name)}: expected a list of numbers > 0 (days), got {value!r}")
+    return tuple(sorted({float(v) for v in value}, reverse=True))
+
+
 def _cidr(t: _Table, name: str, default: str) -> str:
     value = t.get(name, str, default)
     try:
@@ -390,9 +401,16 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{pt.key('key_algorithm')}: expected ecdsa-p256 or rsa-2048, got {algorithm!r}")
     pki = PkiConfig(
         key_algorithm=algorithm,
-        cert_validity_days=int(_positive(pt, "cert_validity_days", PkiConfig.cert_validity_days)),
-        ca_validity_days=int(_positive(pt, "ca_validity_days", PkiConfig.ca_validity_days)),
+        cert_validity_days=_positive(pt, "cert_validity_days", PkiConfig.cert_validity_days),
+        ca_validity_days=_positive(pt, "ca_validity_days", PkiConfig.ca_validity_days),
+        expiry_warning_days=_thresholds(pt, "expiry_warning_days", PkiConfig.expiry_warning_days),
+        renew_before_days=_positive(pt, "renew_before_days", PkiConfig.renew_before_days, allow_zero=True),
+        check_interval_s=_positive(pt, "check_interval_s", PkiConfig.check_interval_s),
     )
+    if pki.renew_before_days >= pki.cert_validity_days:
+        # A fresh certificate would already be due: renewal after renewal.
+        raise ConfigError(f"{pt.key('renew_before_days')}: must be less than pki.cert_validity_days "
+                          f"({pki.cert_validity_days:g}), got {pki.renew_before_days:g}")
     pt.finish()
 
     dt = top.table("docker")

@@ -139,8 +139,8 @@ def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificate
         "imageRepository": k8s.image_repository,
         "encryptionAlgorithm": ENCRYPTION_ALGORITHMS[config.pki.key_algorithm],
         # So that `kubeadm certs renew` issues what the certs state would.
-        "certificateValidityPeriod": f"{config.pki.cert_validity_days * 24}h0m0s",
-        "caCertificateValidityPeriod": f"{config.pki.ca_validity_days * 24}h0m0s",
+        "certificateValidityPeriod": go_duration(config.pki.cert_validity_days * 86400),
+        "caCertificateValidityPeriod": go_duration(config.pki.ca_validity_days * 86400),
         "networking": {
             "serviceSubnet": k8s.service_subnet,
             "podSubnet": k8s.pod_subnet,
@@ -162,6 +162,13 @@ def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificate
     }
     text = yaml.safe_dump_all([init, cluster_doc, kubelet], sort_keys=False, explicit_start=True)
     return text.encode()
+
+
+def go_duration(seconds: float) -> str:
+    """Whole seconds as a Go duration with hours, as kubeadm prints it: 365 days -> "8760h0m0s"."""
+    hours, rest = divmod(max(1, round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s"
 
 
 def host_port(host: str, port: int) -> str:

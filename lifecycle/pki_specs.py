@@ -34,8 +34,8 @@ class PkiParams:
     dns_domain: str = "cluster.local"
     extra_sans: tuple[str, ...] = ()
     key_algorithm: str = "ecdsa-p256"
-    cert_validity_days: int = 365
-    ca_validity_days: int = 3650
+    cert_validity_days: float = 365  # fractions allowed (short lifetimes for tests)
+    ca_validity_days: float = 3650
     cluster_name: str = "kubernetes"
     user_name: str = "kubernetes-admin"
     context_name: str = "kubernetes-admin@kubernetes"

@@ -160,7 +160,8 @@ def _check_period(cert: x509.Certificate, params: PkiParams, *, ca: bool, now: d
     if not_after <= now:
         return [f"certificate has expired (not after {not_after:%Y-%m-%d %H:%M}Z)"]
     if not_after <= now + margin:
-        return [f"certificate expires within {margin.days} days (not after {not_after:%Y-%m-%d %H:%M}Z)"]
+        within = f"{margin.days} days" if margin.days else f"{margin.total_seconds():.0f} s"  # short test lifetimes
+        return [f"certificate expires within {within} (not after {not_after:%Y-%m-%d %H:%M:%S}Z)"]
     return []
 
 
