@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.adapters.mqtt_credentials import Credentials, load_credentials
 from lifecycle.cli_render import Renderer
-from lifecycle.config import Config, ConfigError, MqttConfig, load_config
+from lifecycle.config import Config, ConfigError, MqttConfig, load_client_config
 from lifecycle.protocol import EventType, Topics, dumps
 
 EXIT_OK = 0
@@ -88,8 +88,7 @@ class Target:
 def target_from_args(args: argparse.Namespace) -> Target:
     mqtt, node = MqttConfig(), "docker-desktop"
     if args.config is not None:
-        config = load_config(args.config)
-        mqtt, node = config.mqtt, config.node_name
+        mqtt, node = load_client_config(args.config)  # [mqtt] and node.name; a host-side file needs no more
     if args.broker:
         mqtt = Config(mqtt=mqtt).with_overrides(broker=args.broker).mqtt  # validates the URL
     if args.prefix:

@@ -371,14 +371,28 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
     return cfg
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a TOML config file. Relative paths in it are relative to the file."""
+def load_client_config(path: Path) -> tuple[MqttConfig, str]:
+    """What a client (the CLI, a host backend) needs: `[mqtt]` (checked as for the service) and `node.name`.
+    Other tables are ignored, so a host-side file needs no more than these two, and the service's file works too."""
+    raw = _read_toml(path)
+    node = _Table(raw, "").table("node")
+    name = node.get("name", str, Config.node_name)
+    _check_name(name, node.key("name"))
+    return _load_mqtt(_Table(raw, "").table("mqtt"), path.resolve().parent), name
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file. Relative paths in it are relative to the file."""
+    raw = _read_toml(path)
     base = path.resolve().parent
     top = _Table(raw, "")
     node = top.table("node")
