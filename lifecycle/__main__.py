@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from lifecycle import cli
 from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.config import Config, ConfigError, load_config
-from lifecycle.engine import ResetRoutine
+from lifecycle.engine import RenewRoutine, ResetRoutine
 from lifecycle.logging import configure_logging, get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
@@ -47,7 +47,8 @@ def load_serve_config(args: argparse.Namespace) -> Config:
 
 
 def run_service(
-    config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports]
+    config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports],
+    renew: RenewRoutine | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (a clean, staged shutdown); a second signal forces the exit."""
 
@@ -67,7 +68,7 @@ def run_service(
             loop.add_signal_handler(signum, on_signal, signum)
         ports = ports_factory(config)
         try:
-            await serve(config, plan=plan, reset=reset, ports=ports, stop=stop)
+            await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew)
         finally:
             await ports.docker.close()  # the kubelet is left running on purpose
 
@@ -88,9 +89,10 @@ def serve_command(args: argparse.Namespace) -> int:
         return cli.EXIT_USAGE
     configure_logging(config.log_level)
     from states import build_plan
+    from states.renewing import renew
     from states.reset import reset
 
-    return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports)
+    return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports, renew=renew)
 
 
 def main(argv: list[str] | None = None) -> int:

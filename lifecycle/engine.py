@@ -20,13 +20,15 @@ from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
-from lifecycle.protocol import Action, ErrorInfo, Event, EventType, Status
+from lifecycle.protocol import Action, CertsStatus, ErrorInfo, Event, EventType, Status
 from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext
 from lifecycle.store import Snapshot, Store
 
 T = TypeVar("T")
 ResetRoutine = Callable[[StepContext], Coroutine[Any, Any, None]]  # states.reset.reset
 RESET_TIMEOUT_S = 300.0
+RenewRoutine = Callable[[StepContext], Coroutine[Any, Any, list[str]]]  # states.renewing.renew: the renewed files
+RENEW_TIMEOUT_S = 180.0
 STOP_RETRY_S = 5.0  # a step that ignores its cancellation is cancelled again this often
 
 
@@ -66,7 +68,7 @@ class Engine:
 
     def __init__(
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
-        store: Store, bus: Bus,
+        store: Store, bus: Bus, renew: RenewRoutine | None = None,
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
@@ -76,6 +78,8 @@ class Engine:
         self._ports = ports
         self._plan = list(plan)
         self._reset = reset
+        self._renew = renew
+        self._certs: CertsStatus | None = None  # what the certificate watch last reported
         self._store = store
         self._bus = bus
         self._log = get_logger("lifecycle.engine", node=config.node_name)
@@ -96,7 +100,7 @@ class Engine:
         return Status(
             node=self._config.node_name, state=snap.state, since=snap.since, seq=snap.seq,
             request_id=snap.request_id, kubernetes_version=snap.cluster.kubernetes_version if snap.cluster else None,
-            step=snap.step, steps=len(self._plan), error=snap.error,
+            step=snap.step, steps=len(self._plan), error=snap.error, certs=self._certs,
         )
 
     async def start(self) -> None:
@@ -108,6 +112,9 @@ class Engine:
             self._emit_progress(state, snap.request_id, "resuming after a restart")
             first = INSTALL_STATES.index(state)
             self._start_install(snap.request_id, cluster, first=first, quiet_until=0)
+        elif state == State.RENEWING and snap.cluster is not None:
+            self._emit_progress(state, snap.request_id, "renewing again after a restart")  # every file is re-issued
+            self._start_job("renew", snap.request_id, snap.cluster, lambda: self._renew_job(snap.request_id))
         elif state == State.RESETTING:
             self._emit_progress(state, snap.request_id, "resuming the reset after a restart")
             self._start_job("reset", snap.request_id, snap.cluster, lambda: self._reset_job(snap.request_id))
@@ -124,6 +131,8 @@ class Engine:
             job = self._job
             if job is not None and job.kind == "reset":
                 raise RequestError("busy", "a reset is in progress; request the install once it finished")
+            if job is not None and job.kind == "renew":
+                raise RequestError("busy", "certificates are being renewed; request the install once that finished")
             current = job.cluster if job is not None else self._snap.cluster
             if version is not None and current is not None and version != current.kubernetes_version:
                 raise RequestError(
@@ -159,6 +168,31 @@ class Engine:
             self._transition(State.RESETTING, step=None, request_id=request_id, cluster=self._snap.cluster)
             self._start_job("reset", request_id, self._snap.cluster, lambda: self._reset_job(request_id))
             return Accepted(request_id, "reset started")
+
+    async def renew_certs(self, *, request_id: str) -> Accepted:
+        """Re-issue leaf certificates and kubeconfigs from the same CAs on a running cluster (state renewing)."""
+        async with self._lock:
+            self._check_accepting()
+            job = self._job
+            if job is not None and job.kind == "renew":
+                return Accepted(job.request_id, "already renewing")
+            if self._renew is None:
+                raise RequestError("not_supported", "this service was started without certificate renewal")
+            if self.state != State.RUNNING:
+                raise RequestError("not_running", f"certificates are renewed on a running cluster, not in {self.state}")
+            if job is not None:
+                raise RequestError("busy", "the cluster is being re-checked after a restart; try again shortly")
+            self._transition(State.RENEWING, step=None, request_id=request_id, cluster=self._snap.cluster)
+            self._start_job("renew", request_id, self._snap.cluster, lambda: self._renew_job(request_id))
+            return Accepted(request_id, "renewal started")
+
+    def report_certs(self, certs: CertsStatus | None, *, expiring: Sequence[dict[str, Any]] = ()) -> None:
+        """From the certificate watch: one `lifecycle.certs.expiring` per item, and the status when `certs` changed."""
+        for data in expiring:
+            self._emit(EventType.CERTS_EXPIRING, {"request_id": None, **data})
+        if certs != self._certs:
+            self._certs = certs
+            self._bus.publish(self.status())
 
     async def cancel(self, *, request_id: str) -> Accepted:
         async with self._lock:
@@ -334,6 +368,35 @@ class Engine:
             self._transition(State.IDLE, step=None, request_id=request_id, cluster=None)
             return
         self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
+
+    async def _renew_job(self, request_id: str | None) -> None:
+        assert self._renew is not None
+        cluster = self._snap.cluster or self._resolve_cluster(None)
+        ctx = self._context(State.RENEWING.value, request_id, cluster, RENEW_TIMEOUT_S)
+        timer = asyncio.timeout_at(ctx.deadline)
+        try:
+            async with timer:
+                files = await self._in_task(self._renew(ctx), name="renew-certs")
+        except TimeoutError as exc:
+            error = (ErrorInfo.safe("deadline_exceeded", f"renewal did not finish within {RENEW_TIMEOUT_S:g} s",
+                                    details={"step": "renewing", "timeout_s": RENEW_TIMEOUT_S})
+                     if timer.expired() else self._internal(ctx, exc, 1))
+        except StepError as exc:
+            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
+        except Exception as exc:
+            error = self._internal(ctx, exc, 1)
+        else:
+            self._emit(EventType.CERTS_RENEWED, {"request_id": request_id, "files": files})
+            self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
+            return
+        if error.details.get("node_changed") is False:
+            # Nothing was written: the cluster runs on as it was; the failure is reported, the state is not failed.
+            self._log.error("renewal failed before changing anything", code=error.code, error=error.message)
+            self._emit(EventType.STEP_FAILED, {"request_id": request_id, "state": State.RENEWING.value,
+                                               "error": error.to_json()})
+            self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
+            return
+        self._fail(State.RENEWING, request_id, cluster, error, step=None)
 
     async def _in_task(self, work: Coroutine[Any, Any, T], *, name: str) -> T:
         """Run step code as its own named task. Cancelling the caller cancels it and waits for its cleanup."""

@@ -28,6 +28,7 @@ class State(StrEnum):
     RUNNING = "running"
     FAILED = "failed"
     RESETTING = "resetting"
+    RENEWING = "renewing"
 
 
 INSTALL_STATES: tuple[State, ...] = tuple(State(name) for name in STEP_NAMES)
@@ -43,18 +44,25 @@ _EDGES: list[tuple[str, list[State], State]] = [
     *[("repair", [State.RUNNING], s) for s in INSTALL_STATES],
     ("reset", [State.IDLE, State.RUNNING, State.FAILED, *INSTALL_STATES], State.RESETTING),
     ("reset_done", [State.RESETTING], State.IDLE),
+    # Certificate renewal on a running cluster: back to running, or failed once something was changed.
+    ("renew", [State.RUNNING], State.RENEWING),
+    ("renewed", [State.RENEWING], State.RUNNING),
+    ("fail", [State.RENEWING], State.FAILED),
+    ("reset", [State.RENEWING], State.RESETTING),
 ]
 
 # Which request interrupts the job running in which state. An install job also runs in idle and failed (before
 # its first transition) and in running (the quiet re-check after a restart). Reset interrupts an install (it
 # would undo its work anyway) and cancel stops it; nothing interrupts a reset, which must not leave a
-# half-cleaned node.
+# half-cleaned node. A reset also interrupts a renewal (it removes the certificates anyway); cancel does not, so
+# that a renewal never stops between writing the files and restarting what uses them.
 _INSTALL_JOB_STATES = frozenset(INSTALL_STATES) | {State.IDLE, State.FAILED, State.RUNNING}
 PREEMPTS: dict[Action, frozenset[State]] = {
-    Action.RESET: _INSTALL_JOB_STATES,
+    Action.RESET: _INSTALL_JOB_STATES | {State.RENEWING},
     Action.CANCEL: _INSTALL_JOB_STATES,
     Action.INSTALL: frozenset(),
     Action.STATUS: frozenset(),
+    Action.RENEW_CERTS: frozenset(),
 }
 
 

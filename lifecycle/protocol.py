@@ -30,6 +30,7 @@ class Action(StrEnum):
     RESET = "reset"
     STATUS = "status"
     CANCEL = "cancel"
+    RENEW_CERTS = "renew-certs"
 
 
 class EventType(StrEnum):
@@ -37,6 +38,8 @@ class EventType(StrEnum):
     STEP_PROGRESS = "lifecycle.step.progress"
     STEP_RETRYING = "lifecycle.step.retrying"
     STEP_FAILED = "lifecycle.step.failed"
+    CERTS_EXPIRING = "lifecycle.certs.expiring"
+    CERTS_RENEWED = "lifecycle.certs.renewed"
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,22 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
+class CertsStatus:
+    """The certificate that expires first (any in the PKI, a kubeconfig's or the kubelet's client certificate)."""
+
+    earliest_expiry: float  # epoch seconds
+    file: str  # "apiserver.crt", "etcd/server.crt", "admin.conf", "/var/lib/kubelet/pki/kubelet-client-current.pem"
+    renew_at: float | None  # when automatic renewal is due (epoch seconds); None when disabled or impossible
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "earliest_expiry": iso_time(self.earliest_expiry),
+            "file": self.file,
+            "renew_at": iso_time(self.renew_at) if self.renew_at is not None else None,
+        }
+
+
+@dataclass(frozen=True)
 class Status:
     node: str
     state: str
@@ -210,6 +229,7 @@ class Status:
     step: int | None  # 1-based index of the state's step in the plan (failed: the step that failed)
     steps: int
     error: ErrorInfo | None
+    certs: CertsStatus | None = None  # None when there are no certificates (idle)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -222,6 +242,7 @@ class Status:
             "step": self.step,
             "steps": self.steps,
             "error": self.error.to_json() if self.error else None,
+            "certs": self.certs.to_json() if self.certs else None,
         }
 
 

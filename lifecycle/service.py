@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 from lifecycle.adapters.mqtt import MqttBridge
 from lifecycle.bus import Bus
+from lifecycle.certwatch import CertWatch
 from lifecycle.config import Config
-from lifecycle.engine import Accepted, Engine, ResetRoutine
+from lifecycle.engine import Accepted, Engine, RenewRoutine, ResetRoutine
 from lifecycle.errors import RequestError
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
@@ -47,6 +48,8 @@ class RequestHandler:
                 accepted = await engine.install(request_id=request.id, version=request.kubernetes_version)
             elif request.action == Action.RESET:
                 accepted = await engine.reset(request_id=request.id)
+            elif request.action == Action.RENEW_CERTS:
+                accepted = await engine.renew_certs(request_id=request.id)
             else:
                 accepted = await engine.cancel(request_id=request.id)
         except RequestError as exc:
@@ -62,7 +65,7 @@ class RequestHandler:
 
 async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
-    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
 ) -> None:
     """Run the service until `stop` is set (the caller owns signals; tests set it themselves)."""
     log = get_logger("lifecycle.service", node=config.node_name)
@@ -72,7 +75,9 @@ async def serve(
     try:
         bus = Bus()
         outbox = bus.subscribe("mqtt")
-        engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus)
+        engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
+                        renew=renew)
+        certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus)
         bridge = MqttBridge(
             config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,
             status=engine.status, handle=RequestHandler(engine).handle,
@@ -81,8 +86,11 @@ async def serve(
         async with bridge:
             log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
             await engine.start()
+            watch = asyncio.create_task(certs.run(), name="lifecycle-certs-watch")
             await stop.wait()
             log.info("stopping", state=engine.state.value)
+            watch.cancel()
+            await asyncio.wait({watch})
             await engine.shutdown()
             await bridge.close(drain_timeout_s=drain_timeout_s)
         log.info("stopped", state=engine.state.value)

@@ -20,6 +20,7 @@ from lifecycle.protocol import (
     REDACTED_KEY,
     Action,
     BadRequestError,
+    CertsStatus,
     ErrorInfo,
     Event,
     EventType,
@@ -32,6 +33,7 @@ from lifecycle.protocol import (
     scrub,
 )
 from lifecycle.service import RequestHandler, state_file
+from lifecycle.step import StepContext
 
 
 def test_a_full_install_request_parses() -> None:
@@ -97,7 +99,7 @@ def test_wire_shapes() -> None:
     status = Status(node="n1", state="failed", since=0.0, seq=9, request_id="r", kubernetes_version="v1.31.4",
                     step=2, steps=7, error=ErrorInfo("x", "y", details={"a": 1}))
     assert set(status.to_json()) == {"node", "state", "since", "seq", "request_id", "kubernetes_version", "step",
-                                     "steps", "error"}
+                                     "steps", "error", "certs"}
     assert status.to_json()["error"] == {"code": "x", "message": "y", "retryable": False, "details": {"a": 1}}
     reply = Reply(id=None, ok=False, state="idle", error=("malformed_json", "bad"))
     assert reply.to_json() == {"id": None, "ok": False, "state": "idle",
@@ -119,6 +121,11 @@ def _validators() -> dict[str, Draft202012Validator]:
             for name, schema in schemas.items()}
 
 
+async def _fake_renew(ctx: StepContext) -> list[str]:
+    ctx.progress("renewed apiserver.crt", current=1, total=1, unit="files")
+    return ["apiserver.crt"]
+
+
 async def test_every_message_the_service_produces_matches_the_documented_schemas(tmp_path: Path) -> None:
     v = _validators()
     assert set(v) == {"request", "reply", "status", "event"}
@@ -126,7 +133,7 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
     sub = bus.subscribe("schemas")
     config = make_config(tmp_path, images=StepPolicy(timeout_s=5, retries=1, retry_delay_s=0))
     engine = Engine(config=config, paths=HostPaths(tmp_path), ports=null_ports(), plan=fake_plan(), reset=fake_reset,
-                    store=state_file(HostPaths(tmp_path)), bus=bus)
+                    store=state_file(HostPaths(tmp_path)), bus=bus, renew=_fake_renew)
     handler = RequestHandler(engine)
     steer(tmp_path, "images", fail="temporary", fail_times=1, progress=2)
     steer(tmp_path, "kubeadm", fail="command")
@@ -134,6 +141,11 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
     await engine.wait_job()
     steer(tmp_path, "kubeadm")
     replies.append(await handler.handle(Request(id="r2", action=Action.INSTALL)))
+    await engine.wait_job()
+    engine.report_certs(CertsStatus(2e9, "apiserver.crt", 1.9e9), expiring=[{
+        "file": "apiserver.crt", "not_after": iso_time(2e9), "days_left": 29.5, "threshold_days": 30.0,
+        "renew_at": iso_time(1.9e9)}])
+    replies.append(await handler.handle(Request(id="renew", action=Action.RENEW_CERTS)))
     await engine.wait_job()
     for action in (Action.STATUS, Action.CANCEL, Action.INSTALL, Action.RESET):
         replies.append(await handler.handle(Request(id=f"x-{action}", action=action, kubernetes_version=None)))

@@ -1,0 +1,171 @@
+"""Certificate renewal on disk: every leaf certificate and kubeconfig re-issued (new keys) from the CAs already
+in the PKI, never the CAs or sa.key; the kubelet's rotatable client pem instead of kubelet.conf when kubelet.conf
+points at it (after kubeadm's kubelet-finalize). All files are generated and staged next to their targets before
+the first rename, so a failure before that leaves everything as it was. Key material never appears in a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from lifecycle.kubefiles import KubeconfigSpec, render_kubeconfig
+from lifecycle.paths import HostPaths
+from lifecycle.pki import CERT_MODE, KEY_MODE, KUBECONFIG_MODE, read_existing
+from lifecycle.pki_specs import CA_NAMES, CertSpec, PkiParams, cert_specs, kubeconfig_specs
+from lifecycle.pki_x509 import PrivateKey, cert_pem, issue_leaf, key_pem, load_cert, load_key, new_key, same_public_key
+
+
+class RenewalError(Exception):
+    """Renewal is impossible with what is on disk (a CA without its key, an expired CA); nothing was written."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RenewedFile:
+    name: str  # as reported: "apiserver.crt", "etcd/server.key", "admin.conf", or a real path for a referenced pem
+    path: Path  # where it goes (under the root)
+    data: bytes = field(repr=False)  # may be key material
+    mode: int
+
+
+def plan_renewal(paths: HostPaths, params: PkiParams, *, now: datetime) -> list[RenewedFile]:
+    """Every file a renewal writes, generated in memory. Raises RenewalError (CA problems) or ValueError (bad SANs
+    in the config) before anything is written."""
+    existing = read_existing(paths.pki_dir, paths.kubernetes_dir)
+    cas = {name: _load_ca(existing, name, now=now) for name in CA_NAMES}
+    files: list[RenewedFile] = []
+    for spec in cert_specs(params):
+        if spec.ca is None:
+            continue
+        key = new_key(params.key_algorithm)
+        cert = issue_leaf(spec, key, *cas[spec.ca], params, now=now)
+        files.append(RenewedFile(f"{spec.name}.key", paths.pki_dir / f"{spec.name}.key", key_pem(key), KEY_MODE))
+        files.append(RenewedFile(f"{spec.name}.crt", paths.pki_dir / f"{spec.name}.crt", cert_pem(cert), CERT_MODE))
+    ca_cert, ca_key = cas["ca"]
+    for kspec in kubeconfig_specs(params):
+        files += _kubeconfig_files(paths, kspec, existing.get(kspec.file), ca_cert=ca_cert, ca_key=ca_key,
+                                   params=params, now=now)
+    return files
+
+
+def _load_ca(existing: Mapping[str, bytes], name: str, *, now: datetime) -> tuple[x509.Certificate, PrivateKey]:
+    try:
+        cert = load_cert(existing[f"{name}.crt"])
+    except KeyError:
+        raise RenewalError(f"{name}.crt", "missing: there is no PKI to renew (install first)") from None
+    except ValueError as exc:
+        raise RenewalError(f"{name}.crt", str(exc)) from None
+    try:
+        key = load_key(existing[f"{name}.key"])
+    except KeyError:
+        raise RenewalError(f"{name}.key", "missing: certificates of an external CA are renewed by whoever holds "
+                                          "its key (send them with the next install)") from None
+    except ValueError as exc:
+        raise RenewalError(f"{name}.key", str(exc)) from None
+    public = cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not same_public_key(public, key):
+        raise RenewalError(f"{name}.key", f"does not match {name}.crt")
+    if cert.not_valid_after_utc <= now:
+        raise RenewalError(f"{name}.crt", f"the CA expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z: renewing "
+                                          "what it signed cannot help (reset, then install with a new CA)")
+    return cert, key
+
+
+def _kubeconfig_files(
+    paths: HostPaths, spec: KubeconfigSpec, current: bytes | None, *, ca_cert: x509.Certificate, ca_key: PrivateKey,
+    params: PkiParams, now: datetime,
+) -> list[RenewedFile]:
+    client = CertSpec(spec.file, spec.common_name, spec.organization, ca="ca", client=True)
+    key = new_key(params.key_algorithm)
+    cert = issue_leaf(client, key, ca_cert, ca_key, params, now=now)
+    referenced = client_files(current) if current is not None else None
+    if referenced is None:
+        data = render_kubeconfig(spec, ca_pem=cert_pem(ca_cert), cert_pem=cert_pem(cert), key_pem=key_pem(key))
+        return [RenewedFile(spec.file, paths.kubeconfig(spec.file), data, KUBECONFIG_MODE)]
+    # kubelet-finalize made the kubeconfig point at files: renew those, keep the kubeconfig as it is.
+    cert_file, key_file = referenced
+    if cert_file == key_file:
+        return [RenewedFile(cert_file, paths.under(cert_file), cert_pem(cert) + key_pem(key), KEY_MODE)]
+    return [RenewedFile(key_file, paths.under(key_file), key_pem(key), KEY_MODE),
+            RenewedFile(cert_file, paths.under(cert_file), cert_pem(cert), CERT_MODE)]
+
+
+def client_files(kubeconfig: bytes) -> tuple[str, str] | None:
+    """(client-certificate, client-key) paths of the current context's user when it names files, else None."""
+    try:
+        doc = yaml.safe_load(kubeconfig)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    context = _named(doc, "contexts", doc.get("current-context"), "context")
+    user = _named(doc, "users", context.get("user"), "user")
+    cert_file, key_file = user.get("client-certificate"), user.get("client-key")
+    if "client-certificate-data" in user or not isinstance(cert_file, str) or not isinstance(key_file, str):
+        return None
+    if not cert_file.startswith("/") or not key_file.startswith("/"):
+        return None  # kubeadm writes absolute paths; a relative one is not ours to guess
+    return cert_file, key_file
+
+
+def _named(doc: dict[str, Any], section: str, name: object, inner: str) -> dict[str, Any]:
+    for item in doc.get(section) or []:
+        if isinstance(item, dict) and item.get("name") == name and isinstance(item.get(inner), dict):
+            return dict(item[inner])
+    return {}
+
+
+def write_renewal(files: list[RenewedFile]) -> list[str]:
+    """Stage every file (written and fsynced next to its target), then rename them all into place.
+
+    A failure while staging removes the staged files: nothing changed. Each file is replaced atomically; a key is
+    renamed right before its certificate, so readers that check the pair (the API server) see a mismatch for
+    microseconds at most and retry. Returns the names, in order.
+    """
+    staged: list[tuple[Path, RenewedFile]] = []
+    try:
+        for item in files:
+            staged.append((_stage(item), item))
+        for temp, item in staged:
+            temp.replace(item.path)
+    finally:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)  # only those not renamed (a failure) are still there
+    for directory in {item.path.parent for item in files}:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the renames survive a crash
+        finally:
+            os.close(dir_fd)
+    return [item.name for item in files]
+
+
+def _stage(item: RenewedFile) -> Path:
+    fd, name = tempfile.mkstemp(dir=item.path.parent, prefix=f".{item.path.name}.renew-")
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), item.mode)  # before any key byte is written
+            out.write(item.data)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    return temp
