@@ -30,7 +30,7 @@ class MqttConfig:
     client_id: str | None = None  # default: "lifecycle-<node>"
     username: str | None = None
     password: str | None = None
-    password_file: Path | None = None  # read at connect time; wins over `password`
+    password_file: Path | None = None  # read once at start; wins over `password`
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
