@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tempfile
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node", help="node name (overrides node.name)")
     serve.add_argument("--broker", help="mqtt://host[:port] or mqtts://host[:port] (overrides mqtt.broker)")
 
-    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+    def client(name: str, help_text: str, *, output: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", type=Path, help="read broker, TLS settings, prefix and node name from this file")
         p.add_argument("--broker", help="mqtt://host[:port] or mqtts://host[:port] (default mqtt://127.0.0.1:1883)")
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                        help="seconds to wait for the broker and the reply (default 10); a watch gives up after "
                             "max(S, 60) s without an event")
-        p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+        if output:
+            p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
         return p
 
     install = client("install", "install (or resume) Kubernetes")
@@ -74,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")
     reset.add_argument("--no-wait", dest="watch", action="store_false", help="return once the reset is accepted")
     client("cancel", "stop a running install (state failed, code cancelled; install resumes it)")
+    kubeconfig = client("kubeconfig", "fetch the admin kubeconfig (it holds the admin key)", output=False)
+    kubeconfig.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
+                            help="write it to FILE (mode 0600) instead of printing it")
+    kubeconfig.set_defaults(output="text")
     sub.add_parser("graph", help="print the state graph as a Mermaid diagram")
     return parser
 
@@ -181,6 +188,8 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
             why = _why_silent(client.available)
             out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{why}")
             return EXIT_UNREACHABLE
+        if args.command == "kubeconfig" and reply.get("ok"):
+            return save_kubeconfig(str(reply.get("kubeconfig") or ""), args.kubeconfig_file, out)
         out.reply(reply)
         if not reply.get("ok"):
             return EXIT_FAILED
@@ -190,6 +199,25 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
         if reply.get("state") == goal and args.command == "install":
             return EXIT_OK  # nothing to follow: already running
         return await _follow(client, reply.get("request_id"), goal=goal, timeout_s=args.timeout, out=out)
+
+
+def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:
+    """Print the kubeconfig, or write it to `path` (mode 0600 from the start, replaced atomically)."""
+    if path is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temp).replace(path)
+    except OSError as exc:
+        out.error(f"cannot write {path}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    out.error(f"wrote the admin kubeconfig to {path} (mode 0600)")  # stderr: stdout stays clean for scripts
+    return EXIT_OK
 
 
 def _why_silent(available: str | None) -> str:

@@ -26,6 +26,9 @@ from lifecycle.store import Snapshot, Store
 
 T = TypeVar("T")
 ResetRoutine = Callable[[StepContext], Coroutine[Any, Any, None]]  # states.reset.reset
+# Run by `install` under the lock once its own checks passed, with the state and the snapshot's step: may raise
+# RequestError to refuse the install (lifecycle.pki_bundle_disk puts a host's PKI bundle in place this way).
+InstallPrepare = Callable[[State, int | None], Coroutine[Any, Any, None]]
 RESET_TIMEOUT_S = 300.0
 RenewRoutine = Callable[[StepContext], Coroutine[Any, Any, list[str]]]  # states.renewing.renew: the renewed files
 RENEW_TIMEOUT_S = 180.0
@@ -95,6 +98,14 @@ class Engine:
     def state(self) -> State:
         return self._machine.current
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def paths(self) -> HostPaths:
+        return self._paths
+
     def status(self) -> Status:
         snap = self._snap
         return Status(
@@ -122,7 +133,7 @@ class Engine:
             # Quietly: no event unless some step's outcome no longer holds (a kubelet that died with the host).
             self._start_install(snap.request_id, snap.cluster, first=0, quiet_until=len(self._plan))
 
-    async def install(self, *, request_id: str, version: str | None) -> Accepted:
+    async def install(self, *, request_id: str, version: str | None, prepare: InstallPrepare | None = None) -> Accepted:
         async with self._lock:
             self._check_accepting()
             if version is not None and version not in self._config.kubernetes.versions:
@@ -139,6 +150,8 @@ class Engine:
                     "upgrade_unsupported",
                     f"the node is set up for {current.kubernetes_version}; reset before installing {version}",
                 )
+            if prepare is not None:
+                await prepare(self.state, self._snap.step)
             if job is not None:  # in running, the quiet re-check after a restart is the job
                 return Accepted(job.request_id, "already running" if self.state == State.RUNNING else
                                 "already installing")

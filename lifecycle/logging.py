@@ -1,7 +1,8 @@
 """Structured logs: one JSON object per line on stderr, bound to request id and state by the engine.
 
 Key material never reaches a log line: fields named like secrets are masked and any value that carries a PEM
-private key is replaced, whatever its field name.
+private key is replaced, whatever its field name. Records of other libraries (stdlib logging: asyncio's "task
+exception was never retrieved", paho) and uncaught tracebacks go through the same scrubbing.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
+
+from lifecycle.protocol import scrub
 
 _SECRET_FIELD_PARTS = ("password", "private_key", "secret", "token", "key_pem", "client_key")
 _PEM_MARKERS = ("PRIVATE KEY-----", "PRIVATE KEY -----")
@@ -40,8 +44,37 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return event_dict
 
 
+class ScrubbingFormatter(logging.Formatter):
+    """Stdlib records as text with PEM private keys cut out (the message, its arguments and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text: str = scrub(super().format(record))
+        return text
+
+
+def _scrubbing_excepthook(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    import traceback
+
+    sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+
+
+def _route_stdlib_logging(level: str, stream: TextIO | None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h.formatter, ScrubbingFormatter)]:
+        root.removeHandler(old)  # idempotent
+    root.addHandler(handler)
+    root.setLevel(max(_LEVELS.get(level, logging.INFO), logging.WARNING))  # other libraries: warnings and up
+    sys.excepthook = _scrubbing_excepthook
+
+
 def configure_logging(level: str = "info", *, stream: TextIO | None = None) -> None:
-    """Route structlog to JSON lines on `stream` (default stderr); idempotent."""
+    """Route structlog to JSON lines on `stream` (default stderr), and stdlib logging and uncaught tracebacks
+    through the same key scrubbing; idempotent."""
+    _route_stdlib_logging(level, stream)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

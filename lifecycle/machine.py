@@ -63,6 +63,7 @@ PREEMPTS: dict[Action, frozenset[State]] = {
     Action.INSTALL: frozenset(),
     Action.STATUS: frozenset(),
     Action.RENEW_CERTS: frozenset(),
+    Action.KUBECONFIG: frozenset(),
 }
 
 

@@ -74,7 +74,11 @@ def issue_leaf(
     usages = [ExtendedKeyUsageOID.SERVER_AUTH] if spec.server else []
     usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if spec.client else []
     not_after = min(now + timedelta(days=params.cert_validity_days), ca_cert.not_valid_after_utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        authority = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:  # a CA made elsewhere (a host's bundle) may lack it
+        authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(spec))
@@ -86,7 +90,7 @@ def issue_leaf(
         .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .add_extension(authority, critical=False)
     )
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in spec.dns_names]
     sans += [x509.IPAddress(ip) for ip in spec.ips]

@@ -18,6 +18,7 @@ from typing import Any
 from lifecycle.errors import RequestError
 
 MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_PKI_PAYLOAD_BYTES = 256 * 1024  # a request carrying `pki` (a PKI bundle) may be this large
 MAX_ID_CHARS = 128
 MAX_TOPIC_CHARS = 1024
 _VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
@@ -30,6 +31,7 @@ class Action(StrEnum):
     RESET = "reset"
     STATUS = "status"
     CANCEL = "cancel"
+    KUBECONFIG = "kubeconfig"
     RENEW_CERTS = "renew-certs"
 
 
@@ -87,6 +89,9 @@ class Request:
     action: Action
     kubernetes_version: str | None = None
     reply_to: str | None = None
+    # `install` only: the host's PKI bundle as sent (file name -> PEM text; checked by lifecycle.pki_bundle).
+    # Holds private keys: never printed, never kept beyond the request.
+    pki: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 class BadRequestError(RequestError):
@@ -100,7 +105,7 @@ class BadRequestError(RequestError):
 
 def _shown(value: object) -> str:
     """A value as quoted in an error message, cut short: the message goes back to the sender and to the log."""
-    text = repr(value)
+    text = scrub(repr(value))
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
@@ -112,16 +117,21 @@ def valid_reply_topic(topic: str) -> bool:
 def parse_request(payload: bytes) -> Request:
     """Decode one request; raise `BadRequestError` (a `RequestError`) naming what is wrong.
 
-    Unknown fields are ignored so that newer clients can talk to this service.
+    Unknown fields are ignored so that newer clients can talk to this service. The size is checked before
+    parsing (the larger limit, for requests carrying `pki`) and after (the normal limit for the others).
     """
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise BadRequestError("payload_too_large", f"request is {len(payload)} bytes, the limit is {MAX_PAYLOAD_BYTES}")
+    if len(payload) > MAX_PKI_PAYLOAD_BYTES:
+        raise BadRequestError("payload_too_large",
+                              f"request is {len(payload)} bytes, the limit is {MAX_PKI_PAYLOAD_BYTES} (with 'pki')")
     try:
         raw = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequestError("malformed_json", f"request is not UTF-8 JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise BadRequestError("invalid_request", f"request must be a JSON object, got {type(raw).__name__}")
+    if len(payload) > MAX_PAYLOAD_BYTES and raw.get("pki") is None:
+        raise BadRequestError("payload_too_large", f"request is {len(payload)} bytes, the limit is "
+                                                   f"{MAX_PAYLOAD_BYTES} ({MAX_PKI_PAYLOAD_BYTES} with 'pki')")
     request_id = raw.get("id")
     readable_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS else None
     reply_to = raw.get("reply_to")
@@ -146,7 +156,14 @@ def parse_request(payload: bytes) -> Request:
             raise bad("invalid_request", f"'kubernetes_version' only goes with 'install', not {_shown(action)}")
         if not isinstance(version, str) or not _VERSION_RE.match(version):
             raise bad("invalid_request", f"'kubernetes_version' must look like v1.31.4, got {_shown(version)}")
-    return Request(id=readable_id, action=Action(action), kubernetes_version=version, reply_to=readable_reply_to)
+    pki = raw.get("pki")
+    if pki is not None:
+        if action != Action.INSTALL:
+            raise bad("invalid_request", f"'pki' only goes with 'install', not {_shown(action)}")
+        if not isinstance(pki, dict):  # its content is never quoted: it is meant to hold private keys
+            raise bad("invalid_pki", f"'pki' must be an object of file name -> PEM text, got {type(pki).__name__}")
+    return Request(id=readable_id, action=Action(action), kubernetes_version=version, reply_to=readable_reply_to,
+                   pki=pki)
 
 
 # ---- replies, status, events ----------------------------------------------------------------------------
@@ -255,13 +272,15 @@ class Reply:
     request_id: str | None = None  # the install or reset this request joined or started
     note: str | None = None  # what happened, for people ("already running", ...)
     status: Status | None = None  # for `status`
+    kubeconfig: str | None = field(default=None, repr=False)  # for `kubeconfig`: YAML holding the admin key
+    message_expiry_s: int | None = None  # MQTT 5 message expiry of the reply (not in the payload)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
             "ok": self.ok,
             "state": self.state,
-            "error": {"code": self.error[0], "message": self.error[1]} if self.error else None,
+            "error": {"code": self.error[0], "message": scrub(self.error[1])} if self.error else None,
         }
         if self.request_id is not None:
             out["request_id"] = self.request_id
@@ -269,6 +288,8 @@ class Reply:
             out["note"] = self.note
         if self.status is not None:
             out["status"] = self.status.to_json()
+        if self.kubeconfig is not None:
+            out["kubeconfig"] = self.kubeconfig  # the one payload allowed to carry a key (base64, in YAML)
         return out
 
 

@@ -11,11 +11,13 @@ from lifecycle.adapters.mqtt import MqttBridge
 from lifecycle.bus import Bus
 from lifecycle.certwatch import CertWatch
 from lifecycle.config import Config
+from lifecycle.credentials import kubeconfig_reply
 from lifecycle.engine import Accepted, Engine, RenewRoutine, ResetRoutine
 from lifecycle.errors import RequestError
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.paths import HostPaths
+from lifecycle.pki_bundle_disk import bundle_prepare
 from lifecycle.ports import Ports
 from lifecycle.protocol import Action, Reply, Request, Topics
 from lifecycle.step import Step
@@ -37,15 +39,23 @@ class RequestHandler:
 
     async def handle(self, request: Request) -> Reply:
         log = self._log.bind(request_id=request.id, action=request.action.value)
-        log.info("request", kubernetes_version=request.kubernetes_version)
+        log.info("request", kubernetes_version=request.kubernetes_version,
+                 pki_files=len(request.pki) if request.pki is not None else None)  # names and content stay out
         engine = self._engine
         try:
             accepted: Accepted
             if request.action == Action.STATUS:
                 status = engine.status()
                 return Reply(id=request.id, ok=True, state=status.state, request_id=status.request_id, status=status)
+            if request.action == Action.KUBECONFIG:
+                return await kubeconfig_reply(request, status=engine.status(), config=engine.config,
+                                              paths=engine.paths)
             if request.action == Action.INSTALL:
-                accepted = await engine.install(request_id=request.id, version=request.kubernetes_version)
+                prepare = None
+                if request.pki is not None:  # checked before the engine sees the request
+                    prepare = await bundle_prepare(request.pki, config=engine.config, paths=engine.paths, log=log)
+                accepted = await engine.install(request_id=request.id, version=request.kubernetes_version,
+                                                prepare=prepare)
             elif request.action == Action.RESET:
                 accepted = await engine.reset(request_id=request.id)
             elif request.action == Action.RENEW_CERTS:

@@ -11,6 +11,7 @@ from types import TracebackType
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.bus import BusItem, Subscription
@@ -116,7 +117,9 @@ class MqttBridge:
 
     async def _session(self) -> None:
         async with self._client as client:
-            await client.subscribe(self._topics.requests, qos=1)
+            # Retain-as-published: a request published with the retain flag keeps it even while we are subscribed,
+            # so it is recognised and ignored then too, not only when the broker replays it at subscribe time.
+            await client.subscribe(self._topics.requests, options=SubscribeOptions(qos=1, retainAsPublished=True))
             # `online` only once subscribed: a client that saw it may send a request and be heard.
             await client.publish(self._topics.availability, b"online", qos=1, retain=True)
             await client.publish(self._topics.status, dumps(self._status().to_json()), qos=1, retain=True)
@@ -146,9 +149,25 @@ class MqttBridge:
         async for message in client.messages:
             if message.retain:
                 # A retained request is stale by definition (an old install must never reinstall a cluster).
-                self._log.warning("ignoring a retained request", topic=str(message.topic))
+                if message.payload:  # an empty one is the clearing of a retained message
+                    self._log.warning("ignoring a retained request", topic=str(message.topic))
+                    await self._clear_if_secret(client, message)
                 continue
             await self._on_request(client, message)
+
+    async def _clear_if_secret(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """A retained request carrying private keys (a `pki` bundle) is cleared from the broker, so that the keys
+        are not handed to whoever subscribes later. Needs write access to the requests topic; without it the
+        broker drops the clearing and the keys stay until the sender clears them."""
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        if b"PRIVATE KEY" not in payload and b'"pki"' not in payload:
+            return
+        try:
+            await client.publish(str(message.topic), b"", qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            self._log.warning("could not clear a retained request carrying keys", error=str(exc))
+            return
+        self._log.warning("cleared a retained request carrying private keys", topic=str(message.topic))
 
     async def _on_request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
@@ -180,6 +199,8 @@ class MqttBridge:
         props.ContentType = "application/json"
         if correlation is not None:
             props.CorrelationData = correlation
+        if reply.message_expiry_s is not None:  # a reply carrying credentials must not wait long for its reader
+            props.MessageExpiryInterval = reply.message_expiry_s
         try:
             await client.publish(topic, dumps(reply.to_json()), qos=1, properties=props)
         except aiomqtt.MqttError as exc:  # the requester will time out and ask again; the action stands

@@ -1,0 +1,242 @@
+"""PKI bundles and the kubeconfig request over a real broker: the service runs in-process with the real certs
+step (the other steps are test steps), bundles are made with the openssl CLI. Checks what is written, what is
+refused (and that the PKI directory does not change then), and that no key travels anywhere but in the
+kubeconfig reply, which goes to the requester's response topic only, with a message expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
+from lifecycle_fakes import fake_plan, fake_reset, null_ports, steer
+from lifecycle_mqtt import Probe, RunningService, probe, retained, service_config, unique_prefix
+from openssl_pki import OpensslPki, key_bodies
+from paho.mqtt.packettypes import PacketTypes
+
+from lifecycle.adapters.mqtt import mqtt_properties
+from lifecycle.config import Config
+from lifecycle.paths import HostPaths
+from lifecycle.protocol import Topics
+from lifecycle.service import serve
+from lifecycle.step import StepContext
+from states.certs import Certs
+
+NODE = "n1"
+ENDPOINT = "kubernetes.docker.internal"  # the default endpoint_name of the test config
+
+
+@pytest.fixture(autouse=True)
+def _broker(mqtt_broker: tuple[str, int]) -> None:
+    """Every test here needs the shared broker."""
+
+
+@pytest.fixture(scope="module")
+def openssl_cas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    work = tmp_path_factory.mktemp("cas")
+    return OpensslPki(work, node=NODE, endpoint=ENDPOINT).cas_only().bundle()
+
+
+@pytest.fixture(scope="module")
+def other_cas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    work = tmp_path_factory.mktemp("other")
+    return OpensslPki(work, node=NODE, endpoint=ENDPOINT).cas_only().bundle()
+
+
+async def reset_removing_pki(ctx: StepContext) -> None:
+    await fake_reset(ctx)
+    shutil.rmtree(ctx.paths.pki_dir, ignore_errors=True)
+
+
+@asynccontextmanager
+async def certs_service(config: Config) -> AsyncIterator[RunningService]:
+    """The service with the real certs step and test steps after it."""
+    stop = asyncio.Event()
+    plan = [Certs(), *fake_plan()[1:]]
+    task = asyncio.create_task(serve(config, plan=plan, reset=reset_removing_pki, ports=null_ports(), stop=stop,
+                                     drain_timeout_s=2.0), name=f"service-{config.node_name}")
+    try:
+        yield RunningService(config, Topics(config.mqtt.prefix, config.node_name), task, stop)
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+
+
+def pki_hash(config: Config) -> dict[str, str]:
+    pki = HostPaths(config.root).pki_dir
+    if not pki.exists():
+        return {}
+    return {str(p.relative_to(pki)): f"{hashlib.sha256(p.read_bytes()).hexdigest()}:{oct(p.stat().st_mode)}"
+            for p in sorted(pki.rglob("*")) if p.is_file()}
+
+
+async def kubeconfig_request(topics: Topics) -> tuple[dict[str, Any], int | None, str]:
+    """A `kubeconfig` request from a client of its own: (reply, its message expiry, the topic it came on)."""
+    reply_topic = f"{topics.base}/replies/kc-{uuid.uuid4().hex[:8]}"
+    async with aiomqtt.Client("127.0.0.1", 1883, protocol=aiomqtt.ProtocolVersion.V5,
+                              identifier=f"kc-{uuid.uuid4().hex[:8]}") as client:
+        await client.subscribe(reply_topic, qos=1)
+        props = mqtt_properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        props.CorrelationData = b"kc"
+        await client.publish(topics.requests, json.dumps({"id": "kc", "action": "kubeconfig"}).encode(), qos=1,
+                             properties=props)
+        async with asyncio.timeout(5):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                expiry = getattr(message.properties, "MessageExpiryInterval", None)
+                return json.loads(message.payload), expiry, str(message.topic)
+    raise AssertionError("no reply")
+
+
+def openssl_verify(ca: Path, cert: Path) -> None:
+    verified = subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True, text=True,
+                              check=False, timeout=30)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def assert_no_key_material(p: Probe, keys: list[str]) -> None:
+    """Nothing the service published under the node's topics carries a key, but a kubeconfig reply (the test's
+    own requests, on the requests topic, are not the service's)."""
+    bodies = key_bodies(keys)
+    assert bodies, "nothing to look for"
+    for message in p.seen:
+        if message.topic == p.topics.requests or message.topic.startswith(f"{p.topics.base}/replies/kc-"):
+            continue
+        text = message.payload.decode(errors="replace")
+        assert "PRIVATE KEY" not in text, message.topic
+        leaked = [b for b in bodies if b in text]
+        assert not leaked, f"key material on {message.topic}"
+
+
+async def test_a_cas_only_bundle_is_used_and_the_kubeconfig_reply_carries_the_admin_credentials(
+    tmp_path: Path, openssl_cas: dict[str, str], other_cas: dict[str, str]
+) -> None:
+    config = service_config(tmp_path, prefix=unique_prefix("bundle"), node=NODE)
+    async with certs_service(config) as svc, probe(svc.topics) as p:
+        await p.ready()
+        early = await p.ask({"id": "k0", "action": "kubeconfig"})
+        assert (early["ok"], early["error"]["code"]) == (False, "not_ready")
+
+        reply = await p.ask({"id": "i-1", "action": "install", "pki": openssl_cas})
+        assert reply["ok"] and reply["note"] == "install started", reply
+        await p.wait_state("running")
+        pki = HostPaths(config.root).pki_dir
+        for name, pem in openssl_cas.items():
+            assert (pki / name).read_text() == pem, name
+        openssl_verify(pki / "ca.crt", pki / "apiserver.crt")
+
+        got, expiry, topic = await kubeconfig_request(svc.topics)
+        assert got["ok"] and got["error"] is None and topic.startswith(f"{svc.topics.base}/replies/kc-")
+        assert expiry is not None and 0 < expiry <= 60
+        doc = yaml.safe_load(got["kubeconfig"])
+        assert doc["current-context"] == "docker-desktop"
+        assert doc["clusters"][0]["cluster"]["server"].startswith(f"https://{ENDPOINT}:")
+        ca = base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+        assert ca.strip() == openssl_cas["ca.crt"].strip()
+        (tmp_path / "admin.crt").write_bytes(base64.b64decode(doc["users"][0]["user"]["client-certificate-data"]))
+        openssl_verify(pki / "ca.crt", tmp_path / "admin.crt")
+
+        # The same bundle again, while running: accepted, nothing written. Another one: reset first.
+        before = pki_hash(config)
+        again = await p.ask({"id": "i-2", "action": "install", "pki": openssl_cas})
+        assert (again["ok"], again["note"]) == (True, "already running")
+        refused = await p.ask({"id": "i-3", "action": "install", "pki": other_cas})
+        assert (refused["ok"], refused["error"]["code"]) == (False, "reset_required")
+        assert refused["error"]["message"].endswith("reset first")
+        assert pki_hash(config) == before
+
+        # After a reset, the other bundle is taken.
+        assert (await p.ask({"id": "r-1", "action": "reset"}))["ok"]
+        await p.wait_state("idle")
+        assert (await p.ask({"id": "i-4", "action": "install", "pki": other_cas}))["ok"]
+        await p.wait_for(lambda m: m.topic == svc.topics.events and m.json()["data"].get("to") == "running"
+                         and m.json()["data"]["request_id"] == "i-4")
+        assert (pki / "ca.crt").read_text().strip() == other_cas["ca.crt"].strip()
+
+        generated = [p.read_text() for p in pki.rglob("*.key")]
+        assert_no_key_material(p, [*openssl_cas.values(), *other_cas.values(), *generated])
+
+
+def _bad_bundles(cas: dict[str, str], other: dict[str, str]) -> list[tuple[dict[str, Any], str]]:
+    return [
+        ({**cas, "ca.key": other["ca.key"]}, "ca.key: does not match ca.crt"),
+        ({**cas, "sa.pub": "-----BEGIN PUBLIC KEY-----\nZ2FyYmFnZQ==\n-----END PUBLIC KEY-----\n"}, "sa.pub: "),
+        ({k: v for k, v in cas.items() if k != "front-proxy-ca.crt"}, "front-proxy-ca.crt: missing"),
+        ({**cas, "kubelet.crt": cas["ca.crt"]}, "pki: unknown file name 'kubelet.crt'"),
+    ]
+
+
+async def test_bad_bundles_change_nothing_in_idle_or_running(
+    tmp_path: Path, openssl_cas: dict[str, str], other_cas: dict[str, str]
+) -> None:
+    config = service_config(tmp_path, prefix=unique_prefix("badpki"), node=NODE)
+    async with certs_service(config) as svc, probe(svc.topics) as p:
+        await p.ready()
+        assert (await p.ask({"id": "i-0", "action": "install"}))["ok"]  # a PKI of the service's own
+        await p.wait_state("running")
+        for state in ("running", "idle"):
+            before = pki_hash(config)
+            assert before or state == "idle"
+            for i, (bundle, expected) in enumerate(_bad_bundles(openssl_cas, other_cas)):
+                reply = await p.ask({"id": f"b-{state}-{i}", "action": "install", "pki": bundle})
+                assert (reply["ok"], reply["error"]["code"], reply["state"]) == (False, "invalid_pki", state), reply
+                assert expected in reply["error"]["message"], reply["error"]["message"]
+            oversized = json.dumps({"id": "big", "action": "install", "pki": openssl_cas, "pad": "x" * 300 * 1024})
+            reply = await p.ask_raw(oversized.encode())
+            assert (reply["ok"], reply["error"]["code"]) == (False, "payload_too_large")
+            assert pki_hash(config) == before
+            if state == "running":
+                assert (await p.ask({"id": "r", "action": "reset"}))["ok"]
+                await p.wait_state("idle")
+        assert_no_key_material(p, [*openssl_cas.values(), *other_cas.values()])
+
+
+async def test_a_bundle_replaces_the_pki_after_a_failure_before_kubeadm_but_not_after(
+    tmp_path: Path, openssl_cas: dict[str, str], other_cas: dict[str, str]
+) -> None:
+    config = service_config(tmp_path, prefix=unique_prefix("failed"), node=NODE)
+    pki = HostPaths(config.root).pki_dir
+    async with certs_service(config) as svc, probe(svc.topics) as p:
+        await p.ready()
+        steer(config.root, "binaries", fail="permanent")
+        assert (await p.ask({"id": "i-1", "action": "install", "pki": openssl_cas}))["ok"]
+        await p.wait_state("failed")
+        steer(config.root, "binaries")
+        steer(config.root, "kubeadm", fail="permanent")
+        assert (await p.ask({"id": "i-2", "action": "install", "pki": other_cas}))["ok"]  # failed in step 3
+        assert (pki / "ca.crt").read_text().strip() == other_cas["ca.crt"].strip()
+        await p.wait_for(lambda m: m.topic == svc.topics.events and m.json()["data"].get("to") == "failed"
+                         and m.json()["data"]["request_id"] == "i-2")
+        before = pki_hash(config)
+        refused = await p.ask({"id": "i-3", "action": "install", "pki": openssl_cas})  # failed in step 4
+        assert (refused["ok"], refused["error"]["code"]) == (False, "reset_required"), refused
+        assert pki_hash(config) == before
+
+
+async def test_a_retained_request_carrying_keys_is_ignored_and_cleared(
+    tmp_path: Path, openssl_cas: dict[str, str]
+) -> None:
+    config = service_config(tmp_path, prefix=unique_prefix("retainedpki"), node=NODE)
+    async with certs_service(config) as svc, probe(svc.topics) as p:
+        await p.ready()
+        # Published retained while the service is subscribed: it arrives with the retain flag all the same.
+        await p.send(json.dumps({"id": "stale", "action": "install", "pki": openssl_cas}).encode(), retain=True)
+        await p.wait_for(lambda m: m.topic == svc.topics.requests and m.payload == b"")  # the clearing
+        reply = await p.ask({"id": "s", "action": "status"})
+        assert reply["state"] == "idle" and p.events() == []
+        assert pki_hash(config) == {}
+    with pytest.raises((AssertionError, TimeoutError)):
+        await retained(svc.topics.requests, timeout_s=1.0)
