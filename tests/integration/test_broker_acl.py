@@ -182,9 +182,9 @@ async def test_an_observer_request_never_reaches_the_service_and_the_observer_st
         async with as_user(deploy, "observer") as observer:
             status = await observer.wait_for(lambda m: m.topic == TOPICS.status and m.retain)
             assert status.json()["state"] == "idle" and status.json()["node"] == NODE
-            # A request with a response topic where the host gets its replies, then forged service messages;
-            # all acknowledged by the broker before the host's requests below, which the service handles in
-            # order: had the install reached it, the host's status would no longer be idle.
+            # A request with a response topic under replies/ (where the service may answer), then forged
+            # service messages; all acknowledged by the broker before the host's requests below, which the
+            # service handles in order: had the install reached it, the host's status would no longer be idle.
             await observer.send(json.dumps({"id": "observer-install", "action": "install"}).encode())
             await forge(observer.client)
             await forge(host.client)
