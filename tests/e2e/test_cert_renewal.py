@@ -1,0 +1,201 @@
+"""Certificates that never silently expire, on the simulated node through the real service, over MQTT: with
+leaves of a few minutes, expiry events fire and the automatic renewal happens while `kubectl get pods -A` keeps
+working; a `renew-certs` request does the same on demand. After either, `openssl s_client` sees a new serving
+certificate (new serial, later notAfter) verified by the same CA, and the pods made before are still there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import test_install_over_mqtt as install_e2e
+import yaml
+from test_install_over_mqtt import SIM_CONFIG, Node, _wait_state, payload
+
+make_node = install_e2e.make_node  # the fixture: a service of its own on a fresh root, killed in teardown
+
+DAY_S = 86400.0
+LEAF_S = 150.0  # leaf lifetime in the short-lived config
+RENEW_BEFORE_S = 125.0  # automatic renewal ~25 s after the certificates were issued
+WARN_S = (140.0, 132.0)  # expiry warnings ~10 s and ~18 s after they were issued
+
+
+def _short_lived_config() -> str:
+    text = SIM_CONFIG.read_text()
+    anchor = '[pki]\nkey_algorithm = "ecdsa-p256"'
+    assert anchor in text
+    lines = [
+        f"cert_validity_days = {LEAF_S / DAY_S:.12f}",
+        "ca_validity_days = 1",
+        f"expiry_warning_days = [{WARN_S[0] / DAY_S:.12f}, {WARN_S[1] / DAY_S:.12f}]",
+        f"renew_before_days = {RENEW_BEFORE_S / DAY_S:.12f}",
+        "check_interval_s = 5",
+    ]
+    return text.replace(anchor, anchor + "\n" + "\n".join(lines))
+
+
+def _api_server(node: Node) -> str:
+    kubeconfig = yaml.safe_load((node.root / "etc/kubernetes/admin.conf").read_text())
+    return str(kubeconfig["clusters"][0]["cluster"]["server"]).removeprefix("https://")
+
+
+def _serving_cert(node: Node) -> dict[str, str]:
+    """What `openssl s_client` sees at the API server, verified against the node's ca.crt."""
+    ca = node.root / "etc/kubernetes/pki/ca.crt"
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", _api_server(node), "-CAfile", str(ca), "-servername", "localhost",
+         "-verify_return_error"],
+        input="", capture_output=True, text=True, timeout=20, check=False,
+    )
+    assert out.returncode == 0 and "Verify return code: 0 (ok)" in out.stdout, out.stdout[-2000:] + out.stderr
+    fields = subprocess.run(["openssl", "x509", "-noout", "-serial", "-enddate", "-dates"], input=out.stdout,
+                            capture_output=True, text=True, check=True).stdout
+    parsed = dict(line.split("=", 1) for line in fields.splitlines() if "=" in line)
+    return {"serial": parsed["serial"], "not_after": parsed["notAfter"]}
+
+
+def _not_after_epoch(text: str) -> float:
+    return time.mktime(time.strptime(text.replace(" GMT", ""), "%b %d %H:%M:%S %Y")) - time.timezone
+
+
+def _workload_pods(node: Node) -> dict[str, str]:
+    """name -> uid of every pod that is not a static pod's mirror (those are restarted on purpose)."""
+    pods = json.loads(node.kubectl("get", "pods", "-A", "-o", "json"))["items"]
+    return {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p["metadata"]["uid"] for p in pods
+            if "kubernetes.io/config.mirror" not in (p["metadata"].get("annotations") or {})}
+
+
+@contextmanager
+def _kubectl_throughout(node: Node) -> Iterator[list[tuple[float, int, str]]]:
+    """`kubectl get pods -A` over and over in the background: (time, exit code, stderr) per call."""
+    results: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+    kubeconfig = str(node.root / "etc/kubernetes/admin.conf")
+
+    def poll() -> None:
+        while not stop.is_set():
+            out = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "--request-timeout=5s", "get", "pods", "-A"],
+                                 capture_output=True, text=True, check=False)
+            results.append((time.monotonic(), out.returncode, out.stderr.strip()[-300:]))
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+
+
+def _events_of(messages: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [payload(m)["data"] for m in messages if payload(m)["type"] == kind]
+
+
+def _check_renewed(node: Node, renewed: dict[str, Any], before: dict[str, str], pods: dict[str, str]) -> None:
+    files = set(renewed["files"])
+    assert {"apiserver.crt", "apiserver.key", "etcd/server.crt", "front-proxy-client.crt", "admin.conf",
+            "controller-manager.conf", "scheduler.conf", "super-admin.conf"} <= files, files
+    assert "/var/lib/kubelet/pki/kubelet-client-current.pem" in files, "the kubelet's rotatable pem is renewed"
+    assert not {"ca.crt", "ca.key", "etcd/ca.crt", "front-proxy-ca.key", "sa.key", "sa.pub"} & files, "CAs are kept"
+    after = _serving_cert(node)  # verified by the same ca.crt
+    assert after["serial"] != before["serial"]
+    assert _not_after_epoch(after["not_after"]) > _not_after_epoch(before["not_after"])
+    still = _workload_pods(node)
+    assert pods.items() <= still.items(), f"pods lost or replaced: {set(pods.items()) - set(still.items())}"
+    manifest = yaml.safe_load((node.root / "etc/kubernetes/manifests/kube-scheduler.yaml").read_text())
+    assert "lifecycle/certs-renewed-at" in manifest["metadata"]["annotations"]
+
+
+def _kubectl_never_failed(calls: list[tuple[float, int, str]], *, since: float, until: float) -> None:
+    during = [c for c in calls if since <= c[0] <= until]
+    failures = [c for c in calls if c[1] != 0]
+    assert len(during) >= 3, f"kubectl ran only {len(during)} times during the renewal"
+    assert not failures, f"kubectl failed: {failures[:3]}"
+
+
+def test_short_lived_certificates_warn_then_renew_automatically_while_kubectl_keeps_working(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node(config_text=_short_lived_config())
+    node.start_service()
+    events = node.subscribe("events")
+    assert payload(node.request({"id": "short-1", "action": "install"}, correlation="s1"))["ok"] is True
+    last = _wait_state(events, "running", timeout_s=120, request_id="short-1")
+    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    node.kubectl("run", "made-before", "--image=127.0.0.1:5000/pause:3.10", "--restart=Never")
+    pods = _workload_pods(node)
+    before = _serving_cert(node)
+    status = payload(node.retained("status", lambda m: payload(m).get("certs") is not None, timeout_s=10))
+    assert status["certs"]["renew_at"] is not None and status["certs"]["file"], status
+
+    with _kubectl_throughout(node) as calls:
+        started = events.wait_for(lambda m: payload(m)["type"] == "lifecycle.state.changed"
+                                  and payload(m)["data"]["to"] == "renewing", timeout_s=60)
+        renewing_since = time.monotonic()
+        auto_id = payload(started)["data"]["request_id"]
+        assert auto_id.startswith("auto-renew-"), auto_id
+        done = _wait_state(events, "running", timeout_s=90, request_id=auto_id)
+        renewed_at = time.monotonic()
+        assert done["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+        time.sleep(1.0)
+    _kubectl_never_failed(calls, since=renewing_since, until=renewed_at)
+
+    expiring = _events_of(events.messages, "lifecycle.certs.expiring")
+    thresholds = [e["threshold_days"] for e in expiring][:2]
+    assert thresholds == pytest.approx([WARN_S[0] / DAY_S, WARN_S[1] / DAY_S], rel=1e-6), expiring
+    first = expiring[0]
+    assert first["file"] and first["not_after"] and 0 < first["days_left"] <= WARN_S[0] / DAY_S
+    assert first["renew_at"] is not None and first["request_id"] is None
+    renewed = [e for e in _events_of(events.messages, "lifecycle.certs.renewed") if e["request_id"] == auto_id]
+    assert len(renewed) == 1
+    progress = {e["message"] for e in _events_of(events.messages, "lifecycle.step.progress")
+                if e["request_id"] == auto_id}
+    assert {f"renewed {name}" for name in renewed[0]["files"]} <= progress
+    _check_renewed(node, renewed[0], before, pods)
+    later = payload(node.retained("status", lambda m: payload(m)["state"] == "running"
+                                  and payload(m)["certs"]["earliest_expiry"] > status["certs"]["earliest_expiry"],
+                                  timeout_s=10))
+    assert later["request_id"] == auto_id
+
+
+def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node()
+    node.start_service()
+    refused = payload(node.request({"id": "too-early", "action": "renew-certs"}, correlation="r0"))
+    assert (refused["ok"], refused["error"]["code"], refused["state"]) == (False, "not_running", "idle")
+    events = node.subscribe("events")
+    assert payload(node.request({"id": "inst", "action": "install"}, correlation="r1"))["ok"] is True
+    assert _wait_state(events, "running", timeout_s=120, request_id="inst")["data"]["to"] == "running"
+    node.kubectl("run", "made-before", "--image=127.0.0.1:5000/pause:3.10", "--restart=Never")
+    pods = _workload_pods(node)
+    before = _serving_cert(node)
+    ca_before = (node.root / "etc/kubernetes/pki/ca.crt").read_bytes()
+
+    with _kubectl_throughout(node) as calls:
+        time.sleep(0.5)
+        since = time.monotonic()
+        reply = payload(node.request({"id": "renew-1", "action": "renew-certs"}, correlation="r2"))
+        assert (reply["ok"], reply["state"], reply["request_id"], reply["note"]) == (
+            True, "renewing", "renew-1", "renewal started"), reply
+        done = _wait_state(events, "running", timeout_s=90, request_id="renew-1")
+        until = time.monotonic()
+        assert done["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    _kubectl_never_failed(calls, since=since, until=until)
+
+    renewed = [e for e in _events_of(events.messages, "lifecycle.certs.renewed") if e["request_id"] == "renew-1"]
+    assert len(renewed) == 1
+    _check_renewed(node, renewed[0], before, pods)
+    assert (node.root / "etc/kubernetes/pki/ca.crt").read_bytes() == ca_before
+    changes = [(c["from"], c["to"]) for c in _events_of(events.messages, "lifecycle.state.changed")
+               if c["request_id"] == "renew-1"]
+    assert changes == [("running", "renewing"), ("renewing", "running")]
