@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")
     reset.add_argument("--no-wait", dest="watch", action="store_false", help="return once the reset is accepted")
     client("cancel", "stop a running install (state failed, code cancelled; install resumes it)")
+    renew = client("renew-certs", "re-issue leaf certificates and kubeconfigs from the same CAs (no reset)")
+    renew.add_argument("--no-wait", dest="watch", action="store_false", help="return once the renewal is accepted")
     kubeconfig = client("kubeconfig", "fetch the admin kubeconfig (it holds the admin key)", output=False)
     kubeconfig.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
                             help="write it to FILE (mode 0600) instead of printing it")
@@ -252,6 +254,7 @@ _END_STATES = {"running": ("failed", "resetting", "idle"), "idle": ("failed",)}
 async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, timeout_s: float, out: Renderer) -> int:
     """Print the events of `request_id` until the state reaches `goal` (0) or failed / another job (1)."""
     inactivity_s = max(timeout_s, 60.0)  # steps report at least this often; silence means the service is gone
+    failed_on_the_way = False  # a renewal that failed before changing anything goes back to running
     while True:
         try:
             async with asyncio.timeout(inactivity_s):
@@ -266,10 +269,14 @@ async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, t
         if data.get("request_id") != request_id:
             continue
         out.event(event)
+        failed_on_the_way |= event.get("type") == EventType.STEP_FAILED
         if event.get("type") == EventType.STATE_CHANGED:
-            if data.get("to") == goal:
+            if data.get("to") == goal and not failed_on_the_way:
                 out.done(goal)
                 return EXIT_OK
+            if data.get("to") == goal:
+                out.failure(data)
+                return EXIT_FAILED
             if data.get("to") in _END_STATES[goal]:
                 out.failure(data)
                 return EXIT_FAILED

@@ -100,6 +100,10 @@ class Renderer:
                    f"{request}")
         if status.get("error"):
             self._print_error(status["error"])
+        certs = status.get("certs")
+        if certs:
+            renew = f", renewed automatically from {certs['renew_at']}" if certs.get("renew_at") else ""
+            self._line(f"  certificates: the first expires {certs.get('earliest_expiry')} ({certs.get('file')}){renew}")
 
     def event(self, event: dict[str, Any]) -> None:
         if self._json:
@@ -108,7 +112,7 @@ class Renderer:
         kind, data = event.get("type"), event.get("data") or {}
         if kind == "lifecycle.state.changed":
             left, entered = data.get("from"), data.get("to")
-            if left in _INSTALL_STATES or left == "resetting":
+            if left in _INSTALL_STATES or left in ("resetting", "renewing"):
                 self._line(f"  {left} took {data.get('duration_s', 0):.2f} s")
             step = f"[{data['step']}/{data['steps']}] " if data.get("step") and entered in _INSTALL_STATES else ""
             self._line(f"{step}{entered}")
@@ -120,6 +124,11 @@ class Renderer:
                        f"(attempt {data.get('attempt')} of {1 + int(data.get('retries') or 0)}): {err.get('message')}")
         elif kind == "lifecycle.step.failed":
             self._last_error = data.get("error")
+        elif kind == "lifecycle.certs.expiring":
+            days_left = float(data.get("days_left") or 0)
+            self._line(f"  {data.get('file')} expires {data.get('not_after')} ({days_left:.2f} days left)")
+        elif kind == "lifecycle.certs.renewed":
+            self._line(f"  renewed {len(data.get('files') or [])} certificate and kubeconfig files")
         else:
             self._line(f"{kind}: {json.dumps(data)}")
 
@@ -136,6 +145,9 @@ class Renderer:
             self._print_error(self._last_error, stream=self._err)
         elif data.get("to") == "resetting":
             self.error("the install was interrupted by a reset")
+        elif data.get("from") == "renewing" and self._last_error is not None:
+            self.error("the renewal failed before changing anything")
+            self._print_error(self._last_error, stream=self._err)
         else:
             self.error(f"ended in state {data.get('to')}")
 

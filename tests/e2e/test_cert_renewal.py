@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import test_install_over_mqtt as install_e2e
 import yaml
-from test_install_over_mqtt import SIM_CONFIG, Node, _wait_state, payload
+from test_install_over_mqtt import LIFECYCLE, SIM_CONFIG, Node, _wait_state, payload
 
 make_node = install_e2e.make_node  # the fixture: a service of its own on a fresh root, killed in teardown
 
@@ -199,3 +199,17 @@ def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
     changes = [(c["from"], c["to"]) for c in _events_of(events.messages, "lifecycle.state.changed")
                if c["request_id"] == "renew-1"]
     assert changes == [("running", "renewing"), ("renewing", "running")]
+
+    # The CLI: `lifecycle renew-certs` follows the renewal to its end, `lifecycle status` shows the first expiry.
+    flags = ["--config", str(node.config_path), "--node", node.name, "--timeout", "20"]
+    renewed_again = _cli("renew-certs", *flags)
+    assert renewed_again.returncode == 0 and "done: running" in renewed_again.stdout, renewed_again
+    status = payload(node.retained("status", lambda m: payload(m)["state"] == "running", timeout_s=10))
+    shown = _cli("status", *flags)
+    assert shown.returncode == 0, shown
+    assert f"certificates: the first expires {status['certs']['earliest_expiry']} ({status['certs']['file']})" \
+        in shown.stdout, shown.stdout
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(LIFECYCLE), *args], capture_output=True, text=True, timeout=60, check=False)
