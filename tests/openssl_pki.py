@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 CAS = {"ca": "kubernetes", "front-proxy-ca": "front-proxy-ca", "etcd/ca": "etcd-ca"}
@@ -120,3 +121,106 @@ def key_bodies(pems: list[str]) -> list[str]:
             elif inside and len(line) >= 16:
                 lines.append(line)
     return lines
+
+
+# ---- broken variants -------------------------------------------------------------------------------
+
+Breaker = Callable[[OpensslPki], None]
+
+
+def _expired_ca(m: OpensslPki) -> None:
+    m.ca("ca", days=-1)
+
+
+def _leaf_of_another_ca(m: OpensslPki) -> None:
+    m.ca("other-ca")
+    m.apiserver(ca="other-ca")
+
+
+def _key_does_not_match(m: OpensslPki) -> None:
+    m.key("apiserver")
+
+
+def _ca_without_ca_flag(m: OpensslPki) -> None:
+    m.ca("ca", ca_flag=False)
+
+
+def _apiserver_without_endpoint(m: OpensslPki) -> None:
+    m.apiserver(without_sans=(m.endpoint,))
+
+
+def _rsa_1024_ca(m: OpensslPki) -> None:
+    m.ca("ca", algorithm="rsa1024")
+
+
+def _garbage_pem(m: OpensslPki) -> None:
+    (m.dir / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+
+
+def _not_pem_at_all(m: OpensslPki) -> None:
+    (m.dir / "front-proxy-ca.crt").write_text("hello, I am a certificate\n")
+
+
+def _sa_pub_of_another_key(m: OpensslPki) -> None:
+    m.key("other")
+    openssl("pkey", "-in", "other.key", "-pubout", "-out", "sa.pub", cwd=m.dir)
+    (m.dir / "other.key").unlink()
+
+
+def _p521_etcd_ca(m: OpensslPki) -> None:
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521", "-out", "etcd/ca.key", cwd=m.dir)
+    openssl("req", "-x509", "-key", "etcd/ca.key", "-subj", "/CN=etcd-ca", "-days", "365", "-out", "etcd/ca.crt",
+            "-addext", "keyUsage=critical,keyCertSign", cwd=m.dir)
+
+
+def _leaf_expiring_soon(m: OpensslPki) -> None:
+    m.leaf("front-proxy-client", "front-proxy-ca", "/CN=front-proxy-client", days=2)
+
+
+def _leaf_without_key(m: OpensslPki) -> None:
+    (m.dir / "etcd/peer.key").unlink()
+
+
+def _two_certificates(m: OpensslPki) -> None:
+    (m.dir / "apiserver.crt").write_text((m.dir / "apiserver.crt").read_text() + (m.dir / "ca.crt").read_text())
+
+
+def _ca_without_cert_sign(m: OpensslPki) -> None:
+    openssl("req", "-x509", "-key", "ca.key", "-subj", "/CN=kubernetes", "-days", "365", "-out", "ca.crt",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,digitalSignature",
+            cwd=m.dir)
+
+
+def _sha1_leaf(m: OpensslPki) -> None:
+    openssl("req", "-new", "-key", "front-proxy-client.key", "-subj", "/CN=front-proxy-client", "-out", "fp.csr",
+            cwd=m.dir)
+    (m.dir / "fp.ext").write_text("extendedKeyUsage=clientAuth\n")
+    openssl("x509", "-req", "-in", "fp.csr", "-CA", "front-proxy-ca.crt", "-CAkey", "front-proxy-ca.key",
+            "-days", "365", "-sha1", "-extfile", "fp.ext", "-out", "front-proxy-client.crt", cwd=m.dir)
+
+
+def _encrypted_key(m: OpensslPki) -> None:
+    openssl("pkey", "-in", "sa.key", "-aes256", "-passout", "pass:secret", "-out", "sa.enc", cwd=m.dir)
+    (m.dir / "sa.enc").replace(m.dir / "sa.key")
+
+
+# (how to break a full PKI made by `with_leaves`, the file named in the refusal, words of the reason: format
+# them with endpoint=)
+BAD_BUNDLES: list[tuple[Breaker, str, str]] = [
+    (_expired_ca, "ca.crt", "has expired"),
+    (_leaf_of_another_ca, "apiserver.crt", "not signed by ca.crt"),
+    (_key_does_not_match, "apiserver.key", "does not match apiserver.crt"),
+    (_ca_without_ca_flag, "ca.crt", "is not a CA certificate"),
+    (_apiserver_without_endpoint, "apiserver.crt", "SANs do not cover '{endpoint}'"),
+    (_rsa_1024_ca, "ca.key", "RSA key of 1024 bits"),
+    (_garbage_pem, "ca.crt", "not a PEM certificate"),
+    (_not_pem_at_all, "front-proxy-ca.crt", "no PEM block"),
+    (_sa_pub_of_another_key, "sa.pub", "not the public half of sa.key"),
+    (_p521_etcd_ca, "etcd/ca.key", "secp521r1"),
+    (_leaf_expiring_soon, "front-proxy-client.crt", "expires within"),
+    (_leaf_without_key, "etcd/peer.key", "missing"),
+    (_two_certificates, "apiserver.crt", "2 PEM blocks"),
+    (_ca_without_cert_sign, "ca.crt", "keyCertSign"),
+    (_sha1_leaf, "front-proxy-client.crt", "SHA1"),
+    (_encrypted_key, "sa.key", "encrypted"),
+]

@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ import pytest
 import yaml
 from lifecycle_fakes import fake_plan, fake_reset, null_ports, steer
 from lifecycle_mqtt import Probe, RunningService, probe, retained, service_config, unique_prefix
-from openssl_pki import OpensslPki, key_bodies
+from openssl_pki import BAD_BUNDLES, OpensslPki, key_bodies
 from paho.mqtt.packettypes import PacketTypes
 
 from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.config import Config
 from lifecycle.paths import HostPaths
+from lifecycle.pki_bundle import load_bundle
+from lifecycle.pki_bundle_disk import write_bundle
+from lifecycle.pki_specs import PkiParams
 from lifecycle.protocol import Topics
 from lifecycle.service import serve
 from lifecycle.step import StepContext
@@ -170,38 +174,47 @@ async def test_a_cas_only_bundle_is_used_and_the_kubeconfig_reply_carries_the_ad
         assert_no_key_material(p, [*openssl_cas.values(), *other_cas.values(), *generated])
 
 
-def _bad_bundles(cas: dict[str, str], other: dict[str, str]) -> list[tuple[dict[str, Any], str]]:
-    return [
-        ({**cas, "ca.key": other["ca.key"]}, "ca.key: does not match ca.crt"),
-        ({**cas, "sa.pub": "-----BEGIN PUBLIC KEY-----\nZ2FyYmFnZQ==\n-----END PUBLIC KEY-----\n"}, "sa.pub: "),
-        ({k: v for k, v in cas.items() if k != "front-proxy-ca.crt"}, "front-proxy-ca.crt: missing"),
-        ({**cas, "kubelet.crt": cas["ca.crt"]}, "pki: unknown file name 'kubelet.crt'"),
-    ]
+@pytest.fixture(scope="module")
+def bad_bundles(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, dict[str, str], str, str]]:
+    """(label, bundle, file and reason named in the refusal) for every way openssl_pki knows to break one."""
+    base = tmp_path_factory.mktemp("bad") / "base"
+    OpensslPki(base, node=NODE, endpoint=ENDPOINT).cas_only().with_leaves()
+    out = []
+    for breaker, file, reason in BAD_BUNDLES:
+        work = tmp_path_factory.mktemp("variant") / "pki"
+        shutil.copytree(base, work)
+        maker = OpensslPki(work, node=NODE, endpoint=ENDPOINT)
+        breaker(maker)
+        bundle = {k: v for k, v in maker.bundle().items() if not k.startswith("other")}
+        out.append((breaker.__name__.strip("_"), bundle, file, reason.format(endpoint=ENDPOINT)))
+    return out
 
 
 async def test_bad_bundles_change_nothing_in_idle_or_running(
-    tmp_path: Path, openssl_cas: dict[str, str], other_cas: dict[str, str]
+    tmp_path: Path, openssl_cas: dict[str, str], bad_bundles: list[tuple[str, dict[str, str], str, str]]
 ) -> None:
     config = service_config(tmp_path, prefix=unique_prefix("badpki"), node=NODE)
+    # Idle with a PKI on disk: a valid bundle would replace it, a bad one must leave it as it is.
+    write_bundle(load_bundle(openssl_cas, PkiParams.from_config(config, api_port=6443), now=datetime.now(UTC)),
+                 HostPaths(config.root).pki_dir)
     async with certs_service(config) as svc, probe(svc.topics) as p:
         await p.ready()
-        assert (await p.ask({"id": "i-0", "action": "install"}))["ok"]  # a PKI of the service's own
-        await p.wait_state("running")
-        for state in ("running", "idle"):
+        for state in ("idle", "running"):
+            if state == "running":
+                assert (await p.ask({"id": "i-0", "action": "install"}))["ok"]
+                await p.wait_state("running")
             before = pki_hash(config)
-            assert before or state == "idle"
-            for i, (bundle, expected) in enumerate(_bad_bundles(openssl_cas, other_cas)):
-                reply = await p.ask({"id": f"b-{state}-{i}", "action": "install", "pki": bundle})
+            assert before
+            for label, bundle, file, reason in bad_bundles:
+                reply = await p.ask({"id": f"b-{state}-{label}", "action": "install", "pki": bundle})
                 assert (reply["ok"], reply["error"]["code"], reply["state"]) == (False, "invalid_pki", state), reply
-                assert expected in reply["error"]["message"], reply["error"]["message"]
+                problems = reply["error"]["message"].split("; ")
+                assert any(x.startswith(f"{file}: ") and reason in x for x in problems), (label, problems)
             oversized = json.dumps({"id": "big", "action": "install", "pki": openssl_cas, "pad": "x" * 300 * 1024})
             reply = await p.ask_raw(oversized.encode())
             assert (reply["ok"], reply["error"]["code"]) == (False, "payload_too_large")
             assert pki_hash(config) == before
-            if state == "running":
-                assert (await p.ask({"id": "r", "action": "reset"}))["ok"]
-                await p.wait_state("idle")
-        assert_no_key_material(p, [*openssl_cas.values(), *other_cas.values()])
+        assert_no_key_material(p, [key for _, bundle, _, _ in bad_bundles for key in bundle.values()])
 
 
 async def test_a_bundle_replaces_the_pki_after_a_failure_before_kubeadm_but_not_after(

@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from openssl_pki import OpensslPki, key_bodies, openssl
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from openssl_pki import BAD_BUNDLES, Breaker, OpensslPki, key_bodies
+from referencing import Registry, Resource
 
 from lifecycle.pki import plan_pki
 from lifecycle.pki_bundle import MAX_FILE_BYTES, BundleError, load_bundle
 from lifecycle.pki_specs import PkiParams
-from lifecycle.protocol import MAX_PKI_PAYLOAD_BYTES, BadRequestError, parse_request
+from lifecycle.protocol import MAX_PKI_PAYLOAD_BYTES, BadRequestError, Reply, parse_request
 
 NODE = "node1"
 ENDPOINT = "kubernetes.internal"
@@ -83,106 +85,10 @@ def test_text_around_the_block_and_crlf_are_normalised(base: Path) -> None:
     assert bundle.files["ca.crt"].endswith(b"-----END CERTIFICATE-----\n") and b"\r" not in bundle.files["ca.crt"]
 
 
-Breaker = Callable[[OpensslPki], None]
+BAD_IDS = [b[0].__name__.strip("_") for b in BAD_BUNDLES]
 
 
-def _expired_ca(m: OpensslPki) -> None:
-    m.ca("ca", days=-1)
-
-
-def _leaf_of_another_ca(m: OpensslPki) -> None:
-    m.ca("other-ca")
-    m.apiserver(ca="other-ca")
-
-
-def _key_does_not_match(m: OpensslPki) -> None:
-    m.key("apiserver")
-
-
-def _ca_without_ca_flag(m: OpensslPki) -> None:
-    m.ca("ca", ca_flag=False)
-
-
-def _apiserver_without_endpoint(m: OpensslPki) -> None:
-    m.apiserver(without_sans=(ENDPOINT,))
-
-
-def _rsa_1024_ca(m: OpensslPki) -> None:
-    m.ca("ca", algorithm="rsa1024")
-
-
-def _garbage_pem(m: OpensslPki) -> None:
-    (m.dir / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
-
-
-def _not_pem_at_all(m: OpensslPki) -> None:
-    (m.dir / "front-proxy-ca.crt").write_text("hello, I am a certificate\n")
-
-
-def _sa_pub_of_another_key(m: OpensslPki) -> None:
-    m.key("other")
-    openssl("pkey", "-in", "other.key", "-pubout", "-out", "sa.pub", cwd=m.dir)
-    (m.dir / "other.key").unlink()
-
-
-def _p521_etcd_ca(m: OpensslPki) -> None:
-    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521", "-out", "etcd/ca.key", cwd=m.dir)
-    openssl("req", "-x509", "-key", "etcd/ca.key", "-subj", "/CN=etcd-ca", "-days", "365", "-out", "etcd/ca.crt",
-            "-addext", "keyUsage=critical,keyCertSign", cwd=m.dir)
-
-
-def _leaf_expiring_soon(m: OpensslPki) -> None:
-    m.leaf("front-proxy-client", "front-proxy-ca", "/CN=front-proxy-client", days=2)
-
-
-def _leaf_without_key(m: OpensslPki) -> None:
-    (m.dir / "etcd/peer.key").unlink()
-
-
-def _two_certificates(m: OpensslPki) -> None:
-    (m.dir / "apiserver.crt").write_text((m.dir / "apiserver.crt").read_text() + (m.dir / "ca.crt").read_text())
-
-
-def _ca_without_cert_sign(m: OpensslPki) -> None:
-    openssl("req", "-x509", "-key", "ca.key", "-subj", "/CN=kubernetes", "-days", "365", "-out", "ca.crt",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,digitalSignature",
-            cwd=m.dir)
-
-
-def _sha1_leaf(m: OpensslPki) -> None:
-    openssl("req", "-new", "-key", "front-proxy-client.key", "-subj", "/CN=front-proxy-client", "-out", "fp.csr",
-            cwd=m.dir)
-    (m.dir / "fp.ext").write_text("extendedKeyUsage=clientAuth\n")
-    openssl("x509", "-req", "-in", "fp.csr", "-CA", "front-proxy-ca.crt", "-CAkey", "front-proxy-ca.key",
-            "-days", "30", "-sha1", "-extfile", "fp.ext", "-out", "front-proxy-client.crt", cwd=m.dir)
-
-
-def _encrypted_key(m: OpensslPki) -> None:
-    openssl("pkey", "-in", "sa.key", "-aes256", "-passout", "pass:secret", "-out", "sa.enc", cwd=m.dir)
-    (m.dir / "sa.enc").replace(m.dir / "sa.key")
-
-
-BAD = [
-    (_expired_ca, "ca.crt", "has expired"),
-    (_leaf_of_another_ca, "apiserver.crt", "not signed by ca.crt"),
-    (_key_does_not_match, "apiserver.key", "does not match apiserver.crt"),
-    (_ca_without_ca_flag, "ca.crt", "is not a CA certificate"),
-    (_apiserver_without_endpoint, "apiserver.crt", f"'{ENDPOINT}'"),
-    (_rsa_1024_ca, "ca.key", "RSA key of 1024 bits"),
-    (_garbage_pem, "ca.crt", "not a PEM certificate"),
-    (_not_pem_at_all, "front-proxy-ca.crt", "no PEM block"),
-    (_sa_pub_of_another_key, "sa.pub", "not the public half of sa.key"),
-    (_p521_etcd_ca, "etcd/ca.key", "secp521r1"),
-    (_leaf_expiring_soon, "front-proxy-client.crt", "expires within"),
-    (_leaf_without_key, "etcd/peer.key", "missing"),
-    (_two_certificates, "apiserver.crt", "2 PEM blocks"),
-    (_ca_without_cert_sign, "ca.crt", "keyCertSign"),
-    (_sha1_leaf, "front-proxy-client.crt", "SHA1"),
-    (_encrypted_key, "sa.key", "encrypted"),
-]
-
-
-@pytest.mark.parametrize(("breaker", "file", "reason"), BAD, ids=[b[0].__name__.strip("_") for b in BAD])
+@pytest.mark.parametrize(("breaker", "file", "reason"), BAD_BUNDLES, ids=BAD_IDS)
 def test_a_bad_file_is_refused_naming_the_file_and_the_reason(
     base: Path, tmp_path: Path, breaker: Breaker, file: str, reason: str
 ) -> None:
@@ -190,6 +96,7 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_reason(
     breaker(m)
     given = {k: v for k, v in m.bundle().items() if not k.startswith("other-ca")}
     error = refusal(given)
+    reason = reason.format(endpoint=ENDPOINT)
     assert any(p.file == file and reason in p.reason for p in error.problems), error.message
     assert error.message.startswith(f"{file}: ") or f"; {file}: " in error.message, error.message
     assert "PRIVATE KEY" not in error.message
@@ -225,3 +132,29 @@ def test_requests_with_pki_may_be_larger_and_others_keep_the_small_limit(base: P
     with pytest.raises(BadRequestError) as info:
         parse_request(json.dumps({"id": "r", "action": "install", "pki": "-----BEGIN PRIVATE KEY-----"}).encode())
     assert info.value.code == "invalid_pki" and "BEGIN" not in info.value.message
+
+
+def _validator(name: str) -> Any:
+    schemas = Path(__file__).resolve().parents[2] / "docs" / "schemas"
+    loaded = [json.loads(p.read_text()) for p in schemas.glob("*.schema.json")]
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in loaded)
+    schema = json.loads((schemas / f"{name}.schema.json").read_text())
+    return Draft202012Validator(schema, registry=registry)
+
+
+def test_the_documented_schemas_describe_pki_requests_and_kubeconfig_replies(base: Path) -> None:
+    request = _validator("request")
+    good = cas_only(OpensslPki(base, node=NODE).bundle())
+    assert request.is_valid({"id": "r", "action": "install", "pki": good})
+    assert request.is_valid({"id": "r", "action": "install", "pki": OpensslPki(base, node=NODE).bundle()})
+    assert request.is_valid({"id": "k", "action": "kubeconfig"})
+    assert not request.is_valid({"id": "r", "action": "status", "pki": good})
+    assert not request.is_valid({"id": "r", "action": "install", "pki": {**good, "kubelet.crt": good["ca.crt"]}})
+    assert not request.is_valid({"id": "r", "action": "install", "pki": "text"})
+    reply = _validator("reply")
+    kubeconfig = Reply(id="k", ok=True, state="running", request_id="i", kubeconfig="apiVersion: v1\n",
+                       message_expiry_s=60)
+    refused = Reply(id="b", ok=False, state="idle", error=("invalid_pki", "ca.crt: not a PEM certificate"))
+    for answer in (kubeconfig, refused):
+        reply.validate(answer.to_json())
+    assert "kubeconfig" not in refused.to_json() and "message_expiry_s" not in kubeconfig.to_json()
