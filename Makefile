@@ -50,6 +50,13 @@ demo: venv services sim-images
 	@if [ ! -f scripts/demo.sh ]; then echo "demo not built yet"; exit 1; fi
 	bash scripts/demo.sh
 
+# bench: speed and memory figures with ratios against a baseline (bench/README.md); not part of `make test`.
+.PHONY: bench
+bench: SIM_PAD_SCALE = 1.0
+bench: SIM_IMAGES_ARGS = --namespace=bench --only=kube-binaries --versions=v1.31.4
+bench: venv services sim-images
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
 # clean: caches and build leftovers; keeps .venv, the services and the images (remove those by hand).
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist
