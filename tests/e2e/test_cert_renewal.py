@@ -114,6 +114,13 @@ def _check_renewed(node: Node, renewed: dict[str, Any], before: dict[str, str], 
     assert "lifecycle/certs-renewed-at" in manifest["metadata"]["annotations"]
 
 
+def _no_private_key_anywhere(node: Node, messages: list[dict[str, Any]]) -> None:
+    """Neither the events of the whole install and renewal nor the service's log carry key material."""
+    assert "PRIVATE KEY" not in json.dumps(messages)
+    log = node.log_path.read_text()
+    assert "renewed" in log and "PRIVATE KEY" not in log
+
+
 def _kubectl_never_failed(calls: list[tuple[float, int, str]], *, since: float, until: float) -> None:
     during = [c for c in calls if since <= c[0] <= until]
     failures = [c for c in calls if c[1] != 0]
@@ -164,6 +171,7 @@ def test_short_lived_certificates_warn_then_renew_automatically_while_kubectl_ke
                                   and payload(m)["certs"]["earliest_expiry"] > status["certs"]["earliest_expiry"],
                                   timeout_s=10))
     assert later["request_id"] == auto_id
+    _no_private_key_anywhere(node, events.messages)
 
 
 def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
@@ -199,6 +207,7 @@ def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
     changes = [(c["from"], c["to"]) for c in _events_of(events.messages, "lifecycle.state.changed")
                if c["request_id"] == "renew-1"]
     assert changes == [("running", "renewing"), ("renewing", "running")]
+    _no_private_key_anywhere(node, events.messages)
 
     # The CLI: `lifecycle renew-certs` follows the renewal to its end, `lifecycle status` shows the first expiry.
     flags = ["--config", str(node.config_path), "--node", node.name, "--timeout", "20"]
