@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import shutil
+import stat
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from lifecycle.step import StepContext
 from states.certs import Certs
 
 NODE = "n1"
+LIFECYCLE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "lifecycle"
 ENDPOINT = "kubernetes.docker.internal"  # the default endpoint_name of the test config
 
 
@@ -105,6 +107,17 @@ async def kubeconfig_request(topics: Topics) -> tuple[dict[str, Any], int | None
     raise AssertionError("no reply")
 
 
+async def run_cli(config: Config, *args: str) -> tuple[int, str]:
+    """The `lifecycle` CLI as a process against the in-process service: (exit code, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(LIFECYCLE), *args, "--broker", config.mqtt.broker, "--prefix", config.mqtt.prefix, "--node",
+        config.node_name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
 def openssl_verify(ca: Path, cert: Path) -> None:
     verified = subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True, text=True,
                               check=False, timeout=30)
@@ -133,6 +146,8 @@ async def test_a_cas_only_bundle_is_used_and_the_kubeconfig_reply_carries_the_ad
         await p.ready()
         early = await p.ask({"id": "k0", "action": "kubeconfig"})
         assert (early["ok"], early["error"]["code"]) == (False, "not_ready")
+        code, err = await run_cli(config, "kubeconfig", "-o", str(tmp_path / "never"))
+        assert code == 1 and "not_ready" in err and not (tmp_path / "never").exists(), err
 
         reply = await p.ask({"id": "i-1", "action": "install", "pki": openssl_cas})
         assert reply["ok"] and reply["note"] == "install started", reply
@@ -152,6 +167,13 @@ async def test_a_cas_only_bundle_is_used_and_the_kubeconfig_reply_carries_the_ad
         assert ca.strip() == openssl_cas["ca.crt"].strip()
         (tmp_path / "admin.crt").write_bytes(base64.b64decode(doc["users"][0]["user"]["client-certificate-data"]))
         openssl_verify(pki / "ca.crt", tmp_path / "admin.crt")
+
+        # The CLI writes the same kubeconfig, mode 0600.
+        target = tmp_path / "kube" / "config"
+        target.parent.mkdir()
+        code, err = await run_cli(config, "kubeconfig", "-o", str(target))
+        assert code == 0 and "wrote the admin kubeconfig" in err, err
+        assert target.read_text() == got["kubeconfig"] and stat.S_IMODE(target.stat().st_mode) == 0o600
 
         # The same bundle again, while running: accepted, nothing written. Another one: reset first.
         before = pki_hash(config)
