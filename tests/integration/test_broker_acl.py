@@ -1,7 +1,9 @@
 """deploy/mosquitto as shipped, on a real Mosquitto: Debian's main mosquitto.conf including the shipped
 lifecycle.conf from conf.d (only ports and paths changed) with the shipped ACL, users made with mosquitto_passwd,
 the broker certificate made with openssl as the README says. The service (test steps, a process of its own) logs
-in as `lifecycle` on the loopback listener; the host backend (`host`) and an observer use the TLS listener."""
+in as `lifecycle` on the loopback listener; the host backend (`host`) and an observer use the TLS listener.
+Checked: what each role may publish and read, that the service may clear a retained request carrying keys, the
+CLI as host and as observer, refused logins and TLS, and credentials that cannot be read."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from conftest import free_port
-from lifecycle_fakes import journal, write_config
+from lifecycle_fakes import eventually, journal, write_config
 from lifecycle_mqtt import REPO, PrivateBroker, Probe, ServiceProcess, probe, start_service_process
 
 from lifecycle.config import STEP_NAMES
@@ -209,6 +211,31 @@ async def test_an_observer_request_never_reaches_the_service_and_the_observer_st
     async with as_user(deploy, "observer") as late:  # the retained status is still the service's
         status = await late.wait_for(lambda m: m.topic == TOPICS.status and m.retain)
         assert status.json()["state"] == "running"
+
+
+async def test_the_service_may_clear_a_retained_request_that_carries_keys(
+    deploy: Deploy, service: ServiceProcess,
+) -> None:
+    key = ("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHJldGFpbmVkLWtleS1mb3ItdGhlLWFjbC10ZXN0\n"
+           "-----END PRIVATE KEY-----\n")  # what a bundle's key looks like; the service never parses it here
+    request = {"id": "retained-keys", "action": "install", "pki": {"ca.key": key}}
+    async with as_user(deploy, "host") as host:
+        await host.ready(timeout_s=15)
+        await host.client.publish(TOPICS.requests, json.dumps(request).encode(), qos=1, retain=True)
+        await eventually(lambda: "cleared a retained request carrying private keys" in service.log(), timeout_s=10)
+
+    # Only the service's user may read requests: another client of it finds nothing retained there. Retained
+    # messages follow each SUBACK, so a retained request would arrive before the retained status.
+    async with aiomqtt.Client("127.0.0.1", deploy.plain_port, identifier=f"check-{uuid.uuid4().hex[:8]}",
+                              username="lifecycle", password=PASSWORDS["lifecycle"],
+                              protocol=aiomqtt.ProtocolVersion.V5) as check:
+        await check.subscribe(TOPICS.requests, qos=1)
+        await check.subscribe(TOPICS.status, qos=1)
+        async with asyncio.timeout(5):
+            async for message in check.messages:
+                assert not message.topic.matches(TOPICS.requests), "the retained request with keys is still there"
+                break
+    assert journal(deploy.dir / "root") == []  # and it was never acted on
 
 
 def lifecycle(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
