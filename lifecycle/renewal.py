@@ -1,8 +1,6 @@
-"""Certificate renewal on disk: every leaf certificate and kubeconfig re-issued (new keys) from the CAs already
-in the PKI, never the CAs or sa.key; the kubelet's rotatable client pem instead of kubelet.conf when kubelet.conf
-points at it (after kubeadm's kubelet-finalize). All files are generated and staged next to their targets before
-the first rename, so a failure before that leaves everything as it was. Key material never appears in a message.
-"""
+"""Renewal on disk: every leaf certificate and kubeconfig (or the kubelet pem kubelet.conf points at) re-issued
+with new keys from the CAs on disk, never the CAs or sa.key. All files are generated and staged next to their
+targets before the first rename: a failure before that changes nothing. Key material never reaches a message."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""renewing: re-issues every leaf certificate and kubeconfig from the same CAs (`lifecycle/renewal.py`), then
-restarts only what reads them at start: the kubelet (its client certificate) through the supervisor; etcd, the
-controller-manager and the scheduler by annotating their static pod manifests with the renewal time (the kubelet
-restarts a pod whose manifest changed). The API server keeps running and serves the new certificate because it
-reloads it when the files change; done when it does and the restarted pods are Ready again.
-"""
+"""renewing: new leaf certificates and kubeconfigs from the same CAs, then restarts what reads them only at start
+(the kubelet; etcd, controller-manager and scheduler through an annotation on their manifests). Done when the API
+server, which reloads its certificate and keeps answering, serves the new one and the restarted pods are Ready."""
 
 from __future__ import annotations
 
