@@ -29,6 +29,7 @@ MIN_RSA_BITS = 2048
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 STRONG_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 _PEM_BLOCK_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+_NAME_RE = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 _KEY_LABELS = ("PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY")
 MISMATCH = "private key does not match certificate"  # as pki_x509.check_cert says it
 
@@ -73,7 +74,7 @@ def parse_bundle(raw: object) -> tuple[dict[str, bytes], list[Problem]]:
     problems: list[Problem] = []
     unknown = sorted(str(name) for name in raw if name not in KNOWN_FILES)
     if unknown:
-        shown = ", ".join(repr(n[:40]) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        shown = ", ".join(_shown_name(n) for n in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         problems.append(Problem("pki", f"unknown file name {shown} (known: kubeadm's names, e.g. ca.crt, "
                                        f"etcd/ca.key, apiserver.crt, sa.pub)"))
     problems += [Problem(name, "missing (the CAs and the service-account key pair are required)")
@@ -93,6 +94,11 @@ def parse_bundle(raw: object) -> tuple[dict[str, bytes], list[Problem]]:
             else:
                 files[name] = block
     return files, problems
+
+
+def _shown_name(name: str) -> str:
+    # Quoted only when it looks like a file name: a key pasted where a name belongs must not be echoed.
+    return repr(name) if _NAME_RE.fullmatch(name) else "(a name that is not a file name)"
 
 
 def _expected_labels(name: str) -> tuple[str, ...]:

@@ -68,8 +68,8 @@ def cluster_on_pki(state: State, step: int | None, paths: HostPaths) -> str | No
     if state not in (State.IDLE, State.FAILED):
         return f"a cluster runs on it (state {state})"
     if state == State.FAILED and (step is None or step >= KUBEADM_STEP):
-        where = f"step {step}" if step is not None else "the reset"
-        return f"kubeadm has run on it (the install failed in {where})"
+        where = f"the install failed in step {step}" if step is not None else "a reset or a renewal failed"
+        return f"a cluster may run on it ({where})"
     made_by_kubeadm = [paths.kubelet_config, *sorted(paths.manifests_dir.glob("*.yaml"))]
     for path in made_by_kubeadm:
         if path.exists():

@@ -158,3 +158,10 @@ def test_the_documented_schemas_describe_pki_requests_and_kubeconfig_replies(bas
     for answer in (kubeconfig, refused):
         reply.validate(answer.to_json())
     assert "kubeconfig" not in refused.to_json() and "message_expiry_s" not in kubeconfig.to_json()
+
+
+def test_a_key_pasted_as_a_file_name_is_not_echoed(base: Path) -> None:
+    good = cas_only(OpensslPki(base, node=NODE).bundle())
+    error = refusal({**good, good["ca.key"]: good["ca.crt"]})
+    assert "a name that is not a file name" in error.message and "PRIVATE" not in error.message
+    assert not any(body in error.message for body in key_bodies([good["ca.key"]]))
