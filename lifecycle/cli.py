@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     install = client("install", "install (or resume) Kubernetes")
     install.add_argument("--version", dest="kubernetes_version", help="Kubernetes version, e.g. v1.31.4")
     install.add_argument("--watch", action="store_true", help="follow the install until running or failed")
+    install.add_argument("--pki", dest="pki_dir", type=Path, metavar="DIR",
+                         help="send the PKI in DIR (kubeadm's file names: ca.crt, ca.key, front-proxy-ca.*, etcd/ca.*, "
+                              "sa.key, sa.pub, optionally leaf pairs); the service checks it before using it")
     client("status", "print the current state")
     client("watch", "print events until interrupted")
     reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")
@@ -177,6 +180,12 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
     body: dict[str, Any] = {"id": f"cli-{uuid.uuid4().hex[:12]}", "action": args.command}
     if getattr(args, "kubernetes_version", None):
         body["kubernetes_version"] = args.kubernetes_version
+    if getattr(args, "pki_dir", None):
+        try:
+            body["pki"] = read_pki_dir(args.pki_dir)
+        except (OSError, ValueError) as exc:
+            out.error(f"--pki {args.pki_dir}: {exc}")
+            return EXIT_USAGE
     watch = bool(getattr(args, "watch", False))
     async with connect(target, events=watch, timeout_s=args.timeout) as client:
         loop = asyncio.get_running_loop()
@@ -201,6 +210,17 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
         if reply.get("state") == goal and args.command == "install":
             return EXIT_OK  # nothing to follow: already running
         return await _follow(client, reply.get("request_id"), goal=goal, timeout_s=args.timeout, out=out)
+
+
+def read_pki_dir(directory: Path) -> dict[str, str]:
+    """The kubeadm-named PKI files in `directory` as a request's `pki` (other files are left out)."""
+    from lifecycle.pki_bundle import KNOWN_FILES  # only here: it loads the crypto library
+
+    found = {name: (directory / name).read_text(encoding="ascii") for name in KNOWN_FILES
+             if (directory / name).is_file()}
+    if not found:
+        raise ValueError("no PKI file in it (expected kubeadm's names: ca.crt, ca.key, ..., sa.pub)")
+    return found
 
 
 def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:

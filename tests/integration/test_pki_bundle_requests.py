@@ -275,3 +275,20 @@ async def test_a_retained_request_carrying_keys_is_ignored_and_cleared(
         assert pki_hash(config) == {}
     with pytest.raises((AssertionError, TimeoutError)):
         await retained(svc.topics.requests, timeout_s=1.0)
+
+
+async def test_the_cli_sends_the_pki_of_a_directory(tmp_path: Path) -> None:
+    config = service_config(tmp_path / "node", prefix=unique_prefix("clipki"), node=NODE)
+    made = OpensslPki(tmp_path / "host-pki", node=NODE, endpoint=ENDPOINT).cas_only()
+    (made.dir / "notes.txt").write_text("not part of the PKI\n")
+    async with certs_service(config) as svc, probe(svc.topics) as p:
+        await p.ready()
+        (tmp_path / "empty").mkdir()
+        code, err = await run_cli(config, "install", "--pki", str(tmp_path / "empty"))
+        assert code == 2 and "no PKI file" in err, err
+        code, err = await run_cli(config, "install", "--watch", "--pki", str(made.dir))
+        assert code == 0, err
+        pki = HostPaths(config.root).pki_dir
+        assert all((pki / name).read_text() == pem for name, pem in made.bundle().items())
+        assert not (pki / "notes.txt").exists()
+        assert_no_key_material(p, list(made.bundle().values()))
