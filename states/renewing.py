@@ -45,7 +45,12 @@ async def renew(ctx: StepContext) -> list[str]:
                              details={"file": exc.file, "node_changed": False}) from exc
     except ValueError as exc:
         raise PermanentError(str(exc), code="invalid_config", details={"node_changed": False}) from exc
-    names = await asyncio.to_thread(write_renewal, files)
+    write = asyncio.create_task(asyncio.to_thread(write_renewal, files), name="renew-write-files")
+    try:
+        names = await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await write  # a thread cannot be stopped: let the renames end before a reset touches the same files
+        raise
     for index, name in enumerate(names, start=1):
         ctx.progress(f"renewed {name}", current=index, total=len(names), unit="files")
     ctx.log.info("certificates renewed", files=names)
