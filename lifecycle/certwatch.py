@@ -174,11 +174,12 @@ class CertWatch:
         now = time.time()
         earliest, renew_at = scan.earliest, scan.renew_at(self._pki.renew_before_days)
         status = CertsStatus(earliest.not_after, earliest.file, renew_at) if earliest else None
+        retry_in_s: float | None = None
         if renew_at is not None and now >= renew_at and self._engine.state == State.RUNNING:
-            retry_in_s = await self._renew(status, renew_at)
+            retry_in_s = await self._renew(renew_at)
             if retry_in_s is None:
+                self._engine.report_certs(status)
                 return self._pki.check_interval_s  # renewing: its end is a state change
-            return retry_in_s
         if earliest is None:
             self._engine.report_certs(None)
             return self._pki.check_interval_s
@@ -189,9 +190,10 @@ class CertWatch:
         if fired != self._fired:
             self._fired = fired
             await asyncio.to_thread(save_fired, self._fired_path, fired)
-        return next_wake_s(scan, self._fired, self._pki, now=now)
+        # A renewal that does not happen (it failed, the engine is busy) leaves the warnings to say so.
+        return min(next_wake_s(scan, self._fired, self._pki, now=now), retry_in_s or float("inf"))
 
-    async def _renew(self, status: CertsStatus | None, renew_at: float) -> float | None:
+    async def _renew(self, renew_at: float) -> float | None:
         """Start an automatic renewal; None once started, else seconds until the next try."""
         loop_now = asyncio.get_running_loop().time()
         leaf_end = renew_at + self._pki.renew_before_days * DAY_S
@@ -199,10 +201,8 @@ class CertWatch:
             # The last try left the same certificates: do not loop on a renewal that fails.
             wait_s = self._auto_tried[1] + self._pki.check_interval_s - loop_now
             if wait_s > 0:
-                self._engine.report_certs(status)
                 return wait_s
         self._auto_tried = (leaf_end, loop_now)
-        self._engine.report_certs(status)
         request_id = f"auto-renew-{int(time.time())}"
         try:
             await self._engine.renew_certs(request_id=request_id)

@@ -135,21 +135,27 @@ async def test_expiry_is_announced_once_across_restarts_and_shown_in_the_status(
 
 async def test_automatic_renewal_runs_when_due_on_a_running_cluster_and_does_not_loop(tmp_path: Path) -> None:
     _write_pki(tmp_path, issued=datetime.now(UTC) - timedelta(seconds=20), validity_s=3600)  # due 10 s ago
-    pki = PkiConfig(cert_validity_days=3600 / DAY_S, expiry_warning_days=(), renew_before_days=3590 / DAY_S,
-                    check_interval_s=600)
+    pki = PkiConfig(cert_validity_days=3600 / DAY_S, expiry_warning_days=(3595 / DAY_S,),
+                    renew_before_days=3590 / DAY_S, check_interval_s=600)
     rig = _Rig(tmp_path, pki, renew_fails=True)
-    watch = rig.watch()
-    assert await watch.check() == 600 and rig.renewals == 0, "not in idle: nothing to renew yet"
+    in_idle = CertWatch(pki=replace(pki, expiry_warning_days=()), paths=HostPaths(tmp_path), engine=rig.engine,
+                        bus=rig.bus)
+    assert await in_idle.check() == 600 and rig.renewals == 0, "not in idle: nothing to renew yet"
     await rig.engine.install(request_id="i1", version=None)
     await rig.engine.wait_job()
     assert rig.engine.state == State.RUNNING
+    watch = rig.watch()
     await watch.check()
     await rig.engine.wait_job()
     assert rig.renewals == 1 and rig.engine.state == State.RUNNING
-    failed = [e.data for e in rig.drain()[0] if e.type == EventType.STEP_FAILED]
+    events = rig.drain()[0]
+    failed = [e.data for e in events if e.type == EventType.STEP_FAILED]
     assert failed[-1]["state"] == "renewing" and failed[-1]["error"]["details"]["node_changed"] is False
+    assert not [e for e in events if e.type == EventType.CERTS_EXPIRING], "no warning while a renewal may fix it"
     wait_s = await watch.check()
     assert rig.renewals == 1 and 590 < wait_s <= 600, "a failed renewal waits for the check interval"
+    expiring = [e.data for e in rig.drain()[0] if e.type == EventType.CERTS_EXPIRING]
+    assert [e["threshold_days"] for e in expiring] == [3595 / DAY_S], "the warning says what the renewal did not fix"
 
     rig.renew_fails = False
     await rig.watch().check()  # a new watch (the service restarted) tries again
