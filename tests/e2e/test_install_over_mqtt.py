@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import tomllib
@@ -210,20 +211,51 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
             subprocess.run(["mosquitto_pub", "-t", node.topic(leaf), "-r", "-n"], check=False)
 
 
-@pytest.fixture
-def forget_local_images(sim_images: SimImages) -> Iterator[list[str]]:
-    """Untag the node's images in the engine, so that an install really pulls them (with byte progress).
+@dataclass(frozen=True)
+class PrivateImages:
+    repo: str  # 127.0.0.1:5000/<unique namespace>
+    refs: list[str]  # the v1.31.4 node images under it, in the registry only (not in the engine)
 
-    The image builder leaves them in the same engine the service uses; afterwards, whatever the test did not
-    pull back is pulled again so later tests find the engine as before.
-    """
-    refs = [sim_images.binaries["v1.31.4"], *sim_images.components["v1.31.4"].values(), *sim_images.addons.values()]
+
+@pytest.fixture
+def private_images(sim_images: SimImages) -> Iterator[PrivateImages]:
+    """The node's images under a namespace of the test's own, each with one layer of its own on top, in the
+    registry but not in the engine: an install really downloads something for every image (byte progress),
+    whatever other tests do with the shared tags meanwhile. (Layers the engine already has are not downloaded
+    again, so a mere re-tag would show no bytes.)"""
+    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
+    repo = f"{sim_images.repo}/{namespace}"
+    sources = [sim_images.binaries["v1.31.4"], *sim_images.components["v1.31.4"].values(),
+               *sim_images.addons.values()]
+    refs = [ref.replace(f"{sim_images.repo}/", f"{repo}/", 1) for ref in sources]
+    env = dict(os.environ, DOCKER_BUILDKIT="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        context = Path(tmp)
+        for source, ref in zip(sources, refs, strict=True):
+            (context / "nonce").write_bytes(os.urandom(256 * 1024))
+            (context / "Dockerfile").write_text(f"FROM {source}\nCOPY nonce /e2e-nonce\n")
+            subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True,
+                           env=env)
+            subprocess.run(["docker", "push", ref], check=True, capture_output=True)
+            subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+    yield PrivateImages(repo=repo, refs=refs)
     for ref in refs:
-        subprocess.run(["docker", "rmi", ref], check=False, capture_output=True)
-    yield refs
-    for ref in refs:
-        if subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode != 0:
-            subprocess.run(["docker", "pull", "-q", ref], check=False, capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", ref], check=False, capture_output=True)
+
+
+def _config_for(images: PrivateImages, *, extra_addon_images: tuple[str, ...] = ()) -> str:
+    """simnode/lifecycle.toml, pulling from the private namespace."""
+    text = SIM_CONFIG.read_text()
+    original = tomllib.loads(text)["kubernetes"]
+    addons = [ref for ref in images.refs if any(ref.endswith(a.rsplit("/", 1)[1]) for a in original["addon_images"])]
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("image_repository ="):
+            line = f'image_repository = "{images.repo}"'
+        elif line.startswith("addon_images ="):
+            line = "addon_images = " + json.dumps([*addons, *extra_addon_images])
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _state_changes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -242,9 +274,9 @@ def _wait_state(sub: Subscriber, state: str, *, timeout_s: float, request_id: st
 
 
 def test_install_over_mqtt_reaches_running_with_every_state_announced(
-    make_node: Callable[..., Node], forget_local_images: list[str]
+    make_node: Callable[..., Node], private_images: PrivateImages
 ) -> None:
-    node = make_node()
+    node = make_node(config_text=_config_for(private_images))
     node.start_service()
     events = node.subscribe("events")
 
@@ -265,7 +297,7 @@ def test_install_over_mqtt_reaches_running_with_every_state_announced(
     pulls = [b["data"] for b in bodies if b["type"] == "lifecycle.step.progress" and b["data"]["unit"] == "bytes"
              and b["data"]["state"] == "images"]
     finished = {p["message"].removeprefix("pulling ") for p in pulls if p["total"] and p["current"] == p["total"]}
-    assert finished == set(forget_local_images), f"byte progress to the end for every image, got {sorted(finished)}"
+    assert finished == set(private_images.refs), f"byte progress to the end for every image, got {sorted(finished)}"
 
     status = payload(node.retained("status", lambda m: True, timeout_s=10))
     assert status["state"] == "running" and status["request_id"] == "req-install-1"
@@ -342,10 +374,8 @@ def test_kubeadm_failure_ends_in_failed_with_its_message_and_a_new_install_resum
 def _big_image(name: str, size_mb: int) -> str:
     """A test image with `size_mb` of incompressible data in the local registry, so a pull takes a while."""
     ref = f"127.0.0.1:5000/{name}:v1"
-    with contextlib.ExitStack() as stack:
-        import tempfile
-
-        ctx = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Path(tmp)
         (ctx / "pad").write_bytes(os.urandom(size_mb * 1024 * 1024))
         (ctx / "Dockerfile").write_text("FROM scratch\nCOPY pad /pad\n")
         env = dict(os.environ, DOCKER_BUILDKIT="0")
@@ -356,16 +386,11 @@ def _big_image(name: str, size_mb: int) -> str:
 
 
 def test_sigkill_during_images_then_restart_resumes_without_pulling_finished_images(
-    make_node: Callable[..., Node], forget_local_images: list[str]
+    make_node: Callable[..., Node], private_images: PrivateImages
 ) -> None:
     big = _big_image(f"e2e-big-{uuid.uuid4().hex[:8]}", 120)
     try:
-        text = SIM_CONFIG.read_text()
-        addons = tomllib.loads(text)["kubernetes"]["addon_images"]
-        node = make_node(config_text=text.replace(
-            "addon_images = " + json.dumps(addons).replace('","', '", "'),
-            "addon_images = " + json.dumps([*addons, big]),
-        ))
+        node = make_node(config_text=_config_for(private_images, extra_addon_images=(big,)))
         assert big in node.config_path.read_text()
         node.start_service()
         events = node.subscribe("events")
@@ -383,7 +408,7 @@ def test_sigkill_during_images_then_restart_resumes_without_pulling_finished_ima
                        if d.get("unit") == "bytes" and d["total"] and d["current"] == d["total"]}
         done_before |= {d["message"].split()[1].rstrip(":") for d in before
                         if str(d.get("message", "")).startswith("skipped ")}
-        assert done_before & set(forget_local_images), "no image finished before the kill: nothing to tell apart"
+        assert done_before & set(private_images.refs), "no image finished before the kill: nothing to tell apart"
         seen = len(events.messages)
 
         node.start_service()
