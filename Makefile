@@ -33,9 +33,9 @@ services:
 sim-images: venv services
 	$(PY) -m simnode.images --pad-scale $(SIM_PAD_SCALE) $(SIM_IMAGES_ARGS)
 
-# lint: ruff and mypy --strict over the code.
+# lint: ruff over everything (code, tests, benchmarks), mypy --strict over the code.
 lint: venv
-	$(VENV)/bin/ruff check lifecycle states simnode
+	$(VENV)/bin/ruff check lifecycle states simnode tests bench
 	$(VENV)/bin/mypy --strict lifecycle states simnode
 
 # test: everything the tests need, the lint, then pytest. pytest's exit code is the target's; collecting no
