@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from lifecycle import cli
 from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.config import Config, ConfigError, load_config
-from lifecycle.engine import RenewRoutine, ResetRoutine
+from lifecycle.engine import RenewalDue, RenewRoutine, ResetRoutine
 from lifecycle.logging import configure_logging, get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
@@ -48,7 +48,7 @@ def load_serve_config(args: argparse.Namespace) -> Config:
 
 def run_service(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports],
-    renew: RenewRoutine | None = None,
+    renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (a clean, staged shutdown); a second signal forces the exit."""
 
@@ -68,7 +68,8 @@ def run_service(
             loop.add_signal_handler(signum, on_signal, signum)
         ports = ports_factory(config)
         try:
-            await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew)
+            await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew,
+                        renewal_due=renewal_due)
         finally:
             await ports.docker.close()  # the kubelet is left running on purpose
 
@@ -89,10 +90,11 @@ def serve_command(args: argparse.Namespace) -> int:
         return cli.EXIT_USAGE
     configure_logging(config.log_level)
     from states import build_plan
-    from states.renewing import renew
+    from states.renewing import renew, renewal_due
     from states.reset import reset
 
-    return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports, renew=renew)
+    return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports, renew=renew,
+                       renewal_due=renewal_due)
 
 
 def main(argv: list[str] | None = None) -> int:

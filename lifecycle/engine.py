@@ -32,6 +32,8 @@ InstallPrepare = Callable[[State, int | None], Coroutine[Any, Any, None]]
 RESET_TIMEOUT_S = 300.0
 RenewRoutine = Callable[[StepContext], Coroutine[Any, Any, list[str]]]  # states.renewing.renew: the renewed files
 RENEW_TIMEOUT_S = 180.0
+# states.renewing.renewal_due: the leaves the certs step would re-issue on a node that has a cluster ([]: none).
+RenewalDue = Callable[[StepContext], Coroutine[Any, Any, list[str]]]
 STOP_RETRY_S = 5.0  # a step that ignores its cancellation is cancelled again this often
 
 
@@ -71,7 +73,7 @@ class Engine:
 
     def __init__(
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
-        store: Store, bus: Bus, renew: RenewRoutine | None = None,
+        store: Store, bus: Bus, renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
@@ -82,6 +84,7 @@ class Engine:
         self._plan = list(plan)
         self._reset = reset
         self._renew = renew
+        self._renewal_due = renewal_due
         self._certs: CertsStatus | None = None  # what the certificate watch last reported
         self._store = store
         self._bus = bus
@@ -315,6 +318,8 @@ class Engine:
             return False
 
     async def _run_step(self, step: Step, index: int, request_id: str | None, cluster: ClusterParams) -> None:
+        if step.name == State.CERTS.value:
+            await self._renew_instead(index, request_id, cluster)
         policy = self._policy(step)
         ctx = self._context(step.name, request_id, cluster, policy.timeout_s)
         attempts = 0
@@ -383,23 +388,10 @@ class Engine:
         self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
 
     async def _renew_job(self, request_id: str | None) -> None:
-        assert self._renew is not None
         cluster = self._snap.cluster or self._resolve_cluster(None)
         ctx = self._context(State.RENEWING.value, request_id, cluster, RENEW_TIMEOUT_S)
-        timer = asyncio.timeout_at(ctx.deadline)
-        try:
-            async with timer:
-                files = await self._in_task(self._renew(ctx), name="renew-certs")
-        except TimeoutError as exc:
-            error = (ErrorInfo.safe("deadline_exceeded", f"renewal did not finish within {RENEW_TIMEOUT_S:g} s",
-                                    details={"step": "renewing", "timeout_s": RENEW_TIMEOUT_S})
-                     if timer.expired() else self._internal(ctx, exc, 1))
-        except StepError as exc:
-            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
-        except Exception as exc:
-            error = self._internal(ctx, exc, 1)
-        else:
-            self._emit(EventType.CERTS_RENEWED, {"request_id": request_id, "files": files})
+        error = await self._renewal(ctx)
+        if error is None:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
             return
         if error.details.get("node_changed") is False:
@@ -410,6 +402,50 @@ class Engine:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
             return
         self._fail(State.RENEWING, request_id, cluster, error, step=None)
+
+    async def _renew_instead(self, index: int, request_id: str | None, cluster: ClusterParams) -> None:
+        """Before the certs step runs on a node that has a cluster: leaves it would re-issue are renewed instead,
+        by the renew-certs routine, which also restarts what reads them (the step alone would rewrite the files
+        under running components, which keep their old certificates until those expire). The step then runs as
+        usual: it finds them done, or fixes what a renewal does not touch (the kubeadm config, a CA, sa.key)."""
+        if self._renew is None or self._renewal_due is None:
+            return
+        ctx = self._context(State.CERTS.value, request_id, cluster, RENEW_TIMEOUT_S)
+        try:
+            due = await self._in_task(self._renewal_due(ctx), name="renewal-due")
+        except Exception as exc:  # the certs step's own checks say what is wrong
+            ctx.log.info("renewal check failed; the certs step decides", error=f"{type(exc).__name__}: {exc}")
+            return
+        if not due:
+            return
+        ctx.progress(f"renewing certificates of the running cluster ({', '.join(due[:4])}"
+                     f"{f' and {len(due) - 4} more' if len(due) > 4 else ''})")
+        error = await self._renewal(ctx)
+        if error is None:
+            return
+        if error.details.get("node_changed") is False:
+            ctx.log.warning("renewal impossible; the certs step decides", code=error.code, error=error.message)
+            return
+        self._fail(State.CERTS, request_id, cluster, error, step=index + 1)
+        raise _StepFailedError
+
+    async def _renewal(self, ctx: StepContext) -> ErrorInfo | None:
+        """The renewal routine under its own deadline; `lifecycle.certs.renewed` when it worked, else the error."""
+        assert self._renew is not None
+        timer = asyncio.timeout_at(ctx.deadline)
+        try:
+            async with timer:
+                files = await self._in_task(self._renew(ctx), name="renew-certs")
+        except TimeoutError as exc:
+            return (ErrorInfo.safe("deadline_exceeded", f"renewal did not finish within {RENEW_TIMEOUT_S:g} s",
+                                   details={"step": "renewing", "timeout_s": RENEW_TIMEOUT_S})
+                    if timer.expired() else self._internal(ctx, exc, 1))
+        except StepError as exc:
+            return ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
+        except Exception as exc:
+            return self._internal(ctx, exc, 1)
+        self._emit(EventType.CERTS_RENEWED, {"request_id": ctx.request_id, "files": files})
+        return None
 
     async def _in_task(self, work: Coroutine[Any, Any, T], *, name: str) -> T:
         """Run step code as its own named task. Cancelling the caller cancels it and waits for its cleanup."""

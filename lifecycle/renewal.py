@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from lifecycle.kubefiles import KubeconfigSpec, render_kubeconfig
 from lifecycle.paths import HostPaths
-from lifecycle.pki import CERT_MODE, KEY_MODE, KUBECONFIG_MODE, read_existing
+from lifecycle.pki import CERT_MODE, KEY_MODE, KUBECONFIG_MODE, PkiError, plan_pki, read_existing, rooted_reader
 from lifecycle.pki_specs import CA_NAMES, CertSpec, PkiParams, cert_specs, kubeconfig_specs
 from lifecycle.pki_x509 import PrivateKey, cert_pem, issue_leaf, key_pem, load_cert, load_key, new_key, same_public_key
 
@@ -59,6 +59,30 @@ def plan_renewal(paths: HostPaths, params: PkiParams, *, now: datetime) -> list[
         files += _kubeconfig_files(paths, kspec, existing.get(kspec.file), ca_cert=ca_cert, ca_key=ca_key,
                                    params=params, now=now)
     return files
+
+
+def has_cluster(paths: HostPaths) -> bool:
+    """kubeadm's kubelet config and a static pod manifest exist: components run on (or start from) these files."""
+    return paths.kubelet_config.is_file() and any(paths.manifests_dir.glob("*.yaml"))
+
+
+def leaves_to_renew(paths: HostPaths, params: PkiParams, *, now: datetime) -> list[str]:
+    """On a node with a cluster, the leaf certificates and kubeconfigs that must be re-issued from the CAs in place
+    (expired, within the certs state's margin, wrong SANs...). [] when there is no cluster or nothing to re-issue,
+    and when a renewal cannot do it: a CA to make anew, a CA key missing, a bad config (the certs step says why)."""
+    if not has_cluster(paths):
+        return []
+    existing = read_existing(paths.pki_dir, paths.kubernetes_dir)
+    try:
+        _, problems = plan_pki(existing, params, now=now, read_file=rooted_reader(paths.root, paths.kubernetes_dir),
+                               generate=False)
+    except (PkiError, ValueError):
+        return []
+    leaves = {f"{spec.name}.crt" for spec in cert_specs(params) if spec.ca is not None}
+    leaves |= {spec.file for spec in kubeconfig_specs(params)}
+    if any(f"{spec.name}.crt" in {p.file for p in problems} for spec in cert_specs(params) if spec.ca is None):
+        return []  # a CA is made anew: that is an install on a new PKI, not a renewal
+    return [p.file for p in problems if p.file in leaves]
 
 
 def _load_ca(existing: Mapping[str, bytes], name: str, *, now: datetime) -> tuple[x509.Certificate, PrivateKey]:

@@ -12,7 +12,7 @@ from lifecycle.bus import Bus
 from lifecycle.certwatch import CertWatch
 from lifecycle.config import Config
 from lifecycle.credentials import kubeconfig_reply
-from lifecycle.engine import Accepted, Engine, RenewRoutine, ResetRoutine
+from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRoutine
 from lifecycle.errors import RequestError
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
@@ -76,6 +76,7 @@ class RequestHandler:
 async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
     drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
+    renewal_due: RenewalDue | None = None,
 ) -> None:
     """Run the service until `stop` is set (the caller owns signals; tests set it themselves)."""
     log = get_logger("lifecycle.service", node=config.node_name)
@@ -86,7 +87,7 @@ async def serve(
         bus = Bus()
         outbox = bus.subscribe("mqtt")
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
-                        renew=renew)
+                        renew=renew, renewal_due=renewal_due)
         certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus)
         bridge = MqttBridge(
             config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,

@@ -19,7 +19,7 @@ from lifecycle.pki_specs import PkiParams
 from lifecycle.pki_x509 import load_cert
 from lifecycle.ports import KubeApiError
 from lifecycle.protocol import iso_time
-from lifecycle.renewal import RenewalError, plan_renewal, write_renewal
+from lifecycle.renewal import RenewalError, leaves_to_renew, plan_renewal, write_renewal
 from lifecycle.step import StepContext
 from states.kubeadm import fail_at
 from states.kubelet import healthz, kubelet_argv
@@ -62,6 +62,13 @@ async def renew(ctx: StepContext) -> list[str]:
     ctx.progress(f"restarting {', '.join(components)} (manifests annotated {ANNOTATION}={stamp})")
     await _wait_restarted(ctx, components=components, stamp=stamp)
     return names
+
+
+async def renewal_due(ctx: StepContext) -> list[str]:
+    """The leaves the certs step would re-issue on a node with a cluster: the engine renews them with `renew`
+    instead (see Engine._renew_instead), so that what reads them is restarted."""
+    params = PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port)
+    return await asyncio.to_thread(leaves_to_renew, ctx.paths, params, now=datetime.now(UTC))
 
 
 async def _restart_kubelet(ctx: StepContext) -> None:
