@@ -37,29 +37,51 @@ class Subscriber:
     """`mosquitto_sub -V mqttv5` on some topics, each message parsed as it arrives.
 
     JSON topics are read with `-F %J` (payload and MQTT 5 properties); `%J` refuses other payloads, so plain-text
-    topics (availability) are read with `-F %p` into {"payload": text}.
+    topics (availability) are read as `%t<TAB>%p` into {"topic", "payload": text}. The constructor returns once
+    the subscription is live: it also subscribes to a probe topic of its own and publishes there until a probe
+    comes back (one SUBSCRIBE covers every topic), so a test never races the broker. Probes are not recorded.
     """
 
-    def __init__(self, *topics: str, count: int | None = None, plain: bool = False) -> None:
+    def __init__(self, *topics: str, plain: bool = False, ready_timeout_s: float = 20.0) -> None:
         self.plain = plain
-        argv = ["mosquitto_sub", "-V", "mqttv5", "-q", "1", "-F", "%p" if plain else "%J"]
-        for topic in topics:
+        self.probe_topic = f"e2e/probe/{uuid.uuid4().hex}"
+        argv = ["mosquitto_sub", "-V", "mqttv5", "-q", "1", "-F", "%t\t%p" if plain else "%J"]
+        for topic in (*topics, self.probe_topic):
             argv += ["-t", topic]
-        if count is not None:
-            argv += ["-C", str(count)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         self.messages: list[dict[str, Any]] = []
+        self._probed = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+        self._wait_live(ready_timeout_s)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            message = {"payload": line.rstrip("\n")} if self.plain else json.loads(line)
+            if self.plain:
+                topic, _, text = line.rstrip("\n").partition("\t")
+                message: dict[str, Any] = {"topic": topic, "payload": text}
+            else:
+                message = json.loads(line)
             with self._cond:
-                self.messages.append(message)
+                if message.get("topic") == self.probe_topic:
+                    self._probed = True
+                else:
+                    self.messages.append(message)
                 self._cond.notify_all()
+
+    def _wait_live(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            probe = ["mosquitto_pub", "-V", "mqttv5", "-q", "1", "-t", self.probe_topic, "-m", '{"probe": true}']
+            subprocess.run(probe, check=False, capture_output=True, timeout=timeout_s)
+            with self._cond:
+                if self._cond.wait_for(lambda: self._probed, timeout=0.5):
+                    return
+            if time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"mosquitto_sub did not get its probe within {timeout_s} s")
 
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], *, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -76,8 +98,13 @@ class Subscriber:
                 self._cond.wait(remaining)
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=5)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # a client stuck in its network loop under load
+                self.proc.kill()
+                self.proc.wait(timeout=5)
 
 
 def payload(message: dict[str, Any]) -> Any:
@@ -114,7 +141,6 @@ class Node:
     def subscribe(self, *leaves: str, plain: bool = False) -> Subscriber:
         sub = Subscriber(*(self.topic(leaf) for leaf in leaves), plain=plain)
         self.subscribers.append(sub)
-        time.sleep(0.3)  # the SUBSCRIBE is acknowledged before the test publishes
         return sub
 
     def retained(self, leaf: str, predicate: Callable[[dict[str, Any]], bool], *, timeout_s: float) -> dict[str, Any]:
@@ -139,8 +165,7 @@ class Node:
     def request(self, body: bytes | dict[str, Any], *, correlation: str, timeout_s: float = 20) -> dict[str, Any]:
         """Publish a request with an MQTT 5 response topic and correlation data; return the reply message."""
         reply_topic = f"e2e/{self.name}/replies/{correlation}"
-        replies = Subscriber(reply_topic, count=1)
-        time.sleep(0.3)
+        replies = Subscriber(reply_topic)
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         subprocess.run(
             ["mosquitto_pub", "-V", "mqttv5", "-q", "1", "-t", self.topic("requests"), "-s",
