@@ -18,12 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from lifecycle.bus import Subscription
 from lifecycle.config import STEP_NAMES, Config, KubernetesConfig, StepPolicy, VersionImages
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.ports import Ports
+from lifecycle.protocol import Event
 from lifecycle.step import Step, StepContext
 
 FAKE_DIR = "fake"
+
+
+def drain_events(sub: Subscription) -> list[Event]:
+    """Every event queued on a bus subscription so far (other items, like status, are dropped)."""
+    out: list[Event] = []
+    while len(sub):
+        item = sub.pop()
+        if isinstance(item, Event):
+            out.append(item)
+    return out
 
 
 def fake_dir(root: Path) -> Path:

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 import structlog
-from lifecycle_fakes import eventually, fake_plan, fake_reset, journal, make_config, mark_done, null_ports, steer
+from lifecycle_fakes import (
+    drain_events,
+    eventually,
+    fake_plan,
+    fake_reset,
+    journal,
+    make_config,
+    mark_done,
+    null_ports,
+    steer,
+)
 
 from lifecycle.bus import Bus, Subscription
 from lifecycle.config import STEP_NAMES, Config, StepPolicy
@@ -32,12 +42,7 @@ class Rig:
     sub: Subscription
 
     def events(self) -> list[Event]:
-        out: list[Event] = []
-        while len(self.sub):
-            item = self.sub.pop()
-            if isinstance(item, Event):
-                out.append(item)
-        return out
+        return drain_events(self.sub)
 
     def states(self, events: list[Event]) -> list[str]:
         return [e.data["to"] for e in events if e.type == EventType.STATE_CHANGED]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from lifecycle_fakes import fake_plan, fake_reset, make_config, null_ports
+from lifecycle_fakes import drain_events, fake_plan, fake_reset, make_config, null_ports
 
 from lifecycle.bus import Bus, Subscription
 from lifecycle.engine import Engine
@@ -53,12 +53,7 @@ class Rig:
     renewal: Renewal
 
     def events(self) -> list[Event]:
-        out: list[Event] = []
-        while len(self.sub):
-            item = self.sub.pop()
-            if isinstance(item, Event):
-                out.append(item)
-        return out
+        return drain_events(self.sub)
 
 
 def make_rig(root: Path, renewal: Renewal | None = None) -> Rig:
