@@ -324,7 +324,8 @@ def test_install_over_mqtt_reaches_running_with_every_state_announced(
     finished = {p["message"].removeprefix("pulling ") for p in pulls if p["total"] and p["current"] == p["total"]}
     assert finished == set(private_images.refs), f"byte progress to the end for every image, got {sorted(finished)}"
 
-    status = payload(node.retained("status", lambda m: True, timeout_s=10))
+    # The retained status follows the running event; wait for it rather than read it once.
+    status = payload(node.retained("status", lambda m: payload(m)["state"] == "running", timeout_s=10))
     assert status["state"] == "running" and status["request_id"] == "req-install-1"
     assert status["seq"] == seqs[-1] and status["node"] == node.name and status["kubernetes_version"] == "v1.31.4"
 
