@@ -43,6 +43,9 @@ PY
 
 ROOT=$(mktemp -d /tmp/lifecycle-demo.XXXXXX)
 mkdir -p "$ROOT/var/log"
+# The machine as the simulated node sees it (/proc, tools on the PATH, CRI sockets): a Debian 12 VM with Docker
+# Engine and cri-dockerd (simnode/host.py).
+.venv/bin/python -c 'import sys; from pathlib import Path; from simnode.host import prepare_host; prepare_host(Path(sys.argv[1]))' "$ROOT"
 "$LIFECYCLE" serve --config "$CONFIG" --root "$ROOT" --node "$NODE" >"$ROOT/var/log/lifecycle.log" 2>&1 &
 PID=$!
 printf 'DEMO_PID=%s\nDEMO_ROOT=%s\nDEMO_NODE=%s\n' "$PID" "$ROOT" "$NODE" >"$STATE_FILE"

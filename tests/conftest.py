@@ -25,6 +25,10 @@ REGISTRY = os.environ.get("LIFECYCLE_REGISTRY", "127.0.0.1:5000")
 MQTT_HOST = "127.0.0.1"
 MQTT_PORT = int(os.environ.get("LIFECYCLE_MQTT_PORT", "1883"))
 TEST_PAD_SCALE = float(os.environ.get("SIM_PAD_SCALE", "0.005"))
+# A registry path of its own for the simulated-node images ($SIM_NAMESPACE): two checkouts with different
+# simnode sources can then run their tests side by side without pushing over each other's tags.
+SIM_NAMESPACE = os.environ.get("SIM_NAMESPACE", "")
+SIM_REPO = f"{REGISTRY}/{SIM_NAMESPACE}" if SIM_NAMESPACE else REGISTRY
 START_HINT = "start the local services with `make services` (scripts/services.sh up)"
 
 
@@ -135,7 +139,8 @@ def sim_images(docker_host: str, registry: str) -> Iterator[SimImages]:
     from simnode import versions as v
     from simnode.images import BuildRequest, ImageBuildError, build_images_sync
 
-    req = BuildRequest(registry=registry, versions=tuple(v.VERSIONS), pad_scale=TEST_PAD_SCALE, docker_host=docker_host)
+    req = BuildRequest(registry=registry, versions=tuple(v.VERSIONS), pad_scale=TEST_PAD_SCALE, docker_host=docker_host,
+                       namespace=SIM_NAMESPACE)
     try:
         build_images_sync(req, log=sys.stderr)
     except ImageBuildError as exc:

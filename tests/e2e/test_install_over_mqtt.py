@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 from conftest import SimImages
 
+from simnode.host import prepare_host
+
 REPO = Path(__file__).resolve().parents[2]
 SIM_CONFIG = REPO / "simnode" / "lifecycle.toml"
 LIFECYCLE = REPO / ".venv" / "bin" / "lifecycle"
@@ -220,6 +222,7 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
         config_path.write_text(text.replace('"../deploy/addons"', f'"{REPO / "deploy" / "addons"}"'))
         node = Node(name=name, root=base / "root", config_path=config_path, log_path=base / "service.log")
         node.root.mkdir()
+        prepare_host(node.root)
         nodes.append(node)
         return node
 

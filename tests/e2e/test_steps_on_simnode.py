@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-from conftest import SimImages, free_port
+from conftest import SIM_REPO, SimImages, free_port
 
 from lifecycle.adapters.docker import DockerEngine
 from lifecycle.adapters.kube import KubernetesApiFactory
@@ -33,6 +33,7 @@ from lifecycle.errors import CommandError, PermanentError
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.step import ClusterParams, StepContext
+from simnode.host import prepare_host
 from states.addons import Addons
 from states.binaries import Binaries
 from states.certs import Certs
@@ -44,7 +45,7 @@ from states.reset import reset
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "v1.31.4"
-REGISTRY_REPO = "127.0.0.1:5000"
+REGISTRY_REPO = SIM_REPO
 DOCKER_HOST = os.environ.get("DOCKER_HOST") or "unix:///tmp/lifecycle-services/docker/docker.sock"
 LOG = structlog.get_logger("e2e")
 
@@ -96,6 +97,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Node]]:
 
     def make(name: str, *, repo: str = REGISTRY_REPO, binaries_image: str = "{repo}/kube-binaries:{version}") -> Node:
         root = tmp_path / name
+        prepare_host(root)
         paths = HostPaths(root)
         ports = Ports(
             docker=DockerEngine(DOCKER_HOST),

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from conftest import SimImages, free_port
 
+from simnode.host import prepare_host
+
 sys.path.insert(0, str(Path(__file__).parent))
 from test_kubeadm_support import make_ca, make_leaf, openssl_pki
 
@@ -95,6 +97,7 @@ def node_root(tmp_path: Path, sim_images: SimImages) -> Iterator[Path]:
     """A root whose usr/bin holds the executables of the v1.31.4 binaries image, copied out with docker."""
     root = tmp_path / "root"
     (root / "usr").mkdir(parents=True)
+    prepare_host(root)
     name = f"acceptance-{uuid.uuid4().hex[:8]}"
     subprocess.run(["docker", "create", "--name", name, sim_images.binaries["v1.31.4"]], check=True,
                    capture_output=True)

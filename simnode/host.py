@@ -1,0 +1,97 @@
+"""The machine around the simulated node: what a Debian 12 VM with Docker Engine and cri-dockerd shows.
+
+Real kubeadm, kubelet and cri-dockerd look at the machine (/proc, the PATH, the CRI sockets, systemd units)
+before they act. The simulated ones look at the same paths under the node root instead, so a test can make a
+machine that lacks something (no conntrack, swap on, ip_forward 0, a second CRI socket) without touching the
+real one, and the lifecycle service, given the same root, sees the same machine.
+
+`prepare_host(root)` lays out a machine on which a real kubeadm v1.31 preflight would pass:
+
+    proc/sys/net/ipv4/ip_forward          1
+    proc/swaps                            header only (no swap)
+    proc/meminfo                          MemTotal 4 GiB
+    sys/devices/system/cpu/online         0-1 (2 CPUs)
+    usr/sbin/{conntrack,ip,iptables}      executables (stubs that exit 0)
+    usr/bin/{mount,nsenter,ethtool,socat,tc,touch}
+    var/run/containerd/containerd.sock    a unix socket (Docker Engine's containerd)
+    var/run/cri-dockerd.sock              a unix socket (cri-dockerd)
+    lib/systemd/system/cri-docker.service cri-dockerd's unit as its Debian package ships it
+
+Each entry is written only when absent, so a test may prepare its own variant first or change one after.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+# Stubs for the tools kubeadm's preflight looks up on the PATH (cmd/kubeadm/app/preflight/checks.go, InPathCheck).
+TOOL_STUBS: tuple[str, ...] = (
+    "usr/sbin/conntrack", "usr/sbin/ip", "usr/sbin/iptables",
+    "usr/bin/mount", "usr/bin/nsenter", "usr/bin/ethtool", "usr/bin/socat", "usr/bin/tc", "usr/bin/touch",
+)
+# The sockets kubeadm's DetectCRISocket knows (cmd/kubeadm/app/util/runtime/runtime_unix.go, defaultKnownCRISockets)
+# that exist on a host with Docker Engine (its containerd) and cri-dockerd.
+CRI_SOCKETS: tuple[str, ...] = ("var/run/containerd/containerd.sock", "var/run/cri-dockerd.sock")
+# cri-dockerd's unit as packaged (Mirantis/cri-dockerd packaging/systemd/cri-docker.service).
+CRI_DOCKER_UNIT = """\
+[Unit]
+Description=CRI Interface for Docker Application Container Engine
+Documentation=https://docs.mirantis.com
+After=network-online.target firewalld.service docker.service
+Wants=network-online.target
+Requires=cri-docker.socket
+
+[Service]
+Type=notify
+ExecStart=/usr/bin/cri-dockerd --container-runtime-endpoint fd://
+ExecReload=/bin/kill -s HUP $MAINPID
+TimeoutSec=0
+RestartSec=2
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+"""
+_FILES: dict[str, str] = {
+    "proc/sys/net/ipv4/ip_forward": "1\n",
+    "proc/swaps": "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n",
+    "proc/meminfo": "MemTotal:        4194304 kB\nMemFree:         3145728 kB\nMemAvailable:    3670016 kB\n",
+    "sys/devices/system/cpu/online": "0-1\n",
+    "lib/systemd/system/cri-docker.service": CRI_DOCKER_UNIT,
+}
+
+
+def prepare_host(root: Path) -> None:
+    """Lay out the machine described in the module docstring under `root`, keeping what already exists."""
+    for rel, text in _FILES.items():
+        path = root / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    for rel in TOOL_STUBS:
+        path = root / rel
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("#!/bin/sh\nexit 0\n")
+            path.chmod(0o755)
+    for rel in CRI_SOCKETS:
+        path = root / rel
+        if not path.exists():
+            make_socket_file(path)
+
+
+def make_socket_file(path: Path) -> None:
+    """Leave a unix socket inode at `path` (bound, then closed: stat shows a socket, nobody listens).
+
+    Bound through /proc/self/fd/<dir fd>/<name>, so a deep test directory cannot exceed the 108-byte limit
+    of a socket address.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(f"/proc/self/fd/{dir_fd}/{path.name}")
+    finally:
+        os.close(dir_fd)
