@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 # Each command imports what it needs when it runs: `kubeadm version` stays quick (no yaml/cryptography).
 
 VALUE_FLAGS = {"config", "rootfs", "v", "skip-phases", "ignore-preflight-errors", "cert-dir", "output",
-               "certificate-key"}
+               "certificate-key", "cri-socket"}
 BOOL_FLAGS = {"force", "yes", "upload-certs", "help", "skip-token-print", "skip-certificate-key-print"}
 SHORT = {"o": "output", "v": "v", "f": "force", "y": "yes", "h": "help"}
 USAGE = """Usage:
   kubeadm init [--config FILE] [--skip-phases a,b] [--ignore-preflight-errors x,y] [--upload-certs]
   kubeadm init phase <phase> [<sub-phase>|all] [--config FILE]
-  kubeadm reset [-f] [--cert-dir DIR]
+  kubeadm reset [-f] [--cert-dir DIR] [--cri-socket unix:///path] [--config FILE]
   kubeadm version [-o short|json|yaml]
   kubeadm upgrade apply VERSION [-y] [--config FILE]
 Global flags: --rootfs DIR (node root, else $SIMNODE_ROOT), -v N"""
@@ -41,6 +41,7 @@ class Args:
     positional: list[str] = field(default_factory=list)
     values: dict[str, str] = field(default_factory=dict)
     flags: set[str] = field(default_factory=set)
+    given: list[tuple[str, str]] = field(default_factory=list)  # (flag name, token as typed), in argv order
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -60,6 +61,7 @@ def parse_args(argv: list[str]) -> Args:
             if name not in SHORT:
                 raise KubeadmError(f"unknown shorthand flag: {name!r} in {token}")
             name = SHORT[name]
+        args.given.append((name, token.partition("=")[0]))
         if name in BOOL_FLAGS:
             if eq and value.lower() not in ("true", "false"):
                 raise KubeadmError(f'invalid argument "{value}" for "--{name}" flag: expected true or false')
@@ -113,7 +115,15 @@ def _load(args: Args, root: NodeRoot, versions: tuple[str, ...]) -> Config:
 
 
 def cmd_init(args: Args, root: NodeRoot) -> int:
-    from simnode.kubeadm.phases import InitPlan, all_phases, apply_skips, prepare, select_single
+    from simnode.kubeadm.phases import (
+        InitPlan,
+        all_phases,
+        apply_skips,
+        bound_phase_names,
+        phase_group_help,
+        prepare,
+        select_single,
+    )
     from simnode.kubeadm.runner import run_plan
 
     rest = args.positional[1:]
@@ -121,8 +131,16 @@ def cmd_init(args: Args, root: NodeRoot) -> int:
     if rest and rest[0] != "phase":
         raise KubeadmError(f'unknown command "{rest[0]}" for "kubeadm init"')
     if not full:
-        if len(rest) < 2:
-            raise KubeadmError('"kubeadm init phase" requires a phase name')
+        version = build_version()
+        if len(rest) < 2 or rest[1] not in bound_phase_names(version):
+            # kubeadm cmd/kubeadm/app/cmd/phases/workflow/runner.go (BindToCommand): `phase` is a cobra command
+            # without Run, and hidden phases get no subcommand. cobra (command.go, ExecuteC/execute) then parses
+            # the flags of `phase` itself (only the global ones exist there): any other flag is "unknown flag",
+            # exit 1 (kubeadm's CheckErr); otherwise `phase` is not runnable, so cobra prints its help and
+            # exits 0 without running anything (an unknown or hidden phase name is not an error).
+            _refuse_local_flags(args)
+            _out(phase_group_help(version))
+            return 0
         selection = select_single(rest[1], rest[2] if len(rest) > 2 else None)
     cfg = _load(args, root, (build_version(),))
     if args.values.get("certificate-key"):
@@ -137,6 +155,20 @@ def cmd_init(args: Args, root: NodeRoot) -> int:
     prepare(plan)
     asyncio.run(run_plan(plan, _out))
     return 0
+
+
+# Flags every kubeadm command has (cmd/kubeadm/app/cmd/cmd.go: --rootfs on the root's persistent flags; klog's -v
+# through the global flag set; cobra's own --help).
+GLOBAL_FLAGS = {"rootfs", "v", "help"}
+
+
+def _refuse_local_flags(args: Args) -> None:
+    """pflag's error for the first flag that the command being run does not define."""
+    for name, token in args.given:
+        if name not in GLOBAL_FLAGS:
+            if token.startswith("--"):
+                raise KubeadmError(f"unknown flag: --{name}")
+            raise KubeadmError(f"unknown shorthand flag: {token.lstrip('-')!r} in {token}")
 
 
 def cmd_version(args: Args) -> int:
@@ -164,7 +196,8 @@ def cmd_version(args: Args) -> int:
 def cmd_reset(args: Args, root: NodeRoot) -> int:
     from simnode.kubeadm.reset import reset
 
-    reset(root, cert_dir=args.values.get("cert-dir"), force="force" in args.flags, ask=_ask, out=_out)
+    reset(root, cert_dir=args.values.get("cert-dir"), force="force" in args.flags, ask=_ask, out=_out,
+          cri_socket=args.values.get("cri-socket"), config=_config_path(args, root))
     return 0
 
 

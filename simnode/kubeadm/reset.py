@@ -74,7 +74,12 @@ def stop_static_pods(root: NodeRoot, out: Callable[[str], None]) -> None:
 
 
 def reset(root: NodeRoot, *, cert_dir: str | None, force: bool, ask: Callable[[str], str],
-          out: Callable[[str], None]) -> None:
+          out: Callable[[str], None], cri_socket: str | None = None, config: Path | None = None) -> None:
+    from simnode.kubeadm.crisocket import reset_cri_socket
+
+    # reset.go: the CRI socket is settled when the command's data is built, before any phase (the prompt
+    # included) runs, so a host with several runtimes fails here with nothing touched.
+    reset_cri_socket(root, flag=cri_socket, config=config)
     if not force:
         confirm(ask, out)
     cert_dir = cert_dir or _cert_dir_from_manifest(root) or DEFAULT_CERT_DIR

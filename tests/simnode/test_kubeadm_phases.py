@@ -31,6 +31,9 @@ from test_kubeadm_support import (
 
 FILE_PHASES_SKIPPED = ("wait-control-plane,upload-config,upload-certs,mark-control-plane,bootstrap-token,"
                        "kubelet-finalize,addon,show-join-command")
+# wait-control-plane is hidden in v1.31-v1.33 (no `init phase wait-control-plane`): it runs inside a full init.
+ONLY_WAIT = ("--skip-phases=preflight,certs,kubeconfig,etcd,control-plane,kubelet-start,upload-config,upload-certs,"
+             "mark-control-plane,bootstrap-token,kubelet-finalize,addon,show-join-command")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +162,7 @@ def test_v1beta3_fields_and_custom_cert_dir(tmp_path: Path, ca_only: Path) -> No
     assert "--max-pods=50" in (root / "var/lib/kubelet/kubeadm-flags.env").read_text()
     # v1beta3's apiServer.timeoutForControlPlane bounds the API check (no API server runs here).
     with fake_kubelet_healthz(healthz):
-        result = run_kubeadm(root, "init", "phase", "wait-control-plane", f"--config={cfg}")
+        result = run_kubeadm(root, "init", f"--config={cfg}", ONLY_WAIT)
     assert result.returncode == 1
     assert f"[kubelet-check] Waiting for a healthy kubelet at http://127.0.0.1:{healthz}/healthz" in result.stdout
     assert "[api-check] Waiting for a healthy API server. This can take up to 1s" in result.stdout
@@ -170,7 +173,7 @@ def test_wait_control_plane_times_out_like_kubeadm(tmp_path: Path, ca_only: Path
     healthz = free_port()
     root, cfg = new_node(tmp_path, ca_only, config_v1beta4(port=free_port(), healthz_port=healthz, extra_init=extra))
     assert run_kubeadm(root, "init", "phase", "kubeconfig", "admin", f"--config={cfg}").returncode == 0
-    result = run_kubeadm(root, "init", "phase", "wait-control-plane", f"--config={cfg}")
+    result = run_kubeadm(root, "init", f"--config={cfg}", ONLY_WAIT)
     assert result.returncode == 1
     assert "This can take up to 1s" in result.stdout
     assert "[kubelet-check] The kubelet is not healthy after" in result.stdout
@@ -178,7 +181,7 @@ def test_wait_control_plane_times_out_like_kubeadm(tmp_path: Path, ca_only: Path
     assert "context deadline exceeded" in result.stderr
     # With a healthy kubelet /healthz but no API server, it is the API check that runs out.
     with fake_kubelet_healthz(healthz):
-        result = run_kubeadm(root, "init", "phase", "wait-control-plane", f"--config={cfg}")
+        result = run_kubeadm(root, "init", f"--config={cfg}", ONLY_WAIT)
     assert result.returncode == 1
     assert "[kubelet-check] The kubelet is healthy after" in result.stdout
     assert "[api-check] The API server is not healthy after" in result.stdout
@@ -242,14 +245,47 @@ def test_fault_knob_fails_the_chosen_phase_before_it_writes(tmp_path: Path, ca_o
     assert "faults file" in result.stderr
 
 
-def test_unknown_phase_and_sub_phase(tmp_path: Path) -> None:
+def test_unknown_phase_prints_help_and_sub_phase_fails(tmp_path: Path) -> None:
+    # cobra: `phase` has no Run, so an unknown name under it prints its help and exits 0 (doing nothing) ...
     result = run_kubeadm(tmp_path, "init", "phase", "frobnicate")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('Use this command to invoke single phase of the "init" workflow')
+    # ... while a flag that only the phases define is unknown to `phase` itself.
+    result = run_kubeadm(tmp_path, "init", "phase", "frobnicate", "--config=/nowhere.yaml")
     assert result.returncode == 1
-    assert 'unknown command "frobnicate" for "kubeadm init phase"' in result.stderr
+    assert result.stderr.startswith("unknown flag: --config\n")
     result = run_kubeadm(tmp_path, "init", "phase", "addon", "weave")
     assert result.returncode == 1
     assert 'unknown command "weave" for "kubeadm init phase addon"' in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("version", ["v1.31.4", "v1.32.1"])
+def test_wait_control_plane_is_no_phase_subcommand_before_1_34(tmp_path: Path, ca_only: Path, version: str) -> None:
+    """Issue 7 finding 1: the hidden phase is refused as `kubeadm init phase` refuses it; a full init runs it."""
+    env = {"SIMNODE_VERSION": version}
+    healthz = free_port()
+    extra = "timeouts:\n  kubeletHealthCheck: 1s\n  controlPlaneComponentHealthCheck: 1s\n"
+    text = config_v1beta4(port=free_port(), healthz_port=healthz, extra_init=extra)
+    root, cfg = new_node(tmp_path, ca_only, text.replace("kubernetesVersion: v1.31.4", f"kubernetesVersion: {version}"))
+    before = tree_hash(root)
+    result = run_kubeadm(root, "init", "phase", "wait-control-plane", f"--config={cfg}", env=env)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("unknown flag: --config\n"
+                             "To see the stack trace of this error execute with --v=5 or higher\n")
+    # Without flags cobra shows the `phase` help (where wait-control-plane is not listed) and exits 0, waiting
+    # for nothing: a caller that drops --config is not told either.
+    result = run_kubeadm(root, "init", "phase", "wait-control-plane", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Available Commands:" in result.stdout and "upload-config" in result.stdout
+    assert "wait-control-plane" not in result.stdout and "[wait-control-plane]" not in result.stdout
+    assert tree_hash(root) == before
+    # In a full init (with kubeconfigs in place) it is the phase that waits for the kubelet.
+    assert run_kubeadm(root, "init", "phase", "kubeconfig", "admin", f"--config={cfg}", env=env).returncode == 0
+    with fake_kubelet_healthz(healthz):
+        result = run_kubeadm(root, "init", f"--config={cfg}", ONLY_WAIT, env=env)
+    assert "[wait-control-plane] Waiting for the kubelet to boot up the control plane" in result.stdout
+    assert "[kubelet-check] The kubelet is healthy after" in result.stdout
 
 
 def test_version_outputs(tmp_path: Path) -> None:
@@ -294,3 +330,37 @@ def test_rootfs_flag_wins_over_the_environment(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (flag_root / "etc/kubernetes/manifests/etcd.yaml").is_file()
     assert not env_root.exists()
+
+
+def test_reset_on_a_host_with_two_runtimes_needs_the_cri_socket(tmp_path: Path, ca_only: Path) -> None:
+    """Issue 7 finding 3: Docker Engine's containerd.sock next to cri-dockerd.sock makes kubeadm's CRI detection
+    fail, before anything is removed, unless --cri-socket or a ResetConfiguration names the endpoint."""
+    from simnode.host import prepare_host
+
+    root, cfg = new_node(tmp_path, ca_only, config_v1beta4(port=free_port(), healthz_port=free_port()))
+    assert run_kubeadm(root, "init", f"--config={cfg}", f"--skip-phases={FILE_PHASES_SKIPPED}").returncode == 0
+    prepare_host(root)  # the machine: both sockets, as on a Debian VM with Docker Engine and cri-dockerd
+    before = tree_hash(root)
+    result = run_kubeadm(root, "reset", "-f")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "found multiple CRI endpoints on the host. Please define which one do you wish to use by setting the "
+        "'criSocket' field in the kubeadm configuration file: unix:///var/run/containerd/containerd.sock, "
+        "unix:///var/run/cri-dockerd.sock\nTo see the stack trace of this error execute with --v=5 or higher\n")
+    assert result.stdout == "" and tree_hash(root) == before
+    # A plain file where a socket should be is no runtime (kubeadm dials the endpoint; a file never answers).
+    (root / "var/run/containerd/containerd.sock").unlink()
+    (root / "var/run/containerd/containerd.sock").write_text("")
+    assert run_kubeadm(root, "reset", "--cert-dir=/etc", "-f").stderr.startswith("--cert-dir '/etc'")
+    (root / "var/run/containerd/containerd.sock").unlink()
+    prepare_host(root)
+    reset_cfg = tmp_path / "reset.yaml"
+    reset_cfg.write_text("apiVersion: kubeadm.k8s.io/v1beta4\nkind: ResetConfiguration\n"
+                         "criSocket: unix:///var/run/cri-dockerd.sock\nforce: true\n")
+    result = run_kubeadm(root, "reset", "-f", f"--config={reset_cfg}")
+    assert result.returncode == 0, result.stderr
+    assert "[reset] Deleting contents of directories" in result.stdout
+    assert run_kubeadm(root, "init", f"--config={cfg}", f"--skip-phases={FILE_PHASES_SKIPPED}").returncode == 0
+    result = run_kubeadm(root, "reset", "-f", "--cri-socket=unix:///var/run/cri-dockerd.sock")
+    assert result.returncode == 0, result.stderr
+    assert not (root / "etc/kubernetes/manifests/etcd.yaml").exists()
