@@ -8,10 +8,13 @@ and in our plan the kubelet is started by the next state. So the sequence is spl
   kubeadm   preflight, certs all (keeps our PKI), kubeconfig all (keeps ours), etcd local, control-plane all,
             kubelet-start (writes /var/lib/kubelet/config.yaml and kubeadm-flags.env, does not start it)
   kubelet   the kubelet, started with those files, supervised, /healthz ok
-  readiness wait-control-plane, upload-config all, mark-control-plane, bootstrap-token, kubelet-finalize all,
-            addon all; then the control-plane and coredns pods Ready
+  readiness the service's own wait for kubelet /healthz and API /readyz (kubeadm v1.31-v1.33 hide the
+            wait-control-plane phase: no `init phase wait-control-plane`), then upload-config all,
+            mark-control-plane, bootstrap-token, kubelet-finalize all, addon all; then the pods Ready
 `kubeadm init` is not idempotent: a failed attempt is undone with `kubeadm reset -f` on a scratch cert dir
 (real reset empties the cert dir; ours must survive) and the kubeconfigs the certs state made are put back.
+Every kubeadm call without --config (reset) passes --cri-socket: kubeadm's own detection fails on a host with
+Docker Engine's containerd next to cri-dockerd.
 """
 
 from __future__ import annotations
@@ -130,6 +133,13 @@ def redact(line: str) -> str:
     return _TOKEN.sub(r"\1.<redacted>", line)
 
 
+def cri_socket_flag(ctx: StepContext) -> str:
+    """For every kubeadm command run without --config: with no socket given, kubeadm detects one
+    (cmd/kubeadm/app/util/runtime/runtime.go, DetectCRISocket) and fails on a host where Docker Engine's
+    containerd.sock sits next to cri-dockerd.sock ("found multiple CRI endpoints on the host")."""
+    return f"--cri-socket={ctx.config.kubernetes.cri_socket}"
+
+
 def fail_at(ctx: StepContext) -> float:
     """Loop time at which a waiting step gives up: a little before the engine's deadline, so the step can say
     what it was waiting for instead of being cancelled without a reason."""
@@ -152,7 +162,7 @@ async def reset_keeping_pki(ctx: StepContext) -> None:
         for name in kept:
             shutil.copy2(paths.kubeconfig(name), backup / name)
         ctx.progress("kubeadm reset -f (keeping the PKI and kubeconfigs)")
-        await run_kubeadm(ctx, ["reset", "-f", f"--cert-dir={scratch}"], retryable=True)
+        await run_kubeadm(ctx, ["reset", "-f", f"--cert-dir={scratch}", cri_socket_flag(ctx)], retryable=True)
         for name in kept:
             shutil.copy2(backup / name, paths.kubeconfig(name))
     finally:

@@ -1,5 +1,7 @@
-"""readiness: kubeadm's init phases that need the API (wait-control-plane .. addon all), then waits until the
-configured kube-system components have all their pods Running and Ready. Leaves what kubeadm puts in the API.
+"""readiness: waits for the control plane (kubelet /healthz, then API /readyz: states/controlplane.py, since
+kubeadm v1.31-v1.33 has no `init phase wait-control-plane`), runs kubeadm's init phases that need the API
+(upload-config all .. addon all), then waits until the configured kube-system components have all their pods
+Running and Ready. Leaves what kubeadm puts in the API.
 Done when those pods are Ready now and the kubeadm-config ConfigMap and the coredns Deployment exist.
 """
 
@@ -13,10 +15,11 @@ from typing import Any
 from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.ports import KubeApi, KubeApiError
 from lifecycle.step import StepContext
+from states.controlplane import wait_control_plane
 from states.kubeadm import fail_at, run_kubeadm
 
+# No ("wait-control-plane",): hidden in kubeadm v1.31-v1.33, so not a subcommand; `wait_control_plane` does its work.
 API_PHASES: tuple[tuple[str, ...], ...] = (
-    ("wait-control-plane",),
     ("upload-config", "all"),
     ("mark-control-plane",),
     ("bootstrap-token",),
@@ -57,6 +60,7 @@ class Readiness:
             return False
 
     async def run(self, ctx: StepContext) -> None:
+        await wait_control_plane(ctx)
         for index, phase in enumerate(API_PHASES, start=1):
             ctx.progress(f"kubeadm init phase {' '.join(phase)}", current=index, total=len(API_PHASES))
             # These phases create-or-update through the API: repeating them is safe.

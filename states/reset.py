@@ -12,11 +12,12 @@ import shutil
 from lifecycle.errors import StepError
 from lifecycle.paths import KUBECONFIG_NAMES
 from lifecycle.step import StepContext
-from states.kubeadm import run_kubeadm
+from states.kubeadm import cri_socket_flag, run_kubeadm
 
 # Stamps that record finished steps are named `<what>.stamp.json`; the engine's state and sequence files are not.
 STAMP_GLOB = "*.stamp.json"
-_LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*")  # an interrupted kubeadm retry's temp dirs
+# An interrupted kubeadm retry's temp dirs; a readiness wait's credentials scratch dir (states/controlplane.py).
+_LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*", "readyz-credentials-*")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
 
 
@@ -29,7 +30,8 @@ async def reset(ctx: StepContext) -> None:
     if paths.binary("kubeadm").is_file():
         ctx.progress("kubeadm reset -f", current=2, total=3)
         try:
-            await run_kubeadm(ctx, ["reset", "-f", f"--cert-dir={paths.pki_dir}"], retryable=True)
+            await run_kubeadm(ctx, ["reset", "-f", f"--cert-dir={paths.pki_dir}", cri_socket_flag(ctx)],
+                              retryable=True)
         except StepError as exc:
             # Still remove our own files below, then report: a half-reset node is worse than a reported one.
             kubeadm_failure = exc

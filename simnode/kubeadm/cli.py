@@ -109,6 +109,12 @@ def _load(args: Args, root: NodeRoot, versions: tuple[str, ...]) -> Config:
     from simnode.kubeadm.configload import load_config
 
     cfg = load_config(_config_path(args, root), allowed_versions=versions, default_version=versions[0])
+    if not cfg.init.cri_socket:
+        from simnode.kubeadm.crisocket import detect_cri_socket
+
+        # kubeadm cmd/kubeadm/app/util/config/initconfiguration.go (SetNodeRegistrationDynamicDefaults): a config
+        # without nodeRegistration.criSocket gets the one detected on the host, or fails where several answer.
+        cfg.init.cri_socket = detect_cri_socket(root)
     for warning in cfg.warnings:
         print(warning, file=sys.stderr, flush=True)
     return cfg

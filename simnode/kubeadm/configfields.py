@@ -175,8 +175,10 @@ def build_init(doc: dict[str, Any], api_version: str, hostname: str, errors: lis
             invalid("nodeRegistration.name", name, "a lowercase RFC 1123 subdomain must consist of lower case "
                     "alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character")
         )
-    cri = get(doc, "nodeRegistration.criSocket") or "unix:///var/run/containerd/containerd.sock"
-    if not cri.startswith("unix:///"):
+    # Empty when not given: the command detects it on the node (simnode/kubeadm/crisocket.py, as kubeadm's
+    # SetNodeRegistrationDynamicDefaults calls DetectCRISocket), which needs the node root this module lacks.
+    cri = get(doc, "nodeRegistration.criSocket") or ""
+    if cri and not cri.startswith("unix:///"):
         errors.append(invalid("nodeRegistration.criSocket", cri, 'must be a URL of the form "unix:///path/to.sock"'))
     timeouts_s = {"control_plane": 240.0, "kubelet": 240.0, "api_call": 60.0}
     if v1beta4:  # v1beta3 has no timeouts (its control-plane timeout lives in ClusterConfiguration)

@@ -29,7 +29,7 @@ from lifecycle.adapters.kube import KubernetesApiFactory
 from lifecycle.adapters.kubelet import ProcessKubeletSupervisor
 from lifecycle.adapters.process import SubprocessRunner
 from lifecycle.config import AddonsConfig, Config, DockerConfig, KubernetesConfig, ReadinessConfig, VersionImages
-from lifecycle.errors import CommandError, PermanentError
+from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.step import ClusterParams, StepContext
@@ -39,7 +39,7 @@ from states.binaries import Binaries
 from states.certs import Certs
 from states.images import Images
 from states.kubeadm import Kubeadm
-from states.kubelet import Kubelet
+from states.kubelet import Kubelet, kubelet_argv
 from states.readiness import Readiness, wait_for_components
 from states.reset import reset
 
@@ -144,6 +144,14 @@ async def test_kubeadm_to_addons_brings_up_a_cluster_that_kubectl_sees(
     assert "kubeadm init phase control-plane all" in kubeadm_lines
     assert any(m.startswith('[control-plane] Creating static Pod manifest for "kube-apiserver"') for m in kubeadm_lines)
     assert {"kube-apiserver ready", "kube-controller-manager ready", "coredns ready"} <= set(node.messages("readiness"))
+    # Issue 7 finding 1: the service waits itself (kubeadm v1.31 has no `init phase wait-control-plane`).
+    readiness = node.messages("readiness")
+    kubelet_wait = f"the kubelet (http://127.0.0.1:{node.cluster.kubelet_healthz_port}/healthz)"
+    api_wait = f"the API server (https://localhost:{node.cluster.api_port}/readyz, admin.conf's credentials)"
+    assert readiness[:4] == [f"waiting for {kubelet_wait}", readiness[1], f"waiting for {api_wait}", readiness[3]]
+    assert readiness[1].startswith(f"{kubelet_wait} answered ok after ")
+    assert readiness[3].startswith(f"{api_wait} answered ok after ")
+    assert "kubeadm init phase wait-control-plane" not in readiness
     assert "Deployment kube-system/storage-provisioner available" in node.messages("addons")
 
     pods = _kubectl_json(node, "get", "pods", "-n", "kube-system")
@@ -218,6 +226,45 @@ async def test_kubeadm_failure_and_retry_then_readiness_names_the_missing_coredn
     assert "ErrImagePull" in error.message or "ImagePullBackOff" in error.message
     assert set(error.details["components"]) == {"coredns"}  # type: ignore[call-overload]
     assert not await Readiness().is_done(readiness_ctx)
+
+
+async def test_readiness_names_the_kubelet_or_the_api_server_that_does_not_answer(
+    sim_images: SimImages, make_node: Callable[..., Node]
+) -> None:
+    """Issue 7 finding 1: the service's own wait-control-plane fails naming what it waited for and its last answer."""
+    node = make_node("waits")
+    await _prepare(node, pull=True)
+    await Kubeadm().run(node.ctx("kubeadm"))
+    faults = node.paths.under("/etc/simnode/faults.json")
+    faults.parent.mkdir(parents=True, exist_ok=True)
+
+    # A kubelet that runs but never serves /healthz.
+    faults.write_text(json.dumps({"delays_s": {"kubelet_start": 3600}}))
+    await node.ports.kubelet.start(kubelet_argv(node.paths), log_path=node.paths.log_dir / "kubelet.log")
+    healthz_url = f"http://127.0.0.1:{node.cluster.kubelet_healthz_port}/healthz"
+    with pytest.raises(TemporaryError) as no_kubelet:
+        await Readiness().run(node.ctx("readiness", timeout_s=5))
+    assert no_kubelet.value.code == "kubelet_not_healthy"
+    assert no_kubelet.value.message.startswith(f"the kubelet ({healthz_url}) did not answer ok within ")
+    assert "(last: " in no_kubelet.value.message and "last: not asked yet" not in no_kubelet.value.message
+    assert node.messages("readiness") == [f"waiting for the kubelet ({healthz_url})"]
+    assert not list(node.paths.state_dir.glob("readyz-credentials-*"))
+
+    # A healthy kubelet, but an API server whose /readyz never says ok.
+    await node.ports.kubelet.stop()
+    faults.write_text(json.dumps({"apiserver_never_ready": True}))
+    await Kubelet().run(node.ctx("kubelet"))
+    node.progress.clear()
+    with pytest.raises(TemporaryError) as no_api:
+        await Readiness().run(node.ctx("readiness", timeout_s=40))
+    error = no_api.value
+    assert error.code == "apiserver_not_ready"
+    readyz_url = f"https://localhost:{node.cluster.api_port}/readyz"
+    assert error.message.startswith(f"the API server ({readyz_url}, admin.conf's credentials) did not answer ok")
+    assert "500" in error.message and "[-]etcd-readiness failed: reason withheld" in error.message, error.message
+    assert error.details["last"] in error.message
+    assert node.messages("readiness")[-1] == f"waiting for the API server ({readyz_url}, admin.conf's credentials)"
+    assert not list(node.paths.state_dir.glob("readyz-credentials-*"))  # admin.conf's key left no copy
 
 
 @pytest.fixture

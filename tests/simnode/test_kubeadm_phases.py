@@ -364,3 +364,21 @@ def test_reset_on_a_host_with_two_runtimes_needs_the_cri_socket(tmp_path: Path, 
     result = run_kubeadm(root, "reset", "-f", "--cri-socket=unix:///var/run/cri-dockerd.sock")
     assert result.returncode == 0, result.stderr
     assert not (root / "etc/kubernetes/manifests/etcd.yaml").exists()
+
+
+def test_init_config_without_cri_socket_detects_it_like_kubeadm(tmp_path: Path, ca_only: Path) -> None:
+    from simnode.host import prepare_host
+
+    text = config_v1beta4(port=free_port(), healthz_port=free_port(), cri_socket="REMOVED")
+    root, cfg = new_node(tmp_path, ca_only, text.replace("  criSocket: REMOVED\n", ""))
+    prepare_host(root)
+    before = tree_hash(root)
+    result = run_kubeadm(root, "init", "phase", "kubelet-start", f"--config={cfg}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("found multiple CRI endpoints on the host. Please define which one")
+    assert tree_hash(root) == before
+    (root / "var/run/containerd/containerd.sock").unlink()  # only cri-dockerd left: that one is used
+    result = run_kubeadm(root, "init", "phase", "kubelet-start", f"--config={cfg}")
+    assert result.returncode == 0, result.stderr
+    flags = (root / "var/lib/kubelet/kubeadm-flags.env").read_text()
+    assert "--container-runtime-endpoint=unix:///var/run/cri-dockerd.sock" in flags
