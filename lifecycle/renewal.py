@@ -1,6 +1,7 @@
 """Renewal on disk: every leaf certificate and kubeconfig (or the kubelet pem kubelet.conf points at) re-issued
 with new keys from the CAs on disk, never the CAs or sa.key. All files are generated and staged next to their
-targets before the first rename: a failure before that changes nothing. Key material never reaches a message."""
+targets before the first rename: a failure before that changes nothing. Key material never reaches a message.
+The kubelet's `*-current.pem` stays what its certificate store needs: a symlink, swapped to a new dated file."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ class RenewedFile:
     path: Path  # where it goes (under the root)
     data: bytes = field(repr=False)  # may be key material
     mode: int
+    # The kubelet's certificate store: `path` is a new dated pem and `link` (the `-current.pem` kubelet.conf names)
+    # is the symlink swapped to it, as the kubelet's own rotation does.
+    link: Path | None = None
+
+
+# client-go util/certificate/certificate_store.go: the store keeps `<prefix>-current.pem` as a symlink to
+# `<prefix>-<2006-01-02-15-04-05>.pem` and refuses to rotate ("expected ... to be a symlink but it is a file")
+# once it is a plain file; `<prefix>-updated.pem` is its temporary link (its recover() completes a swap from it).
+CURRENT_PEM_SUFFIX = "-current.pem"
+UPDATED_PEM_SUFFIX = "-updated.pem"
 
 
 def plan_renewal(paths: HostPaths, params: PkiParams, *, now: datetime) -> list[RenewedFile]:
@@ -122,7 +133,12 @@ def _kubeconfig_files(
     # kubelet-finalize made the kubeconfig point at files: renew those, keep the kubeconfig as it is.
     cert_file, key_file = referenced
     if cert_file == key_file:
-        return [RenewedFile(cert_file, paths.under(cert_file), cert_pem(cert) + key_pem(key), KEY_MODE)]
+        pem, data = paths.under(cert_file), cert_pem(cert) + key_pem(key)
+        if not pem.name.endswith(CURRENT_PEM_SUFFIX):
+            return [RenewedFile(cert_file, pem, data, KEY_MODE)]  # a combined pem of someone else's: in place
+        # Local time, as the kubelet's store names its files (time.Now().Format("2006-01-02-15-04-05")).
+        dated = pem.with_name(f"{pem.name.removesuffix(CURRENT_PEM_SUFFIX)}-{now.astimezone():%Y-%m-%d-%H-%M-%S}.pem")
+        return [RenewedFile(cert_file, dated, data, KEY_MODE, link=pem)]
     return [RenewedFile(key_file, paths.under(key_file), key_pem(key), KEY_MODE),
             RenewedFile(cert_file, paths.under(cert_file), cert_pem(cert), CERT_MODE)]
 
@@ -157,16 +173,23 @@ def write_renewal(files: list[RenewedFile]) -> list[str]:
 
     A failure while staging removes the staged files: nothing changed. Each file is replaced atomically; a key is
     renamed right before its certificate, so readers that check the pair (the API server) see a mismatch for
-    microseconds at most and retry. Returns the names, in order.
+    microseconds at most and retry. A kubelet pem goes to its new dated file, then its `-current.pem` symlink is
+    swapped by renaming a new symlink over it (the old dated file stays, as the kubelet leaves it). Returns the
+    names, in order.
     """
     staged: list[tuple[Path, RenewedFile]] = []
+    links: dict[Path, Path] = {}  # current symlink -> its staged replacement
     try:
         for item in files:
             staged.append((_stage(item), item))
+            if item.link is not None:
+                links[item.link] = _stage_link(item.link, target=item.path)
         for temp, item in staged:
             temp.replace(item.path)
+            if item.link is not None:
+                links[item.link].replace(item.link)  # rename(2): readers see the old link or the new one
     finally:
-        for temp, _ in staged:
+        for temp in [*(t for t, _ in staged), *links.values()]:
             temp.unlink(missing_ok=True)  # only those not renamed (a failure) are still there
     for directory in {item.path.parent for item in files}:
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -175,6 +198,18 @@ def write_renewal(files: list[RenewedFile]) -> list[str]:
         finally:
             os.close(dir_fd)
     return [item.name for item in files]
+
+
+def _stage_link(current: Path, *, target: Path) -> Path:
+    """`<prefix>-updated.pem` -> target (absolute, as the kubelet's store writes it). A leftover link of that name
+    is replaced as the kubelet does; anything else there is not ours to remove."""
+    updated = current.with_name(current.name.removesuffix(CURRENT_PEM_SUFFIX) + UPDATED_PEM_SUFFIX)
+    if updated.is_symlink():
+        updated.unlink()
+    elif updated.exists():
+        raise RenewalError(str(updated), "expected a symlink (the kubelet's temporary link) but it is a file")
+    updated.symlink_to(target)
+    return updated
 
 
 def _stage(item: RenewedFile) -> Path:

@@ -18,7 +18,9 @@ Format (every key optional):
       "kubeadm_fail": {"phase": "wait-control-plane", "message": "...", "exit_code": 1},
       "apiserver_never_ready": false,  # /readyz stays 500
       "crashloop_pods": ["coredns"],   # pods whose name starts with one of these crash-loop
-      "kubelet_exit_after_s": null     # kubelet exits (status 1) this long after it starts
+      "kubelet_exit_after_s": null,    # kubelet exits (status 1) this long after it starts
+      "kubelet_client_rotation_after_s": null  # kubelet rotates its client certificate this long after it
+                                               # starts (instead of at 70-90 % of the certificate's lifetime)
     }
 """
 
@@ -57,6 +59,7 @@ class Faults:
     apiserver_never_ready: bool = False
     crashloop_pods: tuple[str, ...] = ()
     kubelet_exit_after_s: float | None = None
+    kubelet_client_rotation_after_s: float | None = None
 
     def delay_s(self, name: str) -> float:
         return self.delays_s.get(name, DEFAULT_DELAYS_S.get(name, 0.0))
@@ -83,7 +86,8 @@ def load_faults(path: Path) -> Faults:
         raise FaultsFileError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise FaultsFileError(f"{path}: expected a JSON object")
-    known = {"delays_s", "kubeadm_fail", "apiserver_never_ready", "crashloop_pods", "kubelet_exit_after_s"}
+    known = {"delays_s", "kubeadm_fail", "apiserver_never_ready", "crashloop_pods", "kubelet_exit_after_s",
+             "kubelet_client_rotation_after_s"}
     unknown = set(raw) - known
     if unknown:
         raise FaultsFileError(f"{path}: unknown keys {sorted(unknown)}")
@@ -118,10 +122,13 @@ def load_faults(path: Path) -> Faults:
     if not isinstance(crash, list) or not all(isinstance(c, str) for c in crash):
         raise FaultsFileError("crashloop_pods: expected a list of pod name prefixes")
     exit_after = raw.get("kubelet_exit_after_s")
+    rotation_after = raw.get("kubelet_client_rotation_after_s")
     return Faults(
         delays_s=delays,
         kubeadm_fail=fail,
         apiserver_never_ready=never_ready,
         crashloop_pods=tuple(crash),
         kubelet_exit_after_s=None if exit_after is None else _number(exit_after, "kubelet_exit_after_s"),
+        kubelet_client_rotation_after_s=None if rotation_after is None
+        else _number(rotation_after, "kubelet_client_rotation_after_s"),
     )

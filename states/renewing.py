@@ -1,6 +1,8 @@
-"""renewing: new leaf certificates and kubeconfigs from the same CAs, then restarts what reads them only at start
-(the kubelet; etcd, controller-manager and scheduler through an annotation on their manifests). Done when the API
-server, which reloads its certificate and keeps answering, serves the new one and the restarted pods are Ready."""
+"""renewing: new leaf certificates and kubeconfigs from the same CAs, then restarts what reads them only at start:
+the kubelet; etcd, controller-manager and scheduler through an annotation on their manifests; kube-apiserver last,
+the same way, once the others are back. Done when the restarted API server serves the new certificate and every
+restarted pod (the API server's included) is Ready again.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ from states.kubeadm import fail_at
 from states.kubelet import healthz, kubelet_argv
 from states.readiness import NAMESPACE, pod_ready
 
-# Components that read their certificates or kubeconfig only at start. kube-apiserver is not among them: it
-# reloads its serving certificate. (A real kube-apiserver reads its etcd and kubelet client certificates only at
-# start: see docs/protocol.md, "Certificates".)
+# Components that read their certificates or kubeconfig only at start, restarted while the API server answers.
 RESTARTED_MANIFESTS = ("etcd.yaml", "kube-controller-manager.yaml", "kube-scheduler.yaml")
+# kube-apiserver reloads its serving certificate, but reads its kubelet client certificate once, at start
+# (kubernetes/kubernetes pkg/kubelet/client/kubelet_client.go: MakeTransport -> client-go transport.TLSConfigFor
+# loads --kubelet-client-certificate into memory; no reload), so `kubectl logs/exec` fail once the old one expires.
+# Restarted last, after the others are Ready: on a single node the API is away only for its own restart.
+APISERVER_MANIFEST = "kube-apiserver.yaml"
 ANNOTATION = "lifecycle/certs-renewed-at"
 _POLL_S = 0.3
 _PHASE_MAX_S = 60.0  # each wait below (kubelet, serving certificate, pods) gets at most this long
@@ -51,6 +56,9 @@ async def renew(ctx: StepContext) -> list[str]:
     except asyncio.CancelledError:
         await write  # a thread cannot be stopped: let the renames end before a reset touches the same files
         raise
+    except RenewalError as exc:  # refused while staging, before any rename
+        raise PermanentError(str(exc), code="renewal_impossible",
+                             details={"file": exc.file, "node_changed": False}) from exc
     for index, name in enumerate(names, start=1):
         ctx.progress(f"renewed {name}", current=index, total=len(names), unit="files")
     ctx.log.info("certificates renewed", files=names)
@@ -61,6 +69,11 @@ async def renew(ctx: StepContext) -> list[str]:
     components = await asyncio.to_thread(annotate_manifests, ctx.paths, stamp=stamp)
     ctx.progress(f"restarting {', '.join(components)} (manifests annotated {ANNOTATION}={stamp})")
     await _wait_restarted(ctx, components=components, stamp=stamp)
+    apiserver = await asyncio.to_thread(annotate_manifests, ctx.paths, stamp=stamp, names=(APISERVER_MANIFEST,))
+    if apiserver:
+        ctx.progress(f"restarting {apiserver[0]} last (manifest annotated {ANNOTATION}={stamp})")
+        gap_s = await _wait_restarted(ctx, components=apiserver, stamp=stamp)
+        ctx.progress(f"{apiserver[0]} restarted: the API did not answer for {gap_s:.1f} s")
     return names
 
 
@@ -122,10 +135,10 @@ async def _wait_serving(ctx: StepContext, *, expected: x509.Certificate) -> None
         await asyncio.sleep(_POLL_S)
 
 
-def annotate_manifests(paths: HostPaths, *, stamp: str) -> list[str]:
+def annotate_manifests(paths: HostPaths, *, stamp: str, names: tuple[str, ...] = RESTARTED_MANIFESTS) -> list[str]:
     """Set ANNOTATION=stamp in the static pod manifests that must restart; returns their `component` labels."""
     components: list[str] = []
-    for name in RESTARTED_MANIFESTS:
+    for name in names:
         path = paths.manifests_dir / name
         try:
             pod = yaml.safe_load(path.read_text())
@@ -140,16 +153,24 @@ def annotate_manifests(paths: HostPaths, *, stamp: str) -> list[str]:
     return components
 
 
-async def _wait_restarted(ctx: StepContext, *, components: list[str], stamp: str) -> None:
-    """Until each component has a Ready pod carrying the new annotation (its mirror pod copies the manifest's)."""
+async def _wait_restarted(ctx: StepContext, *, components: list[str], stamp: str) -> float:
+    """Until each component has a Ready pod carrying the new annotation (its mirror pod copies the manifest's; for
+    kube-apiserver, Ready is its new process's /readyz, the kubelet's readiness probe). Returns how long the API did
+    not answer meanwhile (0.0 if it always did), measured at this poll's resolution."""
     loop = asyncio.get_running_loop()
     give_up_at = min(fail_at(ctx), loop.time() + _PHASE_MAX_S)
     waiting = dict.fromkeys(components, "no restarted pod yet")
+    away_since: float | None = None
+    gap_s = 0.0
     async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:  # the renewed admin.conf: proves it works
         while True:
             try:
                 pods = await api.list_pods(NAMESPACE)
+                if away_since is not None:
+                    gap_s += loop.time() - away_since
+                    away_since = None
             except KubeApiError as exc:
+                away_since = loop.time() if away_since is None else away_since
                 pods, waiting = [], dict.fromkeys(waiting, f"API error: {exc.message}")
             for pod in pods:
                 meta = pod.get("metadata") or {}
@@ -161,7 +182,7 @@ async def _wait_restarted(ctx: StepContext, *, components: list[str], stamp: str
                     else:
                         waiting[component] = "restarted, not Ready yet"
             if not waiting:
-                return
+                return gap_s
             if loop.time() + _POLL_S >= give_up_at:
                 reasons = "; ".join(f"{c}: {why}" for c, why in waiting.items())
                 raise TemporaryError(f"control-plane pods not back after the renewal: {reasons}",

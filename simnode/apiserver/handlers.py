@@ -24,8 +24,9 @@ from simnode.apiserver.httputil import (
     text_response,
     truthy,
 )
+from simnode.apiserver.kubeletlink import KubeletCallError, KubeletLink
 from simnode.apiserver.patch import json_patch, merge_patch, strategic_merge
-from simnode.apiserver.resources import ResourceType
+from simnode.apiserver.resources import NODES, ResourceType
 from simnode.apiserver.selectors import parse_selector
 from simnode.apiserver.store import Obj, Store
 from simnode.apiserver.tls import IDENTITY_KEY, Identity
@@ -46,9 +47,10 @@ _PATCHES = {
 class Handler:
     def __init__(
         self, api: Api, health: Health, *, server_address: str, anonymous_auth: bool, verbosity: int,
-        stopping: asyncio.Event,
+        stopping: asyncio.Event, kubelet: KubeletLink | None = None,
     ) -> None:
         self.api = api
+        self.kubelet = kubelet
         self.store: Store = api.store
         self.health = health
         self.server_address = server_address
@@ -160,6 +162,8 @@ class Handler:
         method = request.method
         if method == "GET":
             return await self._get(request, target)
+        if target.sub == "log":
+            raise method_not_allowed()
         if target.rt.namespaced and target.namespace is None:
             raise method_not_allowed()
         if method == "POST":
@@ -216,9 +220,27 @@ class Handler:
         obj = self.api.get(t.rt, t.namespace or "", t.name)
         if t.sub == "scale":
             return json_response(self.api.scale(t.rt, obj))
+        if t.sub == "log":
+            return self._pod_log(request, obj)
         if t.sub not in ("", "status"):
             raise method_not_allowed()
         return self._render(request, t.rt, [obj], single=True)
+
+    def _pod_log(self, request: web.BaseRequest, pod: Obj) -> web.Response:
+        """GET pods/{name}/log: the API server asks the pod's kubelet (see kubeletlink.py)."""
+        if self.kubelet is None:
+            raise ApiError(500, "InternalError", "no kubelet client configured")
+        tail = request.query.get("tailLines")
+        if tail is not None and not tail.lstrip("-").isdigit():
+            raise bad_request(f"tailLines: invalid value {tail!r}")
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        node = self.store.get((NODES.key, "", node_name)) if node_name else None
+        try:
+            text = self.kubelet.container_log(pod, node, request.query.get("container"),
+                                              int(tail) if tail is not None else None)
+        except KubeletCallError as exc:
+            raise ApiError(exc.status, exc.reason, str(exc)) from exc
+        return web.Response(text=text, content_type="text/plain")
 
     async def _watch(self, request: web.BaseRequest, t: Target) -> web.StreamResponse:
         q = request.query

@@ -24,6 +24,7 @@ from simnode.apiserver.api import Api
 from simnode.apiserver.bootstrap import bootstrap
 from simnode.apiserver.handlers import Handler
 from simnode.apiserver.health import Health
+from simnode.apiserver.kubeletlink import KubeletClientError, KubeletLink, load_kubelet_client
 from simnode.apiserver.services import Allocator, first_ip, parse_range
 from simnode.apiserver.tls import CertReloader, TLSConfigError, TLSServerProtocol
 from simnode.faults import FaultsFileError, load_faults
@@ -51,6 +52,8 @@ class Settings:
     service_range: str
     anonymous_auth: bool
     verbosity: int
+    kubelet_client_certificate: str | None = None  # real paths, as the flags name them
+    kubelet_client_key: str | None = None
 
 
 def parse_flags(argv: list[str]) -> dict[str, str]:
@@ -99,6 +102,8 @@ def settings_from(flags: dict[str, str]) -> Settings:
         service_range=service_range,
         anonymous_auth=anonymous == "true",
         verbosity=verbosity,
+        kubelet_client_certificate=flags.get("kubelet-client-certificate"),
+        kubelet_client_key=flags.get("kubelet-client-key"),
     )
 
 
@@ -145,6 +150,15 @@ async def serve(s: Settings) -> int:
     except TLSConfigError as exc:
         log.error("cannot serve TLS: %s", exc)  # noqa: TRY400 (expected condition: no traceback)
         return 1
+    try:
+        kubelet_client = load_kubelet_client(s.root, s.kubelet_client_certificate, s.kubelet_client_key)
+    except KubeletClientError as exc:
+        log.error("Error: %s", exc)  # noqa: TRY400 (expected condition: no traceback)
+        return 1
+    if kubelet_client is not None:
+        # Read once: a renewed file is used only by the next process (see kubeletlink.py).
+        log.info("kubelet client certificate %s loaded: serial %x, notAfter %s", kubelet_client.file,
+                 kubelet_client.cert.serial_number, kubelet_client.cert.not_valid_after_utc.isoformat())
     store_dir = s.root.path(STORE_DIR)
     try:
         store = persist.load(store_dir)
@@ -158,7 +172,8 @@ async def serve(s: Settings) -> int:
     persister.flush()
     health = Health(s.root.faults_file)
     handler = Handler(api, health, server_address=f"{s.advertise_address}:{s.secure_port}",
-                      anonymous_auth=s.anonymous_auth, verbosity=s.verbosity, stopping=stopping)
+                      anonymous_auth=s.anonymous_auth, verbosity=s.verbosity, stopping=stopping,
+                      kubelet=KubeletLink(s.root, kubelet_client))
     http = web.Server(handler, handler_cancellation=True, access_log=None)
     try:
         server = await loop.create_server(lambda: TLSServerProtocol(reloader, http), host=s.bind_address,

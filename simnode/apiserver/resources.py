@@ -60,7 +60,7 @@ _ALL = ("all",)
 RESOURCE_TYPES: tuple[ResourceType, ...] = (
     _t("", "v1", "namespaces", "Namespace", False, ("ns",), ("status",)),
     _t("", "v1", "nodes", "Node", False, ("no",), ("status",)),
-    _t("", "v1", "pods", "Pod", True, ("po",), ("status", "binding"), _ALL),
+    _t("", "v1", "pods", "Pod", True, ("po",), ("status", "binding", "log"), _ALL),
     _t("", "v1", "services", "Service", True, ("svc",), ("status",), _ALL),
     _t("", "v1", "endpoints", "Endpoints", True, ("ep",)),
     _t("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
@@ -119,5 +119,6 @@ NAMESPACES = _BY_PATH[("", "v1", "namespaces")]
 SERVICES = _BY_PATH[("", "v1", "services")]
 ENDPOINTS = _BY_PATH[("", "v1", "endpoints")]
 PODS = _BY_PATH[("", "v1", "pods")]
+NODES = _BY_PATH[("", "v1", "nodes")]
 ENDPOINTSLICES = _BY_PATH[("discovery.k8s.io", "v1", "endpointslices")]
 CLUSTERROLES = _BY_PATH[("rbac.authorization.k8s.io", "v1", "clusterroles")]

@@ -1,5 +1,5 @@
 """The kubelet's files kubeadm writes: /var/lib/kubelet/config.yaml, kubeadm-flags.env, and (finalize)
-the rotatable client pem /var/lib/kubelet/pki/kubelet-client-current.pem that kubelet.conf then points at.
+kubelet.conf pointed at the rotatable client pem /var/lib/kubelet/pki/kubelet-client-current.pem the kubelet made.
 """
 
 from __future__ import annotations
@@ -50,13 +50,19 @@ def write_kubelet_start(cfg: Config, root: NodeRoot, out: Callable[[str], None])
 
 
 def finalize_client_cert(root: NodeRoot, out: Callable[[str], None]) -> None:
-    """Move kubelet.conf's embedded credentials into the rotatable pem and point kubelet.conf at it."""
+    """Point kubelet.conf at the rotatable pem the kubelet's certificate store made, if it made one.
+
+    kubernetes/kubernetes cmd/kubeadm/app/cmd/phases/init/kubeletfinalize.go runKubeletFinalizeCertRotation:
+    kubeadm writes no pem; it os.Stat()s kubelet-client-current.pem (the kubelet's store wrote it from
+    kubelet.conf's embedded pair at start) and, if it is there, replaces the user's embedded credentials with
+    client-certificate/client-key naming it. No pem: rotation is off, kubelet.conf stays as it is.
+    """
+    if not root.path(KUBELET_CLIENT_PEM).exists():
+        return  # "Assuming that kubelet client certificate rotation is disabled" (logged at V(1) only)
     kc = read_kubeconfig(KUBELET_CONF, root)
     if kc.cert_pem is None or kc.key_pem is None:
         raise ValueError(f"{KUBELET_CONF}: the user has no client certificate and key")
     out(f'[kubelet-finalize] Updating "{KUBELET_CONF}" to point to a rotatable kubelet client certificate and key')
-    pem = kc.cert_pem.rstrip(b"\n") + b"\n" + kc.key_pem
-    write_atomic(root.path(KUBELET_CLIENT_PEM), pem, mode=0o600)
     doc = kc.doc
     context = next(c for c in doc["contexts"] if c["name"] == doc["current-context"])
     for user in doc["users"]:

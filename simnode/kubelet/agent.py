@@ -17,6 +17,7 @@ from aiohttp import web
 from simnode.faults import Faults, FaultsFileError, load_faults
 from simnode.kubeclient import ApiError, KubeClient, KubeconfigError
 from simnode.kubelet.apisync import PodSync
+from simnode.kubelet.certstore import ClientCertManager
 from simnode.kubelet.config import Settings
 from simnode.kubelet.docker import DockerRuntime, RuntimeUnavailable
 from simnode.kubelet.node import NodeAgent, default_node_ip, node_name_from_cert
@@ -49,6 +50,9 @@ class Kubelet:
         self.stop = asyncio.Event()
         self.exit_code = 0
         self.runtime_version = ""
+        # cmd/kubelet/app/server.go buildKubeletClientConfig: with rotateCertificates the client certificate comes
+        # from the store in --cert-dir (bootstrapped from kubelet.conf's embedded pair), and is rotated.
+        self.certs = ClientCertManager(s.root, s.cert_dir, s.kubeconfig) if s.config.rotate_certificates else None
 
     def reload_faults(self) -> Faults:
         try:
@@ -76,11 +80,15 @@ class Kubelet:
             return 1
         log.info("kubelet %s starting: root %s, manifests %s, runtime %s (%s)", build_version(), self.root.root,
                  self.s.manifest_dir, self.s.runtime_endpoint, self.runtime_version)
+        if self.certs is not None:
+            self.certs.bootstrap()
         tasks = [
             asyncio.create_task(self.serve_healthz(), name="kubelet healthz"),
             asyncio.create_task(self.static_loop(), name="kubelet static pods"),
             asyncio.create_task(self.api_loop(), name="kubelet api"),
         ]
+        if self.certs is not None:
+            tasks.append(asyncio.create_task(self.certs.run(self.reload_faults), name="kubelet client certificate"))
         stop_wait = asyncio.create_task(self.stop.wait(), name="kubelet stop")
         pending: set[asyncio.Task[None] | asyncio.Task[bool]] = {stop_wait, *tasks}
         while not self.stop.is_set():
@@ -221,6 +229,9 @@ class Kubelet:
         while True:
             if bootstrap and self.credentials() != (self.s.bootstrap_kubeconfig, True):
                 raise Reconnect(f"{self.s.kubeconfig} appeared")
+            if self.certs is not None and self.certs.rotated.is_set():
+                self.certs.rotated.clear()  # pkg/kubelet/certificate/transport.go: connections closed on rotation
+                raise Reconnect("client certificate rotated")
             await sync.sync(self.faults)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sync.pods.changed.wait(), SYNC_PERIOD_S)

@@ -19,11 +19,11 @@ DEFAULT_RUNTIME_ENDPOINT = "unix:///run/containerd/containerd.sock"  # the real 
 # Flags we act on (all take a value).
 USED_FLAGS = {
     "config", "kubeconfig", "bootstrap-kubeconfig", "node-ip", "hostname-override",
-    "container-runtime-endpoint", "pod-infra-container-image", "root-dir", "v", "pod-manifest-path",
+    "container-runtime-endpoint", "pod-infra-container-image", "root-dir", "v", "pod-manifest-path", "cert-dir",
 }
 # Real kubelet flags that take a value and are accepted but have no effect here.
 IGNORED_VALUE_FLAGS = {
-    "cert-dir", "cgroup-driver", "cgroup-root", "client-ca-file", "cloud-provider", "cluster-dns",
+    "cgroup-driver", "cgroup-root", "client-ca-file", "cloud-provider", "cluster-dns",
     "cluster-domain", "container-log-max-files", "container-log-max-size", "eviction-hard",
     "eviction-soft", "feature-gates", "image-gc-high-threshold", "image-gc-low-threshold",
     "image-service-endpoint", "kube-reserved", "log-flush-frequency", "max-pods", "node-labels",
@@ -121,6 +121,7 @@ class KubeletConfig:
     cluster_domain: str = "cluster.local"
     runtime_endpoint: str | None = None
     pod_cidr: str | None = None
+    rotate_certificates: bool = False  # KubeletConfiguration v1beta1 default; kubeadm writes true
 
 
 def _typed(raw: dict[str, Any], key: str, kind: type, default: Any, path: Path) -> Any:
@@ -170,6 +171,7 @@ def load_config(path: Path | None) -> KubeletConfig:
         cluster_domain=_typed(raw, "clusterDomain", str, "cluster.local", path),
         runtime_endpoint=_typed(raw, "containerRuntimeEndpoint", str, None, path),
         pod_cidr=_typed(raw, "podCIDR", str, None, path),
+        rotate_certificates=_typed(raw, "rotateCertificates", bool, False, path),
     )
 
 
@@ -187,6 +189,7 @@ class Settings:
     node_ip: str | None
     hostname_override: str | None
     verbosity: int
+    cert_dir: str = "/var/lib/kubelet/pki"  # --cert-dir (real path; the client certificate store lives here)
 
 
 def runtime_socket(root: NodeRoot, endpoint: str) -> Path:
@@ -216,4 +219,5 @@ def settings(argv: list[str], root: NodeRoot) -> Settings:
         node_ip=(flags.get("node-ip") or "").split(",")[0] or None,
         hostname_override=flags.get("hostname-override"),
         verbosity=flags.verbosity,
+        cert_dir=flags.get("cert-dir") or "/var/lib/kubelet/pki",
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import stat
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -84,18 +85,23 @@ def _openssl(args: list[str]) -> str:
     return out.stdout
 
 
-def _finalize_kubelet_conf(root: Path) -> None:
-    """What kubeadm's kubelet-finalize does: kubelet.conf's credentials into the pem, kubelet.conf points at it."""
+def _finalize_kubelet_conf(root: Path) -> Path:
+    """What the kubelet's certificate store does at its first start (kubelet.conf's embedded pair into a dated pem,
+    `kubelet-client-current.pem` a symlink to it), then kubeadm's kubelet-finalize (kubelet.conf points at the
+    symlink). Returns the dated file."""
     conf = root / "etc/kubernetes/kubelet.conf"
     doc = yaml.safe_load(conf.read_text())
     user = doc["users"][0]["user"]
     pem = base64.b64decode(user["client-certificate-data"]) + base64.b64decode(user["client-key-data"])
-    target = root / KUBELET_PEM.lstrip("/")
-    target.parent.mkdir(parents=True)
-    target.write_bytes(pem)
-    target.chmod(0o600)
+    current = root / KUBELET_PEM.lstrip("/")
+    current.parent.mkdir(parents=True)
+    dated = current.with_name("kubelet-client-2026-01-02-03-04-05.pem")
+    dated.write_bytes(pem)
+    dated.chmod(0o600)
+    current.symlink_to(dated)
     doc["users"][0]["user"] = {"client-certificate": KUBELET_PEM, "client-key": KUBELET_PEM}
     conf.write_text(yaml.safe_dump(doc))
+    return dated
 
 
 def _params(config: Config) -> PkiParams:
@@ -105,7 +111,8 @@ def _params(config: Config) -> PkiParams:
 async def test_renewal_reissues_every_leaf_and_kubeconfig_from_the_same_cas(config: Config) -> None:
     await _install_certs(config)
     root = config.root
-    _finalize_kubelet_conf(root)
+    first_dated = _finalize_kubelet_conf(root)
+    first_pem = first_dated.read_bytes()
     before = tree(root)
     pki = root / "etc/kubernetes/pki"
     serials = {p.name: load_cert(p.read_bytes()).serial_number for p in pki.rglob("*.crt")}
@@ -114,9 +121,12 @@ async def test_renewal_reissues_every_leaf_and_kubeconfig_from_the_same_cas(conf
 
     after = tree(root)
     assert len(names) == 19 and KUBELET_PEM in names and "kubelet.conf" not in names
+    pem = root / KUBELET_PEM.lstrip("/")
+    dated = pem.readlink()
     assert changed(before, after) == sorted(
         [f"etc/kubernetes/pki/{n}" for n in names if not n.endswith(".conf") and not n.startswith("/")]
-        + [f"etc/kubernetes/{n}" for n in names if n.endswith(".conf")] + [KUBELET_PEM.lstrip("/")])
+        + [f"etc/kubernetes/{n}" for n in names if n.endswith(".conf")]
+        + [KUBELET_PEM.lstrip("/"), str(dated.relative_to(root))])
     assert all(before[f"etc/kubernetes/pki/{ca}"] == after[f"etc/kubernetes/pki/{ca}"] for ca in CAS)
     assert before["etc/kubernetes/pki/sa.key"] == after["etc/kubernetes/pki/sa.key"]
     assert before["etc/kubernetes/kubelet.conf"] == after["etc/kubernetes/kubelet.conf"]
@@ -128,14 +138,54 @@ async def test_renewal_reissues_every_leaf_and_kubeconfig_from_the_same_cas(conf
             "front-proxy-ca.crt" if rel.startswith("front-proxy") else "ca.crt"
         assert _openssl(["verify", "-CAfile", str(pki / ca), str(cert)]).strip().endswith(": OK")
         assert load_cert(cert.read_bytes()).serial_number != serials[cert.name]
-    pem = root / KUBELET_PEM.lstrip("/")
-    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    _check_kubelet_store(pem, previous=first_dated, previous_pem=first_pem)
     assert _openssl(["verify", "-CAfile", str(pki / "ca.crt"), str(pem)]).strip().endswith(": OK")
     for key in [*pki.rglob("*.key"), *(root / "etc/kubernetes").glob("*.conf")]:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert not list(root.rglob(".*renew-*")), "no staged file is left behind"
     ctx, _ = make_ctx(config)
     assert await Certs().is_done(ctx), "the certs state accepts what the renewal wrote"
+
+
+def _check_kubelet_store(pem: Path, *, previous: Path, previous_pem: bytes) -> None:
+    """The kubelet's certificate store can rotate after us (client-go certificate_store.go updateSymlink): the
+    current pem is a symlink (absolute) to a new dated pem, 0600, holding the new pair; the old one is kept; the
+    store's temporary `-updated.pem` link is gone."""
+    assert pem.is_symlink(), "kubelet-client-current.pem must stay a symlink: the kubelet cannot rotate a file"
+    target = pem.readlink()
+    assert target.is_absolute() and target.parent == pem.parent, target
+    assert re.fullmatch(r"kubelet-client-\d{4}(-\d\d){5}\.pem", target.name), target.name
+    assert target != previous and previous.read_bytes() == previous_pem, "the previous dated pem is kept as it was"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    data = target.read_bytes()
+    assert b"CERTIFICATE" in data and b"PRIVATE KEY" in data
+    assert load_cert(data).serial_number != load_cert(previous_pem).serial_number
+    assert not (pem.parent / "kubelet-client-updated.pem").exists()
+
+
+async def test_renewal_turns_a_plain_kubelet_pem_into_the_symlink_the_kubelet_rotates(config: Config) -> None:
+    """A pem left as a plain file (by a renewal of an older version) is turned back into the store's symlink."""
+    await _install_certs(config)
+    root = config.root
+    dated = _finalize_kubelet_conf(root)
+    pem = root / KUBELET_PEM.lstrip("/")
+    pem.unlink()
+    plain = dated.read_bytes()
+    dated.rename(pem)
+    write_renewal(plan_renewal(make_ctx(config)[0].paths, _params(config), now=datetime.now(UTC)))
+    assert pem.is_symlink()
+    assert load_cert(pem.read_bytes()).serial_number != load_cert(plain).serial_number
+
+
+async def test_a_stray_file_where_the_kubelet_keeps_its_temporary_link_refuses_the_renewal(config: Config) -> None:
+    await _install_certs(config)
+    root = config.root
+    _finalize_kubelet_conf(root)
+    (root / "var/lib/kubelet/pki/kubelet-client-updated.pem").write_bytes(b"not a link")
+    before = tree(root)
+    with pytest.raises(RenewalError, match="expected a symlink"):
+        write_renewal(plan_renewal(make_ctx(config)[0].paths, _params(config), now=datetime.now(UTC)))
+    assert tree(root) == before, "refused while staging: nothing changed"
 
 
 @pytest.mark.parametrize("damage", ["missing CA key", "expired CA"])
