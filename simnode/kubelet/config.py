@@ -49,6 +49,7 @@ class KubeletConfigError(Exception):
 class KubeletFlags:
     values: dict[str, str] = field(default_factory=dict)
     help: bool = False
+    fail_swap_on: bool | None = None  # --fail-swap-on; None: the config file's failSwapOn
 
     def get(self, name: str) -> str | None:
         value = self.values.get(name)
@@ -80,6 +81,8 @@ def parse_flags(argv: list[str]) -> KubeletFlags:
                 raise KubeletConfigError(f"invalid value {value!r} for boolean flag --{name}")
             if name == "help":
                 flags.help = True
+            if name == "fail-swap-on":
+                flags.fail_swap_on = not eq or value.lower() in ("true", "1")
             continue
         if name not in USED_FLAGS and name not in IGNORED_VALUE_FLAGS:
             raise KubeletConfigError(f"unknown flag: --{name}")
@@ -121,6 +124,7 @@ class KubeletConfig:
     cluster_domain: str = "cluster.local"
     runtime_endpoint: str | None = None
     pod_cidr: str | None = None
+    fail_swap_on: bool = True  # failSwapOn: the real kubelet's default
 
 
 def _typed(raw: dict[str, Any], key: str, kind: type, default: Any, path: Path) -> Any:
@@ -170,6 +174,7 @@ def load_config(path: Path | None) -> KubeletConfig:
         cluster_domain=_typed(raw, "clusterDomain", str, "cluster.local", path),
         runtime_endpoint=_typed(raw, "containerRuntimeEndpoint", str, None, path),
         pod_cidr=_typed(raw, "podCIDR", str, None, path),
+        fail_swap_on=_typed(raw, "failSwapOn", bool, True, path),
     )
 
 
@@ -187,6 +192,7 @@ class Settings:
     node_ip: str | None
     hostname_override: str | None
     verbosity: int
+    fail_swap_on: bool = True
 
 
 def runtime_socket(root: NodeRoot, endpoint: str) -> Path:
@@ -216,4 +222,5 @@ def settings(argv: list[str], root: NodeRoot) -> Settings:
         node_ip=(flags.get("node-ip") or "").split(",")[0] or None,
         hostname_override=flags.get("hostname-override"),
         verbosity=flags.verbosity,
+        fail_swap_on=config.fail_swap_on if flags.fail_swap_on is None else flags.fail_swap_on,
     )
