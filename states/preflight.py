@@ -1,8 +1,8 @@
 """preflight: what kubeadm, the kubelet and etcd need of this machine, checked before anything is written; every
 unmet prerequisite is reported at once, each with its check name (kubeadm's where kubeadm has one) and the fix.
 Leaves nothing behind but, when the API endpoint name resolves nowhere, a line for it in /etc/hosts (as Docker
-Desktop's VM has it; a progress event says so). Done when the node already has a cluster: the checks are for a
-fresh machine, and a running cluster holds the very ports they look at.
+Desktop's VM has it; a progress event says so). Done when every check passes and the name resolves, or when the
+node already has a cluster: the checks are for a fresh machine, and a running cluster holds the ports they look at.
 """
 
 from __future__ import annotations
@@ -62,12 +62,13 @@ class Preflight:
     retries = 0  # nothing here gets better by waiting: the machine or the config has to change
 
     async def is_done(self, ctx: StepContext) -> bool:
-        return has_cluster(ctx.paths)
+        if has_cluster(ctx.paths):
+            return True
+        unmet, add_hosts = await _all_checks(ctx)
+        return not unmet and not add_hosts
 
     async def run(self, ctx: StepContext) -> None:
-        unmet = await asyncio.to_thread(machine_checks, ctx.config, ctx.cluster, ctx.paths, ctx.node_ip)
-        address_unmet, add_hosts = await _address_checks(ctx)
-        unmet = address_unmet + unmet
+        unmet, add_hosts = await _all_checks(ctx)
         if unmet:
             code = min((u.code for u in unmet), key=_CODE_ORDER.index)
             lines = [f"[ERROR {u.check}]: {u.problem} (fix: {u.fix})" for u in unmet]
@@ -84,6 +85,13 @@ class Preflight:
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None
+
+
+async def _all_checks(ctx: StepContext) -> tuple[list[Unmet], bool]:
+    """Every unmet prerequisite (the address first), and whether the endpoint name needs a hosts entry."""
+    unmet = await asyncio.to_thread(machine_checks, ctx.config, ctx.cluster, ctx.paths, ctx.node_ip)
+    address_unmet, add_hosts = await _address_checks(ctx)
+    return address_unmet + unmet, add_hosts
 
 
 def has_cluster(paths: HostPaths) -> bool:

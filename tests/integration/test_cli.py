@@ -116,7 +116,7 @@ def test_watch_follows_events_until_interrupted(node: Node) -> None:
         lines = []
         while "running" not in lines:
             lines.append(watcher.stdout.readline().strip())
-        assert "[1/7] certs" in lines and "[7/7] addons" in lines
+        assert "[1/8] preflight" in lines and "[8/8] addons" in lines
     finally:
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(timeout=10) == 0

@@ -91,7 +91,7 @@ async def test_every_unmet_prerequisite_is_reported_at_once_and_nothing_is_writt
     before = tree(machine)
     ctx, progress = preflight_ctx(step_config(machine), api_port=held_port)
     step = Preflight()
-    assert not await step.is_done(ctx)
+    assert not await step.is_done(ctx)  # checked, not remembered: reads only
     with pytest.raises(PermanentError) as raised:
         await step.run(ctx)
     error = raised.value
@@ -155,7 +155,8 @@ async def test_an_endpoint_name_that_resolves_nowhere_gets_a_hosts_entry(machine
     assert hosts.startswith("127.0.0.1\tlocalhost\n")  # Debian's lines kept
     assert f"{VM_ADDRESS}\t{name}\t# added by lifecycle" in hosts
     assert f"{name} did not resolve: added '{VM_ADDRESS} {name}' to /etc/hosts" in progress.messages()
-    await Preflight().run(ctx)  # it resolves now: no second line
+    assert await Preflight().is_done(ctx)  # it resolves now: done, and a run adds no second line
+    await Preflight().run(ctx)
     assert (machine / "etc/hosts").read_text() == hosts
 
 
