@@ -9,9 +9,11 @@ import sys
 import time
 from typing import Any, TextIO
 
+from lifecycle.config import STEP_NAMES
+
 BAR_WIDTH = 24
 MESSAGE_WIDTH = 56  # bars of one pull line up below each other (image references are mostly shorter)
-_INSTALL_STATES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+_INSTALL_STATES = STEP_NAMES
 
 
 def _size(n: float) -> str:

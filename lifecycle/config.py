@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-STEP_NAMES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+STEP_NAMES = ("preflight", "certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
 _VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -72,7 +72,7 @@ class KubernetesConfig:
     binary_max_bytes: int = 512 * 1024 * 1024
     versions: dict[str, VersionImages] = field(default_factory=dict)
     addon_images: tuple[str, ...] = ()  # full references, pulled with the rest
-    node_ip: str = "127.0.0.1"
+    node_ip: str = "127.0.0.1"  # "": detect at install time (a file without the key); see lifecycle.step.node_ip_of
     endpoint_name: str = "kubernetes.docker.internal"
     api_port: int = 6443  # 0: pick a free port at install time
     kubelet_healthz_port: int = 10248  # 0: pick a free port at install time
@@ -132,6 +132,7 @@ class StepPolicy:
 
 
 DEFAULT_STEP_POLICIES: dict[str, StepPolicy] = {
+    "preflight": StepPolicy(timeout_s=30, retries=0),
     "certs": StepPolicy(timeout_s=60, retries=0),
     "images": StepPolicy(timeout_s=1800, retries=3, retry_delay_s=2.0),
     "binaries": StepPolicy(timeout_s=300, retries=2),
@@ -335,9 +336,10 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
     if version not in versions:
         known = sorted(versions)
         raise ConfigError(f"{t.key('version')}: {version!r} is not among kubernetes.versions {known}")
-    node_ip = t.get("node_ip", str, d.node_ip)
+    node_ip = t.get("node_ip", str, "")  # absent: detected at install time (the default route's interface)
     try:
-        ipaddress.ip_address(node_ip)
+        if node_ip:
+            ipaddress.ip_address(node_ip)
     except ValueError as exc:
         raise ConfigError(f"{t.key('node_ip')}: {exc}") from exc
     cri = t.get("cri_socket", str, d.cri_socket)

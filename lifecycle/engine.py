@@ -18,6 +18,7 @@ from lifecycle.config import Config, StepPolicy
 from lifecycle.errors import RequestError, StepError
 from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
+from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.protocol import Action, CertsStatus, ErrorInfo, Event, EventType, Status
@@ -90,6 +91,7 @@ class Engine:
         self._bus = bus
         self._log = get_logger("lifecycle.engine", node=config.node_name)
         self._snap = store.load() or Snapshot(state=State.IDLE.value, since=time.time(), seq=0)
+        self._snap = replace(self._snap, cluster=self._with_node_ip(self._snap.cluster))
         self._machine = StateMachine(State(self._snap.state))
         self._job: _Job | None = None
         self._lock = asyncio.Lock()  # one control operation (install/reset/cancel/shutdown) at a time
@@ -163,7 +165,9 @@ class Engine:
             if self.state == State.FAILED:
                 # Steps before the one that failed are checked quietly; the walk re-enters the failed one.
                 quiet_until = (self._snap.step - 1) if self._snap.step else 0
-                cluster = current or self._resolve_cluster(version)
+                if self._snap.step == INSTALL_STATES.index(State.PREFLIGHT) + 1:
+                    current = None  # preflight wrote nothing: start over with the config and machine as they are now
+                cluster = self._with_node_ip(current) or self._resolve_cluster(version)
                 self._start_install(request_id, cluster, first=0, quiet_until=quiet_until)
                 return Accepted(request_id, "install resumed")
             if self.state != State.IDLE:
@@ -245,14 +249,30 @@ class Engine:
 
     def _resolve_cluster(self, version: str | None) -> ClusterParams:
         k8s = self._config.kubernetes
-        # used where the config says 0
-        api_port, healthz_port, metrics_port = free_ports(k8s.node_ip, "127.0.0.1", "127.0.0.1")
+        # used where the config says 0; the API server listens on every address
+        api_port, healthz_port, metrics_port = free_ports("0.0.0.0", "127.0.0.1", "127.0.0.1")
         return ClusterParams(
             kubernetes_version=version or k8s.version,
             api_port=k8s.api_port or api_port,
             kubelet_healthz_port=k8s.kubelet_healthz_port or healthz_port,
             etcd_metrics_port=k8s.etcd_metrics_port or metrics_port,
+            node_ip=self._node_ip(),
         )
+
+    def _node_ip(self) -> str:
+        """The configured node address, else the detected one; "" when neither is known (the preflight step then
+        fails with the reason, and the next install detects again)."""
+        try:
+            return node_ip_for_install(self._config.kubernetes.node_ip, self._paths.root)
+        except NodeAddressError:
+            return ""
+
+    def _with_node_ip(self, cluster: ClusterParams | None) -> ClusterParams | None:
+        """A saved install whose address was not known (state from before the key existed, or detection failed):
+        the configured or detected address from now on."""
+        if cluster is None or cluster.node_ip:
+            return cluster
+        return replace(cluster, node_ip=self._node_ip())
 
     def _start_install(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:
         self._start_job("install", request_id, cluster,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lifecycle.config import Config
-from lifecycle.step import ClusterParams
+from lifecycle.step import ClusterParams, node_ip_of
 
 ENCRYPTION_ALGORITHMS = {"ecdsa-p256": "ECDSA-P256", "rsa-2048": "RSA-2048"}
 
@@ -118,15 +118,16 @@ def _b64(data: bytes) -> str:
 def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificates_dir: Path) -> bytes:
     """InitConfiguration, ClusterConfiguration (kubeadm.k8s.io/v1beta4) and KubeletConfiguration, in that order."""
     k8s = config.kubernetes
+    node_ip = node_ip_of(config, cluster)
     init = {
         "apiVersion": "kubeadm.k8s.io/v1beta4",
         "kind": "InitConfiguration",
-        "localAPIEndpoint": {"advertiseAddress": k8s.node_ip, "bindPort": cluster.api_port},
+        "localAPIEndpoint": {"advertiseAddress": node_ip, "bindPort": cluster.api_port},
         "nodeRegistration": {
             "name": config.node_name,
             "criSocket": k8s.cri_socket,
             "taints": [],  # a single node must run ordinary workloads
-            "kubeletExtraArgs": [{"name": "node-ip", "value": k8s.node_ip}],
+            "kubeletExtraArgs": [{"name": "node-ip", "value": node_ip}],
         },
     }
     cluster_doc = {

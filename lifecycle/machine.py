@@ -18,6 +18,7 @@ from lifecycle.protocol import Action
 
 class State(StrEnum):
     IDLE = "idle"
+    PREFLIGHT = "preflight"
     CERTS = "certs"
     IMAGES = "images"
     BINARIES = "binaries"

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from lifecycle.config import Config
 from lifecycle.errors import RequestError
 from lifecycle.machine import INSTALL_STATES, State
+from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
 from lifecycle.paths import HostPaths
 from lifecycle.pki import CERT_MODE, KEY_MODE
 from lifecycle.pki_bundle import PkiBundle, load_bundle
@@ -152,7 +153,11 @@ def write_bundle(bundle: PkiBundle, pki_dir: Path) -> None:
 async def bundle_prepare(raw: dict[str, Any], *, config: Config, paths: HostPaths, log: Any) -> PrepareFn:
     """Check the request's `pki` now (BundleError, a RequestError, when it is unfit: nothing is written) and
     return what the engine runs under its lock, after its own checks, before it accepts the install."""
-    params = PkiParams.from_config(config, api_port=config.kubernetes.api_port)
+    try:
+        node_ip = await asyncio.to_thread(node_ip_for_install, config.kubernetes.node_ip, paths.root)
+    except NodeAddressError as exc:
+        raise RequestError(exc.code, exc.message) from exc
+    params = PkiParams.from_config(config, api_port=config.kubernetes.api_port, node_ip=node_ip)
     bundle = await asyncio.to_thread(load_bundle, raw, params, now=datetime.now(UTC))
 
     async def prepare(state: State, step: int | None) -> None:

@@ -41,10 +41,12 @@ class PkiParams:
     context_name: str = "kubernetes-admin@kubernetes"
 
     @classmethod
-    def from_config(cls, config: Config, *, api_port: int) -> PkiParams:
+    def from_config(cls, config: Config, *, api_port: int, node_ip: str | None = None) -> PkiParams:
+        """`node_ip`: the install's resolved address (lifecycle.step.node_ip_of); default: the configured one."""
         k8s = config.kubernetes
         return cls(
-            node_name=config.node_name, node_ip=k8s.node_ip, endpoint_name=k8s.endpoint_name, api_port=api_port,
+            node_name=config.node_name, node_ip=node_ip or k8s.node_ip, endpoint_name=k8s.endpoint_name,
+            api_port=api_port,
             service_subnet=k8s.service_subnet, dns_domain=k8s.dns_domain, extra_sans=k8s.extra_sans,
             key_algorithm=config.pki.key_algorithm, cert_validity_days=config.pki.cert_validity_days,
             ca_validity_days=config.pki.ca_validity_days, cluster_name=k8s.cluster_name, user_name=k8s.user_name,

@@ -19,13 +19,15 @@ from lifecycle.ports import Ports
 class ClusterParams:
     """Fixed for one install and persisted with it, so a resumed install uses the same values.
 
-    Ports configured as 0 are resolved to free ports once, when the install starts.
+    Ports configured as 0 are resolved to free ports once, when the install starts; so is the node address when
+    `kubernetes.node_ip` is not set (detected from the default route, lifecycle.nodeaddr).
     """
 
     kubernetes_version: str
     api_port: int
     kubelet_healthz_port: int
     etcd_metrics_port: int = 2381
+    node_ip: str = ""  # "": not known (state saved before the key existed, or detection failed: preflight says so)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -33,7 +35,13 @@ class ClusterParams:
             "api_port": self.api_port,
             "kubelet_healthz_port": self.kubelet_healthz_port,
             "etcd_metrics_port": self.etcd_metrics_port,
+            "node_ip": self.node_ip,
         }
+
+
+def node_ip_of(config: Config, cluster: ClusterParams) -> str:
+    """The node address an install uses: fixed in ClusterParams when it started; the configured one otherwise."""
+    return cluster.node_ip or config.kubernetes.node_ip
 
 
 class ProgressFn(Protocol):
@@ -57,6 +65,10 @@ class StepContext:
     deadline: float  # loop.time() at which the engine cancels the step; waiting steps fail with a precise reason first
     log: Any  # a structlog bound logger, bound to request id and state
     progress: ProgressFn
+
+    @property
+    def node_ip(self) -> str:
+        return node_ip_of(self.config, self.cluster)
 
 
 class Step(Protocol):

@@ -66,6 +66,7 @@ def _cluster_from_json(raw: Any) -> ClusterParams | None:
         kubelet_healthz_port=_typed(raw, "kubelet_healthz_port", int),
         # absent in state written before the key existed: kubeadm's default
         etcd_metrics_port=_typed(raw, "etcd_metrics_port", int) if "etcd_metrics_port" in raw else 2381,
+        node_ip=_typed(raw, "node_ip", str) if "node_ip" in raw else "",  # absent before: the config's applies
     )
 
 

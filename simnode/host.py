@@ -16,6 +16,8 @@ real one, and the lifecycle service, given the same root, sees the same machine.
     var/run/containerd/containerd.sock    a unix socket (Docker Engine's containerd)
     var/run/cri-dockerd.sock              a unix socket (cri-dockerd)
     lib/systemd/system/cri-docker.service cri-dockerd's unit as its Debian package ships it
+    proc/net/{route,fib_trie,if_inet6}    the network: lo, and eth0 10.0.2.15/24 with the default route (a plain VM)
+    etc/hosts                             Debian's: localhost and the host name, no kubernetes.docker.internal
 
 Each entry is written only when absent, so a test may prepare its own variant first or change one after.
 """
@@ -54,12 +56,33 @@ Restart=always
 [Install]
 WantedBy=multi-user.target
 """
+# The network of a plain VM (QEMU user networking's 10.0.2.15), as the kernel lists it: the routes
+# (/proc/net/route, little-endian hex), the local addresses (/proc/net/fib_trie) and IPv6 (/proc/net/if_inet6).
+# What the service's node address detection and the simulated etcd's bind read (simnode/machine.py).
+VM_ADDRESS = "10.0.2.15"
+NETWORK_FILES: dict[str, str] = {
+    "proc/net/route": (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0202000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    ),
+    "proc/net/fib_trie": (
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n"
+        "     +-- 10.0.2.0/24 2 0 2\n        |-- 10.0.2.0\n           /24 link UNICAST\n"
+        "        |-- 10.0.2.15\n           /32 host LOCAL\n"
+        "     +-- 127.0.0.0/8 2 0 2\n        |-- 127.0.0.0\n           /8 host LOCAL\n"
+        "        |-- 127.0.0.1\n           /32 host LOCAL\n"
+    ),
+    "proc/net/if_inet6": "00000000000000000000000000000001 01 80 10 80       lo\n",
+    "etc/hosts": "127.0.0.1\tlocalhost\n127.0.1.1\tsimvm\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
+}
 _FILES: dict[str, str] = {
     "proc/sys/net/ipv4/ip_forward": "1\n",
     "proc/swaps": "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n",
     "proc/meminfo": "MemTotal:        4194304 kB\nMemFree:         3145728 kB\nMemAvailable:    3670016 kB\n",
     "sys/devices/system/cpu/online": "0-1\n",
     "lib/systemd/system/cri-docker.service": CRI_DOCKER_UNIT,
+    **NETWORK_FILES,
 }
 
 

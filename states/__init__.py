@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lifecycle.step import Step
 
-STEP_ORDER = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+STEP_ORDER = ("preflight", "certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
 
 
 def build_plan() -> list[Step]:
@@ -18,9 +18,11 @@ def build_plan() -> list[Step]:
     from states.images import Images
     from states.kubeadm import Kubeadm
     from states.kubelet import Kubelet
+    from states.preflight import Preflight
     from states.readiness import Readiness
 
     plan: list[Step] = [
+        Preflight(),  # what the machine must offer (tools, sysctls, swap off, free ports, its address), all at once
         Certs(),  # the kubeadm PKI, kubeconfigs and the kubeadm config, from our own CA
         Images(),  # binaries, control-plane and addon images, pulled through the Docker Engine
         Binaries(),  # kubeadm, kubelet, kubectl, crictl copied out of the binaries image

@@ -73,7 +73,7 @@ def _read_or_none(path: Path) -> bytes | None:
 
 
 def _params(ctx: StepContext) -> PkiParams:
-    return PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port)
+    return PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port, node_ip=ctx.node_ip)
 
 
 def _kubeadm_config(ctx: StepContext) -> bytes:

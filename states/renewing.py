@@ -42,7 +42,7 @@ _PHASE_MAX_S = 60.0  # each wait below (kubelet, serving certificate, pods) gets
 async def renew(ctx: StepContext) -> list[str]:
     """Run by the engine in state `renewing`; returns the renewed files. A `PermanentError` with
     `details.node_changed = False` means nothing was written (the cluster runs on as before)."""
-    params = PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port)
+    params = PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port, node_ip=ctx.node_ip)
     try:
         files = await asyncio.to_thread(plan_renewal, ctx.paths, params, now=datetime.now(UTC))
     except RenewalError as exc:
@@ -80,7 +80,7 @@ async def renew(ctx: StepContext) -> list[str]:
 async def renewal_due(ctx: StepContext) -> list[str]:
     """The leaves the certs step would re-issue on a node with a cluster: the engine renews them with `renew`
     instead (see Engine._renew_instead), so that what reads them is restarted."""
-    params = PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port)
+    params = PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port, node_ip=ctx.node_ip)
     return await asyncio.to_thread(leaves_to_renew, ctx.paths, params, now=datetime.now(UTC))
 
 
@@ -108,7 +108,7 @@ async def _restart_kubelet(ctx: StepContext) -> None:
 
 async def _wait_serving(ctx: StepContext, *, expected: x509.Certificate) -> None:
     """Until the API server's TLS handshake presents the new apiserver.crt (it reloads it, without a restart)."""
-    host, port = ctx.config.kubernetes.node_ip, ctx.cluster.api_port
+    host, port = ctx.node_ip, ctx.cluster.api_port
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     tls.check_hostname = False
     tls.verify_mode = ssl.CERT_NONE  # compared byte for byte with the file below, not verified

@@ -6,6 +6,7 @@ kubelet probes), and waits for SIGTERM. The API simulator keeps its own data und
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from urllib.parse import urlsplit
@@ -13,7 +14,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from simnode.controllers.common import FlagError, parse_flags, run_until_signal, setup_logging
-from simnode.paths import NodeRootError, resolve_root
+from simnode.machine import can_assign
+from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
 log = logging.getLogger("etcd")
 
@@ -58,6 +60,19 @@ async def serve_health(address: tuple[str, int]) -> None:
         await runner.cleanup()
 
 
+def unassignable(root: NodeRoot, flags: dict[str, str]) -> str | None:
+    """etcd-io/etcd server/embed/etcd.go configurePeerListeners / configureClientListeners: etcd listens on every
+    --listen-peer-urls and --listen-client-urls address at start; one that is not the node's fails the bind
+    (EADDRNOTAVAIL) and etcd exits. The node's addresses come from its own /proc/net view (simnode/machine.py)."""
+    for flag in ("listen-peer-urls", "listen-client-urls"):
+        for url in filter(None, (u.strip() for u in (flags.get(flag) or "").split(","))):
+            parts = urlsplit(url)
+            if parts.hostname and not can_assign(root, parts.hostname):
+                host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+                return f"listen tcp {host}:{parts.port}: bind: cannot assign requested address"
+    return None
+
+
 def main(argv: list[str]) -> int:
     try:
         flags = parse_flags("etcd", argv)
@@ -67,6 +82,10 @@ def main(argv: list[str]) -> int:
         print(f"etcd: {exc}", file=sys.stderr)
         return 1
     setup_logging(flags)
+    problem = unassignable(root, flags)
+    if problem:
+        print(json.dumps({"level": "fatal", "msg": "discovery failed", "error": problem}), file=sys.stderr)
+        return 1
     data_dir = root.path(flags.get("data-dir") or "/var/lib/etcd")
     try:
         (data_dir / "member").mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ class KubeletConfigError(Exception):
 class KubeletFlags:
     values: dict[str, str] = field(default_factory=dict)
     help: bool = False
+    fail_swap_on: bool | None = None  # --fail-swap-on; None: the config file's failSwapOn
 
     def get(self, name: str) -> str | None:
         value = self.values.get(name)
@@ -80,6 +81,8 @@ def parse_flags(argv: list[str]) -> KubeletFlags:
                 raise KubeletConfigError(f"invalid value {value!r} for boolean flag --{name}")
             if name == "help":
                 flags.help = True
+            if name == "fail-swap-on":
+                flags.fail_swap_on = not eq or value.lower() in ("true", "1")
             continue
         if name not in USED_FLAGS and name not in IGNORED_VALUE_FLAGS:
             raise KubeletConfigError(f"unknown flag: --{name}")
@@ -122,6 +125,7 @@ class KubeletConfig:
     runtime_endpoint: str | None = None
     pod_cidr: str | None = None
     rotate_certificates: bool = False  # KubeletConfiguration v1beta1 default; kubeadm writes true
+    fail_swap_on: bool = True  # failSwapOn: the real kubelet's default
 
 
 def _typed(raw: dict[str, Any], key: str, kind: type, default: Any, path: Path) -> Any:
@@ -172,6 +176,7 @@ def load_config(path: Path | None) -> KubeletConfig:
         runtime_endpoint=_typed(raw, "containerRuntimeEndpoint", str, None, path),
         pod_cidr=_typed(raw, "podCIDR", str, None, path),
         rotate_certificates=_typed(raw, "rotateCertificates", bool, False, path),
+        fail_swap_on=_typed(raw, "failSwapOn", bool, True, path),
     )
 
 
@@ -190,6 +195,7 @@ class Settings:
     hostname_override: str | None
     verbosity: int
     cert_dir: str = "/var/lib/kubelet/pki"  # --cert-dir (real path; the client certificate store lives here)
+    fail_swap_on: bool = True
 
 
 def runtime_socket(root: NodeRoot, endpoint: str) -> Path:
@@ -220,4 +226,5 @@ def settings(argv: list[str], root: NodeRoot) -> Settings:
         hostname_override=flags.get("hostname-override"),
         verbosity=flags.verbosity,
         cert_dir=flags.get("cert-dir") or "/var/lib/kubelet/pki",
+        fail_swap_on=config.fail_swap_on if flags.fail_swap_on is None else flags.fail_swap_on,
     )

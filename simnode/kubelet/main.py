@@ -9,7 +9,8 @@ import logging
 import sys
 
 from simnode.kubelet.config import KubeletConfigError, settings
-from simnode.paths import NodeRootError, resolve_root
+from simnode.machine import swaps_lines
+from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
 USAGE = """Usage: kubelet [flags]
   --config=PATH               KubeletConfiguration file
@@ -31,6 +32,10 @@ def main(argv: list[str]) -> int:
     if "--help" in argv:
         print(USAGE)
         return 0
+    refusal = swap_refusal(s.root, fail_swap_on=s.fail_swap_on)
+    if refusal:
+        print(f"kubelet: failed to run Kubelet: {refusal}", file=sys.stderr)
+        return 1
     level = logging.DEBUG if s.verbosity >= 4 else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s] %(message)s")
@@ -38,3 +43,13 @@ def main(argv: list[str]) -> int:
     from simnode.kubelet.agent import Kubelet
 
     return asyncio.run(Kubelet(s).run())
+
+
+def swap_refusal(root: NodeRoot, *, fail_swap_on: bool) -> str | None:
+    """kubernetes/kubernetes pkg/kubelet/cm/container_manager_linux.go validateSwapConfiguration: with failSwapOn
+    (the default) a /proc/swaps of more than its header line stops the kubelet before it runs anything."""
+    lines = swaps_lines(root)
+    if not fail_swap_on or lines is None or len(lines) <= 1:
+        return None
+    return ("running with swap on is not supported, please disable swap! or set --fail-swap-on flag to false. "
+            f"/proc/swaps contained: [{' '.join(lines)}]")

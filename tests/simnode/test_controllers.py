@@ -30,6 +30,10 @@ from test_kubelet_support import (
     write_kubeconfig,
 )
 
+from simnode.host import VM_ADDRESS, prepare_host
+from simnode.machine import can_assign
+from simnode.paths import NodeRoot
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -208,3 +212,21 @@ def test_components_exit_0_on_sigterm(tmp_path: Path, tool: str) -> None:
     bad = start_tool(tool, ["stray-argument"], tmp_path, tmp_path / "bad.log")
     assert bad.wait(timeout=30) == 1
     assert "unexpected argument 'stray-argument'" in (tmp_path / "bad.log").read_text()
+
+
+def test_etcd_exits_when_its_listen_address_is_not_the_nodes(tmp_path: Path) -> None:
+    """Docker Desktop's 192.168.65.3 on a plain VM (10.0.2.15): etcd cannot bind it and exits before writing."""
+    prepare_host(tmp_path)
+    args = ["--data-dir=/var/lib/etcd", "--listen-client-urls=https://127.0.0.1:2379,https://192.168.65.3:2379",
+            "--listen-peer-urls=https://192.168.65.3:2380", f"--listen-metrics-urls=http://127.0.0.1:{free_port()}"]
+    proc = start_tool("etcd", args, tmp_path, tmp_path / "out.log")
+    try:
+        assert proc.wait(timeout=30) == 1
+    finally:
+        kill_group(proc)
+    log = (tmp_path / "out.log").read_text()
+    assert '"msg": "discovery failed"' in log
+    assert "listen tcp 192.168.65.3:2380: bind: cannot assign requested address" in log
+    assert not (tmp_path / "var/lib/etcd").exists()
+    assert can_assign(NodeRoot(tmp_path), VM_ADDRESS) and can_assign(NodeRoot(tmp_path), "127.0.0.1")
+    assert not can_assign(NodeRoot(tmp_path), "192.168.65.3")

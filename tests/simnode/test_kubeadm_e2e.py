@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_kubeadm_support import NODE, config_v1beta4, free_port, run_kubeadm
 from test_kubelet_support import build_scratch_image, kill_group, remove_images, start_tool
 
+from simnode.host import prepare_host
 from simnode.kubelet.runtime import stop_pod_processes
 from simnode.paths import NodeRoot
 from simnode.versions import VERSIONS, component_images
@@ -71,6 +72,7 @@ def kubelet_args(root: Path) -> list[str]:
 
 def test_init_with_a_running_kubelet_then_kubectl_upgrade_and_reset(tmp_path: Path, repo: str) -> None:
     root = tmp_path / "root"
+    prepare_host(root)  # a machine kubeadm's preflight accepts
     port, healthz, metrics = free_port(), free_port(), free_port()
     text = config_v1beta4(
         port=port, healthz_port=healthz, repo=repo, endpoint="127.0.0.1",

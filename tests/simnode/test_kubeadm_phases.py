@@ -29,6 +29,8 @@ from test_kubeadm_support import (
     tree_hash,
 )
 
+from simnode.host import prepare_host
+
 FILE_PHASES_SKIPPED = ("wait-control-plane,upload-config,upload-certs,mark-control-plane,bootstrap-token,"
                        "kubelet-finalize,addon,show-join-command")
 # wait-control-plane is hidden in v1.31-v1.33 (no `init phase wait-control-plane`): it runs inside a full init.
@@ -46,6 +48,7 @@ def ca_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def new_node(tmp_path: Path, ca_only: Path, text: str, cert_dir: str = "etc/kubernetes/pki") -> tuple[Path, Path]:
     root = tmp_path / "root"
     shutil.copytree(ca_only, root / cert_dir)
+    prepare_host(root)  # a machine kubeadm's preflight accepts (CPUs, memory, tools, ip_forward, no swap)
     cfg = tmp_path / "kubeadm.yaml"
     cfg.write_text(text)
     return root, cfg
@@ -225,6 +228,60 @@ def test_preflight_errors_and_ignores(tmp_path: Path, ca_only: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def break_machine(root: Path) -> None:
+    """The knobs of the machine view: swap on, ip_forward 0, no conntrack, 1 CPU, 1 GiB, old etcd data."""
+    (root / "proc/swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n/swapfile  file  1048572  0  -2\n")
+    (root / "proc/sys/net/ipv4/ip_forward").write_text("0\n")
+    (root / "usr/sbin/conntrack").unlink()
+    (root / "sys/devices/system/cpu/online").write_text("0\n")
+    (root / "proc/meminfo").write_text("MemTotal:        1048576 kB\n")
+    (root / "var/lib/etcd/member").mkdir(parents=True)
+
+
+def test_preflight_reports_every_unmet_machine_prerequisite_at_once(tmp_path: Path, ca_only: Path) -> None:
+    port = free_port()
+    root, cfg = new_node(tmp_path, ca_only, config_v1beta4(port=port, healthz_port=free_port()))
+    break_machine(root)
+    before = tree_hash(root)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        result = run_kubeadm(root, "init", f"--config={cfg}")
+    assert result.returncode == 1
+    assert "error execution phase preflight: [preflight] Some fatal errors occurred:" in result.stderr
+    for error in ("[ERROR NumCPU]: the number of available CPUs 1 is less than the required 2",
+                  "[ERROR Mem]: the system RAM (1024 MB) is less than the minimum 1700 MB",
+                  f"[ERROR Port-{port}]: Port {port} is in use",
+                  "[ERROR FileExisting-conntrack]: conntrack not found in system path",
+                  "[ERROR FileContent--proc-sys-net-ipv4-ip_forward]: /proc/sys/net/ipv4/ip_forward contents are "
+                  "not set to 1",
+                  "[ERROR DirAvailable--var-lib-etcd]: /var/lib/etcd is not empty"):
+        assert error in result.stderr, (error, result.stderr)
+    # v1.31's SwapCheck only warns (the kubelet is what refuses swap); ebtables is optional.
+    assert "[WARNING Swap]: swap is supported for cgroup v2 only." in result.stdout
+    assert "[WARNING FileExisting-ebtables]: ebtables not found in system path" in result.stdout
+    assert tree_hash(root) == before  # nothing written
+    ignored = "NumCPU,Mem,FileExisting-conntrack,FileContent--proc-sys-net-ipv4-ip_forward,DirAvailable--var-lib-etcd"
+    result = run_kubeadm(root, "init", "phase", "preflight", f"--config={cfg}", f"--ignore-preflight-errors={ignored}")
+    assert result.returncode == 0, result.stderr
+    assert "[WARNING FileExisting-conntrack]: conntrack not found in system path" in result.stdout
+
+
+def test_conntrack_is_required_below_v1_32_only(tmp_path: Path, ca_only: Path) -> None:
+    text = config_v1beta4(port=free_port(), healthz_port=free_port())
+    root, cfg = new_node(tmp_path, ca_only, text)
+    (root / "usr/sbin/conntrack").unlink()
+    result = run_kubeadm(root, "init", "phase", "preflight", f"--config={cfg}")
+    assert result.returncode == 1 and "[ERROR FileExisting-conntrack]" in result.stderr
+    cfg.write_text(text.replace("kubernetesVersion: v1.31.4", "kubernetesVersion: v1.32.1"))
+    v132 = {"SIMNODE_VERSION": "v1.32.1"}
+    result = run_kubeadm(root, "init", "phase", "preflight", f"--config={cfg}", env=v132)
+    assert result.returncode == 0, result.stderr
+    (root / "usr/sbin/ip").unlink()  # mandatory in every version
+    result = run_kubeadm(root, "init", "phase", "preflight", f"--config={cfg}", env=v132)
+    assert result.returncode == 1 and "[ERROR FileExisting-ip]: ip not found in system path" in result.stderr
+
+
 def test_fault_knob_fails_the_chosen_phase_before_it_writes(tmp_path: Path, ca_only: Path) -> None:
     root, cfg = new_node(tmp_path, ca_only, config_v1beta4(port=free_port(), healthz_port=free_port()))
     faults = root / "etc/simnode/faults.json"
@@ -301,6 +358,7 @@ def test_version_outputs(tmp_path: Path) -> None:
 
 def test_reset_asks_then_clears_what_init_wrote(tmp_path: Path, ca_only: Path) -> None:
     root, cfg = new_node(tmp_path, ca_only, config_v1beta4(port=free_port(), healthz_port=free_port()))
+    machine = {p for p in root.rglob("*") if p.is_file() and not p.is_relative_to(root / "etc/kubernetes")}
     assert run_kubeadm(root, "init", f"--config={cfg}", f"--skip-phases={FILE_PHASES_SKIPPED}").returncode == 0
     (root / "var/lib/etcd/member").mkdir(parents=True)
     (root / "var/lib/etcd/member/db").write_text("data")
@@ -316,7 +374,7 @@ def test_reset_asks_then_clears_what_init_wrote(tmp_path: Path, ca_only: Path) -
     assert result.returncode == 0, result.stderr
     assert "[reset] Deleting contents of directories: [/var/lib/kubelet /etc/kubernetes/pki]" in result.stdout
     assert "[reset] Deleted contents of the etcd data directory: /var/lib/etcd" in result.stdout
-    leftovers = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    leftovers = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p not in machine)
     assert leftovers == ["etc/kubernetes/keep-me.txt"]
     assert run_kubeadm(root, "reset", "--cert-dir=/etc", "-f").returncode == 1  # refuses a top-level dir
     assert keep.is_file()

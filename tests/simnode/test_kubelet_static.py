@@ -139,6 +139,29 @@ def test_unreachable_runtime_exits_1(tmp_path: Path) -> None:
     assert "validate service connection" in result.stderr and "nothing.sock" in result.stderr
 
 
+def test_swap_on_stops_the_kubelet_unless_fail_swap_on_is_false(tmp_path: Path) -> None:
+    swaps = tmp_path / "proc/swaps"
+    swaps.parent.mkdir(parents=True)
+    swaps.write_text("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n/swapfile   file   1048572   0   -2\n")
+    write_config(tmp_path)
+    nowhere = f"--container-runtime-endpoint=unix://{tmp_path}/nothing.sock"
+    result = run_kubelet(tmp_path, "--config=/var/lib/kubelet/config.yaml", nowhere)
+    assert result.returncode == 1
+    assert ("failed to run Kubelet: running with swap on is not supported, please disable swap! or set "
+            "--fail-swap-on flag to false. /proc/swaps contained: [Filename") in result.stderr
+    assert "/swapfile" in result.stderr and "validate service connection" not in result.stderr
+    for allowed in (["--fail-swap-on=false"], []):  # the flag, or failSwapOn: false in the config file
+        if not allowed:
+            write_config(tmp_path, failSwapOn=False)
+        result = run_kubelet(tmp_path, "--config=/var/lib/kubelet/config.yaml", nowhere, *allowed)
+        assert result.returncode == 1 and "running with swap on" not in result.stderr
+        assert "validate service connection" in result.stderr  # past the swap check: stops at the runtime
+    swaps.write_text("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")  # header only: swap off
+    write_config(tmp_path)
+    result = run_kubelet(tmp_path, "--config=/var/lib/kubelet/config.yaml", nowhere)
+    assert "running with swap on" not in result.stderr and "validate service connection" in result.stderr
+
+
 def test_healthz_and_sigterm(tmp_path: Path) -> None:
     port = free_port()
     write_config(tmp_path, healthzPort=port, healthzBindAddress="127.0.0.1")

@@ -43,6 +43,8 @@ def test_deploy_config_is_a_real_vm() -> None:
     assert k8s.cri_socket == "unix:///var/run/cri-dockerd.sock"
     assert (k8s.api_port, k8s.kubelet_healthz_port) == (6443, 10248)
     assert k8s.endpoint_name == "kubernetes.docker.internal"
+    assert k8s.node_ip == ""  # detected at install time: Docker Desktop's 192.168.65.3 is on no plain VM
+    assert config.steps["preflight"].retries == 0
     assert (k8s.cluster_name, k8s.user_name, k8s.context_name) == ("docker-desktop",) * 3
     assert k8s.images_for("v1.31.4") == {
         "kube-apiserver": "registry.k8s.io/kube-apiserver:v1.31.4",

@@ -80,7 +80,7 @@ async def test_install_walks_every_step_in_order_with_gapless_seq(rig: Rig) -> N
     assert rig.states(events) == [*STEP_NAMES, "running"]
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     first = events[0].data
-    assert (first["from"], first["to"], first["step"], first["steps"]) == ("idle", "certs", 1, 7)
+    assert (first["from"], first["to"], first["step"], first["steps"]) == ("idle", "preflight", 1, 8)
     assert all(e.data["request_id"] == "r1" for e in events)
     assert all(e.data["duration_s"] >= 0 for e in events if e.type == EventType.STATE_CHANGED)
     assert journal(rig.root) == [f"run {name} 1" for name in STEP_NAMES]
@@ -110,7 +110,7 @@ async def test_temporary_error_is_retried_then_succeeds(tmp_path: Path) -> None:
     assert [e.data["attempt"] for e in retrying] == [1, 2]
     assert retrying[0].data["error"]["code"] == "fake_temporary" and retrying[0].data["delay_s"] >= 0.01
     assert r.engine.state == State.RUNNING
-    assert journal(tmp_path)[1:6] == ["run images 1", "before_retry images", "run images 2", "before_retry images",
+    assert journal(tmp_path)[2:7] == ["run images 1", "before_retry images", "run images 2", "before_retry images",
                                       "run images 3"]
 
 
@@ -120,7 +120,7 @@ async def test_exhausted_retries_fail_with_the_last_error(tmp_path: Path) -> Non
     await r.engine.install(request_id="r1", version=None)
     await r.engine.wait_job()
     status = r.engine.status()
-    assert status.state == "failed" and status.step == 2
+    assert status.state == "failed" and status.step == 3
     assert status.error is not None and status.error.code == "fake_temporary"
     assert status.error.retryable and status.error.details["attempts"] == 2
 
@@ -146,7 +146,7 @@ async def test_permanent_error_is_not_retried(tmp_path: Path) -> None:
     steer(tmp_path, "certs", fail="permanent")
     await r.engine.install(request_id="r1", version=None)
     await r.engine.wait_job()
-    assert journal(tmp_path) == ["run certs 1"]
+    assert journal(tmp_path) == ["run preflight 1", "run certs 1"]
     events = r.events()
     assert not [e for e in events if e.type == EventType.STEP_RETRYING]
     failed = next(e for e in events if e.type == EventType.STEP_FAILED)
@@ -172,7 +172,7 @@ async def test_cancel_fails_with_cancelled_after_the_step_cleaned_up(rig: Rig) -
     assert journal(rig.root)[-1] == "cleanup images"
     status = rig.engine.status()
     assert status.state == "failed" and status.error is not None and status.error.code == "cancelled"
-    assert status.step == 2
+    assert status.step == 3
 
 
 async def test_a_step_that_swallows_cancellation_is_stopped_anyway(rig: Rig) -> None:

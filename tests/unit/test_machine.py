@@ -66,6 +66,7 @@ def test_mermaid_diagram_shows_every_state_and_edge() -> None:
     assert "stateDiagram-v2" in text and "[*] --> idle" in text
     for state in State:
         assert f'state "{state.value}" as {state.value}' in text
-    for edge in ("idle --> certs: install", "addons --> running: next", "images --> failed: fail",
-                 "failed --> images: resume", "running --> kubelet: repair", "resetting --> idle: reset_done"):
+    for edge in ("idle --> preflight: install", "preflight --> certs: next", "addons --> running: next",
+                 "images --> failed: fail", "failed --> images: resume", "running --> kubelet: repair",
+                 "resetting --> idle: reset_done"):
         assert edge in text

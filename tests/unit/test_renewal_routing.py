@@ -159,7 +159,7 @@ async def test_a_failed_renewal_fails_the_certs_step_and_install_renews_again(tm
     await engine.wait_job()
     status = engine.status()
     assert (status.state, status.step, status.error.code if status.error else None) == (
-        "failed", 1, "kubelet_unhealthy")
+        "failed", 2, "kubelet_unhealthy")
     assert not _journal(tmp_path)[-1].startswith("run certs")
     renewal.behaviour = "ok"
     await engine.install(request_id="i2", version=None)  # a resume from `failed` takes the same route
