@@ -18,7 +18,8 @@ Format (every key optional):
       "kubeadm_fail": {"phase": "wait-control-plane", "message": "...", "exit_code": 1},
       "apiserver_never_ready": false,  # /readyz stays 500
       "crashloop_pods": ["coredns"],   # pods whose name starts with one of these crash-loop
-      "kubelet_exit_after_s": null     # kubelet exits (status 1) this long after it starts
+      "kubelet_exit_after_s": null,    # kubelet exits (status 1) this long after it starts
+      "engine_cgroup_driver": null     # "systemd"/"cgroupfs": the driver the simulated runtime sees in `docker info`
     }
 """
 
@@ -57,6 +58,7 @@ class Faults:
     apiserver_never_ready: bool = False
     crashloop_pods: tuple[str, ...] = ()
     kubelet_exit_after_s: float | None = None
+    engine_cgroup_driver: str | None = None  # what the simulated runtime believes `docker info` says
 
     def delay_s(self, name: str) -> float:
         return self.delays_s.get(name, DEFAULT_DELAYS_S.get(name, 0.0))
@@ -83,7 +85,8 @@ def load_faults(path: Path) -> Faults:
         raise FaultsFileError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise FaultsFileError(f"{path}: expected a JSON object")
-    known = {"delays_s", "kubeadm_fail", "apiserver_never_ready", "crashloop_pods", "kubelet_exit_after_s"}
+    known = {"delays_s", "kubeadm_fail", "apiserver_never_ready", "crashloop_pods", "kubelet_exit_after_s",
+             "engine_cgroup_driver"}
     unknown = set(raw) - known
     if unknown:
         raise FaultsFileError(f"{path}: unknown keys {sorted(unknown)}")
@@ -118,10 +121,14 @@ def load_faults(path: Path) -> Faults:
     if not isinstance(crash, list) or not all(isinstance(c, str) for c in crash):
         raise FaultsFileError("crashloop_pods: expected a list of pod name prefixes")
     exit_after = raw.get("kubelet_exit_after_s")
+    cgroup_driver = raw.get("engine_cgroup_driver")
+    if cgroup_driver not in (None, "cgroupfs", "systemd"):
+        raise FaultsFileError('engine_cgroup_driver: expected "cgroupfs", "systemd" or null')
     return Faults(
         delays_s=delays,
         kubeadm_fail=fail,
         apiserver_never_ready=never_ready,
         crashloop_pods=tuple(crash),
         kubelet_exit_after_s=None if exit_after is None else _number(exit_after, "kubelet_exit_after_s"),
+        engine_cgroup_driver=cgroup_driver,
     )

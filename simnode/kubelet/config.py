@@ -121,6 +121,7 @@ class KubeletConfig:
     cluster_domain: str = "cluster.local"
     runtime_endpoint: str | None = None
     pod_cidr: str | None = None
+    cgroup_driver: str = "cgroupfs"  # kubelet pkg/kubelet/apis/config/v1beta1/defaults.go: "" -> cgroupfs
 
 
 def _typed(raw: dict[str, Any], key: str, kind: type, default: Any, path: Path) -> Any:
@@ -170,7 +171,16 @@ def load_config(path: Path | None) -> KubeletConfig:
         cluster_domain=_typed(raw, "clusterDomain", str, "cluster.local", path),
         runtime_endpoint=_typed(raw, "containerRuntimeEndpoint", str, None, path),
         pod_cidr=_typed(raw, "podCIDR", str, None, path),
+        cgroup_driver=_cgroup_driver(_typed(raw, "cgroupDriver", str, "cgroupfs", path), path),
     )
+
+
+def _cgroup_driver(value: str, path: Path) -> str:
+    # kubelet pkg/kubelet/apis/config/validation/validation.go: only these two (kubeadm says the same).
+    if value not in ("cgroupfs", "systemd"):
+        raise KubeletConfigError(f'{path}: cgroupDriver: Unsupported value: "{value}": supported values: '
+                                 '"cgroupfs", "systemd"')
+    return value
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,7 @@ class Settings:
     node_ip: str | None
     hostname_override: str | None
     verbosity: int
+    cgroup_driver: str = "cgroupfs"  # --cgroup-driver (deprecated flag) over the config's cgroupDriver
 
 
 def runtime_socket(root: NodeRoot, endpoint: str) -> Path:
@@ -216,4 +227,5 @@ def settings(argv: list[str], root: NodeRoot) -> Settings:
         node_ip=(flags.get("node-ip") or "").split(",")[0] or None,
         hostname_override=flags.get("hostname-override"),
         verbosity=flags.verbosity,
+        cgroup_driver=_cgroup_driver(flags.get("cgroup-driver") or config.cgroup_driver, Path("--cgroup-driver")),
     )
