@@ -115,8 +115,13 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificates_dir: Path) -> bytes:
-    """InitConfiguration, ClusterConfiguration (kubeadm.k8s.io/v1beta4) and KubeletConfiguration, in that order."""
+def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificates_dir: Path,
+                          cgroup_driver: str) -> bytes:
+    """InitConfiguration, ClusterConfiguration (kubeadm.k8s.io/v1beta4) and KubeletConfiguration, in that order.
+
+    `cgroup_driver` is the container engine's (`docker info`): the kubelet's must be the same, or every pod
+    sandbox fails (cri-dockerd hands the kubelet's cgroup parent to the engine as it is).
+    """
     k8s = config.kubernetes
     node_ip = node_ip_of(config, cluster)
     init = {
@@ -158,7 +163,7 @@ def render_kubeadm_config(config: Config, cluster: ClusterParams, *, certificate
         "kind": "KubeletConfiguration",
         "healthzPort": cluster.kubelet_healthz_port,
         "healthzBindAddress": "127.0.0.1",
-        "cgroupDriver": "cgroupfs",
+        "cgroupDriver": cgroup_driver,
         "clusterDomain": k8s.dns_domain,
     }
     text = yaml.safe_dump_all([init, cluster_doc, kubelet], sort_keys=False, explicit_start=True)

@@ -58,6 +58,9 @@ class ContainerEngine(Protocol):
 
     async def remove_container(self, container_id: str) -> None: ...
 
+    async def cgroup_driver(self) -> str:
+        """The engine's cgroup driver (`docker info` CgroupDriver): "systemd" or "cgroupfs"."""
+
     async def close(self) -> None: ...
 
 

@@ -21,6 +21,7 @@ TOOLS: dict[str, str] = {
     "kubelet": "simnode.kubelet.main:main",
     "kubectl": "simnode.tools.kubectl:main",
     "crictl": "simnode.tools.crictl:main",
+    "systemctl": "simnode.systemd:main",
     "kube-apiserver": "simnode.apiserver.main:main",
     "kube-controller-manager": "simnode.controllers.manager:main",
     "kube-scheduler": "simnode.controllers.scheduler:main",

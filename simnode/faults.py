@@ -19,8 +19,9 @@ Format (every key optional):
       "apiserver_never_ready": false,  # /readyz stays 500
       "crashloop_pods": ["coredns"],   # pods whose name starts with one of these crash-loop
       "kubelet_exit_after_s": null,    # kubelet exits (status 1) this long after it starts
-      "kubelet_client_rotation_after_s": null  # kubelet rotates its client certificate this long after it
+      "kubelet_client_rotation_after_s": null, # kubelet rotates its client certificate this long after it
                                                # starts (instead of at 70-90 % of the certificate's lifetime)
+      "engine_cgroup_driver": null     # "systemd"/"cgroupfs": the driver the simulated runtime sees in `docker info`
     }
 """
 
@@ -60,6 +61,7 @@ class Faults:
     crashloop_pods: tuple[str, ...] = ()
     kubelet_exit_after_s: float | None = None
     kubelet_client_rotation_after_s: float | None = None
+    engine_cgroup_driver: str | None = None  # what the simulated runtime believes `docker info` says
 
     def delay_s(self, name: str) -> float:
         return self.delays_s.get(name, DEFAULT_DELAYS_S.get(name, 0.0))
@@ -87,7 +89,7 @@ def load_faults(path: Path) -> Faults:
     if not isinstance(raw, dict):
         raise FaultsFileError(f"{path}: expected a JSON object")
     known = {"delays_s", "kubeadm_fail", "apiserver_never_ready", "crashloop_pods", "kubelet_exit_after_s",
-             "kubelet_client_rotation_after_s"}
+             "kubelet_client_rotation_after_s", "engine_cgroup_driver"}
     unknown = set(raw) - known
     if unknown:
         raise FaultsFileError(f"{path}: unknown keys {sorted(unknown)}")
@@ -123,6 +125,9 @@ def load_faults(path: Path) -> Faults:
         raise FaultsFileError("crashloop_pods: expected a list of pod name prefixes")
     exit_after = raw.get("kubelet_exit_after_s")
     rotation_after = raw.get("kubelet_client_rotation_after_s")
+    cgroup_driver = raw.get("engine_cgroup_driver")
+    if cgroup_driver not in (None, "cgroupfs", "systemd"):
+        raise FaultsFileError('engine_cgroup_driver: expected "cgroupfs", "systemd" or null')
     return Faults(
         delays_s=delays,
         kubeadm_fail=fail,
@@ -131,4 +136,5 @@ def load_faults(path: Path) -> Faults:
         kubelet_exit_after_s=None if exit_after is None else _number(exit_after, "kubelet_exit_after_s"),
         kubelet_client_rotation_after_s=None if rotation_after is None
         else _number(rotation_after, "kubelet_client_rotation_after_s"),
+        engine_cgroup_driver=cgroup_driver,
     )

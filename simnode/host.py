@@ -18,6 +18,8 @@ real one, and the lifecycle service, given the same root, sees the same machine.
     lib/systemd/system/cri-docker.service cri-dockerd's unit as its Debian package ships it
     proc/net/{route,fib_trie,if_inet6}    the network: lo, and eth0 10.0.2.15/24 with the default route (a plain VM)
     etc/hosts                             Debian's: localhost and the host name, no kubernetes.docker.internal
+    lib/systemd/system/cri-docker.service cri-dockerd's unit as its Debian package ships it, running (booted)
+    usr/bin/systemctl                     the simulated systemctl (simnode/systemd.py): a systemd host
 
 Each entry is written only when absent, so a test may prepare its own variant first or change one after.
 """
@@ -26,7 +28,11 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
+
+from simnode.paths import NodeRoot
+from simnode.systemd import boot
 
 # Stubs for the tools kubeadm's preflight looks up on the PATH (cmd/kubeadm/app/preflight/checks.go, InPathCheck).
 TOOL_STUBS: tuple[str, ...] = (
@@ -103,6 +109,58 @@ def prepare_host(root: Path) -> None:
         path = root / rel
         if not path.exists():
             make_socket_file(path)
+    systemctl = root / "usr/bin/systemctl"
+    if not systemctl.exists():
+        # The checkout's simnode, run by this Python: the machine's systemctl is part of the host, not of the
+        # binaries image the service extracts.
+        package_parent = Path(__file__).resolve().parent.parent
+        systemctl.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(package_parent)!r})\n"
+                             "from simnode.__main__ import main\nsys.exit(main())\n")
+        systemctl.chmod(0o755)
+    boot(NodeRoot(root.resolve()), ("cri-docker.service",))
+
+
+# The kubelet's units as the Kubernetes packages (pkgs.k8s.io kubelet .deb, kubernetes/release
+# cmd/krel/templates/latest/kubelet/kubelet.service and kubeadm/10-kubeadm.conf) install them.
+KUBELET_UNIT = """\
+[Unit]
+Description=kubelet: The Kubernetes Node Agent
+Documentation=https://kubernetes.io/docs/
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart=/usr/bin/kubelet
+Restart=always
+StartLimitInterval=0
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+"""
+KUBEADM_DROP_IN = """\
+# Note: This dropin only works with kubeadm and kubelet v1.11+
+[Service]
+Environment="KUBELET_KUBECONFIG_ARGS=--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf \
+--kubeconfig=/etc/kubernetes/kubelet.conf"
+Environment="KUBELET_CONFIG_ARGS=--config=/var/lib/kubelet/config.yaml"
+EnvironmentFile=-/var/lib/kubelet/kubeadm-flags.env
+EnvironmentFile=-/etc/default/kubelet
+ExecStart=
+ExecStart=/usr/bin/kubelet $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS $KUBELET_EXTRA_ARGS
+"""
+
+
+def install_kubelet_package_units(root: Path) -> None:
+    """What installing the kubelet and kubeadm .debs adds: kubelet.service with kubeadm's drop-in, enabled."""
+    for rel, text in (("lib/systemd/system/kubelet.service", KUBELET_UNIT),
+                      ("lib/systemd/system/kubelet.service.d/10-kubeadm.conf", KUBEADM_DROP_IN)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    wants = root / "etc/systemd/system/multi-user.target.wants/kubelet.service"
+    wants.parent.mkdir(parents=True, exist_ok=True)
+    if not wants.is_symlink():
+        wants.symlink_to("/lib/systemd/system/kubelet.service")
 
 
 def make_socket_file(path: Path) -> None:

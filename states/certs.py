@@ -22,6 +22,7 @@ from lifecycle.pki import (
     write_atomic,
     write_files,
 )
+from lifecycle.ports import EngineError
 from lifecycle.step import StepContext
 
 KUBEADM_CONFIG_MODE = 0o644
@@ -39,9 +40,9 @@ class Certs:
             problems = await asyncio.to_thread(
                 validate_pki, paths.pki_dir, params, kubeconfig_dir=paths.kubernetes_dir, root=paths.root
             )
-            wanted_config = _kubeadm_config(ctx)
-        except ValueError:
-            return False  # bad config: run() says what is wrong
+            wanted_config = await _kubeadm_config(ctx)
+        except (ValueError, PermanentError):
+            return False  # bad config or an engine that cannot be asked: run() says what is wrong
         if problems:
             ctx.log.info("pki needs work", problems=[str(p) for p in problems[:8]], count=len(problems))
             return False
@@ -49,7 +50,7 @@ class Certs:
 
     async def run(self, ctx: StepContext) -> None:
         paths = ctx.paths
-        kubeadm_config = _kubeadm_config(ctx)
+        kubeadm_config = await _kubeadm_config(ctx)
         planned = await asyncio.to_thread(_plan, ctx, _params(ctx))
         config_changed = await asyncio.to_thread(_read_or_none, paths.kubeadm_config) != kubeadm_config
         await asyncio.to_thread(write_files, planned, pki_dir=paths.pki_dir, kubeconfig_dir=paths.kubernetes_dir)
@@ -76,8 +77,17 @@ def _params(ctx: StepContext) -> PkiParams:
     return PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port, node_ip=ctx.node_ip)
 
 
-def _kubeadm_config(ctx: StepContext) -> bytes:
-    return render_kubeadm_config(ctx.config, ctx.cluster, certificates_dir=ctx.paths.pki_dir)
+async def _kubeadm_config(ctx: StepContext) -> bytes:
+    """The kubeadm config for the current settings, with the kubelet on the container engine's cgroup driver."""
+    try:
+        cgroup_driver = await ctx.ports.docker.cgroup_driver()
+    except EngineError as exc:
+        raise PermanentError(
+            f"cannot write the kubelet's cgroup driver: the container engine could not tell its own: {exc.message}",
+            code="engine_unavailable",
+        ) from exc
+    return render_kubeadm_config(ctx.config, ctx.cluster, certificates_dir=ctx.paths.pki_dir,
+                                 cgroup_driver=cgroup_driver)
 
 
 def _plan(ctx: StepContext, params: PkiParams) -> list[PlannedFile]:

@@ -1,6 +1,7 @@
-"""images: pull the binaries, control-plane and addon images through the container engine, several at once.
-Leaves them in the engine. Done when each is present and, if the registry can be asked, has its current digest
-among its RepoDigests (offline, a local copy counts).
+"""images: pull the binaries, control-plane and addon images through the container engine, several at once, and
+give cri-dockerd the pause image pulled here (lifecycle/hostunits.py). Leaves them in the engine and the drop-in.
+Done when each is present and, if the registry can be asked, has its current digest among its RepoDigests
+(offline, a local copy counts), and cri-dockerd's drop-in names the pause image.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.hostunits import configure_cri_dockerd, cri_dockerd_configured
 from lifecycle.ports import ContainerEngine, EngineError, PullProgress
 from lifecycle.step import StepContext
 
@@ -66,13 +68,14 @@ class Images:
             results = await _all(ctx, "images-check", [(ref, check(ref)) for ref in wanted_images(ctx)])
         except EngineError:
             return False  # cannot tell: run() asks again and reports the engine's error
-        return all(results)
+        return all(results) and await cri_dockerd_configured(ctx)
 
     async def run(self, ctx: StepContext) -> None:
         refs = wanted_images(ctx)
         limit = asyncio.Semaphore(ctx.config.docker.pull_concurrency)
         ctx.log.info("images wanted", count=len(refs), concurrency=ctx.config.docker.pull_concurrency)
         await _all(ctx, "images-pull", [(ref, self._one(ctx, ref, limit)) for ref in refs])
+        await configure_cri_dockerd(ctx)  # the sandbox image must be present before cri-dockerd is told to use it
 
     async def _one(self, ctx: StepContext, ref: str, limit: asyncio.Semaphore) -> None:
         async with limit:

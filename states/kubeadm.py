@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
+from lifecycle.hostunits import mask_kubelet_unit
 from lifecycle.paths import KUBECONFIG_NAMES, HostPaths
 from lifecycle.step import StepContext
 
@@ -78,6 +79,7 @@ class Kubeadm:
         if _has_leftovers(paths):
             ctx.progress("removing what an earlier, unfinished kubeadm run left")
             await reset_keeping_pki(ctx)
+        await mask_kubelet_unit(ctx)  # before kubelet-start's `systemctl restart kubelet` (docs/real-vm.md)
         config_sha256 = _sha256(paths.kubeadm_config)
         for index, phase in enumerate(INIT_PHASES, start=1):
             args = ["init", "phase", *phase, f"--config={paths.kubeadm_config}"]

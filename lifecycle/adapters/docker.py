@@ -178,6 +178,20 @@ class DockerEngine:
         except aiohttp.ClientError as exc:
             raise EngineError(f"reading {path} from container {container_id[:12]}: {exc}") from exc
 
+    async def cgroup_driver(self) -> str:
+        # Docker Engine picks systemd on a cgroup v2 host run by systemd unless told otherwise (moby
+        # daemon/daemon_unix.go UsingSystemd), and cri-dockerd up to v0.3.16 cannot pass that on to the kubelet.
+        try:
+            info = await self._client().system.info()
+        except DockerError as exc:
+            raise _engine_error(exc, "asking the engine for its cgroup driver (docker info)") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"asking the engine for its cgroup driver (docker info): {exc}") from exc
+        driver = info.get("CgroupDriver")
+        if driver not in ("systemd", "cgroupfs"):
+            raise EngineError(f"docker info reports cgroup driver {driver!r}; the kubelet needs systemd or cgroupfs")
+        return str(driver)
+
     async def remove_container(self, container_id: str) -> None:
         try:
             await self._client()._query_json(

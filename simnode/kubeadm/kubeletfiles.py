@@ -11,6 +11,7 @@ import yaml
 
 from simnode.kubeadm.config import Config
 from simnode.kubeadm.files import write_atomic
+from simnode.kubeadm.initsystem import try_start_kubelet, try_stop_kubelet
 from simnode.kubeadm.kubeconfig import read_kubeconfig
 from simnode.paths import NodeRoot
 
@@ -40,13 +41,15 @@ def kubelet_flags(cfg: Config) -> str:
 
 
 def write_kubelet_start(cfg: Config, root: NodeRoot, out: Callable[[str], None]) -> None:
+    # kubernetes/kubernetes cmd/kubeadm/app/cmd/phases/init/kubelet.go runKubeletStart: stop the kubelet service,
+    # write its files, then daemon-reload and restart it (a distro kubelet.service is started here).
+    try_stop_kubelet(root, out)
     out(f'[kubelet-start] Writing kubelet environment file with flags to file "{KUBELET_FLAGS}"')
     write_atomic(root.path(KUBELET_FLAGS), kubelet_flags(cfg))
     out(f'[kubelet-start] Writing kubelet configuration to file "{KUBELET_CONFIG}"')
     write_atomic(root.path(KUBELET_CONFIG), kubelet_config_yaml(cfg))
-    # Real kubeadm runs `systemctl start kubelet` here; the simulated node has no init system, so
-    # starting the kubelet is up to whoever runs the node (the lifecycle service).
     out("[kubelet-start] Starting the kubelet")
+    try_start_kubelet(root, out)
 
 
 def finalize_client_cert(root: NodeRoot, out: Callable[[str], None]) -> None:

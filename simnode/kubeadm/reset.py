@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from simnode.kubeadm.errors import KubeadmError, PhaseError
+from simnode.kubeadm.initsystem import stop_kubelet_for_reset
 from simnode.kubeadm.manifests import ETCD, MANIFESTS_DIR, manifest_path
 from simnode.paths import NodeRoot
 
@@ -87,6 +88,7 @@ def reset(root: NodeRoot, *, cert_dir: str | None, force: bool, ask: Callable[[s
     _safe_dir(cert_dir, "--cert-dir")
     _safe_dir(etcd_dir, "etcd data directory")
     out("[preflight] Running pre-flight checks")
+    stop_kubelet_for_reset(root, out)  # cleanupnode.go: before anything is removed
     out(f"[reset] Deleting contents of directory: [{MANIFESTS_DIR}]")
     clear_dir(root.path(MANIFESTS_DIR))
     stop_static_pods(root, out)

@@ -47,6 +47,7 @@ class Kubelet:
         self.static = StaticPods(s.root, s.manifest_dir, self.docker)
         self.node_ip = s.node_ip or default_node_ip()
         self.static.host_ip = self.node_ip
+        self.static.sandbox.kubelet_cgroup_driver = s.cgroup_driver
         self.stop = asyncio.Event()
         self.exit_code = 0
         self.runtime_version = ""

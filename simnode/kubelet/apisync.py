@@ -221,7 +221,8 @@ class PodSync:
         if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return
         sim = self.api_pods.get(uid) or self._new_api_pod(pod)
-        self._dirty |= await refresh_images(self.docker, sim.containers, time.time())
+        if await self.static.sandbox.admit(sim, faults):
+            self._dirty |= await refresh_images(self.docker, sim.containers, time.time())
         now = time.time()
         self._dirty |= sim.advance(now, faults, self.runner)
         await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))

@@ -126,6 +126,7 @@ class KubeletConfig:
     pod_cidr: str | None = None
     rotate_certificates: bool = False  # KubeletConfiguration v1beta1 default; kubeadm writes true
     fail_swap_on: bool = True  # failSwapOn: the real kubelet's default
+    cgroup_driver: str = "cgroupfs"  # kubelet pkg/kubelet/apis/config/v1beta1/defaults.go: "" -> cgroupfs
 
 
 def _typed(raw: dict[str, Any], key: str, kind: type, default: Any, path: Path) -> Any:
@@ -177,7 +178,16 @@ def load_config(path: Path | None) -> KubeletConfig:
         pod_cidr=_typed(raw, "podCIDR", str, None, path),
         rotate_certificates=_typed(raw, "rotateCertificates", bool, False, path),
         fail_swap_on=_typed(raw, "failSwapOn", bool, True, path),
+        cgroup_driver=_cgroup_driver(_typed(raw, "cgroupDriver", str, "cgroupfs", path), path),
     )
+
+
+def _cgroup_driver(value: str, path: Path) -> str:
+    # kubelet pkg/kubelet/apis/config/validation/validation.go: only these two (kubeadm says the same).
+    if value not in ("cgroupfs", "systemd"):
+        raise KubeletConfigError(f'{path}: cgroupDriver: Unsupported value: "{value}": supported values: '
+                                 '"cgroupfs", "systemd"')
+    return value
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,7 @@ class Settings:
     verbosity: int
     cert_dir: str = "/var/lib/kubelet/pki"  # --cert-dir (real path; the client certificate store lives here)
     fail_swap_on: bool = True
+    cgroup_driver: str = "cgroupfs"  # --cgroup-driver (deprecated flag) over the config's cgroupDriver
 
 
 def runtime_socket(root: NodeRoot, endpoint: str) -> Path:
@@ -227,4 +238,5 @@ def settings(argv: list[str], root: NodeRoot) -> Settings:
         verbosity=flags.verbosity,
         cert_dir=flags.get("cert-dir") or "/var/lib/kubelet/pki",
         fail_swap_on=config.fail_swap_on if flags.fail_swap_on is None else flags.fail_swap_on,
+        cgroup_driver=_cgroup_driver(flags.get("cgroup-driver") or config.cgroup_driver, Path("--cgroup-driver")),
     )

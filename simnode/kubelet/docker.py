@@ -50,6 +50,13 @@ class DockerRuntime:
             raise RuntimeUnavailable(f"container runtime at unix://{self.socket_path}: /version answered {status}")
         return f"docker://{body.get('Version', 'unknown')}"
 
+    async def info(self) -> dict[str, object]:
+        """`docker info` (GET /info): CgroupDriver is what cri-dockerd's sandboxes are checked against."""
+        status, body = await self._get("/info")
+        if status != 200 or not isinstance(body, dict):
+            raise RuntimeUnavailable(f"container runtime at unix://{self.socket_path}: /info answered {status}")
+        return body
+
     async def image_id(self, ref: str) -> str | None:
         """The image ID (sha256:...) if `ref` is present in the engine, None if it is not."""
         # Slashes and the tag colon stay as they are: that is how the docker CLI sends references.

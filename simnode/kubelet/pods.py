@@ -102,6 +102,8 @@ class PodSim:
     qos_class: str = "BestEffort"
     transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
     saved_transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    sandbox_ready: bool = False  # set by simnode/kubelet/sandbox.py once cri-dockerd made the pod's sandbox
+    sandbox_error: str | None = None
 
     @property
     def key(self) -> str:
@@ -186,7 +188,7 @@ class PodSim:
         started_once = all(s["started"] or s["restartCount"] > 0 for s in statuses)
         ready = "True" if all_ready else "False"
         conds = [
-            ("PodReadyToStartContainers", "True"),
+            ("PodReadyToStartContainers", "False" if self.sandbox_error else "True"),
             ("Initialized", "True"),
             ("Ready", ready),
             ("ContainersReady", ready),

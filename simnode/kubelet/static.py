@@ -23,6 +23,7 @@ from simnode.faults import Faults
 from simnode.kubelet import runtime
 from simnode.kubelet.docker import DockerRuntime, refresh_images
 from simnode.kubelet.pods import ContainerSim, PodSim, containers_from_spec, qos_class, readiness_probe
+from simnode.kubelet.sandbox import SandboxGate
 from simnode.paths import NodeRoot
 
 log = logging.getLogger("kubelet.static")
@@ -142,6 +143,7 @@ class StaticPods:
         self.manifest_dir = manifest_dir
         self.docker = docker
         self.runner = ProcessRunner(root)
+        self.sandbox = SandboxGate(root, docker)
         self.pods: dict[str, StaticPod] = {}
         self.records = runtime.load_records(root)
         self.host_ip = "127.0.0.1"
@@ -193,7 +195,8 @@ class StaticPods:
         found, broken = self.scan()
         changed = self._reconcile(found, broken)
         for sp in self.pods.values():
-            changed |= await refresh_images(self.docker, sp.sim.containers, time.time())
+            if await self.sandbox.admit(sp.sim, faults):
+                changed |= await refresh_images(self.docker, sp.sim.containers, time.time())
             now = time.time()
             changed |= sp.sim.advance(now, faults, self.runner)
             self._probe(sp.sim, now)

@@ -30,10 +30,11 @@ from lifecycle.adapters.kubelet import ProcessKubeletSupervisor
 from lifecycle.adapters.process import SubprocessRunner
 from lifecycle.config import AddonsConfig, Config, DockerConfig, KubernetesConfig, ReadinessConfig, VersionImages
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
+from lifecycle.hostunits import configure_cri_dockerd
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.step import ClusterParams, StepContext
-from simnode.host import prepare_host
+from simnode.host import install_kubelet_package_units, prepare_host
 from states.addons import Addons
 from states.binaries import Binaries
 from states.certs import Certs
@@ -126,6 +127,53 @@ async def _prepare(node: Node, *, pull: bool) -> None:
         if not await step.is_done(ctx):
             await step.run(ctx)
         assert await step.is_done(ctx), f"{step.name} not done after run"
+    if not pull:
+        await configure_cri_dockerd(node.ctx("images"))  # what the skipped images state does after its pulls
+
+
+def _kubelets(root: Path) -> list[int]:
+    """Kubelet processes of this root (pod processes run from the same zipapp but carry SIMNODE_POD)."""
+    found = []
+    for pid in _pids_under(root):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(root / "usr/bin/kubelet").encode() in cmdline and not any(e.startswith(b"SIMNODE_POD=")
+                                                                          for e in environ):
+            found.append(pid)
+    return found
+
+
+def _systemctl(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(node.paths.under("/usr/bin/systemctl")), *args], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+async def test_a_packaged_kubelet_service_is_masked_so_kubeadm_starts_no_second_kubelet(
+    sim_images: SimImages, make_node: Callable[..., Node]
+) -> None:
+    # Finding 13: kubeadm's kubelet-start runs `systemctl restart kubelet`; with the kubelet .deb's unit enabled
+    # that is a second kubelet next to the one the service supervises.
+    node = make_node("distro")
+    install_kubelet_package_units(node.paths.root)
+    assert _systemctl(node, "is-enabled", "kubelet").stdout.strip() == "enabled"
+    await _prepare(node, pull=True)
+
+    ctx = node.ctx("kubeadm")
+    await Kubeadm().run(ctx)
+    assert _kubelets(node.paths.root) == [], "kubeadm's kubelet-start started kubelet.service"
+    assert _systemctl(node, "is-active", "kubelet").returncode == 3
+    assert _systemctl(node, "is-enabled", "kubelet").stdout.strip() == "masked"
+    assert "masked kubelet.service: the service supervises the kubelet (kubeadm cannot start another)" in \
+        node.messages("kubeadm")
+
+    await Kubelet().run(node.ctx("kubelet"))
+    assert len(_kubelets(node.paths.root)) == 1
+    # kubeadm reset's `systemctl stop kubelet` meets a masked unit and leaves ours to the service.
+    await reset(node.ctx("kubeadm", timeout_s=60))
+    assert _kubelets(node.paths.root) == []
 
 
 async def test_kubeadm_to_addons_brings_up_a_cluster_that_kubectl_sees(

@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import structlog
 
+from lifecycle.adapters.docker import DockerEngine
+from lifecycle.adapters.process import SubprocessRunner
 from lifecycle.config import Config, DockerConfig, KubernetesConfig, PkiConfig, VersionImages
 from lifecycle.paths import HostPaths
 from lifecycle.ports import ContainerEngine, Ports
@@ -45,6 +47,9 @@ class ProgressLog:
 
 def make_config(root: Path, *, docker_host: str = "unix:///nonexistent", repo: str = "127.0.0.1:5000/none",
                 **k8s: Any) -> Config:
+    # The kubelet of a step test talks to the engine directly: no cri-dockerd whose sandbox image needs setting
+    # (tests/integration/test_host_units.py covers a machine with one).
+    k8s.setdefault("cri_socket", "unix:///var/run/docker.sock")
     kubernetes = KubernetesConfig(
         version=VERSION, image_repository=repo, binaries_image="{repo}/kube-binaries:{version}",
         versions={VERSION: TAGS}, node_ip="127.0.0.1", endpoint_name="localhost", **k8s,
@@ -53,11 +58,23 @@ def make_config(root: Path, *, docker_host: str = "unix:///nonexistent", repo: s
                   docker=DockerConfig(host=docker_host, pull_concurrency=3))
 
 
+class LocalEngine:
+    """The local Docker Engine for steps that only ask it questions (the certs step asks for its cgroup driver):
+    a fresh client per call, so a test need not close anything."""
+
+    async def cgroup_driver(self) -> str:
+        engine = DockerEngine(os.environ.get("DOCKER_HOST") or "unix:///tmp/lifecycle-services/docker/docker.sock")
+        try:
+            return await engine.cgroup_driver()
+        finally:
+            await engine.close()
+
+
 def make_ctx(config: Config, *, docker: ContainerEngine | None = None, api_port: int = 16443,
              deadline_s: float = 120.0) -> tuple[StepContext, ProgressLog]:
     progress = ProgressLog()
-    ports = Ports(docker=cast(ContainerEngine, docker), commands=cast(Any, None), kubelet=cast(Any, None),
-                  kube=cast(Any, None))
+    ports = Ports(docker=cast(ContainerEngine, docker or LocalEngine()), commands=SubprocessRunner(),
+                  kubelet=cast(Any, None), kube=cast(Any, None))
     ctx = StepContext(
         config=config, paths=HostPaths(config.root),
         cluster=ClusterParams(kubernetes_version=VERSION, api_port=api_port, kubelet_healthz_port=20248),

@@ -127,6 +127,14 @@ def test_kubeadm_init_and_kubelet_give_a_cluster_that_kubectl_cannot_tell_from_a
                           text=True, env=env, check=True).stdout.strip() == "v1.31.4"
 
     openssl_pki(root / "etc/kubernetes/pki")
+    # As on a VM (docs/real-vm.md): cri-dockerd, which makes every pod's sandbox, is told the pause image kubeadm's
+    # version uses; its packaged default (registry.k8s.io/pause:3.9) is not in the engine of an offline node.
+    drop_in = root / "etc/systemd/system/cri-docker.service.d/10-pause.conf"
+    drop_in.parent.mkdir(parents=True)
+    drop_in.write_text("[Service]\nExecStart=\nExecStart=/usr/bin/cri-dockerd --container-runtime-endpoint fd:// "
+                       "--pod-infra-container-image=127.0.0.1:5000/pause:3.10\n")
+    for args in (["daemon-reload"], ["restart", "cri-docker.service"]):
+        subprocess.run([str(root / "usr/bin/systemctl"), *args], check=True, capture_output=True, env=env, timeout=30)
     docker_sock = os.environ.get("DOCKER_HOST", "unix:///tmp/lifecycle-services/docker/docker.sock")
     api_port = free_port()
     config = tmp_path / "kubeadm.yaml"

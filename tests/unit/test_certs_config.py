@@ -44,7 +44,8 @@ def test_short_lifetimes_for_tests_are_accepted_and_reach_the_kubeadm_config(tmp
     assert pki.cert_validity_days == 0.0025 and pki.expiry_warning_days == (1.0, 0.002, 0.001)
     assert (pki.renew_before_days, pki.check_interval_s) == (0.0015, 0.5)
     docs = list(yaml.safe_load_all(render_kubeadm_config(
-        config, ClusterParams("v1.31.4", api_port=6443, kubelet_healthz_port=10248), certificates_dir=tmp_path)))
+        config, ClusterParams("v1.31.4", api_port=6443, kubelet_healthz_port=10248), certificates_dir=tmp_path,
+        cgroup_driver="systemd")))
     assert docs[1]["certificateValidityPeriod"] == "0h3m36s"
     assert docs[1]["caCertificateValidityPeriod"] == "24h0m0s"
     assert go_duration(365 * 86400) == "8760h0m0s"
