@@ -15,7 +15,6 @@ real one, and the lifecycle service, given the same root, sees the same machine.
     usr/bin/{mount,nsenter,ethtool,socat,tc,touch}
     var/run/containerd/containerd.sock    a unix socket (Docker Engine's containerd)
     var/run/cri-dockerd.sock              a unix socket (cri-dockerd)
-    lib/systemd/system/cri-docker.service cri-dockerd's unit as its Debian package ships it
     proc/net/{route,fib_trie,if_inet6}    the network: lo, and eth0 10.0.2.15/24 with the default route (a plain VM)
     etc/hosts                             Debian's: localhost and the host name, no kubernetes.docker.internal
     lib/systemd/system/cri-docker.service cri-dockerd's unit as its Debian package ships it, running (booted)
