@@ -48,6 +48,9 @@ VERSION = "v1.31.4"
 REGISTRY_REPO = SIM_REPO
 DOCKER_HOST = os.environ.get("DOCKER_HOST") or "unix:///tmp/lifecycle-services/docker/docker.sock"
 LOG = structlog.get_logger("e2e")
+# As in simnode/lifecycle.toml: the simulated image carries Docker Desktop's kind of tag.
+BINARIES_IMAGE = ("{repo}/desktop-kubernetes:kubernetes-{version}-cni-{cni}-critools-{critools}"
+                  "-cri-dockerd-{cri_dockerd}-1-debian")
 
 
 @dataclass
@@ -79,7 +82,8 @@ def _config(root: Path, *, repo: str, binaries_image: str) -> Config:
             version=VERSION,
             image_repository=repo,
             binaries_image=binaries_image,
-            versions={VERSION: VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10")},
+            versions={VERSION: VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10", cni="v1.6.0",
+                                             critools="v1.31.1", cri_dockerd="v0.3.16")},
             addon_images=(f"{repo}/storage-provisioner:v1.0.0", f"{repo}/lb-forwarder:v1.0.0"),
             node_ip="127.0.0.1",
             endpoint_name="localhost",  # as in simnode/lifecycle.toml
@@ -95,7 +99,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Node]]:
     """Builds nodes under tmp_path; tears each down (reset, then kill what still runs from its root)."""
     nodes: list[Node] = []
 
-    def make(name: str, *, repo: str = REGISTRY_REPO, binaries_image: str = "{repo}/kube-binaries:{version}") -> Node:
+    def make(name: str, *, repo: str = REGISTRY_REPO, binaries_image: str = BINARIES_IMAGE) -> Node:
         root = tmp_path / name
         prepare_host(root)
         paths = HostPaths(root)
@@ -175,7 +179,7 @@ async def test_kubeadm_to_addons_brings_up_a_cluster_that_kubectl_sees(
 async def test_kubeadm_failure_and_retry_then_readiness_names_the_missing_coredns_image(
     sim_images: SimImages, make_node: Callable[..., Node], private_repo: str
 ) -> None:
-    node = make_node("faulty", repo=private_repo, binaries_image=f"{REGISTRY_REPO}/kube-binaries:{{version}}")
+    node = make_node("faulty", repo=private_repo, binaries_image=BINARIES_IMAGE.replace("{repo}", REGISTRY_REPO))
     await _prepare(node, pull=False)
     faults = node.paths.under("/etc/simnode/faults.json")
     faults.parent.mkdir(parents=True, exist_ok=True)

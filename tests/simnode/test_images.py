@@ -117,19 +117,22 @@ def test_pad_bytes_are_deterministic_and_incompressible() -> None:
 
 
 def test_layer_sizes_follow_the_pad_scale(namespace: str, registry: str, docker_host: str) -> None:
-    only = ("etcd", "kube-binaries")
+    only = ("etcd", v.BINARIES_IMAGE)
     sizes: dict[float, dict[str, int]] = {}
     for scale in (0.002, 0.008):
         req = BuildRequest(registry=registry, versions=("v1.31.4",), pad_scale=scale,
                            docker_host=docker_host, namespace=f"{namespace}/s{int(scale * 1000)}", only=only)
         results = build_images_sync(req, log=None)
-        assert sorted(r.ref.split("/")[-1] for r in results) == ["etcd:3.5.15-0", "kube-binaries:v1.31.4"]
+        assert sorted(r.ref.split("/")[-1] for r in results) == [
+            "desktop-kubernetes:kubernetes-v1.31.4-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian",
+            "etcd:3.5.15-0",
+        ]
         assert {r.action for r in results} == {"built, pushed"}
         for r in results:
             assert r.compressed_size_bytes == sum(layer_sizes(registry, r.ref))
         # The first layer holds /pad alone (the binaries image keeps its zipapps in a second one).
         sizes[scale] = {r.ref.split("/")[-1].split(":")[0]: layer_sizes(registry, r.ref)[0] for r in results}
-    for name in ("etcd", "kube-binaries"):
+    for name in ("etcd", v.BINARIES_IMAGE):
         small, big = sizes[0.002][name], sizes[0.008][name]
         expected_small = v.REALISTIC_SIZES_BYTES[name] * 0.002
         # gzip cannot shrink random bytes: the layer is the pad plus a little tar/gzip framing.
@@ -144,7 +147,7 @@ def test_second_run_is_up_to_date_and_repairs_what_changed(
     package_dir = tmp_path / "simnode"
     shutil.copytree(PACKAGE_DIR, package_dir, ignore=shutil.ignore_patterns("__pycache__"))
     req = BuildRequest(registry=registry, versions=("v1.32.1",), pad_scale=0.001, docker_host=docker_host,
-                       namespace=namespace, only=("kube-binaries", "kube-scheduler", "pause"), package_dir=package_dir)
+                       namespace=namespace, only=(v.BINARIES_IMAGE, "kube-scheduler", "pause"), package_dir=package_dir)
     first = build_images_sync(req, log=None)
     assert [r.action for r in first] == ["built, pushed"] * 3
     started = time.monotonic()
@@ -177,7 +180,7 @@ def test_second_run_is_up_to_date_and_repairs_what_changed(
 
 def test_binaries_image_holds_runnable_tools(namespace: str, registry: str, docker_host: str, tmp_path: Path) -> None:
     req = BuildRequest(registry=registry, versions=("v1.32.1",), pad_scale=0.0005, docker_host=docker_host,
-                       namespace=namespace, only=("kube-binaries",))
+                       namespace=namespace, only=(v.BINARIES_IMAGE,))
     (result,) = build_images_sync(req, log=None)
     created = docker(docker_host, "create", result.ref)
     assert created.returncode == 0, created.stderr
