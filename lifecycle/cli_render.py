@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 BAR_WIDTH = 24
 MESSAGE_WIDTH = 56  # bars of one pull line up below each other (image references are mostly shorter)
-_INSTALL_STATES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+_INSTALL_STATES = ("certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
 
 
 def _size(n: float) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-STEP_NAMES = ("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+STEP_NAMES = ("certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
 _VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -165,6 +165,7 @@ DEFAULT_STEP_POLICIES: dict[str, StepPolicy] = {
     "certs": StepPolicy(timeout_s=60, retries=0),
     "images": StepPolicy(timeout_s=1800, retries=3, retry_delay_s=2.0),
     "binaries": StepPolicy(timeout_s=300, retries=2),
+    "network": StepPolicy(timeout_s=30, retries=1),
     "kubeadm": StepPolicy(timeout_s=300, retries=1, retry_delay_s=2.0),
     "kubelet": StepPolicy(timeout_s=120, retries=2),
     "readiness": StepPolicy(timeout_s=600, retries=0),

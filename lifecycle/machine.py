@@ -21,6 +21,7 @@ class State(StrEnum):
     CERTS = "certs"
     IMAGES = "images"
     BINARIES = "binaries"
+    NETWORK = "network"
     KUBEADM = "kubeadm"
     KUBELET = "kubelet"
     READINESS = "readiness"

@@ -14,6 +14,8 @@ from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.ports import KubeApi, KubeApiError
 from lifecycle.step import StepContext
 from states.kubeadm import fail_at, run_kubeadm
+from states.network import BIN_DIR as CNI_BIN_DIR
+from states.network import CONF_DIR as CNI_CONF_DIR
 
 API_PHASES: tuple[tuple[str, ...], ...] = (
     ("wait-control-plane",),
@@ -75,11 +77,13 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
     # Updated in place as pods change, so that what was last seen survives the timeout's cancellation.
     unmet: dict[str, str] = dict.fromkeys(components, "no answer from the API yet")
     api_error: str | None = None
+    node_seen: list[str | None] = [None]  # the last NotReady reason reported, so each is reported once
     ctx.progress(f"waiting for {', '.join(components)} to be Ready", current=0, total=len(components))
     try:
         async with asyncio.timeout_at(give_up_at), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
             while True:
                 try:
+                    await _report_node(ctx, api=api, seen=node_seen)
                     await _watch_until_ready(ctx, api=api, components=components, unmet=unmet)
                     if not unmet:
                         return
@@ -91,7 +95,47 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
         pass
     except KubeApiError as exc:  # the kubeconfig itself is unusable
         raise PermanentError(f"cannot reach the API: {exc.message}", code="not_ready") from exc
-    raise not_ready_error(unmet, api_error=api_error)
+    raise not_ready_error(unmet, api_error=api_error, node=await _last_node_problem(ctx) or node_seen[0])
+
+
+async def _report_node(ctx: StepContext, *, api: KubeApi, seen: list[str | None]) -> None:
+    problem = await node_not_ready(api, ctx.config.node_name)
+    if problem is not None and problem != seen[0]:
+        ctx.progress(problem)
+    seen[0] = problem
+
+
+async def _last_node_problem(ctx: StepContext) -> str | None:
+    """The node's state now, in the little time `fail_at` left before the deadline; None if it cannot be had."""
+    left_s = ctx.deadline - asyncio.get_running_loop().time() - 0.2
+    if left_s <= 0:
+        return None
+    try:
+        async with asyncio.timeout(left_s), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+            return await node_not_ready(api, ctx.config.node_name)
+    except (TimeoutError, KubeApiError):
+        return None
+
+
+async def node_not_ready(api: KubeApi, name: str) -> str | None:
+    """`node <name> NotReady: <the kubelet's message>` while the Node's Ready condition is not True.
+
+    A node without a pod network stays NotReady (container runtime network not ready ... cni config
+    uninitialized), keeps the not-ready taint, and no pod off the host network (CoreDNS) is ever scheduled:
+    without this, the step would only say `coredns: ... (Unschedulable)`.
+    """
+    node = await api.get("v1", "Node", name, None)
+    if node is None:
+        return None
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+    if ready is None or ready.get("status") == "True":
+        return None
+    message = str(ready.get("message") or ready.get("reason") or "no reason given")
+    if "cni config uninitialized" in message or "NetworkPluginNotReady" in message:
+        message += (f" (no valid CNI config in {CNI_CONF_DIR} with its plugins in {CNI_BIN_DIR}; "
+                    "the network step writes it)")
+    return f"node {name} NotReady: {message}"
 
 
 async def _watch_until_ready(
@@ -128,12 +172,15 @@ def _update(
     unmet.update(now)
 
 
-def not_ready_error(unmet: Mapping[str, str], *, api_error: str | None) -> StepError:
+def not_ready_error(unmet: Mapping[str, str], *, api_error: str | None, node: str | None = None) -> StepError:
     reasons = "; ".join(f"{c}: {why}" for c, why in unmet.items())
-    message = f"not ready before the deadline: {reasons}"
+    # The node first: while it is NotReady, every unscheduled pod is only a consequence.
+    message = f"not ready before the deadline: {node + '; ' if node else ''}{reasons}"
     if api_error:
         message += f" (last API error: {api_error})"
     details: dict[str, object] = {"components": dict(unmet)}
+    if node:
+        details["node"] = node
     if any(reason in why for why in unmet.values() for reason in HOPELESS_REASONS):
         return PermanentError(message, code="not_ready", details=details)
     return TemporaryError(message, code="not_ready", details=details)

@@ -50,8 +50,9 @@ def test_install_watch_shows_each_state_with_durations_and_pull_progress(node: N
     done = lifecycle("install", "--watch", *node.flags)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for index, state in enumerate(("certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons"), 1):
-        assert f"[{index}/7] {state}\n" in out
+    states = ("certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
+    for index, state in enumerate(states, 1):
+        assert f"[{index}/8] {state}\n" in out
         assert f"  {state} took " in out
     assert re.search(r"pulling item2 +\[#+\] 100% ", out)  # plain lines when not a terminal
     assert out.rstrip().splitlines()[-1].startswith("done: running after ")
@@ -74,7 +75,7 @@ def test_status_json_reset_and_the_state_after_it(node: Node) -> None:
     status = lifecycle("status", "-o", "json", *node.flags)
     assert status.returncode == 0
     body = json.loads(status.stdout)
-    assert body["ok"] and body["status"]["state"] == "running" and body["status"]["steps"] == 7
+    assert body["ok"] and body["status"]["state"] == "running" and body["status"]["steps"] == 8
 
     reset = lifecycle("reset", *node.flags)
     assert reset.returncode == 0, reset.stderr
@@ -115,7 +116,7 @@ def test_watch_follows_events_until_interrupted(node: Node) -> None:
         lines = []
         while "running" not in lines:
             lines.append(watcher.stdout.readline().strip())
-        assert "[1/7] certs" in lines and "[7/7] addons" in lines
+        assert "[1/8] certs" in lines and "[8/8] addons" in lines
     finally:
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(timeout=10) == 0

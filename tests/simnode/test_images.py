@@ -194,10 +194,21 @@ def test_binaries_image_holds_runnable_tools(namespace: str, registry: str, dock
         assert members["pad"].size == pad_size_bytes(v.BINARIES_IMAGE, 0.0005)
         for tool in v.BINARIES:
             assert members[f"usr/bin/{tool}"].mode & 0o777 == 0o755
+        # Shaped like Docker Desktop's Debian-based image: merged /usr, many other programs, the CNI release.
+        assert members["bin"].issym() and members["bin"].linkname == "usr/bin"
+        assert members["usr/bin/sh"].issym() and members["etc/os-release"].issym()
+        assert len([n for n in members if n.startswith("usr/bin/")]) > 30
+        for plugin in ("bridge", "host-local", "loopback", "portmap"):
+            assert members[f"opt/cni/bin/{plugin}"].isreg() and members[f"opt/cni/bin/{plugin}"].mode & 0o111
+        assert members["opt/cni/bin/LICENSE"].mode & 0o777 == 0o644
         tar.extractall(tmp_path / "root", filter="tar")
     out = subprocess.run([tmp_path / "root/usr/bin/kubectl", "version", "--client"],
                          capture_output=True, text=True, check=True, timeout=30)
     assert "Client Version: v1.32.1" in out.stdout
+    version = subprocess.run([tmp_path / "root/opt/cni/bin/bridge"], env={"CNI_COMMAND": "VERSION"},
+                             capture_output=True, text=True, check=True, timeout=30)
+    assert json.loads(version.stdout)["cniVersion"] == "1.0.0"
+    assert result.ref.endswith(":kubernetes-v1.32.1-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian")
 
 
 def test_bad_input_is_rejected_before_anything_is_built(namespace: str, registry: str, docker_host: str) -> None:
