@@ -188,7 +188,7 @@ def _stand_in(kind: str, name: str, version: str) -> bytes:
            f"echo '{name} {version}'\n".encode()
 
 
-def _cni_plugin(name: str, version: str) -> bytes:
+def cni_plugin_stand_in(name: str, version: str) -> bytes:
     # Answers the CNI VERSION command as the reference plugins do (containernetworking/cni pkg/skel), so that
     # `CNI_COMMAND=VERSION /opt/cni/bin/bridge` works on a node the service installed.
     return (
@@ -207,7 +207,7 @@ def binaries_tree(ver: v.VersionImages, tools: bytes) -> tuple[dict[str, bytes],
     files.update({f"usr/bin/{p}": _stand_in("Debian's", p, "12") for p in DEBIAN_PROGRAMS})
     files["usr/sbin/iptables-nft"] = _stand_in("Debian's", "iptables-nft", "1.8.9")
     files["usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"] = b"\x7fELF stand-in\n"
-    files.update({f"opt/cni/bin/{p}": _cni_plugin(p, ver.cni) for p in v.CNI_PLUGINS})
+    files.update({f"opt/cni/bin/{p}": cni_plugin_stand_in(p, ver.cni) for p in v.CNI_PLUGINS})
     plain = {
         "usr/lib/os-release": DEBIAN_OS_RELEASE,
         "etc/debian_version": b"12.8\n",

@@ -35,6 +35,7 @@ HOPELESS_REASONS = frozenset({
 })
 _WATCH_MAX_S = 30.0
 _API_RETRY_S = 0.5
+_NODE_POLL_S = 1.0  # the kubelet posts a change of its Ready condition at once (simulated) or within 10 s (real)
 
 
 class Readiness:
@@ -51,6 +52,8 @@ class Readiness:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
                 pods = await api.list_pods(NAMESPACE)
                 if unmet_components(ctx.config.readiness.components, pods):
+                    return False
+                if await node_not_ready(api, ctx.config.node_name):  # running pods outlive a lost pod network
                     return False
                 config_map = await api.get("v1", "ConfigMap", "kubeadm-config", NAMESPACE)
                 coredns = await api.get("apps/v1", "Deployment", "coredns", NAMESPACE)
@@ -85,9 +88,13 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
                 try:
                     await _report_node(ctx, api=api, seen=node_seen)
                     await _watch_until_ready(ctx, api=api, components=components, unmet=unmet)
-                    if not unmet:
-                        return
                     api_error = None
+                    if not unmet:
+                        # Pods already running stay Ready on a node that lost its pod network: ask the node too.
+                        await _report_node(ctx, api=api, seen=node_seen)
+                        if node_seen[0] is None:
+                            return
+                        await asyncio.sleep(min(_NODE_POLL_S, max(0.0, give_up_at - loop.time())))
                 except KubeApiError as exc:
                     api_error = exc.message
                     await asyncio.sleep(min(_API_RETRY_S, max(0.0, give_up_at - loop.time())))
@@ -95,7 +102,8 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
         pass
     except KubeApiError as exc:  # the kubeconfig itself is unusable
         raise PermanentError(f"cannot reach the API: {exc.message}", code="not_ready") from exc
-    raise not_ready_error(unmet, api_error=api_error, node=await _last_node_problem(ctx) or node_seen[0])
+    last = await _last_node_problem(ctx)
+    raise not_ready_error(unmet, api_error=api_error, node=node_seen[0] if last is None else last or None)
 
 
 async def _report_node(ctx: StepContext, *, api: KubeApi, seen: list[str | None]) -> None:
@@ -106,13 +114,14 @@ async def _report_node(ctx: StepContext, *, api: KubeApi, seen: list[str | None]
 
 
 async def _last_node_problem(ctx: StepContext) -> str | None:
-    """The node's state now, in the little time `fail_at` left before the deadline; None if it cannot be had."""
+    """The node's problem now ("" when Ready), in the little time `fail_at` left before the deadline; None if it
+    cannot be had."""
     left_s = ctx.deadline - asyncio.get_running_loop().time() - 0.2
     if left_s <= 0:
         return None
     try:
         async with asyncio.timeout(left_s), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
-            return await node_not_ready(api, ctx.config.node_name)
+            return await node_not_ready(api, ctx.config.node_name) or ""
     except (TimeoutError, KubeApiError):
         return None
 
