@@ -53,7 +53,7 @@ demo: venv services sim-images
 # bench: speed and memory figures with ratios against a baseline (bench/README.md); not part of `make test`.
 .PHONY: bench
 bench: SIM_PAD_SCALE = 1.0
-bench: SIM_IMAGES_ARGS = --namespace=bench --only=kube-binaries --versions=v1.31.4
+bench: SIM_IMAGES_ARGS = --namespace=bench --only=desktop-kubernetes --versions=v1.31.4
 bench: venv services sim-images
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 

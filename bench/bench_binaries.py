@@ -2,7 +2,7 @@
 
 Measures wall time and peak memory growth (VmHWM after minus VmHWM before, each run in a fresh child process)
 of copying kubeadm, kubelet, kubectl, crictl (/usr/bin) and /pad (150 MB, what real binaries weigh) out of
-`127.0.0.1:5000/bench/kube-binaries:v1.31.4` (built at pad scale 1.0 first if needed).
+the simulated binaries image of v1.31.4 under `127.0.0.1:5000/bench/` (built at pad scale 1.0 first if needed).
 Baseline: aiodocker's `get_archive` (buffers the whole tar; dockerd gzips it, aiohttp inflates it) + tarfile
 `extractall`, then sha256 and fsync per file. Ours: the binaries step itself (`states.binaries.Binaries.run`:
 archive streamed with `Accept-Encoding: identity` into `lifecycle.tarstream`, checked, hashed, fsynced).
@@ -36,11 +36,13 @@ from benchlib import (
     run_child,
 )
 
+from simnode.versions import BINARIES_IMAGE, binaries_image
+
 NAMESPACE = "bench"
 VERSION = "v1.31.4"
-IMAGE = f"127.0.0.1:5000/{NAMESPACE}/kube-binaries:{VERSION}"
+IMAGE = binaries_image(f"127.0.0.1:5000/{NAMESPACE}", VERSION)
 TOOLS = ("kubeadm", "kubelet", "kubectl", "crictl")
-SOURCES = (*TOOLS, "/pad")  # as the step's `kubernetes.binaries`: /pad is fetched as its own archive
+SOURCES = (*(f"/usr/bin/{t}" for t in TOOLS), "/pad")  # as the step's `kubernetes.binaries`: one archive each
 DEFAULT_DOCKER_HOST = "unix:///tmp/lifecycle-services/docker/docker.sock"
 VARIANTS = ("baseline", "ours")
 CHILD_TIMEOUT_S = 120.0
@@ -82,22 +84,24 @@ async def copy_ours(docker_host: str, dest: Path) -> dict[str, str]:
 
 
 async def copy_baseline(docker_host: str, dest: Path) -> dict[str, str]:
-    """The obvious aiodocker code: get_archive per path, extractall, then hash and fsync what was written."""
+    """The obvious aiodocker code: get_archive per file, extractall, then hash and fsync what was written."""
     import aiodocker
 
     docker = aiodocker.Docker(url=docker_host)
     try:
         container = await docker.containers.create({"Image": IMAGE, "Cmd": ["/never-started"]})
         try:
-            for path in ("/usr/bin", "/pad"):
+            for path in SOURCES:
                 archive = await container.get_archive(path)
+                target_dir = dest / path.lstrip("/").rpartition("/")[0]
+                target_dir.mkdir(parents=True, exist_ok=True)
                 with archive:
-                    await asyncio.to_thread(archive.extractall, dest, filter="data")
+                    await asyncio.to_thread(archive.extractall, target_dir, filter="data")
         finally:
             await container.delete(force=True)
     finally:
         await docker.close()
-    files = {name: dest / "bin" / name for name in TOOLS} | {"pad": dest / "pad"}
+    files = {path: dest / path.lstrip("/") for path in SOURCES}
     return await asyncio.to_thread(_hash_and_sync, files)
 
 
@@ -138,7 +142,7 @@ def child(variant: str, docker_host: str) -> int:
 
 def ensure_image(docker_host: str) -> None:
     """Build and push the bench image at realistic size unless it is up to date (seconds when it is)."""
-    argv = [sys.executable, "-m", "simnode.images", "--only", "kube-binaries", "--pad-scale", "1.0",
+    argv = [sys.executable, "-m", "simnode.images", "--only", BINARIES_IMAGE, "--pad-scale", "1.0",
             "--namespace", NAMESPACE, "--versions", VERSION, "--docker-host", docker_host]
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
     proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

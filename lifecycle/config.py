@@ -7,14 +7,16 @@ flags override the file (`with_overrides`). Nothing here touches the disk beyond
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
+import string
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-STEP_NAMES = ("preflight", "certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+STEP_NAMES = ("preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
 _VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -55,20 +57,35 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class VersionImages:
-    """Image tags kubeadm uses for one Kubernetes version (what `kubeadm config images list` prints)."""
+    """Image tags kubeadm uses for one Kubernetes version (what `kubeadm config images list` prints), and the
+    versions of the other components the binaries image carries (its tag names them)."""
 
     etcd: str
     coredns: str
     pause: str
+    cni: str = ""  # containernetworking/plugins release, e.g. v1.6.0
+    critools: str = ""  # kubernetes-sigs/cri-tools release (crictl), e.g. v1.31.1
+    cri_dockerd: str = ""  # Mirantis/cri-dockerd release, e.g. v0.3.16
+
+
+# Placeholders `kubernetes.binaries_image` may use; anything else in braces is a config error.
+BINARIES_IMAGE_FIELDS = ("repo", "version", "cni", "critools", "cri_dockerd")
+# The files the service takes from the binaries image, each to the same path under the node root.
+DEFAULT_BINARIES: tuple[str, ...] = (
+    "/usr/bin/kubeadm", "/usr/bin/kubelet", "/usr/bin/kubectl", "/usr/bin/crictl",
+    "/opt/cni/bin/bridge", "/opt/cni/bin/host-local", "/opt/cni/bin/loopback", "/opt/cni/bin/portmap",
+)
 
 
 @dataclass(frozen=True)
 class KubernetesConfig:
     version: str = "v1.31.4"  # installed when a request names none
     image_repository: str = "registry.k8s.io"
-    # Image holding /usr/bin/{kubeadm,kubelet,kubectl,crictl}; "{version}" is replaced.
-    binaries_image: str = "docker/desktop-kubernetes:kubernetes-{version}"
-    binaries: tuple[str, ...] = ("kubeadm", "kubelet", "kubectl", "crictl")
+    # Docker Desktop's image of node binaries; its tags name every component version (see BINARIES_IMAGE_FIELDS).
+    binaries_image: str = (
+        "docker/desktop-kubernetes:kubernetes-{version}-cni-{cni}-critools-{critools}-cri-dockerd-{cri_dockerd}-1-debian"
+    )
+    binaries: tuple[str, ...] = DEFAULT_BINARIES  # absolute paths in the image, installed at the same path
     binary_max_bytes: int = 512 * 1024 * 1024
     versions: dict[str, VersionImages] = field(default_factory=dict)
     addon_images: tuple[str, ...] = ()  # full references, pulled with the rest
@@ -103,7 +120,20 @@ class KubernetesConfig:
         }
 
     def binaries_image_for(self, version: str) -> str:
-        return self.binaries_image.replace("{version}", version).replace("{repo}", self.image_repository)
+        """The template filled for `version`; a placeholder the version lacks a value for stays visible."""
+        tags = self.versions.get(version)
+        values = {
+            "repo": self.image_repository,
+            "version": version,
+            "cni": tags.cni if tags else "",
+            "critools": tags.critools if tags else "",
+            "cri_dockerd": tags.cri_dockerd if tags else "",
+        }
+        out = self.binaries_image
+        for key, value in values.items():
+            if value:
+                out = out.replace(f"{{{key}}}", value)
+        return out
 
 
 @dataclass(frozen=True)
@@ -136,6 +166,7 @@ DEFAULT_STEP_POLICIES: dict[str, StepPolicy] = {
     "certs": StepPolicy(timeout_s=60, retries=0),
     "images": StepPolicy(timeout_s=1800, retries=3, retry_delay_s=2.0),
     "binaries": StepPolicy(timeout_s=300, retries=2),
+    "network": StepPolicy(timeout_s=30, retries=1),
     "kubeadm": StepPolicy(timeout_s=300, retries=1, retry_delay_s=2.0),
     "kubelet": StepPolicy(timeout_s=120, retries=2),
     "readiness": StepPolicy(timeout_s=600, retries=0),
@@ -312,6 +343,43 @@ def _load_mqtt(t: _Table, base: Path) -> MqttConfig:
     return cfg
 
 
+def _binaries_image(t: _Table, versions: dict[str, VersionImages], default: str) -> str:
+    """The template: only known placeholders, and each version listed has a value for every one it uses."""
+    value = str(t.get("binaries_image", str, default))
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{t.key('binaries_image')}: {exc} in {value!r}") from exc
+    for name in fields:
+        if name not in BINARIES_IMAGE_FIELDS:
+            known = ", ".join(f"{{{f}}}" for f in BINARIES_IMAGE_FIELDS)
+            raise ConfigError(f"{t.key('binaries_image')}: unknown placeholder {{{name}}} (known: {known})")
+    for version, tags in versions.items():
+        for name in fields:
+            if name in ("cni", "critools", "cri_dockerd") and not getattr(tags, name):
+                raise ConfigError(
+                    f"{t.key('versions')}.\"{version}\".{name}: missing (kubernetes.binaries_image uses {{{name}}})"
+                )
+    return value
+
+
+def _image_paths(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Absolute, normalised paths inside an image, each once: they are also where the files go on the node."""
+    paths = _str_list(t, name, default)
+    if not paths:
+        raise ConfigError(f"{t.key(name)}: at least one path is needed")
+    for path in paths:
+        hint = f" (did you mean /usr/bin/{path}?)" if "/" not in path else ""
+        if not path.startswith("/"):
+            raise ConfigError(f"{t.key(name)}: {path!r} is not an absolute path{hint}")
+        if ".." in path.split("/") or posixpath.normpath(path) != path or path == "/":
+            raise ConfigError(f"{t.key(name)}: {path!r} is not a normalised path to a file (no '..', '.', '//')")
+    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise ConfigError(f"{t.key(name)}: {duplicates[0]!r} is listed twice")
+    return paths
+
+
 def _load_kubernetes(t: _Table) -> KubernetesConfig:
     d = KubernetesConfig()
     versions: dict[str, VersionImages] = {}
@@ -324,6 +392,9 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
             etcd=one.get("etcd", str, ""),
             coredns=one.get("coredns", str, ""),
             pause=one.get("pause", str, ""),
+            cni=one.get("cni", str, ""),
+            critools=one.get("critools", str, ""),
+            cri_dockerd=one.get("cri_dockerd", str, ""),
         )
         for tag_key in ("etcd", "coredns", "pause"):
             if not getattr(versions[version], tag_key):
@@ -348,8 +419,8 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
     cfg = KubernetesConfig(
         version=version,
         image_repository=t.get("image_repository", str, d.image_repository).rstrip("/"),
-        binaries_image=t.get("binaries_image", str, d.binaries_image),
-        binaries=_str_list(t, "binaries", d.binaries),
+        binaries_image=_binaries_image(t, versions, d.binaries_image),
+        binaries=_image_paths(t, "binaries", d.binaries),
         binary_max_bytes=int(_positive(t, "binary_max_bytes", d.binary_max_bytes)),
         versions=versions,
         addon_images=_str_list(t, "addon_images", d.addon_images),

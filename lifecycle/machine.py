@@ -22,6 +22,7 @@ class State(StrEnum):
     CERTS = "certs"
     IMAGES = "images"
     BINARIES = "binaries"
+    NETWORK = "network"
     KUBEADM = "kubeadm"
     KUBELET = "kubelet"
     READINESS = "readiness"

@@ -1,6 +1,7 @@
-"""Checked extraction of a tar stream as it arrives (worker thread fed through `ChunkPipe`): only expected
-regular files, each under a size limit. Leaves each as a fsynced 0755 temp file next to its destination, for
-the caller to rename once every entry is checked; on any error removes what it wrote.
+"""Checked extraction of one file's tar stream (the Docker archive API's answer for one path) as it arrives, in a
+worker thread fed through `ChunkPipe`. The archive must hold exactly that file: a regular file under a size limit
+(left as a fsynced 0755 temp file next to its destination, for the caller to rename once every file is checked),
+or a symlink, which is returned for the caller to follow inside the image. On any error it removes what it wrote.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import posixpath
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -22,41 +24,48 @@ _EOF = b""
 
 @dataclass(frozen=True)
 class ArchiveSource:
-    """One archive request: `path` in the image, and the entry names it must hold -> installed names."""
+    """One archive request: the file at `path` in the image (perhaps reached through links from `name`), to be
+    installed at `dest`. `name` is the path the config lists; it names the file in errors and in the record."""
 
+    name: str
     path: str
-    entries: dict[str, str]
-    top_dir: str | None  # the archive's own directory entry (`bin` for /usr/bin), allowed once
+    dest: Path
+
+    @property
+    def entry(self) -> str:
+        return PurePosixPath(self.path).name  # the archive of a file holds one entry: its base name
 
 
 @dataclass(frozen=True)
 class Extracted:
-    name: str
+    name: str  # the configured path in the image, e.g. /usr/bin/kubeadm
+    dest: Path
     temp_path: Path
     sha256: str
     size_bytes: int
 
 
-def plan_sources(binaries: tuple[str, ...] | list[str]) -> list[ArchiveSource]:
-    """Bare names come from one archive of /usr/bin; absolute paths are fetched one archive each."""
-    bare: dict[str, str] = {}
-    sources: list[ArchiveSource] = []
-    seen: set[str] = set()
-    for item in binaries:
-        path = PurePosixPath(item)
-        name = path.name
-        if not name or name in (".", "..") or ".." in path.parts or (len(path.parts) > 1 and not path.is_absolute()):
-            raise ValueError(f"{item!r} is neither a file name nor an absolute path")
-        if name in seen:
-            raise ValueError(f"{name!r} is listed twice")
-        seen.add(name)
-        if path.is_absolute():
-            sources.append(ArchiveSource(path=str(path), entries={name: name}, top_dir=None))
-        else:
-            bare[f"bin/{name}"] = name
-    if bare:
-        sources.insert(0, ArchiveSource(path="/usr/bin", entries=bare, top_dir="bin"))
-    return sources
+@dataclass(frozen=True)
+class Link:
+    """The archive held a symlink: `target` is the absolute path in the image it resolves to."""
+
+    target: str
+
+
+def link_target(path: str, linkname: str) -> str | None:
+    """Where a symlink at `path` points, as an absolute normalised path in the image; None when a relative
+    target climbs above the image's root (a link that escapes: refused, though the engine would clamp it)."""
+    if linkname.startswith("/"):
+        return posixpath.normpath(linkname)
+    depth = 0
+    for part in [*PurePosixPath(path).parent.parts[1:], *PurePosixPath(linkname).parts]:
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif part != ".":
+            depth += 1
+    return posixpath.normpath(posixpath.join(posixpath.dirname(path), linkname))
 
 
 class ChunkPipe:
@@ -100,82 +109,84 @@ class ChunkPipe:
         return out
 
 
-def extract_source(pipe: ChunkPipe, source: ArchiveSource, dest_dir: Path, max_bytes: int) -> list[Extracted]:
-    """Read the whole tar from `pipe`, checking every entry before its data is written anywhere."""
-    done: list[Extracted] = []
+def extract_source(pipe: ChunkPipe, source: ArchiveSource, max_bytes: int) -> Extracted | Link:
+    """Read the whole tar from `pipe`, checking the entry before its data is written anywhere."""
+    found: list[Extracted | Link] = []
     try:
-        _extract_all(pipe, source, dest_dir, max_bytes, done)
+        _extract_all(pipe, source, max_bytes, found)
     except tarfile.TarError as exc:
-        _discard(done)
+        _discard(found)
         raise TemporaryError(f"reading the archive of {source.path}: {exc}", code="archive_failed") from exc
     except BaseException:
-        _discard(done)
+        _discard(found)
         raise
-    missing = sorted(set(source.entries.values()) - {e.name for e in done})
-    if missing:
-        _discard(done)
-        raise PermanentError(
-            f"{source.path} in the binaries image lacks {', '.join(missing)}", code="bad_image",
-            details={"missing": missing},
-        )
-    return done
+    if not found:
+        raise PermanentError(f"{_named(source)} in the binaries image: the archive is empty", code="bad_image",
+                             details={"missing": [source.name]})
+    return found[0]
 
 
-def _extract_all(pipe: ChunkPipe, source: ArchiveSource, dest_dir: Path, max_bytes: int, done: list[Extracted]) -> None:
-    seen_top = False
+def _named(source: ArchiveSource) -> str:
+    return source.name if source.path == source.name else f"{source.name} (-> {source.path})"
+
+
+def _extract_all(pipe: ChunkPipe, source: ArchiveSource, max_bytes: int, found: list[Extracted | Link]) -> None:
     with tarfile.open(fileobj=pipe, mode="r|") as archive:  # type: ignore[call-overload]
         for member in archive:
-            name = member.name.rstrip("/")
-            if source.top_dir is not None and name == source.top_dir and member.isdir() and not seen_top:
-                seen_top = True
-                continue
-            _check_member(member, name, source, max_bytes, {e.name for e in done})
-            done.append(_write_member(archive, member, dest_dir, source.entries[name], max_bytes))
+            outcome = _check_member(member, source, max_bytes, already=bool(found))
+            if isinstance(outcome, Link):
+                found.append(outcome)
+            else:
+                found.append(_write_member(archive, member, source, max_bytes))
     while pipe.read(1 << 16):  # tar padding after the end marker: drain so the producer can finish
         pass
 
 
-def _check_member(
-    member: tarfile.TarInfo, name: str, source: ArchiveSource, max_bytes: int, done_names: set[str]
-) -> None:
+def _check_member(member: tarfile.TarInfo, source: ArchiveSource, max_bytes: int, *, already: bool) -> Link | None:
     def reject(why: str) -> PermanentError:
         return PermanentError(
-            f"archive of {source.path}: entry {member.name!r} rejected: {why}", code="bad_image",
-            details={"entry": member.name, "reason": why},
+            f"{_named(source)} in the binaries image: entry {member.name!r} rejected: {why}", code="bad_image",
+            details={"file": source.name, "entry": member.name, "reason": why},
         )
 
     parts = PurePosixPath(member.name).parts
     if member.name.startswith("/") or ".." in parts:
         raise reject("absolute path or '..' component")
-    if member.issym() or member.islnk():
-        raise reject(f"link to {member.linkname!r}; only regular files are accepted")
+    if member.name.rstrip("/") != source.entry:
+        raise reject(f"unexpected name (the archive of {source.path} holds only {source.entry!r})")
+    if already:
+        raise reject("appears twice")
+    if member.islnk():
+        raise reject(f"hard link to {member.linkname!r}; only regular files and symlinks are accepted")
+    if member.issym():
+        target = link_target(source.path, member.linkname)
+        if target is None:
+            raise reject(f"symlink to {member.linkname!r} points outside the image")
+        return Link(target)
     if not member.isreg():
         raise reject("not a regular file (device, fifo or directory)")
-    if name not in source.entries:
-        raise reject(f"unexpected name (expected {', '.join(sorted(source.entries))})")
-    if source.entries[name] in done_names:
-        raise reject("appears twice")
     if member.size > max_bytes:
         raise reject(f"{member.size} bytes is over the limit of {max_bytes} (kubernetes.binary_max_bytes)")
+    return None
 
 
 def _write_member(
-    archive: tarfile.TarFile, member: tarfile.TarInfo, dest_dir: Path, name: str, max_bytes: int
+    archive: tarfile.TarFile, member: tarfile.TarInfo, source: ArchiveSource, max_bytes: int
 ) -> Extracted:
     data = archive.extractfile(member)
     assert data is not None  # a regular file always has a data reader
-    fd, temp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.lifecycle-")
+    fd, temp_name = tempfile.mkstemp(dir=source.dest.parent, prefix=f".{source.dest.name}.lifecycle-")
     temp_path = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            sha256, size_bytes = _copy_data(data, out, member.name, max_bytes)
+            sha256, size_bytes = _copy_data(data, out, source.name, max_bytes)
             out.flush()
-            os.fchmod(out.fileno(), 0o755)
+            os.fchmod(out.fileno(), 0o755)  # never the image's setuid or group-writable bits
             os.fsync(out.fileno())
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    return Extracted(name=name, temp_path=temp_path, sha256=sha256, size_bytes=size_bytes)
+    return Extracted(name=source.name, dest=source.dest, temp_path=temp_path, sha256=sha256, size_bytes=size_bytes)
 
 
 def _copy_data(data: IO[bytes], out: IO[bytes], entry: str, max_bytes: int) -> tuple[str, int]:
@@ -190,7 +201,8 @@ def _copy_data(data: IO[bytes], out: IO[bytes], entry: str, max_bytes: int) -> t
     return digest.hexdigest(), size_bytes
 
 
-def _discard(done: list[Extracted]) -> None:
-    for entry in done:
-        entry.temp_path.unlink(missing_ok=True)
+def _discard(found: list[Extracted | Link]) -> None:
+    for entry in found:
+        if isinstance(entry, Extracted):
+            entry.temp_path.unlink(missing_ok=True)
 

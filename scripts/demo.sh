@@ -37,7 +37,10 @@ version, repo = sys.argv[1], cfg["image_repository"]
 tags = cfg["versions"][version]
 names = [f"kube-apiserver:{version}", f"kube-controller-manager:{version}", f"kube-scheduler:{version}",
          f"kube-proxy:{version}", f"etcd:{tags['etcd']}", f"coredns:{tags['coredns']}", f"pause:{tags['pause']}"]
-print("\n".join([cfg["binaries_image"].replace("{repo}", repo).replace("{version}", version),
+binaries = cfg["binaries_image"].replace("{repo}", repo).replace("{version}", version)
+for key in ("cni", "critools", "cri_dockerd"):
+    binaries = binaries.replace("{" + key + "}", tags.get(key, ""))
+print("\n".join([binaries,
                  *(f"{repo}/{n}" for n in names), *cfg.get("addon_images", [])]))
 PY
 

@@ -1,8 +1,11 @@
 """Builds the simulated node's images with the local Docker Engine (`FROM scratch`) and pushes them.
 
-Per Kubernetes version: `<repo>/kube-binaries:<v>` (the tools as zipapps in /usr/bin) and the component
-images; the addon images once. Each image carries `/pad`, deterministic incompressible bytes sized like the
-real image times a scale. Leaves images in the engine and tags in the registry; temp contexts are removed.
+Per Kubernetes version: the binaries image, tagged as Docker Desktop tags it
+(`<repo>/desktop-kubernetes:kubernetes-<v>-cni-<v>-critools-<v>-cri-dockerd-<v>-1-debian`): a Debian-like tree with
+the tools as zipapps in /usr/bin and CNI plugin stand-ins in /opt/cni/bin among many other files and links;
+and the component images. The addon images once. Each image carries `/pad`, deterministic incompressible bytes
+sized like the real image times a scale. Leaves images in the engine and tags in the registry; temp contexts
+are removed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ PAD_BLOCK_BYTES = 1 << 20
 PARALLEL_BUILDS = 3
 BUILD_ATTEMPTS = 3
 # Bump when the way an image is assembled changes, so old images stop counting as up to date.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 
 class ImageBuildError(Exception):
@@ -52,7 +55,9 @@ class ImageSpec:
     name: str  # key of REALISTIC_SIZES_BYTES
     ref: str  # full reference, <repo>/<name>:<tag>
     pad_size_bytes: int
-    files: dict[str, bytes] = field(default_factory=dict)  # path in the image (no leading /) -> content
+    files: dict[str, bytes] = field(default_factory=dict)  # path in the image (no leading /) -> content, mode 0755
+    plain: dict[str, bytes] = field(default_factory=dict)  # likewise, mode 0644
+    links: dict[str, str] = field(default_factory=dict)  # path in the image -> symlink target
     cmd: tuple[str, ...] = ()
 
     def dockerfile(self, inputs_sha256: str = "") -> str:
@@ -62,8 +67,8 @@ class ImageSpec:
         if self.cmd:
             lines.append(f"CMD {json.dumps(list(self.cmd))}")
         lines.append("COPY pad /pad")
-        if self.files:
-            lines.append("COPY usr/ /usr/")
+        if self.files or self.plain or self.links:
+            lines.append("COPY rootfs/ /")  # symlinks inside a copied directory stay symlinks
         return "\n".join(lines) + "\n"
 
     def pad_seed(self) -> str:
@@ -78,6 +83,8 @@ class ImageSpec:
             "dockerfile": self.dockerfile(),
             "pad": {"seed": self.pad_seed(), "size_bytes": self.pad_size_bytes},
             "files": {path: hashlib.sha256(data).hexdigest() for path, data in sorted(self.files.items())},
+            "plain": {path: hashlib.sha256(data).hexdigest() for path, data in sorted(self.plain.items())},
+            "links": dict(sorted(self.links.items())),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -135,11 +142,14 @@ def plan_images(
     for version in versions:
         tools = build_zipapp(v.VERSIONS[version].kubernetes, package_dir=package_dir)
         ref = v.binaries_image(repo, version)
+        files, plain, links = binaries_tree(v.VERSIONS[version], tools)
         specs[ref] = ImageSpec(
             name=v.BINARIES_IMAGE,
             ref=ref,
             pad_size_bytes=pad_size_bytes(v.BINARIES_IMAGE, pad_scale),
-            files={f"usr/bin/{tool}": tools for tool in v.BINARIES},
+            files=files,
+            plain=plain,
+            links=links,
             cmd=("/usr/bin/kubelet",),  # never run; lets the service create a container to copy from
         )
         for name, ref in v.component_images(repo, version).items():
@@ -149,8 +159,69 @@ def plan_images(
     return list(specs.values())
 
 
+# Around what the service extracts, the real binaries image is a Debian 12 system: /bin, /sbin and /lib are
+# links into /usr (merged /usr), /usr/bin holds hundreds of programs and alternatives links, /opt/cni/bin holds
+# the whole containernetworking/plugins release tarball (with its LICENSE and README.md). A sample of each.
+DEBIAN_PROGRAMS = (
+    "apt", "apt-get", "bash", "cat", "chmod", "chown", "cp", "dash", "date", "dpkg", "env", "find", "grep", "gzip",
+    "head", "id", "ln", "ls", "mkdir", "mv", "readlink", "rm", "sed", "sort", "tail", "tar", "uname", "xargs",
+    "conntrack", "ebtables", "ethtool", "socat", "nsenter", "mount", "umount",
+)
+DEBIAN_LINKS = {
+    "bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64",
+    "usr/bin/sh": "dash", "usr/bin/rbash": "bash", "usr/bin/gunzip": "gzip", "usr/bin/pager": "/etc/alternatives/pager",
+    "etc/alternatives/pager": "/usr/bin/more", "usr/sbin/iptables": "/etc/alternatives/iptables",
+    "etc/alternatives/iptables": "/usr/sbin/iptables-nft", "etc/os-release": "../usr/lib/os-release",
+    "usr/lib64/ld-linux-x86-64.so.2": "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+}
+DEBIAN_OS_RELEASE = b"""PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
+NAME="Debian GNU/Linux"
+VERSION_ID="12"
+VERSION="12 (bookworm)"
+VERSION_CODENAME=bookworm
+ID=debian
+"""
+
+
+def _stand_in(kind: str, name: str, version: str) -> bytes:
+    return f"#!/bin/sh\n# simnode stand-in for {kind} {name} {version}; never run by the simulated node\n" \
+           f"echo '{name} {version}'\n".encode()
+
+
+def cni_plugin_stand_in(name: str, version: str) -> bytes:
+    # Answers the CNI VERSION command as the reference plugins do (containernetworking/cni pkg/skel), so that
+    # `CNI_COMMAND=VERSION /opt/cni/bin/bridge` works on a node the service installed.
+    return (
+        f"#!/bin/sh\n# simnode stand-in for the CNI reference plugin {name} {version} (containernetworking/plugins)\n"
+        'if [ "$CNI_COMMAND" = VERSION ]; then\n'
+        '  echo \'{"cniVersion":"1.0.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]}\'\n'
+        "  exit 0\nfi\n"
+        f"echo 'CNI {name} plugin {version}' >&2\nexit 1\n"
+    ).encode()
+
+
+def binaries_tree(ver: v.VersionImages, tools: bytes) -> tuple[dict[str, bytes], dict[str, bytes], dict[str, str]]:
+    """(executables, plain files, symlinks) of the binaries image: the tools and plugins amid a Debian tree."""
+    files = {f"usr/bin/{tool}": tools for tool in v.BINARIES}
+    files["usr/bin/cri-dockerd"] = _stand_in("cri-dockerd", "cri-dockerd", ver.cri_dockerd)
+    files.update({f"usr/bin/{p}": _stand_in("Debian's", p, "12") for p in DEBIAN_PROGRAMS})
+    files["usr/sbin/iptables-nft"] = _stand_in("Debian's", "iptables-nft", "1.8.9")
+    files["usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"] = b"\x7fELF stand-in\n"
+    files.update({f"opt/cni/bin/{p}": cni_plugin_stand_in(p, ver.cni) for p in v.CNI_PLUGINS})
+    plain = {
+        "usr/lib/os-release": DEBIAN_OS_RELEASE,
+        "etc/debian_version": b"12.8\n",
+        "etc/hostname": b"desktop-kubernetes\n",
+        "opt/cni/bin/LICENSE": b"Apache License, Version 2.0 (stand-in)\n",
+        "opt/cni/bin/README.md": b"# containernetworking/plugins (stand-in)\n",
+        "usr/share/doc/cri-dockerd/copyright": b"Mirantis cri-dockerd (stand-in)\n",
+        "usr/share/doc/kubernetes/VERSION": f"{ver.kubernetes}\n".encode(),
+    }
+    return files, plain, dict(DEBIAN_LINKS)
+
+
 def write_context(spec: ImageSpec, out: IO[bytes], inputs_sha256: str) -> None:
-    """The build context as an uncompressed tar: Dockerfile, pad, usr/bin/* (mode 0755)."""
+    """The build context as an uncompressed tar: Dockerfile, pad, rootfs/ (files 0755 or 0644, symlinks)."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
 
         def add(name: str, size: int, src: Any, mode: int = 0o644) -> None:
@@ -162,7 +233,13 @@ def write_context(spec: ImageSpec, out: IO[bytes], inputs_sha256: str) -> None:
         add("Dockerfile", len(dockerfile), io.BytesIO(dockerfile))
         add("pad", spec.pad_size_bytes, PadReader(spec.pad_seed(), spec.pad_size_bytes))
         for path, data in sorted(spec.files.items()):
-            add(path, len(data), io.BytesIO(data), 0o755)
+            add(f"rootfs/{path}", len(data), io.BytesIO(data), 0o755)
+        for path, data in sorted(spec.plain.items()):
+            add(f"rootfs/{path}", len(data), io.BytesIO(data), 0o644)
+        for path, target in sorted(spec.links.items()):
+            info = tarfile.TarInfo(f"rootfs/{path}")
+            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 0
+            tar.addfile(info)
 
 
 class _ChunkedFile:

@@ -15,6 +15,11 @@ class VersionImages:
     etcd: str  # etcd image tag
     coredns: str
     pause: str
+    # Versions the binaries image's tag names, as Docker Desktop's do
+    # (docker/desktop-kubernetes:kubernetes-v1.32.2-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian).
+    cni: str = "v1.6.0"
+    critools: str = "v1.31.1"
+    cri_dockerd: str = "v0.3.16"
 
 
 VERSIONS: dict[str, VersionImages] = {
@@ -23,8 +28,14 @@ VERSIONS: dict[str, VersionImages] = {
 }
 DEFAULT_VERSION = "v1.31.4"
 
-BINARIES_IMAGE = "kube-binaries"  # <repo>/kube-binaries:<kubernetes version>, executables in /usr/bin
-BINARIES = ("kubeadm", "kubelet", "kubectl", "crictl")
+# <repo>/desktop-kubernetes:kubernetes-<v>-cni-<v>-critools-<v>-cri-dockerd-<v>-1-debian: a Debian-like tree (see
+# simnode/images.py, binaries_tree) holding the tools in /usr/bin and the CNI plugins in /opt/cni/bin.
+BINARIES_IMAGE = "desktop-kubernetes"
+BINARIES = ("kubeadm", "kubelet", "kubectl", "crictl")  # the simnode zipapp under these names, in /usr/bin
+CNI_PLUGINS = (  # containernetworking/plugins v1.6.0 release tarball, into /opt/cni/bin
+    "bandwidth", "bridge", "dhcp", "dummy", "firewall", "host-device", "host-local", "ipvlan", "loopback",
+    "macvlan", "portmap", "ptp", "sbr", "static", "tap", "tuning", "vlan", "vrf",
+)
 
 # Addon images (the service's deploy/addons manifests use these names under the same repository).
 ADDON_IMAGES: dict[str, str] = {
@@ -67,4 +78,6 @@ def addon_images(repo: str) -> dict[str, str]:
 
 
 def binaries_image(repo: str, version: str) -> str:
-    return f"{repo}/{BINARIES_IMAGE}:{VERSIONS[version].kubernetes}"
+    v = VERSIONS[version]
+    tag = f"kubernetes-{v.kubernetes}-cni-{v.cni}-critools-{v.critools}-cri-dockerd-{v.cri_dockerd}-1-debian"
+    return f"{repo}/{BINARIES_IMAGE}:{tag}"

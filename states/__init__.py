@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lifecycle.step import Step
 
-STEP_ORDER = ("preflight", "certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+STEP_ORDER = ("preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
 
 
 def build_plan() -> list[Step]:
@@ -19,13 +19,15 @@ def build_plan() -> list[Step]:
     from states.kubeadm import Kubeadm
     from states.kubelet import Kubelet
     from states.preflight import Preflight
+    from states.network import Network
     from states.readiness import Readiness
 
     plan: list[Step] = [
         Preflight(),  # what the machine must offer (tools, sysctls, swap off, free ports, its address), all at once
         Certs(),  # the kubeadm PKI, kubeconfigs and the kubeadm config, from our own CA
         Images(),  # binaries, control-plane and addon images, pulled through the Docker Engine
-        Binaries(),  # kubeadm, kubelet, kubectl, crictl copied out of the binaries image
+        Binaries(),  # kubeadm, kubelet, kubectl, crictl and the CNI plugins copied out of the binaries image
+        Network(),  # the pod network's CNI config (bridge, host-local, portmap), before anything starts the kubelet
         Kubeadm(),  # kubeadm init phases up to kubelet-start: manifests and kubelet config
         Kubelet(),  # the kubelet, supervised, healthy
         Readiness(),  # kubeadm's API phases, then control-plane and coredns pods Running and Ready

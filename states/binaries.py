@@ -1,6 +1,7 @@
-"""binaries: copy kubeadm, kubelet, kubectl and crictl out of the binaries image into `<root>/usr/bin` (0755),
-recorded in `<state_dir>/binaries.json` (image id, sha256 per file). Done when the record's image id is the local
-id of the binaries image and every file still has its recorded sha256.
+"""binaries: copy the files `kubernetes.binaries` names (absolute paths: kubeadm, kubelet, kubectl, crictl in
+/usr/bin, the CNI plugins in /opt/cni/bin) out of the binaries image, each to the same path under the node root
+(0755), ignoring everything else in the image; recorded in `<state_dir>/binaries.json` (image id, sha256 per
+file). Done when the record's image id is the local id of the binaries image and every file still has its sha256.
 """
 
 from __future__ import annotations
@@ -9,16 +10,19 @@ import asyncio
 import hashlib
 import json
 import os
+import posixpath
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.paths import HostPaths
 from lifecycle.ports import EngineError
 from lifecycle.step import StepContext
-from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, extract_source, plan_sources
+from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, Link, extract_source
 
 RECORD_NAME = "binaries.json"
+MAX_LINK_HOPS = 8  # symlinks followed inside the image before giving up (a loop, or a maze)
 PROGRESS_INTERVAL_S = 0.25
 T = TypeVar("T")
 
@@ -30,7 +34,7 @@ class Binaries:
 
     async def is_done(self, ctx: StepContext) -> bool:
         record = _read_record(ctx.paths.state_dir / RECORD_NAME)
-        if record is None or set(record["files"]) != set(_names(ctx)):
+        if record is None or set(record["files"]) != set(ctx.config.kubernetes.binaries):
             return False
         try:
             image_id = await ctx.ports.docker.image_id(self._image(ctx))
@@ -38,21 +42,20 @@ class Binaries:
             return False
         if image_id is None or image_id != record["image_id"]:
             return False
-        actual = await asyncio.to_thread(_hash_files, ctx.paths.bin_dir, list(record["files"]))
+        actual = await asyncio.to_thread(_hash_files, ctx.paths, list(record["files"]))
         return actual == {name: entry["sha256"] for name, entry in record["files"].items()}
 
     async def run(self, ctx: StepContext) -> None:
         image = self._image(ctx)
         sources = _sources(ctx)
         image_id = await _local_image_id(ctx, image)
-        bin_dir = ctx.paths.bin_dir
-        await asyncio.to_thread(_prepare_dir, bin_dir)
+        await asyncio.to_thread(_prepare_dirs, sources)
         container = await _engine_call(ctx.ports.docker.create_container(image), f"creating a container from {image}")
         extracted: list[Extracted] = []
         try:
             for source in sources:
-                extracted += await _copy_source(ctx, container, source)
-            await asyncio.to_thread(_install, bin_dir, extracted)
+                extracted.append(await _copy_following_links(ctx, container, source))
+            await asyncio.to_thread(_install, extracted)
         finally:
             await _remove_container(ctx, container)
             await asyncio.to_thread(_discard, extracted)  # temp files left only if something failed
@@ -72,15 +75,22 @@ class Binaries:
         return ctx.config.kubernetes.binaries_image_for(ctx.cluster.kubernetes_version)
 
 
-def _names(ctx: StepContext) -> list[str]:
-    return [name.rsplit("/", 1)[-1] for name in ctx.config.kubernetes.binaries]
-
-
 def _sources(ctx: StepContext) -> list[ArchiveSource]:
-    try:
-        return plan_sources(ctx.config.kubernetes.binaries)
-    except ValueError as exc:
-        raise PermanentError(f"kubernetes.binaries: {exc}", code="invalid_config") from exc
+    """One source per configured path. The config loader checks the paths; a config built in code is checked
+    again here, because each path is also a destination on the node."""
+    sources: list[ArchiveSource] = []
+    for path in ctx.config.kubernetes.binaries:
+        if not path.startswith("/") or ".." in path.split("/") or posixpath.normpath(path) != path or path == "/":
+            raise PermanentError(f"kubernetes.binaries: {path!r} is not an absolute normalised path to a file",
+                                 code="invalid_config")
+        sources.append(ArchiveSource(name=path, path=path, dest=_dest(ctx.paths, path)))
+    if len({s.name for s in sources}) != len(sources):
+        raise PermanentError("kubernetes.binaries: a path is listed twice", code="invalid_config")
+    return sources
+
+
+def _dest(paths: HostPaths, path: str) -> Path:
+    return paths.under(path)
 
 
 async def _engine_call(call: Awaitable[T], doing: str) -> T:
@@ -111,15 +121,27 @@ async def _remove_container(ctx: StepContext, container: str) -> None:
         ctx.log.warning("could not remove the copy container", container=container, error=exc.message)
 
 
-async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) -> list[Extracted]:
-    """Stream one archive into a worker thread that checks and writes each entry as it arrives."""
+async def _copy_following_links(ctx: StepContext, container: str, source: ArchiveSource) -> Extracted:
+    """Copy one file; a symlink in the image is followed (inside the image) to the regular file it names."""
+    current = source
+    for _ in range(MAX_LINK_HOPS + 1):
+        outcome = await _copy_source(ctx, container, current)
+        if isinstance(outcome, Extracted):
+            return outcome
+        current = ArchiveSource(name=source.name, path=outcome.target, dest=source.dest)
+    raise PermanentError(f"{source.name} in the binaries image: more than {MAX_LINK_HOPS} symlinks to follow",
+                         code="bad_image", details={"file": source.name})
+
+
+async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) -> Extracted | Link:
+    """Stream one archive into a worker thread that checks and writes its entry as it arrives."""
     pipe = ChunkPipe(asyncio.get_running_loop())
     limit = ctx.config.kubernetes.binary_max_bytes
     extract = asyncio.create_task(
-        asyncio.to_thread(extract_source, pipe, source, ctx.paths.bin_dir, limit),
+        asyncio.to_thread(extract_source, pipe, source, limit),
         name=f"binaries-extract-{source.path}",
     )
-    feed = asyncio.create_task(_feed(ctx, container, source.path, pipe), name=f"binaries-feed-{source.path}")
+    feed = asyncio.create_task(_feed(ctx, container, source, pipe), name=f"binaries-feed-{source.path}")
     try:
         await asyncio.wait({extract, feed}, return_when=asyncio.FIRST_EXCEPTION)
         failures = [exc for t in (extract, feed) if t.done() and not t.cancelled() and (exc := t.exception())]
@@ -134,7 +156,8 @@ async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) 
         await asyncio.gather(feed, extract, return_exceptions=True)  # the thread removes its temp files
 
 
-async def _feed(ctx: StepContext, container: str, path: str, pipe: ChunkPipe) -> None:
+async def _feed(ctx: StepContext, container: str, source: ArchiveSource, pipe: ChunkPipe) -> None:
+    path = source.path
     last_s = 0.0
     loop = asyncio.get_running_loop()
     chunks = ctx.ports.docker.archive(container, path)
@@ -146,7 +169,12 @@ async def _feed(ctx: StepContext, container: str, path: str, pipe: ChunkPipe) ->
                 ctx.progress(f"extracting {path}", current=pipe.consumed_bytes, unit="bytes")
     except EngineError as exc:
         if exc.not_found:
-            raise PermanentError(f"{path} is not in the binaries image: {exc.message}", code="bad_image") from exc
+            missing = path if path == source.name else f"{source.name} (-> {path})"
+            raise PermanentError(f"{missing} is not in the binaries image: {exc.message}", code="bad_image",
+                                 details={"missing": [source.name]}) from exc
+        if "too many links" in exc.message:  # dockerd resolves the path itself and refuses a symlink loop
+            raise PermanentError(f"{source.name} in the binaries image: symlink loop at {path}: {exc.message}",
+                                 code="bad_image", details={"file": source.name}) from exc
         raise TemporaryError(f"streaming {path} from the binaries image: {exc.message}", code="engine_failed") from exc
     finally:
         close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
@@ -155,20 +183,22 @@ async def _feed(ctx: StepContext, container: str, path: str, pipe: ChunkPipe) ->
     await pipe.close()
 
 
-def _prepare_dir(bin_dir: Path) -> None:
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    for stale in bin_dir.glob(".*.lifecycle-*"):  # temp files of an attempt that crashed
-        stale.unlink(missing_ok=True)
+def _prepare_dirs(sources: list[ArchiveSource]) -> None:
+    for directory in {s.dest.parent for s in sources}:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".*.lifecycle-*"):  # temp files of an attempt that crashed
+            stale.unlink(missing_ok=True)
 
 
-def _install(bin_dir: Path, extracted: list[Extracted]) -> None:
+def _install(extracted: list[Extracted]) -> None:
     for entry in extracted:
-        entry.temp_path.replace(bin_dir / entry.name)
-    dir_fd = os.open(bin_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the renames survive a crash
-    finally:
-        os.close(dir_fd)
+        entry.temp_path.replace(entry.dest)
+    for directory in {e.dest.parent for e in extracted}:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the renames survive a crash
+        finally:
+            os.close(dir_fd)
 
 
 def _discard(extracted: list[Extracted]) -> None:
@@ -176,12 +206,12 @@ def _discard(extracted: list[Extracted]) -> None:
         entry.temp_path.unlink(missing_ok=True)
 
 
-def _hash_files(bin_dir: Path, names: list[str]) -> dict[str, str | None]:
+def _hash_files(paths: HostPaths, names: list[str]) -> dict[str, str | None]:
     hashes: dict[str, str | None] = {}
     for name in names:
         digest = hashlib.sha256()
         try:
-            with open(bin_dir / name, "rb") as f:
+            with open(_dest(paths, name), "rb") as f:
                 while block := f.read(1 << 20):
                     digest.update(block)
             hashes[name] = digest.hexdigest()

@@ -17,6 +17,8 @@ from lifecycle.ports import KubeApi, KubeApiError
 from lifecycle.step import StepContext
 from states.controlplane import wait_control_plane
 from states.kubeadm import fail_at, run_kubeadm
+from states.network import BIN_DIR as CNI_BIN_DIR
+from states.network import CONF_DIR as CNI_CONF_DIR
 
 # No ("wait-control-plane",): hidden in kubeadm v1.31-v1.33, so not a subcommand; `wait_control_plane` does its work.
 API_PHASES: tuple[tuple[str, ...], ...] = (
@@ -36,6 +38,7 @@ HOPELESS_REASONS = frozenset({
 })
 _WATCH_MAX_S = 30.0
 _API_RETRY_S = 0.5
+_NODE_POLL_S = 1.0  # the kubelet posts a change of its Ready condition at once (simulated) or within 10 s (real)
 
 
 class Readiness:
@@ -52,6 +55,8 @@ class Readiness:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
                 pods = await api.list_pods(NAMESPACE)
                 if unmet_components(ctx.config.readiness.components, pods):
+                    return False
+                if await node_not_ready(api, ctx.config.node_name):  # running pods outlive a lost pod network
                     return False
                 config_map = await api.get("v1", "ConfigMap", "kubeadm-config", NAMESPACE)
                 coredns = await api.get("apps/v1", "Deployment", "coredns", NAMESPACE)
@@ -79,15 +84,21 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
     # Updated in place as pods change, so that what was last seen survives the timeout's cancellation.
     unmet: dict[str, str] = dict.fromkeys(components, "no answer from the API yet")
     api_error: str | None = None
+    node_seen: list[str | None] = [None]  # the last NotReady reason reported, so each is reported once
     ctx.progress(f"waiting for {', '.join(components)} to be Ready", current=0, total=len(components))
     try:
         async with asyncio.timeout_at(give_up_at), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
             while True:
                 try:
+                    await _report_node(ctx, api=api, seen=node_seen)
                     await _watch_until_ready(ctx, api=api, components=components, unmet=unmet)
-                    if not unmet:
-                        return
                     api_error = None
+                    if not unmet:
+                        # Pods already running stay Ready on a node that lost its pod network: ask the node too.
+                        await _report_node(ctx, api=api, seen=node_seen)
+                        if node_seen[0] is None:
+                            return
+                        await asyncio.sleep(min(_NODE_POLL_S, max(0.0, give_up_at - loop.time())))
                 except KubeApiError as exc:
                     api_error = exc.message
                     await asyncio.sleep(min(_API_RETRY_S, max(0.0, give_up_at - loop.time())))
@@ -95,7 +106,49 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
         pass
     except KubeApiError as exc:  # the kubeconfig itself is unusable
         raise PermanentError(f"cannot reach the API: {exc.message}", code="not_ready") from exc
-    raise not_ready_error(unmet, api_error=api_error)
+    last = await _last_node_problem(ctx)
+    raise not_ready_error(unmet, api_error=api_error, node=node_seen[0] if last is None else last or None)
+
+
+async def _report_node(ctx: StepContext, *, api: KubeApi, seen: list[str | None]) -> None:
+    problem = await node_not_ready(api, ctx.config.node_name)
+    if problem is not None and problem != seen[0]:
+        ctx.progress(problem)
+    seen[0] = problem
+
+
+async def _last_node_problem(ctx: StepContext) -> str | None:
+    """The node's problem now ("" when Ready), in the little time `fail_at` left before the deadline; None if it
+    cannot be had."""
+    left_s = ctx.deadline - asyncio.get_running_loop().time() - 0.2
+    if left_s <= 0:
+        return None
+    try:
+        async with asyncio.timeout(left_s), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+            return await node_not_ready(api, ctx.config.node_name) or ""
+    except (TimeoutError, KubeApiError):
+        return None
+
+
+async def node_not_ready(api: KubeApi, name: str) -> str | None:
+    """`node <name> NotReady: <the kubelet's message>` while the Node's Ready condition is not True.
+
+    A node without a pod network stays NotReady (container runtime network not ready ... cni config
+    uninitialized), keeps the not-ready taint, and no pod off the host network (CoreDNS) is ever scheduled:
+    without this, the step would only say `coredns: ... (Unschedulable)`.
+    """
+    node = await api.get("v1", "Node", name, None)
+    if node is None:
+        return None
+    conditions = (node.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+    if ready is None or ready.get("status") == "True":
+        return None
+    message = str(ready.get("message") or ready.get("reason") or "no reason given")
+    if "cni config uninitialized" in message or "NetworkPluginNotReady" in message:
+        message += (f" (no valid CNI config in {CNI_CONF_DIR} with its plugins in {CNI_BIN_DIR}; "
+                    "the network step writes it)")
+    return f"node {name} NotReady: {message}"
 
 
 async def _watch_until_ready(
@@ -132,12 +185,15 @@ def _update(
     unmet.update(now)
 
 
-def not_ready_error(unmet: Mapping[str, str], *, api_error: str | None) -> StepError:
+def not_ready_error(unmet: Mapping[str, str], *, api_error: str | None, node: str | None = None) -> StepError:
     reasons = "; ".join(f"{c}: {why}" for c, why in unmet.items())
-    message = f"not ready before the deadline: {reasons}"
+    # The node first: while it is NotReady, every unscheduled pod is only a consequence.
+    message = f"not ready before the deadline: {node + '; ' if node else ''}{reasons}"
     if api_error:
         message += f" (last API error: {api_error})"
     details: dict[str, object] = {"components": dict(unmet)}
+    if node:
+        details["node"] = node
     if any(reason in why for why in unmet.values() for reason in HOPELESS_REASONS):
         return PermanentError(message, code="not_ready", details=details)
     return TemporaryError(message, code="not_ready", details=details)

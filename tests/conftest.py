@@ -125,7 +125,7 @@ class SimImages:
     repo: str
     versions: tuple[str, ...]
     pad_scale: float
-    binaries: dict[str, str]  # version -> <repo>/kube-binaries:<version>
+    binaries: dict[str, str]  # version -> <repo>/desktop-kubernetes:kubernetes-<version>-cni-...-1-debian
     components: dict[str, dict[str, str]] = field(default_factory=dict)  # version -> component -> ref
     addons: dict[str, str] = field(default_factory=dict)  # addon -> ref
 

@@ -21,6 +21,7 @@ from simnode.controllers.common import (
 from simnode.controllers.daemonset import DaemonSetController
 from simnode.controllers.informer import Informer
 from simnode.controllers.misc import EndpointsController, NodeIpamController, ServiceAccountController
+from simnode.controllers.nodelifecycle import NodeTaintController
 from simnode.controllers.workloads import WorkloadControllers
 from simnode.kubeclient import KubeClient, KubeconfigError
 from simnode.paths import NodeRootError, resolve_root
@@ -50,6 +51,7 @@ class ControllerManager:
         self.daemonsets = DaemonSetController(self.workloads, i["daemonsets"], i["nodes"])
         self.accounts = ServiceAccountController(client, i["namespaces"], i["serviceaccounts"])
         self.endpoints = EndpointsController(client, i["services"], i["endpoints"], i["pods"])
+        self.node_taints = NodeTaintController(client, i["nodes"])
         self.ipam: NodeIpamController | None = None
         if flags.get("allocate-node-cidrs") == "true" and flags.get("cluster-cidr"):
             mask = int(flags.get("node-cidr-mask-size") or flags.get("node-cidr-mask-size-ipv4") or 24)
@@ -73,8 +75,8 @@ class ControllerManager:
             self.changed.clear()
 
     async def pass_once(self) -> None:
-        steps = [self.accounts.sync, self.workloads.sync_deployments, self.workloads.sync_replicasets,
-                 self.daemonsets.sync, self.endpoints.sync]
+        steps = [self.node_taints.sync, self.accounts.sync, self.workloads.sync_deployments,
+                 self.workloads.sync_replicasets, self.daemonsets.sync, self.endpoints.sync]
         if self.ipam is not None:
             steps.insert(0, self.ipam.sync)
         for step in steps:

@@ -18,6 +18,8 @@ from simnode.faults import Faults, FaultsFileError, load_faults
 from simnode.kubeclient import ApiError, KubeClient, KubeconfigError
 from simnode.kubelet.apisync import PodSync
 from simnode.kubelet.certstore import ClientCertManager
+from simnode.kubelet.cni import SYNC_PERIOD_S as CNI_SYNC_PERIOD_S
+from simnode.kubelet.cni import CniPlugin
 from simnode.kubelet.config import Settings
 from simnode.kubelet.docker import DockerRuntime, RuntimeUnavailable
 from simnode.kubelet.node import NodeAgent, default_node_ip, node_name_from_cert
@@ -54,6 +56,10 @@ class Kubelet:
         # cmd/kubelet/app/server.go buildKubeletClientConfig: with rotateCertificates the client certificate comes
         # from the store in --cert-dir (bootstrapped from kubelet.conf's embedded pair), and is rotated.
         self.certs = ClientCertManager(s.root, s.cert_dir, s.kubeconfig) if s.config.rotate_certificates else None
+        # cri-dockerd's CNI network plugin, hosted here: the simulated node has no separate cri-dockerd process,
+        # so a kubelet restart stands for a cri-dockerd restart as far as the loaded network goes.
+        self.cni = CniPlugin(s.root)
+        self.network_changed = asyncio.Event()
 
     def reload_faults(self) -> Faults:
         try:
@@ -83,7 +89,11 @@ class Kubelet:
                  self.s.manifest_dir, self.s.runtime_endpoint, self.runtime_version)
         if self.certs is not None:
             self.certs.bootstrap()
+        await self.cni.sync()
+        if self.cni.error():
+            log.error("%s", self.cni.error())
         tasks = [
+            asyncio.create_task(self.cni_loop(), name="kubelet cni sync"),
             asyncio.create_task(self.serve_healthz(), name="kubelet healthz"),
             asyncio.create_task(self.static_loop(), name="kubelet static pods"),
             asyncio.create_task(self.api_loop(), name="kubelet api"),
@@ -149,6 +159,18 @@ class Kubelet:
                 log.exception("static pod sync failed")
             await asyncio.sleep(STATIC_PERIOD_S)
 
+    async def cni_loop(self) -> None:
+        """cri-dockerd's periodic syncNetworkConfig; a change of NetworkReady posts the node status at once."""
+        before = self.cni.error()
+        while True:
+            await asyncio.sleep(CNI_SYNC_PERIOD_S)
+            await self.cni.sync()
+            now = self.cni.error()
+            if now != before:
+                log.info("runtime network %s", f"not ready: {now}" if now else "ready")
+                before = now
+                self.network_changed.set()
+
     def credentials(self) -> tuple[Path, bool] | None:
         """(kubeconfig, is_bootstrap): --kubeconfig if it exists, else --bootstrap-kubeconfig."""
         if self.s.kubeconfig is not None and self.s.kubeconfig.exists():
@@ -193,7 +215,8 @@ class Kubelet:
             await asyncio.sleep(CONNECT_RETRY_S)
 
     async def api_session(self, client: KubeClient, source: Path, *, bootstrap: bool) -> None:
-        agent = NodeAgent(client, self.node_name(client), self.node_ip, self.runtime_version)
+        agent = NodeAgent(client, self.node_name(client), self.node_ip, self.runtime_version,
+                          network_error=self.cni.error)
         logged = False
         while True:
             try:
@@ -208,7 +231,8 @@ class Kubelet:
                 raise Reconnect("kubeconfig appeared")
             await asyncio.sleep(CONNECT_RETRY_S)
         log.info("node %s registered at %s using %s", agent.name, client.server, self.root.real(source))
-        sync = PodSync(self.root, client, agent, self.static, self.docker, config_pod_cidr=self.s.config.pod_cidr)
+        sync = PodSync(self.root, client, agent, self.static, self.docker, config_pod_cidr=self.s.config.pod_cidr,
+                       sandbox_error=self.cni.sandbox_error)
         async with asyncio.TaskGroup() as group:
             group.create_task(sync.pods.run(), name="kubelet pod informer")
             group.create_task(self.heartbeat_loop(agent), name="kubelet heartbeat")
@@ -220,7 +244,9 @@ class Kubelet:
                 await agent.renew_lease()
             except ApiError as exc:
                 log.warning("lease renewal for node %s failed: %s", agent.name, exc)
-            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.network_changed.wait(), HEARTBEAT_S)
+            self.network_changed.clear()
             try:
                 await agent.heartbeat()
             except ApiError as exc:

@@ -9,7 +9,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from simnode.controllers.informer import Informer, Obj, obj_key
@@ -58,6 +58,7 @@ class PodSync:
         docker: DockerRuntime,
         *,
         config_pod_cidr: str | None,
+        sandbox_error: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.root = root
         self.client = client
@@ -65,6 +66,7 @@ class PodSync:
         self.static = static
         self.docker = docker
         self.config_pod_cidr = config_pod_cidr
+        self.sandbox_error = sandbox_error
         node = agent.name
         self.pods = Informer(
             client,
@@ -224,8 +226,26 @@ class PodSync:
         if await self.static.sandbox.admit(sim, faults):
             self._dirty |= await refresh_images(self.docker, sim.containers, time.time())
         now = time.time()
+        if self._network_blocks(sim):
+            await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))
+            return
         self._dirty |= sim.advance(now, faults, self.runner)
         await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))
+
+    def _network_blocks(self, sim: PodSim) -> bool:
+        """A pod on the pod network gets no (new) sandbox while the network is not ready; it stays
+        ContainerCreating. pkg/kubelet/kubelet.go SyncPod: "network is not ready" unless the pod uses the host
+        network; cri-dockerd's SetUpPod then needs the loopback, main and IPAM plugins (cni.py, sandbox_error).
+        Containers already started keep running, as they do on a real node."""
+        if sim.host_network or any(c.created_at is not None for c in sim.containers):
+            return False
+        error = self.sandbox_error()
+        if error is None:
+            return False
+        if self._errors.get(sim.key) != error:
+            log.warning("%s: network is not ready: %s", sim.key, error)
+            self._errors[sim.key] = error
+        return True
 
     def _new_api_pod(self, pod: Obj) -> PodSim:
         meta, spec = _meta(pod), pod.get("spec") or {}

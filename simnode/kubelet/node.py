@@ -9,6 +9,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,18 @@ def _os_image() -> str:
 
 
 class NodeAgent:
-    def __init__(self, client: KubeClient, name: str, node_ip: str, runtime_version: str) -> None:
+    def __init__(
+        self, client: KubeClient, name: str, node_ip: str, runtime_version: str,
+        network_error: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self.client = client
         self.name = name
         self.node_ip = node_ip
         self.runtime_version = runtime_version
+        self.network_error = network_error  # the runtime's NetworkReady, as the kubelet words it (cni.py)
         self.node: dict[str, Any] = {}
         self.ready_since = time.time()
+        self._ready: tuple[str, float] = ("", self.ready_since)  # Ready status and when it last changed
 
     @property
     def path(self) -> str:
@@ -117,6 +123,16 @@ class NodeAgent:
             return {"type": kind, "status": status, "reason": reason, "message": message,
                     "lastHeartbeatTime": rfc3339(now), "lastTransitionTime": rfc3339(since)}
 
+        # pkg/kubelet/nodestatus/setters.go ReadyCondition: runtime and network errors make Ready False with
+        # reason KubeletNotReady and the errors as the message; the transition time moves only on a change.
+        network_error = self.network_error()
+        ready = "False" if network_error else "True"
+        if self._ready[0] != ready:
+            self._ready = (ready, now)
+        if network_error:
+            ready_cond = cond("Ready", "False", "KubeletNotReady", network_error, self._ready[1])
+        else:
+            ready_cond = cond("Ready", "True", "KubeletReady", "kubelet is posting ready status", self._ready[1])
         capacity = _capacity()
         return {
             "conditions": [
@@ -126,7 +142,7 @@ class NodeAgent:
                      self.ready_since),
                 cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available",
                      self.ready_since),
-                cond("Ready", "True", "KubeletReady", "kubelet is posting ready status", self.ready_since),
+                ready_cond,
             ],
             "addresses": [{"type": "InternalIP", "address": self.node_ip}, {"type": "Hostname", "address": self.name}],
             "capacity": capacity,

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -41,6 +42,8 @@ from states.certs import Certs
 from states.images import Images
 from states.kubeadm import Kubeadm
 from states.kubelet import Kubelet, kubelet_argv
+from states.kubelet import Kubelet
+from states.network import CONF_NAME, Network
 from states.readiness import Readiness, wait_for_components
 from states.reset import reset
 
@@ -49,6 +52,9 @@ VERSION = "v1.31.4"
 REGISTRY_REPO = SIM_REPO
 DOCKER_HOST = os.environ.get("DOCKER_HOST") or "unix:///tmp/lifecycle-services/docker/docker.sock"
 LOG = structlog.get_logger("e2e")
+# As in simnode/lifecycle.toml: the simulated image carries Docker Desktop's kind of tag.
+BINARIES_IMAGE = ("{repo}/desktop-kubernetes:kubernetes-{version}-cni-{cni}-critools-{critools}"
+                  "-cri-dockerd-{cri_dockerd}-1-debian")
 
 
 @dataclass
@@ -80,7 +86,8 @@ def _config(root: Path, *, repo: str, binaries_image: str) -> Config:
             version=VERSION,
             image_repository=repo,
             binaries_image=binaries_image,
-            versions={VERSION: VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10")},
+            versions={VERSION: VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10", cni="v1.6.0",
+                                             critools="v1.31.1", cri_dockerd="v0.3.16")},
             addon_images=(f"{repo}/storage-provisioner:v1.0.0", f"{repo}/lb-forwarder:v1.0.0"),
             node_ip="127.0.0.1",
             endpoint_name="localhost",  # as in simnode/lifecycle.toml
@@ -96,7 +103,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Node]]:
     """Builds nodes under tmp_path; tears each down (reset, then kill what still runs from its root)."""
     nodes: list[Node] = []
 
-    def make(name: str, *, repo: str = REGISTRY_REPO, binaries_image: str = "{repo}/kube-binaries:{version}") -> Node:
+    def make(name: str, *, repo: str = REGISTRY_REPO, binaries_image: str = BINARIES_IMAGE) -> Node:
         root = tmp_path / name
         prepare_host(root)
         paths = HostPaths(root)
@@ -120,8 +127,11 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., Node]]:
             await node.ports.docker.close()
 
 
-async def _prepare(node: Node, *, pull: bool) -> None:
-    steps = [Certs(), Images(), Binaries()] if pull else [Certs(), Binaries()]
+async def _prepare(node: Node, *, pull: bool, network: bool = True) -> None:
+    steps: list[Certs | Images | Binaries | Network] = [Certs(), Images(), Binaries()] if pull else [Certs(),
+                                                                                                    Binaries()]
+    if network:
+        steps.append(Network())
     for step in steps:
         ctx = node.ctx(step.name)
         if not await step.is_done(ctx):
@@ -231,7 +241,7 @@ async def test_kubeadm_to_addons_brings_up_a_cluster_that_kubectl_sees(
 async def test_kubeadm_failure_and_retry_then_readiness_names_the_missing_coredns_image(
     sim_images: SimImages, make_node: Callable[..., Node], private_repo: str
 ) -> None:
-    node = make_node("faulty", repo=private_repo, binaries_image=f"{REGISTRY_REPO}/kube-binaries:{{version}}")
+    node = make_node("faulty", repo=private_repo, binaries_image=BINARIES_IMAGE.replace("{repo}", REGISTRY_REPO))
     await _prepare(node, pull=False)
     faults = node.paths.under("/etc/simnode/faults.json")
     faults.parent.mkdir(parents=True, exist_ok=True)
@@ -313,6 +323,79 @@ async def test_readiness_names_the_kubelet_or_the_api_server_that_does_not_answe
     assert error.details["last"] in error.message
     assert node.messages("readiness")[-1] == f"waiting for the API server ({readyz_url}, admin.conf's credentials)"
     assert not list(node.paths.state_dir.glob("readyz-credentials-*"))  # admin.conf's key left no copy
+async def test_the_node_is_ready_only_with_the_pod_network_and_readiness_names_it(
+    sim_images: SimImages, make_node: Callable[..., Node]
+) -> None:
+    node = make_node("net")
+    await _prepare(node, pull=True, network=False)  # a kubelet started before the network step ever ran
+    for step in (Kubeadm(), Kubelet()):
+        await step.run(node.ctx(step.name))
+    only_apiserver = replace(node.config, readiness=ReadinessConfig(components=("kube-apiserver",)))
+    with pytest.raises(TemporaryError) as not_ready:
+        # kubeadm's API phases pass (static pods are on the host network); the wait does not.
+        await Readiness().run(replace(node.ctx("readiness", timeout_s=45), config=only_apiserver))
+    message = not_ready.value.message
+    assert ("node simnode NotReady: container runtime network not ready: NetworkReady=false reason:"
+            "NetworkPluginNotReady message:docker: network plugin is not ready: cni config uninitialized") in message
+    assert "/etc/cni/net.d" in message and not_ready.value.details["node"].startswith("node simnode NotReady")
+    assert any(m.startswith("node simnode NotReady: container runtime network not ready") for m in
+               node.messages("readiness")), "the wait says why while it waits"
+    assert _node_ready(node) == "False"
+    assert {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"} in _node(node)["spec"]["taints"]
+    assert " NotReady " in _kubectl(node, "get", "nodes")
+    with pytest.raises(TemporaryError, match=r"node simnode NotReady.*coredns: 0/2 ready \(Unschedulable\)"):
+        await wait_for_components(node.ctx("readiness", timeout_s=5), components=("coredns",))
+
+    network, ctx = Network(), node.ctx("network")
+    assert not await network.is_done(ctx)
+    await network.run(ctx)
+    assert await network.is_done(ctx)
+    conflist = json.loads(node.paths.under(f"/etc/cni/net.d/{CONF_NAME}").read_text())
+    bridge = conflist["plugins"][0]
+    assert (bridge["type"], bridge["isDefaultGateway"], bridge["ipMasq"], bridge["hairpinMode"]) == (
+        "bridge", True, True, True)
+    assert bridge["ipam"] == {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/16"}]]}
+    await wait_for_components(node.ctx("readiness", timeout_s=30), components=("kube-apiserver", "coredns"))
+    assert _node_ready(node) == "True"
+    assert not any(t["key"].startswith("node.kubernetes.io/") for t in _node(node)["spec"].get("taints") or [])
+    assert " Ready " in _kubectl(node, "get", "nodes")
+
+    # cri-dockerd keeps a network it loaded when its file goes (network/cni/cni.go syncNetworkConfig); the next
+    # cri-dockerd start (here: the kubelet's, which hosts it) finds none and the node is NotReady again.
+    node.paths.under(f"/etc/cni/net.d/{CONF_NAME}").unlink()
+    await asyncio.sleep(2.5)
+    assert _node_ready(node) == "True"
+    assert not await network.is_done(ctx), "an install would write the file again"
+    restarts = node.ports.kubelet.restarts
+    os.kill(_kubelet_pid(node), signal.SIGKILL)
+    assert await _eventually(lambda: node.ports.kubelet.restarts > restarts and node.ports.kubelet.is_running(),
+                             timeout_s=30)
+    assert await _eventually(lambda: _node_ready(node) == "False", timeout_s=30)
+    assert " NotReady " in _kubectl(node, "get", "nodes")
+    assert not await Readiness().is_done(node.ctx("readiness")), "running coredns pods do not make a ready node"
+    with pytest.raises(TemporaryError, match=r"^not ready before the deadline: node simnode NotReady: container "
+                                             r"runtime network not ready.*cni config uninitialized"):
+        await wait_for_components(node.ctx("readiness", timeout_s=5), components=("coredns",))
+
+
+async def test_the_network_step_fails_naming_missing_or_unusable_plugins(
+    sim_images: SimImages, make_node: Callable[..., Node]
+) -> None:
+    node = make_node("noplugins")
+    without = tuple(p for p in node.config.kubernetes.binaries if p not in ("/opt/cni/bin/portmap",
+                                                                             "/opt/cni/bin/loopback"))
+    node.config = replace(node.config, kubernetes=replace(node.config.kubernetes, binaries=without))
+    await _prepare(node, pull=False, network=False)
+    node.paths.under("/opt/cni/bin/bridge").chmod(0o644)
+    network, ctx = Network(), node.ctx("network")
+    with pytest.raises(PermanentError) as missing:
+        await network.run(ctx)
+    assert missing.value.code == "cni_plugins_missing"
+    assert missing.value.details["problems"] == [
+        "/opt/cni/bin/bridge is not executable", "/opt/cni/bin/portmap is missing", "/opt/cni/bin/loopback is missing",
+    ]
+    assert not node.paths.under("/etc/cni/net.d").exists(), "nothing written"
+    assert not await network.is_done(ctx)
 
 
 @pytest.fixture
@@ -337,6 +420,28 @@ def private_repo(sim_images: SimImages) -> Iterator[str]:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _node(node: Node) -> dict[str, Any]:
+    return cast(dict[str, Any], _kubectl_json(node, "get", "node", "simnode"))
+
+
+def _node_ready(node: Node) -> str:
+    conditions = _node(node)["status"]["conditions"]
+    return str(next(c["status"] for c in conditions if c["type"] == "Ready"))
+
+
+def _kubelet_pid(node: Node) -> int:
+    return int(json.loads((node.paths.state_dir / "kubelet.pid").read_text())["pid"])
+
+
+async def _eventually(check: Callable[[], bool], *, timeout_s: float) -> bool:
+    give_up = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > give_up:
+            return False
+        await asyncio.sleep(0.3)
+    return True
 
 
 def _docker(*args: str, check: bool = True) -> str:

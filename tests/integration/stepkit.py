@@ -27,7 +27,7 @@ from lifecycle.ports import ContainerEngine, Ports
 from lifecycle.step import ClusterParams, StepContext
 
 VERSION = "v1.31.4"
-TAGS = VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10")
+TAGS = VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10", cni="v1.6.0")
 
 
 @dataclass
@@ -51,7 +51,7 @@ def make_config(root: Path, *, docker_host: str = "unix:///nonexistent", repo: s
     # (tests/integration/test_host_units.py covers a machine with one).
     k8s.setdefault("cri_socket", "unix:///var/run/docker.sock")
     kubernetes = KubernetesConfig(
-        version=VERSION, image_repository=repo, binaries_image="{repo}/kube-binaries:{version}",
+        version=VERSION, image_repository=repo, binaries_image="{repo}/kube-binaries:{version}-cni-{cni}",
         versions={VERSION: TAGS}, node_ip="127.0.0.1", endpoint_name="localhost", **k8s,
     )
     return Config(node_name="node-a", root=root, kubernetes=kubernetes, pki=PkiConfig(),
@@ -97,13 +97,15 @@ def with_k8s(config: Config, **changes: Any) -> Config:
 
 @dataclass(frozen=True)
 class Entry:
-    """One tar entry: a regular file (data), a directory (data None, link None) or a symlink (link)."""
+    """One tar entry: a regular file (data), a directory (data None, link None), a symlink (link) or a character
+    device (device=(major, minor))."""
 
     name: str
     data: bytes | None = None
     link: str | None = None
     mode: int = 0o755
     size_bytes: int | None = None  # stream this many zero bytes instead of `data`
+    device: tuple[int, int] | None = None
 
 
 def rootfs_tar(entries: Iterable[Entry]) -> bytes:
@@ -112,7 +114,10 @@ def rootfs_tar(entries: Iterable[Entry]) -> bytes:
         for e in entries:
             info = tarfile.TarInfo(e.name)
             info.mode = e.mode
-            if e.link is not None:
+            if e.device is not None:
+                info.type, (info.devmajor, info.devminor) = tarfile.CHRTYPE, e.device
+                tar.addfile(info)
+            elif e.link is not None:
                 info.type, info.linkname = tarfile.SYMTYPE, e.link
                 tar.addfile(info)
             elif e.data is None and e.size_bytes is None:
@@ -159,7 +164,25 @@ def remove_images(docker_host: str, refs: Iterable[str]) -> None:
 
 
 def binaries_entries(contents: dict[str, bytes]) -> list[Entry]:
-    return [Entry("usr"), Entry("usr/bin"), *[Entry(f"usr/bin/{n}", data) for n, data in contents.items()]]
+    """`contents` (absolute path in the image -> bytes) amid a Debian-like tree, as Docker Desktop's binaries image
+    is: merged-/usr links, other programs and alternatives links in /usr/bin, the whole CNI release in /opt/cni/bin,
+    /etc, libraries."""
+    dirs = {"etc", "etc/alternatives", "usr", "usr/bin", "usr/sbin", "usr/lib", "usr/share", "usr/share/doc", "opt",
+            "opt/cni", "opt/cni/bin", "usr/lib/x86_64-linux-gnu"}
+    dirs |= {str(Path(p.lstrip("/")).parent) for p in contents}
+    entries = [Entry(d) for d in sorted(dirs)]
+    entries += [
+        Entry("bin", link="usr/bin"), Entry("sbin", link="usr/sbin"), Entry("lib", link="usr/lib"),
+        Entry("etc/os-release", link="../usr/lib/os-release"), Entry("usr/lib/os-release", b"ID=debian\n", mode=0o644),
+        Entry("etc/debian_version", b"12.8\n", mode=0o644),
+        Entry("usr/bin/sh", link="dash"), Entry("usr/bin/pager", link="/etc/alternatives/pager"),
+        Entry("etc/alternatives/pager", link="/usr/bin/less"),  # dangling, as on a slim image
+        Entry("usr/lib/x86_64-linux-gnu/libc.so.6", b"\x7fELF", mode=0o644),
+        Entry("opt/cni/bin/LICENSE", b"Apache-2.0\n", mode=0o644),
+        *[Entry(f"usr/bin/{n}", b"#!/bin/sh\n") for n in ("bash", "dash", "cat", "ls", "dpkg", "apt", "less")],
+        *[Entry(f"opt/cni/bin/{n}", b"\x7fELF " + n.encode()) for n in ("dhcp", "macvlan", "ptp", "tuning")],
+    ]
+    return entries + [Entry(p.lstrip("/"), data) for p, data in contents.items()]
 
 
 def containers_from(docker_host: str, image_ref: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""The binaries step against the real Docker Engine: files copied out of an image made with `docker import`,
-checked entry by entry (links, odd names, sizes), recorded, and the copy container always removed."""
+"""The binaries step against the real Docker Engine: the files `kubernetes.binaries` names copied out of an image
+made with `docker import` (a Debian-like tree around them, as Docker Desktop's image is), each checked (links
+followed inside the image, devices, sizes), recorded, and the copy container always removed."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from stepkit import (
 )
 
 from lifecycle.adapters.docker import DockerEngine
-from lifecycle.config import Config
+from lifecycle.config import DEFAULT_BINARIES, Config
 from lifecycle.errors import PermanentError
 from states.binaries import RECORD_NAME, Binaries
 
-TOOLS = ("kubeadm", "kubelet", "kubectl", "crictl")
+TOOLS = DEFAULT_BINARIES  # /usr/bin/{kubeadm,kubelet,kubectl,crictl}, /opt/cni/bin/{bridge,host-local,loopback,portmap}
 
 
 @pytest.fixture
@@ -51,10 +52,20 @@ def _image(config: Config) -> str:
 
 
 def _tools() -> dict[str, bytes]:
-    return {name: b"#!/bin/sh\necho " + name.encode() + b"\n" + os.urandom(50_000) for name in TOOLS}
+    return {path: b"#!/bin/sh\necho " + path.encode() + b"\n" + os.urandom(50_000) for path in TOOLS}
 
 
-async def test_copies_the_tools_records_them_and_removes_the_container(
+def _installed(root: Path) -> list[str]:
+    """Every file under the node root but the service's own state, as absolute paths on the node."""
+    return sorted("/" + str(p.relative_to(root)) for p in root.rglob("*")
+                  if not p.is_dir() and not str(p.relative_to(root)).startswith("var/lib/lifecycle"))
+
+
+async def test_image_name_is_the_template_filled_per_version(config: Config) -> None:
+    assert _image(config).endswith(f"/kube-binaries:{VERSION}-cni-v1.6.0")
+
+
+async def test_copies_the_named_files_out_of_a_debian_like_image_and_ignores_the_rest(
     config: Config, engine: DockerEngine, docker_host: str
 ) -> None:
     tools = _tools()
@@ -65,15 +76,15 @@ async def test_copies_the_tools_records_them_and_removes_the_container(
     assert not await step.is_done(ctx)
     await step.run(ctx)
 
-    for name, data in tools.items():
-        path = ctx.paths.binary(name)
-        assert path.read_bytes() == data
-        assert path.stat().st_mode & 0o777 == 0o755
+    for path, data in tools.items():
+        installed = ctx.paths.under(path)
+        assert installed.read_bytes() == data
+        assert installed.stat().st_mode & 0o7777 == 0o755
+    assert _installed(ctx.paths.root) == sorted(TOOLS), "only the named files, no temp files, nothing else"
     record = json.loads((ctx.paths.state_dir / RECORD_NAME).read_text())
     assert record["image_id"] == image_id
-    assert record["files"]["kubelet"]["sha256"] == hashlib.sha256(tools["kubelet"]).hexdigest()
+    assert record["files"]["/usr/bin/kubelet"]["sha256"] == hashlib.sha256(tools["/usr/bin/kubelet"]).hexdigest()
     assert containers_from(docker_host, _image(config)) == []
-    assert sorted(p.name for p in ctx.paths.bin_dir.iterdir()) == sorted(TOOLS), "no temp files left"
     final = progress.calls[-1]
     assert final["unit"] == "bytes" and final["current"] == final["total"] == sum(map(len, tools.values()))
     assert await step.is_done(ctx)
@@ -87,7 +98,7 @@ async def test_a_changed_file_or_a_new_image_is_not_done(
     step = Binaries()
     await step.run(ctx)
 
-    ctx.paths.binary("kubectl").write_bytes(b"tampered")
+    ctx.paths.under("/opt/cni/bin/portmap").write_bytes(b"tampered")
     assert not await step.is_done(ctx)
     await step.run(ctx)
     assert await step.is_done(ctx)
@@ -96,38 +107,54 @@ async def test_a_changed_file_or_a_new_image_is_not_done(
     assert not await step.is_done(ctx)
 
 
+async def test_symlinks_are_followed_inside_the_image(config: Config, engine: DockerEngine, docker_host: str) -> None:
+    tools = _tools()
+    kubectl, crictl = tools.pop("/usr/bin/kubectl"), tools.pop("/usr/bin/crictl")
+    entries = [
+        *binaries_entries(tools),
+        Entry("usr/bin/kubectl", link="kubectl-1.31"), Entry("usr/bin/kubectl-1.31", kubectl),  # relative
+        Entry("usr/local"), Entry("usr/local/bin"), Entry("usr/local/bin/crictl", crictl),
+        Entry("usr/bin/crictl", link="/bin/../usr/local/bin/crictl"),  # absolute, through the /bin link
+    ]
+    import_image(docker_host, _image(config), entries)
+    ctx, _ = make_ctx(config, docker=engine)
+    await Binaries().run(ctx)
+
+    assert ctx.paths.under("/usr/bin/kubectl").read_bytes() == kubectl
+    assert not ctx.paths.under("/usr/bin/kubectl").is_symlink()
+    assert ctx.paths.under("/usr/bin/crictl").read_bytes() == crictl
+    assert _installed(ctx.paths.root) == sorted(TOOLS), "the link targets are not installed under their own names"
+
+
 @pytest.mark.parametrize(
-    ("extra", "named"),
+    ("replacement", "why"),
     [
-        (Entry("usr/bin/kubelet-link", link="kubelet"), "usr/bin/kubelet-link"),
-        (Entry("usr/bin/evil", b"x"), "usr/bin/evil"),
+        ([Entry("usr/bin/kubectl", link="../../../../etc/shadow")],
+         "symlink to '../../../../etc/shadow' points outside"),
+        ([Entry("usr/bin/kubectl", link="kubectl2"), Entry("usr/bin/kubectl2", link="kubectl")],
+         "symlink loop"),
+        ([Entry("usr/bin/kubectl", device=(1, 3))], "not a regular file (device, fifo or directory)"),
+        ([Entry("usr/bin/kubectl")], "not a regular file (device, fifo or directory)"),
     ],
-    ids=["symlink", "unexpected-name"],
+    ids=["link-escapes", "link-loop", "device", "directory"],
 )
-async def test_bad_entries_are_rejected_and_nothing_is_installed(
-    config: Config, engine: DockerEngine, docker_host: str, extra: Entry, named: str
+async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
+    config: Config, engine: DockerEngine, docker_host: str, replacement: list[Entry], why: str
 ) -> None:
-    import_image(docker_host, _image(config), [*binaries_entries(_tools()), extra])
+    tools = _tools()
+    del tools["/usr/bin/kubectl"]
+    import_image(docker_host, _image(config), [*binaries_entries(tools), *replacement])
     ctx, _ = make_ctx(config, docker=engine)
 
     with pytest.raises(PermanentError) as info:
         await Binaries().run(ctx)
 
     assert info.value.code == "bad_image"
-    assert named.removeprefix("usr/") in info.value.message  # the archive of /usr/bin names it bin/...
-    assert list(ctx.paths.bin_dir.iterdir()) == [], "no binary and no temp file"
+    assert info.value.message.startswith("/usr/bin/kubectl")
+    assert why in info.value.message
+    assert _installed(ctx.paths.root) == [], "no binary and no temp file"
     assert not (ctx.paths.state_dir / RECORD_NAME).exists()
     assert containers_from(docker_host, _image(config)) == []
-
-
-async def test_a_symlinked_tool_is_rejected(config: Config, engine: DockerEngine, docker_host: str) -> None:
-    tools = _tools()
-    del tools["kubectl"]
-    entries = [*binaries_entries(tools), Entry("usr/bin/kubectl", link="/bin/sh")]
-    import_image(docker_host, _image(config), entries)
-    ctx, _ = make_ctx(config, docker=engine)
-    with pytest.raises(PermanentError, match=r"'bin/kubectl' rejected: link to '/bin/sh'"):
-        await Binaries().run(ctx)
 
 
 async def test_oversized_and_missing_files_are_rejected(
@@ -140,12 +167,13 @@ async def test_oversized_and_missing_files_are_rejected(
         await Binaries().run(ctx)
 
     tools = _tools()
-    del tools["crictl"]
+    del tools["/opt/cni/bin/portmap"]
     import_image(docker_host, _image(config), binaries_entries(tools))
     ctx, _ = make_ctx(config, docker=engine)
-    with pytest.raises(PermanentError, match="lacks crictl"):
+    with pytest.raises(PermanentError, match="/opt/cni/bin/portmap is not in the binaries image") as info:
         await Binaries().run(ctx)
-    assert list(ctx.paths.bin_dir.iterdir()) == []
+    assert info.value.details["missing"] == ["/opt/cni/bin/portmap"]
+    assert _installed(ctx.paths.root) == []
     assert containers_from(docker_host, _image(config)) == []
 
 
@@ -160,9 +188,9 @@ async def test_missing_image_fails_permanently(config: Config, engine: DockerEng
 async def test_cancelled_copy_removes_container_and_temp_files(
     config: Config, engine: DockerEngine, docker_host: str
 ) -> None:
-    entries = binaries_entries(_tools())
-    assert entries[2].name == "usr/bin/kubeadm"
-    entries[2] = Entry("usr/bin/kubeadm", size_bytes=40 * 1024 * 1024)  # first in the tar: big and slow
+    tools = _tools()
+    del tools["/usr/bin/kubeadm"]
+    entries = [*binaries_entries(tools), Entry("usr/bin/kubeadm", size_bytes=40 * 1024 * 1024)]  # first: big, slow
     import_image(docker_host, _image(config), entries)
     ctx, progress = make_ctx(config, docker=engine)
 
@@ -175,10 +203,12 @@ async def test_cancelled_copy_removes_container_and_temp_files(
         await task
 
     assert containers_from(docker_host, _image(config)) == []
-    assert list(ctx.paths.bin_dir.iterdir()) == []
+    assert _installed(ctx.paths.root) == []
 
 
-async def test_bad_binaries_config_is_rejected(config: Config, engine: DockerEngine) -> None:
-    ctx, _ = make_ctx(with_k8s(config, binaries=("kubelet", "../etc/passwd")), docker=engine)
-    with pytest.raises(PermanentError, match=r"kubernetes.binaries: '../etc/passwd'"):
+@pytest.mark.parametrize("path", ["../etc/passwd", "kubelet", "/usr/bin/../../etc/passwd", "/usr//bin/kubelet"])
+async def test_bad_binaries_config_is_rejected(config: Config, engine: DockerEngine, path: str) -> None:
+    ctx, _ = make_ctx(with_k8s(config, binaries=("/usr/bin/kubelet", path)), docker=engine)
+    with pytest.raises(PermanentError, match=r"kubernetes.binaries: .* is not an absolute normalised path") as info:
         await Binaries().run(ctx)
+    assert info.value.code == "invalid_config"

@@ -50,9 +50,9 @@ def test_install_watch_shows_each_state_with_durations_and_pull_progress(node: N
     done = lifecycle("install", "--watch", *node.flags)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    states = ("preflight", "certs", "images", "binaries", "kubeadm", "kubelet", "readiness", "addons")
+    states = ("preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
     for index, state in enumerate(states, 1):
-        assert f"[{index}/8] {state}\n" in out
+        assert f"[{index}/9] {state}\n" in out
         assert f"  {state} took " in out
     assert re.search(r"pulling item2 +\[#+\] 100% ", out)  # plain lines when not a terminal
     assert out.rstrip().splitlines()[-1].startswith("done: running after ")
@@ -116,7 +116,7 @@ def test_watch_follows_events_until_interrupted(node: Node) -> None:
         lines = []
         while "running" not in lines:
             lines.append(watcher.stdout.readline().strip())
-        assert "[1/8] preflight" in lines and "[8/8] addons" in lines
+        assert "[1/9] preflight" in lines and "[9/9] addons" in lines
     finally:
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(timeout=10) == 0

@@ -117,19 +117,22 @@ def test_pad_bytes_are_deterministic_and_incompressible() -> None:
 
 
 def test_layer_sizes_follow_the_pad_scale(namespace: str, registry: str, docker_host: str) -> None:
-    only = ("etcd", "kube-binaries")
+    only = ("etcd", v.BINARIES_IMAGE)
     sizes: dict[float, dict[str, int]] = {}
     for scale in (0.002, 0.008):
         req = BuildRequest(registry=registry, versions=("v1.31.4",), pad_scale=scale,
                            docker_host=docker_host, namespace=f"{namespace}/s{int(scale * 1000)}", only=only)
         results = build_images_sync(req, log=None)
-        assert sorted(r.ref.split("/")[-1] for r in results) == ["etcd:3.5.15-0", "kube-binaries:v1.31.4"]
+        assert sorted(r.ref.split("/")[-1] for r in results) == [
+            "desktop-kubernetes:kubernetes-v1.31.4-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian",
+            "etcd:3.5.15-0",
+        ]
         assert {r.action for r in results} == {"built, pushed"}
         for r in results:
             assert r.compressed_size_bytes == sum(layer_sizes(registry, r.ref))
         # The first layer holds /pad alone (the binaries image keeps its zipapps in a second one).
         sizes[scale] = {r.ref.split("/")[-1].split(":")[0]: layer_sizes(registry, r.ref)[0] for r in results}
-    for name in ("etcd", "kube-binaries"):
+    for name in ("etcd", v.BINARIES_IMAGE):
         small, big = sizes[0.002][name], sizes[0.008][name]
         expected_small = v.REALISTIC_SIZES_BYTES[name] * 0.002
         # gzip cannot shrink random bytes: the layer is the pad plus a little tar/gzip framing.
@@ -144,7 +147,7 @@ def test_second_run_is_up_to_date_and_repairs_what_changed(
     package_dir = tmp_path / "simnode"
     shutil.copytree(PACKAGE_DIR, package_dir, ignore=shutil.ignore_patterns("__pycache__"))
     req = BuildRequest(registry=registry, versions=("v1.32.1",), pad_scale=0.001, docker_host=docker_host,
-                       namespace=namespace, only=("kube-binaries", "kube-scheduler", "pause"), package_dir=package_dir)
+                       namespace=namespace, only=(v.BINARIES_IMAGE, "kube-scheduler", "pause"), package_dir=package_dir)
     first = build_images_sync(req, log=None)
     assert [r.action for r in first] == ["built, pushed"] * 3
     started = time.monotonic()
@@ -177,7 +180,7 @@ def test_second_run_is_up_to_date_and_repairs_what_changed(
 
 def test_binaries_image_holds_runnable_tools(namespace: str, registry: str, docker_host: str, tmp_path: Path) -> None:
     req = BuildRequest(registry=registry, versions=("v1.32.1",), pad_scale=0.0005, docker_host=docker_host,
-                       namespace=namespace, only=("kube-binaries",))
+                       namespace=namespace, only=(v.BINARIES_IMAGE,))
     (result,) = build_images_sync(req, log=None)
     created = docker(docker_host, "create", result.ref)
     assert created.returncode == 0, created.stderr
@@ -191,10 +194,21 @@ def test_binaries_image_holds_runnable_tools(namespace: str, registry: str, dock
         assert members["pad"].size == pad_size_bytes(v.BINARIES_IMAGE, 0.0005)
         for tool in v.BINARIES:
             assert members[f"usr/bin/{tool}"].mode & 0o777 == 0o755
+        # Shaped like Docker Desktop's Debian-based image: merged /usr, many other programs, the CNI release.
+        assert members["bin"].issym() and members["bin"].linkname == "usr/bin"
+        assert members["usr/bin/sh"].issym() and members["etc/os-release"].issym()
+        assert len([n for n in members if n.startswith("usr/bin/")]) > 30
+        for plugin in ("bridge", "host-local", "loopback", "portmap"):
+            assert members[f"opt/cni/bin/{plugin}"].isreg() and members[f"opt/cni/bin/{plugin}"].mode & 0o111
+        assert members["opt/cni/bin/LICENSE"].mode & 0o777 == 0o644
         tar.extractall(tmp_path / "root", filter="tar")
     out = subprocess.run([tmp_path / "root/usr/bin/kubectl", "version", "--client"],
                          capture_output=True, text=True, check=True, timeout=30)
     assert "Client Version: v1.32.1" in out.stdout
+    version = subprocess.run([tmp_path / "root/opt/cni/bin/bridge"], env={"CNI_COMMAND": "VERSION"},
+                             capture_output=True, text=True, check=True, timeout=30)
+    assert json.loads(version.stdout)["cniVersion"] == "1.0.0"
+    assert result.ref.endswith(":kubernetes-v1.32.1-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian")
 
 
 def test_bad_input_is_rejected_before_anything_is_built(namespace: str, registry: str, docker_host: str) -> None:

@@ -341,8 +341,25 @@ def waiting_reason(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def write_pod_network(root: Path) -> None:
+    """The pod network as the service's network state leaves it: the CNI plugins (stand-ins answering VERSION)
+    in opt/cni/bin and 10-lifecycle.conflist in etc/cni/net.d. Without it the kubelet's node stays NotReady."""
+    from simnode.images import cni_plugin_stand_in
+    from states.network import CONF_NAME, PLUGINS, conflist
+
+    bin_dir = root / "opt/cni/bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for plugin in PLUGINS:
+        (bin_dir / plugin).write_bytes(cni_plugin_stand_in(plugin, "v1.6.0"))
+        (bin_dir / plugin).chmod(0o755)
+    (root / "etc/cni/net.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/cni/net.d" / CONF_NAME).write_bytes(conflist("10.244.0.0/16"))
+
+
 def write_control_plane(root: Path, node: str, images: dict[str, str]) -> Cluster:
-    """What kubeadm init leaves behind (PKI, kubeconfigs, kubelet config, manifests), for a node `node`."""
+    """What kubeadm init leaves behind (PKI, kubeconfigs, kubelet config, manifests), for a node `node`, on a
+    machine with a pod network."""
+    write_pod_network(root)
     pki = Pki.create()
     pki_dir = root / "etc/kubernetes/pki"
     pki_dir.mkdir(parents=True)

@@ -23,6 +23,7 @@ import yaml
 from conftest import SimImages, free_port
 
 from simnode.host import prepare_host
+from states.network import CONF_NAME, conflist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_kubeadm_support import make_ca, make_leaf, openssl_pki
@@ -94,7 +95,8 @@ def _wait(what: str, timeout_s: float, check: Callable[[], Any]) -> Any:
 
 @pytest.fixture
 def node_root(tmp_path: Path, sim_images: SimImages) -> Iterator[Path]:
-    """A root whose usr/bin holds the executables of the v1.31.4 binaries image, copied out with docker."""
+    """A root whose usr/bin and opt/cni/bin hold those of the v1.31.4 binaries image (copied out with docker),
+    with the service's pod network config."""
     root = tmp_path / "root"
     (root / "usr").mkdir(parents=True)
     prepare_host(root)
@@ -103,8 +105,14 @@ def node_root(tmp_path: Path, sim_images: SimImages) -> Iterator[Path]:
                    capture_output=True)
     try:
         subprocess.run(["docker", "cp", f"{name}:/usr/bin", str(root / "usr")], check=True, capture_output=True)
+        (root / "opt/cni").mkdir(parents=True)
+        subprocess.run(["docker", "cp", f"{name}:/opt/cni/bin", str(root / "opt/cni")], check=True,
+                       capture_output=True)
     finally:
         subprocess.run(["docker", "rm", "-f", name], check=False, capture_output=True)
+    # The pod network as the service's network state writes it: without it the node stays NotReady.
+    (root / "etc/cni/net.d").mkdir(parents=True)
+    (root / "etc/cni/net.d" / CONF_NAME).write_bytes(conflist("10.244.0.0/16"))
     yield root
     # Whatever still runs from this root (kubelet, static pods) goes.
     for entry in Path("/proc").iterdir():

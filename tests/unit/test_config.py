@@ -19,7 +19,9 @@ def test_simnode_config_targets_the_local_services() -> None:
     assert k8s.images_for("v1.31.4")["etcd"] == "127.0.0.1:5000/etcd:3.5.15-0"
     assert k8s.images_for("v1.32.1")["etcd"] == "127.0.0.1:5000/etcd:3.5.16-0"
     assert k8s.images_for("v1.32.1")["coredns"] == "127.0.0.1:5000/coredns:v1.11.3"
-    assert k8s.binaries_image_for("v1.32.1") == "127.0.0.1:5000/kube-binaries:v1.32.1"
+    assert k8s.binaries_image_for("v1.32.1") == (
+        "127.0.0.1:5000/desktop-kubernetes:kubernetes-v1.32.1-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian"
+    )
     assert set(k8s.addon_images) == {"127.0.0.1:5000/storage-provisioner:v1.0.0",
                                      "127.0.0.1:5000/lb-forwarder:v1.0.0"}
     assert (k8s.api_port, k8s.kubelet_healthz_port, k8s.node_ip, k8s.endpoint_name) == (0, 0, "127.0.0.1", "localhost")
@@ -78,15 +80,40 @@ def test_every_key_of_the_deploy_config_is_commented() -> None:
         ("[steps.upgrade]\ntimeout_s = 1", "steps.upgrade"),
         ("[node]\nname = \"Bad_Name\"", "node.name"),
         ("[mqtt]\nbrokr = \"mqtt://x\"", "mqtt.brokr"),
+        ('[kubernetes]\nbinaries_image = "x/y:kubernetes-{version}-cni-{cnii}"', "kubernetes.binaries_image"),
+        ('[kubernetes]\nbinaries_image = "x/y:{version"', "kubernetes.binaries_image"),
+        ('[kubernetes]\nbinaries = ["kubeadm"]', "kubernetes.binaries"),
+        ('[kubernetes]\nbinaries = ["/usr/bin/../../etc/shadow"]', "kubernetes.binaries"),
+        ('[kubernetes]\nbinaries = ["/opt/cni//bin/bridge"]', "kubernetes.binaries"),
+        ('[kubernetes]\nbinaries = ["/usr/bin/kubeadm", "/usr/bin/kubeadm"]', "kubernetes.binaries"),
+        ('[kubernetes]\nbinaries = []', "kubernetes.binaries"),
     ],
 )
 def test_a_bad_value_names_its_key(tmp_path: Path, snippet: str, key: str) -> None:
-    versions = '[kubernetes.versions."v1.31.4"]\netcd = "3.5.15-0"\ncoredns = "v1.11.3"\npause = "3.10"\n'
+    versions = ('[kubernetes.versions."v1.31.4"]\netcd = "3.5.15-0"\ncoredns = "v1.11.3"\npause = "3.10"\n'
+                'cni = "v1.6.0"\ncritools = "v1.31.1"\ncri_dockerd = "v0.3.16"\n')
     path = tmp_path / "bad.toml"
     path.write_text(f"{snippet}\n{versions}")
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value).startswith(f"{key}:")
+
+
+def test_binaries_image_is_a_real_docker_desktop_tag_with_every_component_version(tmp_path: Path) -> None:
+    k8s = load_config(REPO / "deploy" / "lifecycle.toml").kubernetes
+    assert k8s.binaries_image_for("v1.31.4") == (
+        "docker/desktop-kubernetes:kubernetes-v1.31.4-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian"
+    )
+    assert k8s.binaries[:4] == ("/usr/bin/kubeadm", "/usr/bin/kubelet", "/usr/bin/kubectl", "/usr/bin/crictl")
+    assert {"/opt/cni/bin/bridge", "/opt/cni/bin/host-local", "/opt/cni/bin/loopback", "/opt/cni/bin/portmap"} <= set(
+        k8s.binaries)
+    # A version that lacks a component the template names is refused, naming that version's key.
+    path = tmp_path / "partial.toml"
+    path.write_text('[kubernetes.versions."v1.31.4"]\netcd = "3.5.15-0"\ncoredns = "v1.11.3"\npause = "3.10"\n'
+                    'cni = "v1.6.0"\ncri_dockerd = "v0.3.16"\n')
+    with pytest.raises(ConfigError, match=r'^kubernetes.versions."v1.31.4".critools: missing '
+                                          r"\(kubernetes.binaries_image uses \{critools\}\)"):
+        load_config(path)
 
 
 def test_missing_or_broken_files_are_named(tmp_path: Path) -> None:

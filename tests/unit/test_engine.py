@@ -80,7 +80,7 @@ async def test_install_walks_every_step_in_order_with_gapless_seq(rig: Rig) -> N
     assert rig.states(events) == [*STEP_NAMES, "running"]
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     first = events[0].data
-    assert (first["from"], first["to"], first["step"], first["steps"]) == ("idle", "preflight", 1, 8)
+    assert (first["from"], first["to"], first["step"], first["steps"]) == ("idle", "preflight", 1, 9)
     assert all(e.data["request_id"] == "r1" for e in events)
     assert all(e.data["duration_s"] >= 0 for e in events if e.type == EventType.STATE_CHANGED)
     assert journal(rig.root) == [f"run {name} 1" for name in STEP_NAMES]

@@ -115,7 +115,8 @@ def test_which_states_let_a_bundle_replace_the_pki(tmp_path: Path) -> None:
     paths = HostPaths(tmp_path)
     assert cluster_on_pki(State.IDLE, None, paths) is None
     assert cluster_on_pki(State.FAILED, 4, paths) is None  # binaries failed: kubeadm never ran
-    for state, step in ((State.RUNNING, None), (State.IMAGES, 3), (State.FAILED, 5), (State.FAILED, None)):
+    assert cluster_on_pki(State.FAILED, 5, paths) is None  # network failed: kubeadm never ran either
+    for state, step in ((State.RUNNING, None), (State.IMAGES, 3), (State.FAILED, 6), (State.FAILED, None)):
         why = cluster_on_pki(state, step, paths)
         assert why is not None and ("runs on it" in why or "may run on it" in why), (state, step, why)
     paths.manifests_dir.mkdir(parents=True)
