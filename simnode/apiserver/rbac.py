@@ -152,16 +152,14 @@ class Authorizer:
         if MASTERS in user.groups:
             return True, ""
         errors: list[str] = []
-        for crb in self._objects("clusterrolebindings", None):
-            if any(_applies_to(s, user, "") for s in crb.get("subjects") or []):
-                if any(rule_allows(r, a) for r in self._role_rules(crb.get("roleRef") or {}, "", errors)):
-                    return True, ""
-        if a.namespace:
-            for rb in self._objects("rolebindings", a.namespace):
-                ns = str((rb.get("metadata") or {}).get("namespace", ""))
-                if any(_applies_to(s, user, ns) for s in rb.get("subjects") or []):
-                    if any(rule_allows(r, a) for r in self._role_rules(rb.get("roleRef") or {}, ns, errors)):
-                        return True, ""
+        bindings = [(crb, "") for crb in self._objects("clusterrolebindings", None)]
+        if a.namespace:  # a RoleBinding grants only inside its own namespace
+            bindings += [(rb, a.namespace) for rb in self._objects("rolebindings", a.namespace)]
+        for binding, ns in bindings:
+            if not any(_applies_to(s, user, ns) for s in binding.get("subjects") or []):
+                continue
+            if any(rule_allows(r, a) for r in self._role_rules(binding.get("roleRef") or {}, ns, errors)):
+                return True, ""
         return False, f"RBAC: {', '.join(errors)}" if errors else ""
 
 
