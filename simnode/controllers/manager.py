@@ -21,6 +21,7 @@ from simnode.controllers.common import (
 from simnode.controllers.daemonset import DaemonSetController
 from simnode.controllers.informer import Informer
 from simnode.controllers.misc import EndpointsController, NodeIpamController, ServiceAccountController
+from simnode.controllers.volumes import VolumeController
 from simnode.controllers.workloads import WorkloadControllers
 from simnode.kubeclient import KubeClient, KubeconfigError
 from simnode.paths import NodeRootError, resolve_root
@@ -44,12 +45,17 @@ class ControllerManager:
             "services": Informer(client, "/api/v1/services"),
             "endpoints": Informer(client, "/api/v1/endpoints"),
             "serviceaccounts": Informer(client, "/api/v1/serviceaccounts", field_selector="metadata.name=default"),
+            "persistentvolumeclaims": Informer(client, "/api/v1/persistentvolumeclaims"),
+            "persistentvolumes": Informer(client, "/api/v1/persistentvolumes"),
+            "storageclasses": Informer(client, "/apis/storage.k8s.io/v1/storageclasses"),
         }
         i = self.informers
         self.workloads = WorkloadControllers(client, i["deployments"], i["replicasets"], i["pods"])
         self.daemonsets = DaemonSetController(self.workloads, i["daemonsets"], i["nodes"])
         self.accounts = ServiceAccountController(client, i["namespaces"], i["serviceaccounts"])
         self.endpoints = EndpointsController(client, i["services"], i["endpoints"], i["pods"])
+        self.volumes = VolumeController(client, i["persistentvolumeclaims"], i["persistentvolumes"],
+                                        i["storageclasses"])
         self.ipam: NodeIpamController | None = None
         if flags.get("allocate-node-cidrs") == "true" and flags.get("cluster-cidr"):
             mask = int(flags.get("node-cidr-mask-size") or flags.get("node-cidr-mask-size-ipv4") or 24)
@@ -74,7 +80,7 @@ class ControllerManager:
 
     async def pass_once(self) -> None:
         steps = [self.accounts.sync, self.workloads.sync_deployments, self.workloads.sync_replicasets,
-                 self.daemonsets.sync, self.endpoints.sync]
+                 self.daemonsets.sync, self.endpoints.sync, self.volumes.sync]
         if self.ipam is not None:
             steps.insert(0, self.ipam.sync)
         for step in steps:

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import structlog
 
-from lifecycle.config import Config, DockerConfig, KubernetesConfig, PkiConfig, VersionImages
+from lifecycle.config import AddonsConfig, Config, DockerConfig, KubernetesConfig, PkiConfig, VersionImages
 from lifecycle.paths import HostPaths
 from lifecycle.ports import ContainerEngine, Ports
 from lifecycle.step import ClusterParams, StepContext
@@ -49,8 +49,11 @@ def make_config(root: Path, *, docker_host: str = "unix:///nonexistent", repo: s
         version=VERSION, image_repository=repo, binaries_image="{repo}/kube-binaries:{version}",
         versions={VERSION: TAGS}, node_ip="127.0.0.1", endpoint_name="localhost", **k8s,
     )
+    # The storage addon's images under the test's repository, as simnode/lifecycle.toml names them.
+    addons = AddonsConfig(storage_provisioner_image="{repo}/rancher/local-path-provisioner:v0.0.37",
+                          storage_helper_image="{repo}/library/busybox:1.37.0")
     return Config(node_name="node-a", root=root, kubernetes=kubernetes, pki=PkiConfig(),
-                  docker=DockerConfig(host=docker_host, pull_concurrency=3))
+                  docker=DockerConfig(host=docker_host, pull_concurrency=3), addons=addons)
 
 
 def make_ctx(config: Config, *, docker: ContainerEngine | None = None, api_port: int = 16443,
