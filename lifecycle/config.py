@@ -182,6 +182,17 @@ class ReadinessConfig:
 @dataclass(frozen=True)
 class AddonsConfig:
     manifests_dir: Path = Path("/usr/share/lifecycle/addons")
+    # deploy/addons/local-path-storage.yaml: ${STORAGE_PROVISIONER_IMAGE} and ${STORAGE_HELPER_IMAGE}; "{repo}"
+    # is replaced with kubernetes.image_repository (a mirror keeps upstream's paths under its own host).
+    storage_provisioner_image: str = "docker.io/rancher/local-path-provisioner:v0.0.37"
+    storage_helper_image: str = "docker.io/library/busybox:1.37.0"
+
+    def images(self, image_repository: str) -> dict[str, str]:
+        """Manifest placeholder -> image reference, for the images the addon manifests name."""
+        return {
+            "STORAGE_PROVISIONER_IMAGE": self.storage_provisioner_image.replace("{repo}", image_repository),
+            "STORAGE_HELPER_IMAGE": self.storage_helper_image.replace("{repo}", image_repository),
+        }
 
 
 @dataclass(frozen=True)
@@ -289,6 +300,15 @@ def _path(t: _Table, name: str, base: Path) -> Path | None:
         return None
     p = Path(value)
     return p if p.is_absolute() else (base / p).resolve()
+
+
+def _image_ref(t: _Table, name: str, default: str) -> str:
+    value = str(t.get(name, str, default))
+    # A reference names a tag or a digest; "latest" by omission would drift under the pinned manifests.
+    tail = value.rsplit("/", 1)[-1]
+    if not value or any(c.isspace() for c in value) or (":" not in tail and "@" not in value):
+        raise ConfigError(f"{t.key(name)}: expected an image reference with a tag or digest, got {value!r}")
+    return value
 
 
 def _str_list(t: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -528,7 +548,11 @@ def load_config(path: Path) -> Config:
     readiness = ReadinessConfig(components=_str_list(rt, "components", ReadinessConfig.components))
     rt.finish()
     at = top.table("addons")
-    addons = AddonsConfig(manifests_dir=_path(at, "manifests_dir", base) or AddonsConfig.manifests_dir)
+    addons = AddonsConfig(
+        manifests_dir=_path(at, "manifests_dir", base) or AddonsConfig.manifests_dir,
+        storage_provisioner_image=_image_ref(at, "storage_provisioner_image", AddonsConfig.storage_provisioner_image),
+        storage_helper_image=_image_ref(at, "storage_helper_image", AddonsConfig.storage_helper_image),
+    )
     at.finish()
     top.finish()
     return Config(

@@ -26,6 +26,8 @@ TOOLS: dict[str, str] = {
     "kube-controller-manager": "simnode.controllers.manager:main",
     "kube-scheduler": "simnode.controllers.scheduler:main",
     "etcd": "simnode.controllers.etcd:main",
+    # Addon programs the kubelet runs for API pods (simnode/kubelet/workloads.py).
+    "local-path-provisioner": "simnode.localpath.main:main",
 }
 
 

@@ -37,10 +37,13 @@ CNI_PLUGINS = (  # containernetworking/plugins v1.6.0 release tarball, into /opt
     "macvlan", "portmap", "ptp", "sbr", "static", "tap", "tuning", "vlan", "vrf",
 )
 
-# Addon images (the service's deploy/addons manifests use these names under the same repository).
-ADDON_IMAGES: dict[str, str] = {
-    "storage-provisioner": "v1.0.0",
-    "lb-forwarder": "v1.0.0",
+# Addon images under their upstream paths (docker.io/<path>:<tag> is pushed as <repo>/<path>:<tag>), as the
+# service's [addons] storage_provisioner_image / storage_helper_image name them in simnode/lifecycle.toml
+# (deploy/addons/local-path-storage.yaml, rancher/local-path-provisioner v0.0.37). The kubelet runs the
+# provisioner's container as the simnode program of the same name (simnode/kubelet/workloads.py).
+ADDON_IMAGES: dict[str, tuple[str, str]] = {
+    "local-path-provisioner": ("rancher/local-path-provisioner", "v0.0.37"),
+    "busybox": ("library/busybox", "1.37.0"),
 }
 
 # Share of the ~190 MB compressed total each component has in real releases; the builder multiplies
@@ -53,8 +56,8 @@ REALISTIC_SIZES_BYTES: dict[str, int] = {
     "etcd": 57_000_000,
     "coredns": 18_000_000,
     "pause": 320_000,
-    "storage-provisioner": 9_000_000,
-    "lb-forwarder": 4_000_000,
+    "local-path-provisioner": 19_000_000,  # docker.io/rancher/local-path-provisioner:v0.0.37, linux/amd64
+    "busybox": 2_200_000,
     BINARIES_IMAGE: 150_000_000,
 }
 
@@ -74,7 +77,7 @@ def component_images(repo: str, version: str) -> dict[str, str]:
 
 
 def addon_images(repo: str) -> dict[str, str]:
-    return {name: f"{repo}/{name}:{tag}" for name, tag in ADDON_IMAGES.items()}
+    return {name: f"{repo}/{path}:{tag}" for name, (path, tag) in ADDON_IMAGES.items()}
 
 
 def binaries_image(repo: str, version: str) -> str:

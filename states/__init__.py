@@ -18,8 +18,8 @@ def build_plan() -> list[Step]:
     from states.images import Images
     from states.kubeadm import Kubeadm
     from states.kubelet import Kubelet
-    from states.preflight import Preflight
     from states.network import Network
+    from states.preflight import Preflight
     from states.readiness import Readiness
 
     plan: list[Step] = [
@@ -31,7 +31,7 @@ def build_plan() -> list[Step]:
         Kubeadm(),  # kubeadm init phases up to kubelet-start: manifests and kubelet config
         Kubelet(),  # the kubelet, supervised, healthy
         Readiness(),  # kubeadm's API phases, then control-plane and coredns pods Running and Ready
-        Addons(),  # storage provisioner and LoadBalancer forwarder applied and available
+        Addons(),  # storage addon (local-path-provisioner, default StorageClass) applied and available
     ]
     assert tuple(step.name for step in plan) == STEP_ORDER
     return plan

@@ -1,12 +1,14 @@
 """addons: server-side applies every object of the `*.yaml` manifests in `config.addons.manifests_dir`
-(field manager `lifecycle`, `${IMAGE_REPOSITORY}` substituted), then waits for their Deployments and DaemonSets.
-Done when every object exists and those workloads are available.
+(field manager `lifecycle`; `${IMAGE_REPOSITORY}`, `${STORAGE_PROVISIONER_IMAGE}` and `${STORAGE_HELPER_IMAGE}`
+substituted from the config), then waits for their Deployments and DaemonSets. Done when every object exists,
+those workloads are available and exactly one StorageClass is the default (local-path, deploy/addons).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from states.readiness import HOPELESS_REASONS, labels_match, pods_summary
 
 FIELD_MANAGER = "lifecycle"
 WORKLOAD_KINDS = frozenset({("apps/v1", "Deployment"), ("apps/v1", "DaemonSet")})
+STORAGE_CLASS = ("storage.k8s.io/v1", "StorageClass")
+DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _POLL_S = 0.5
 
@@ -60,7 +64,7 @@ class Addons:
 
     async def is_done(self, ctx: StepContext) -> bool:
         try:
-            objects = load_manifests(ctx.config.addons.manifests_dir, image_repository=_repo(ctx))
+            objects = load_manifests(ctx.config.addons.manifests_dir, placeholders=placeholders(ctx))
         except PermanentError:
             return False  # run reports what is wrong with them
         if not ctx.paths.admin_conf.is_file():
@@ -69,16 +73,14 @@ class Addons:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
                 for obj in objects:
                     current = await api.get(obj.api_version, obj.kind, obj.name, obj.namespace or "default")
-                    if current is None:
-                        return False
-                    if (obj.api_version, obj.kind) in WORKLOAD_KINDS and workload_problem(current) is not None:
+                    if current is None or object_problem(obj, current) is not None:
                         return False
         except KubeApiError:
             return False
         return True
 
     async def run(self, ctx: StepContext) -> None:
-        objects = load_manifests(ctx.config.addons.manifests_dir, image_repository=_repo(ctx))
+        objects = load_manifests(ctx.config.addons.manifests_dir, placeholders=placeholders(ctx))
         try:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
                 for index, obj in enumerate(objects, start=1):
@@ -93,17 +95,25 @@ class Addons:
         return None
 
 
-def load_manifests(directory: Path, *, image_repository: str) -> list[AddonObject]:
+def placeholders(ctx: StepContext) -> dict[str, str]:
+    """What `${NAME}` in a manifest stands for: the image repository and the addon images of the config."""
+    repo = ctx.config.kubernetes.image_repository
+    return {"IMAGE_REPOSITORY": repo, **ctx.config.addons.images(repo)}
+
+
+def load_manifests(directory: Path, *, placeholders: Mapping[str, str]) -> list[AddonObject]:
     """Every document of every `*.yaml` in `directory` (sorted by file name), validated; nothing is applied."""
     if not directory.is_dir():
         raise PermanentError(f"addons.manifests_dir {directory} is not a directory", code="bad_manifest")
     objects: list[AddonObject] = []
     for path in sorted(directory.glob("*.yaml")):
-        text = path.read_text().replace("${IMAGE_REPOSITORY}", image_repository)
-        left = _PLACEHOLDER.search(text)
-        if left:
-            raise PermanentError(f"{path}: unknown placeholder {left.group(0)} (only ${{IMAGE_REPOSITORY}} is set)",
+        text = path.read_text()
+        unknown = sorted({m.group(0) for m in _PLACEHOLDER.finditer(text) if m.group(1) not in placeholders})
+        if unknown:
+            known = ", ".join(f"${{{name}}}" for name in sorted(placeholders))
+            raise PermanentError(f"{path}: unknown placeholder {', '.join(unknown)} (set: {known})",
                                  code="bad_manifest")
+        text = _PLACEHOLDER.sub(lambda m: placeholders[m.group(1)], text)
         try:
             documents = list(yaml.safe_load_all(text))
         except yaml.YAMLError as exc:
@@ -172,6 +182,18 @@ async def _wait_available(ctx: StepContext, *, api: KubeApi, workloads: list[Add
     raise await _not_available_error(api, pending=pending, problems=problems)
 
 
+def object_problem(obj: AddonObject, current: dict[str, Any]) -> str | None:
+    """Why a live object does not (yet) do what its manifest is for; None when it does."""
+    if (obj.api_version, obj.kind) in WORKLOAD_KINDS:
+        return workload_problem(current)
+    if (obj.api_version, obj.kind) == STORAGE_CLASS:
+        wanted = (obj.body["metadata"].get("annotations") or {}).get(DEFAULT_CLASS_ANNOTATION)
+        live = ((current.get("metadata") or {}).get("annotations") or {}).get(DEFAULT_CLASS_ANNOTATION)
+        if wanted == "true" and live != "true":
+            return f"StorageClass {obj.name} is no longer the default class"  # claims without a class stay Pending
+    return None
+
+
 def workload_problem(obj: dict[str, Any]) -> str | None:
     """None when a Deployment is Available (for its current generation) or a DaemonSet has every pod available."""
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
@@ -217,6 +239,3 @@ async def _not_available_error(
         return PermanentError(message, code="not_available", details=details)
     return TemporaryError(message, code="not_available", details=details)
 
-
-def _repo(ctx: StepContext) -> str:
-    return ctx.config.kubernetes.image_repository

@@ -25,7 +25,8 @@ def wanted_images(ctx: StepContext) -> list[str]:
     """Every reference the install needs, in a stable order, each once."""
     k8s = ctx.config.kubernetes
     version = ctx.cluster.kubernetes_version
-    refs = [k8s.binaries_image_for(version), *k8s.images_for(version).values(), *k8s.addon_images]
+    addons = ctx.config.addons.images(k8s.image_repository).values()
+    refs = [k8s.binaries_image_for(version), *k8s.images_for(version).values(), *addons, *k8s.addon_images]
     return list(dict.fromkeys(refs))
 
 

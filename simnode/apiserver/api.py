@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from simnode.apiserver import managed
+from simnode.apiserver.admission import admit_create
 from simnode.apiserver.defaults import apply_defaults, initial_status
 from simnode.apiserver.errors import (
     ApiError,
@@ -110,6 +111,7 @@ class Api:
     def create(self, rt: ResourceType, namespace: str, body: Any, *, manager: str, dry_run: bool) -> Obj:
         obj = self._check_body(rt, body, namespace)
         self._fill_create_meta(rt, obj, namespace)
+        admit_create(self.store, rt, obj)
         initial_status(rt, obj)
         self._prepare(rt, obj, None)
         managed.record_update(None, obj, manager, "", rt.api_version)
@@ -230,6 +232,7 @@ class Api:
             self._fill_create_meta(rt, merged, namespace)
             if managed_fields:
                 merged["metadata"]["managedFields"] = managed_fields
+            admit_create(self.store, rt, merged)
             initial_status(rt, merged)
             self._prepare(rt, merged, None)
             return self._insert(rt, merged, dry_run), True

@@ -11,7 +11,15 @@ from typing import Any
 
 from simnode.apiserver.api import Api
 from simnode.apiserver.errors import ApiError
-from simnode.apiserver.resources import CLUSTERROLES, ENDPOINTS, ENDPOINTSLICES, NAMESPACES, SERVICES, ResourceType
+from simnode.apiserver.resources import (
+    CLUSTERROLEBINDINGS,
+    CLUSTERROLES,
+    ENDPOINTS,
+    ENDPOINTSLICES,
+    NAMESPACES,
+    SERVICES,
+    ResourceType,
+)
 
 log = logging.getLogger(__name__)
 MANAGER = "kube-apiserver"
@@ -60,3 +68,42 @@ def bootstrap(api: Api, *, service_ip: str, advertise_address: str, secure_port:
                 "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
                           {"nonResourceURLs": ["*"], "verbs": ["*"]}]}
         api.create(CLUSTERROLES, "", role, manager=MANAGER, dry_run=False)
+
+    _bootstrap_rbac(api)
+
+
+_BOOTSTRAP_LABELS = {"kubernetes.io/bootstrapping": "rbac-defaults"}
+_INFO_URLS = ["/healthz", "/livez", "/readyz", "/version", "/version/"]
+# plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go ClusterRoles() and ClusterRoleBindings(): the
+# roles every authenticated client (a service account included) needs for discovery and health.
+_BOOTSTRAP_ROLES: dict[str, tuple[list[dict[str, Any]], list[str]]] = {
+    "system:discovery": (
+        [{"nonResourceURLs": [*_INFO_URLS, "/openapi", "/openapi/*", "/api", "/api/*", "/apis", "/apis/*"],
+          "verbs": ["get"]}],
+        ["system:authenticated"],
+    ),
+    "system:public-info-viewer": (
+        [{"nonResourceURLs": _INFO_URLS, "verbs": ["get"]}],
+        ["system:authenticated", "system:unauthenticated"],
+    ),
+    "system:basic-user": (
+        [{"apiGroups": ["authorization.k8s.io"], "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+          "verbs": ["create"]},
+         {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}],
+        ["system:authenticated"],
+    ),
+}
+
+
+def _bootstrap_rbac(api: Api) -> None:
+    for name, (rules, groups) in _BOOTSTRAP_ROLES.items():
+        meta = {"name": name, "labels": _BOOTSTRAP_LABELS,
+                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}}
+        if api.store.peek(api.key(CLUSTERROLES, "", name)) is None:
+            api.create(CLUSTERROLES, "", {"metadata": dict(meta), "rules": rules}, manager=MANAGER, dry_run=False)
+        if api.store.peek(api.key(CLUSTERROLEBINDINGS, "", name)) is None:
+            binding = {"metadata": dict(meta),
+                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                       "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g}
+                                    for g in groups]}
+            api.create(CLUSTERROLEBINDINGS, "", binding, manager=MANAGER, dry_run=False)

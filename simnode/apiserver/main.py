@@ -25,6 +25,7 @@ from simnode.apiserver.bootstrap import bootstrap
 from simnode.apiserver.handlers import Handler
 from simnode.apiserver.health import Health
 from simnode.apiserver.kubeletlink import KubeletClientError, KubeletLink, load_kubelet_client
+from simnode.apiserver.satokens import TokenIssuer
 from simnode.apiserver.services import Allocator, first_ip, parse_range
 from simnode.apiserver.tls import CertReloader, TLSConfigError, TLSServerProtocol
 from simnode.faults import FaultsFileError, load_faults
@@ -54,6 +55,10 @@ class Settings:
     verbosity: int
     kubelet_client_certificate: str | None = None  # real paths, as the flags name them
     kubelet_client_key: str | None = None
+    sa_key_files: tuple[Path, ...] = ()
+    sa_signing_key_file: Path | None = None
+    sa_issuer: str = ""
+    api_audiences: tuple[str, ...] = ()
 
 
 def parse_flags(argv: list[str]) -> dict[str, str]:
@@ -104,7 +109,33 @@ def settings_from(flags: dict[str, str]) -> Settings:
         verbosity=verbosity,
         kubelet_client_certificate=flags.get("kubelet-client-certificate"),
         kubelet_client_key=flags.get("kubelet-client-key"),
+        sa_key_files=tuple(root.path(f) for f in flags.get("service-account-key-file", "").split(",") if f),
+        sa_signing_key_file=root.path(flags["service-account-signing-key-file"])
+        if flags.get("service-account-signing-key-file") else None,
+        sa_issuer=flags.get("service-account-issuer", ""),
+        api_audiences=tuple(a for a in flags.get("api-audiences", "").split(",") if a),
     )
+
+
+def token_issuer(s: Settings) -> TokenIssuer | None:
+    """Service-account tokens, when the flags name the keys (kubeadm's manifest does: sa.key and sa.pub).
+
+    The real server refuses to start without --service-account-issuer and a key; here a server started
+    without them serves no tokens, and a key file that cannot be read is logged and skipped."""
+    if not s.sa_issuer and s.sa_signing_key_file is None:
+        return None
+    readable = []
+    for path in s.sa_key_files:
+        if path.is_file():
+            readable.append(path)
+        else:
+            log.warning("--service-account-key-file %s cannot be read; tokens signed with it will not verify", path)
+    try:
+        return TokenIssuer(signing_key_file=s.sa_signing_key_file, public_key_files=readable,
+                           issuer=s.sa_issuer or "https://kubernetes.default.svc.cluster.local",
+                           audiences=list(s.api_audiences))
+    except (OSError, ValueError) as exc:
+        raise FlagError(f"service-account keys: {exc}") from exc
 
 
 class KlogFormatter(logging.Formatter):
@@ -171,9 +202,14 @@ async def serve(s: Settings) -> int:
     persister = persist.Persister(store_dir, store)
     persister.flush()
     health = Health(s.root.faults_file)
+    try:
+        tokens = token_issuer(s)
+    except FlagError as exc:
+        log.error("%s", exc)  # noqa: TRY400 (expected condition: no traceback)
+        return 1
     handler = Handler(api, health, server_address=f"{s.advertise_address}:{s.secure_port}",
                       anonymous_auth=s.anonymous_auth, verbosity=s.verbosity, stopping=stopping,
-                      kubelet=KubeletLink(s.root, kubelet_client))
+                      kubelet=KubeletLink(s.root, kubelet_client), tokens=tokens)
     http = web.Server(handler, handler_cancellation=True, access_log=None)
     try:
         server = await loop.create_server(lambda: TLSServerProtocol(reloader, http), host=s.bind_address,

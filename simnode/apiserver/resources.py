@@ -65,7 +65,7 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     _t("", "v1", "endpoints", "Endpoints", True, ("ep",)),
     _t("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
     _t("", "v1", "secrets", "Secret", True),
-    _t("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),
+    _t("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",), ("token",)),
     _t("", "v1", "events", "Event", True, ("ev",)),
     _t("", "v1", "persistentvolumes", "PersistentVolume", False, ("pv",), ("status",)),
     _t("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("pvc",), ("status",)),
@@ -122,3 +122,4 @@ PODS = _BY_PATH[("", "v1", "pods")]
 NODES = _BY_PATH[("", "v1", "nodes")]
 ENDPOINTSLICES = _BY_PATH[("discovery.k8s.io", "v1", "endpointslices")]
 CLUSTERROLES = _BY_PATH[("rbac.authorization.k8s.io", "v1", "clusterroles")]
+CLUSTERROLEBINDINGS = _BY_PATH[("rbac.authorization.k8s.io", "v1", "clusterrolebindings")]

@@ -22,6 +22,7 @@ from simnode.controllers.daemonset import DaemonSetController
 from simnode.controllers.informer import Informer
 from simnode.controllers.misc import EndpointsController, NodeIpamController, ServiceAccountController
 from simnode.controllers.nodelifecycle import NodeTaintController
+from simnode.controllers.volumes import VolumeController
 from simnode.controllers.workloads import WorkloadControllers
 from simnode.kubeclient import KubeClient, KubeconfigError
 from simnode.paths import NodeRootError, resolve_root
@@ -45,6 +46,9 @@ class ControllerManager:
             "services": Informer(client, "/api/v1/services"),
             "endpoints": Informer(client, "/api/v1/endpoints"),
             "serviceaccounts": Informer(client, "/api/v1/serviceaccounts", field_selector="metadata.name=default"),
+            "persistentvolumeclaims": Informer(client, "/api/v1/persistentvolumeclaims"),
+            "persistentvolumes": Informer(client, "/api/v1/persistentvolumes"),
+            "storageclasses": Informer(client, "/apis/storage.k8s.io/v1/storageclasses"),
         }
         i = self.informers
         self.workloads = WorkloadControllers(client, i["deployments"], i["replicasets"], i["pods"])
@@ -52,6 +56,8 @@ class ControllerManager:
         self.accounts = ServiceAccountController(client, i["namespaces"], i["serviceaccounts"])
         self.endpoints = EndpointsController(client, i["services"], i["endpoints"], i["pods"])
         self.node_taints = NodeTaintController(client, i["nodes"])
+        self.volumes = VolumeController(client, i["persistentvolumeclaims"], i["persistentvolumes"],
+                                        i["storageclasses"])
         self.ipam: NodeIpamController | None = None
         if flags.get("allocate-node-cidrs") == "true" and flags.get("cluster-cidr"):
             mask = int(flags.get("node-cidr-mask-size") or flags.get("node-cidr-mask-size-ipv4") or 24)
@@ -76,7 +82,7 @@ class ControllerManager:
 
     async def pass_once(self) -> None:
         steps = [self.node_taints.sync, self.accounts.sync, self.workloads.sync_deployments,
-                 self.workloads.sync_replicasets, self.daemonsets.sync, self.endpoints.sync]
+                 self.workloads.sync_replicasets, self.daemonsets.sync, self.endpoints.sync, self.volumes.sync]
         if self.ipam is not None:
             steps.insert(0, self.ipam.sync)
         for step in steps:

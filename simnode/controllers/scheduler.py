@@ -1,6 +1,7 @@
 """`kube-scheduler` stand-in: binds pods without spec.nodeName to a Ready node that fits (nodeSelector,
-required node affinity, NoSchedule/NoExecute taints vs tolerations) via pods/binding; a pod that fits
-nowhere gets PodScheduled=False/Unschedulable with the reason, as the real scheduler reports it.
+required node affinity, NoSchedule/NoExecute taints vs tolerations, volumes: volumebinding.py) via
+pods/binding; a pod that fits nowhere gets PodScheduled=False/Unschedulable with the reason, as the real
+scheduler reports it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from simnode.controllers.common import (
     untolerated_taints,
 )
 from simnode.controllers.informer import Informer, obj_key
+from simnode.controllers.volumebinding import VolumeBinding
 from simnode.kubeclient import ApiError, KubeClient, KubeconfigError
 from simnode.paths import NodeRootError, resolve_root
 
@@ -54,10 +56,14 @@ def affinity_fits(spec: dict[str, Any], node: Obj) -> bool:
     return False
 
 
-def fit(pod: Obj, nodes: list[Obj]) -> tuple[str | None, str]:
+def fit(pod: Obj, nodes: list[Obj], volumes: VolumeBinding | None = None) -> tuple[str | None, str]:
     """(node name, "") for the first fitting node, else (None, the real scheduler's style of message)."""
     spec = pod.get("spec") or {}
     reasons: dict[str, int] = {}
+    unresolvable = volumes.pre_filter(pod) if volumes is not None else None
+    if unresolvable is not None:
+        return None, f"0/{len(nodes)} nodes are available: {unresolvable}. preemption: not eligible due to " \
+                     "preemptionPolicy=Never."
 
     def reject(reason: str) -> None:
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -73,6 +79,8 @@ def fit(pod: Obj, nodes: list[Obj]) -> tuple[str | None, str]:
         elif taints := untolerated_taints(spec, node):
             t = taints[0]
             reject(f"node(s) had untolerated taint {{{t.get('key')}: {t.get('value') or ''}}}")
+        elif volumes is not None and (conflict := volumes.node_problem(pod, node)):
+            reject(conflict)
         else:
             return str(meta(node)["name"]), ""
     detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
@@ -86,17 +94,21 @@ class Scheduler:
         self.pods = Informer(client, "/api/v1/pods", field_selector="spec.nodeName=",
                              predicate=lambda p: not (p.get("spec") or {}).get("nodeName"))
         self.nodes = Informer(client, "/api/v1/nodes")
+        self.volumes = VolumeBinding(client)
         self._reported: dict[str, str] = {}
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.pods.run(), name="scheduler pod informer")
             group.create_task(self.nodes.run(), name="scheduler node informer")
+            for informer in self.volumes.informers:
+                group.create_task(informer.run(), name=f"scheduler informer {informer.path}")
             group.create_task(self.loop(), name="scheduler loop")
 
     async def loop(self) -> None:
         while True:
-            if self.pods.synced.is_set() and self.nodes.synced.is_set():
+            if self.pods.synced.is_set() and self.nodes.synced.is_set() and all(
+                    i.synced.is_set() for i in self.volumes.informers):
                 await self.schedule_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_either(self.pods.changed, self.nodes.changed), RESYNC_S)
@@ -120,7 +132,7 @@ class Scheduler:
     async def schedule(self, pod: Obj, nodes: list[Obj]) -> None:
         m = meta(pod)
         key = obj_key(pod)
-        node, message = fit(pod, nodes)
+        node, message = fit(pod, nodes, self.volumes)
         base = f"/api/v1/namespaces/{m['namespace']}/pods/{m['name']}"
         if node is None:
             if self._reported.get(key) != message:
@@ -131,6 +143,8 @@ class Scheduler:
                 }]}})
                 self._reported[key] = message
             return
+        if not await self.volumes.pre_bind(pod, node):
+            return  # waiting for the claims' volumes to be provisioned on `node`
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": m["name"]},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         try:

@@ -232,11 +232,14 @@ class Kubelet:
             await asyncio.sleep(CONNECT_RETRY_S)
         log.info("node %s registered at %s using %s", agent.name, client.server, self.root.real(source))
         sync = PodSync(self.root, client, agent, self.static, self.docker, config_pod_cidr=self.s.config.pod_cidr,
-                       sandbox_error=self.cni.sandbox_error)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(sync.pods.run(), name="kubelet pod informer")
-            group.create_task(self.heartbeat_loop(agent), name="kubelet heartbeat")
-            group.create_task(self.sync_loop(sync, bootstrap), name="kubelet pod sync")
+                       sandbox_error=self.cni.sandbox_error, kubeconfig=source)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(sync.pods.run(), name="kubelet pod informer")
+                group.create_task(self.heartbeat_loop(agent), name="kubelet heartbeat")
+                group.create_task(self.sync_loop(sync, bootstrap), name="kubelet pod sync")
+        finally:
+            await sync.runner.close()
 
     async def heartbeat_loop(self, agent: NodeAgent) -> None:
         while True:

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from simnode.controllers.informer import Informer, Obj, obj_key
@@ -17,9 +18,10 @@ from simnode.faults import Faults
 from simnode.kubeclient import ApiError, KubeClient
 from simnode.kubelet.docker import DockerRuntime, refresh_images
 from simnode.kubelet.node import NodeAgent
-from simnode.kubelet.pods import NullRunner, PodSim, containers_from_spec, qos_class, rfc3339
+from simnode.kubelet.pods import PodSim, containers_from_spec, qos_class, rfc3339
 from simnode.kubelet.runtime import write_json_atomic
 from simnode.kubelet.static import StaticPod, StaticPods
+from simnode.kubelet.workloads import WorkloadRunner
 from simnode.paths import NodeRoot
 
 log = logging.getLogger("kubelet.api")
@@ -59,6 +61,7 @@ class PodSync:
         *,
         config_pod_cidr: str | None,
         sandbox_error: Callable[[], str | None] = lambda: None,
+        kubeconfig: Path | None = None,
     ) -> None:
         self.root = root
         self.client = client
@@ -76,7 +79,8 @@ class PodSync:
         )
         self.state = load_state(root)
         self.api_pods: dict[str, PodSim] = {}
-        self.runner = NullRunner()
+        # Containers of API pods: simulated, except programs the node has (workloads.py) which run as processes.
+        self.runner = WorkloadRunner(root, client, kubeconfig=kubeconfig)
         self._sent: dict[str, tuple[dict[str, Any], float]] = {}  # pod uid -> (status, when)
         self._last_write: dict[str, float] = {}  # throttles creates/deletes that keep failing
         self._dirty = False  # API pod state changed since the last save
@@ -229,7 +233,9 @@ class PodSync:
         if self._network_blocks(sim):
             await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))
             return
-        self._dirty |= sim.advance(now, faults, self.runner)
+        if await self.runner.prepare(pod, sim):
+            self._dirty |= sim.advance(now, faults, self.runner)
+            self.runner.probe(sim, now)
         await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))
 
     def _network_blocks(self, sim: PodSim) -> bool:

@@ -31,8 +31,8 @@ from simnode.host import prepare_host
 REPO = Path(__file__).resolve().parents[2]
 SIM_CONFIG = REPO / "simnode" / "lifecycle.toml"
 LIFECYCLE = REPO / ".venv" / "bin" / "lifecycle"
-INSTALL_CHAIN = ["idle", "preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons",
-                 "running"]
+INSTALL_CHAIN = ["idle", "preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness",
+                 "addons", "running"]
 KEEPALIVE_S = 10  # simnode/lifecycle.toml
 
 

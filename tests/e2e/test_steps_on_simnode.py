@@ -42,7 +42,6 @@ from states.certs import Certs
 from states.images import Images
 from states.kubeadm import Kubeadm
 from states.kubelet import Kubelet, kubelet_argv
-from states.kubelet import Kubelet
 from states.network import CONF_NAME, Network
 from states.readiness import Readiness, wait_for_components
 from states.reset import reset
@@ -88,13 +87,14 @@ def _config(root: Path, *, repo: str, binaries_image: str) -> Config:
             binaries_image=binaries_image,
             versions={VERSION: VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10", cni="v1.6.0",
                                              critools="v1.31.1", cri_dockerd="v0.3.16")},
-            addon_images=(f"{repo}/storage-provisioner:v1.0.0", f"{repo}/lb-forwarder:v1.0.0"),
             node_ip="127.0.0.1",
             endpoint_name="localhost",  # as in simnode/lifecycle.toml
             cri_socket=DOCKER_HOST,
         ),
         docker=DockerConfig(host=DOCKER_HOST),
-        addons=AddonsConfig(manifests_dir=REPO / "deploy" / "addons"),
+        addons=AddonsConfig(manifests_dir=REPO / "deploy" / "addons",
+                            storage_provisioner_image="{repo}/rancher/local-path-provisioner:v0.0.37",
+                            storage_helper_image="{repo}/library/busybox:1.37.0"),
     )
 
 
@@ -210,17 +210,19 @@ async def test_kubeadm_to_addons_brings_up_a_cluster_that_kubectl_sees(
     assert readiness[1].startswith(f"{kubelet_wait} answered ok after ")
     assert readiness[3].startswith(f"{api_wait} answered ok after ")
     assert "kubeadm init phase wait-control-plane" not in readiness
-    assert "Deployment kube-system/storage-provisioner available" in node.messages("addons")
+    assert "Deployment local-path-storage/local-path-provisioner available" in node.messages("addons")
 
     pods = _kubectl_json(node, "get", "pods", "-n", "kube-system")
     phases = {p["metadata"]["name"]: p["status"].get("phase") for p in pods["items"]}
+    phases.update({p["metadata"]["name"]: p["status"].get("phase")
+                   for p in _kubectl_json(node, "get", "pods", "-n", "local-path-storage")["items"]})
     for prefix in ("kube-apiserver-simnode", "kube-controller-manager-simnode", "etcd-simnode", "coredns-",
-                   "storage-provisioner-", "lb-forwarder-"):
+                   "local-path-provisioner-"):
         matching = [phase for name, phase in phases.items() if name.startswith(prefix)]
         assert matching and all(p == "Running" for p in matching), (prefix, phases)
     table = _kubectl(node, "get", "pods", "-n", "kube-system")
     assert "kube-apiserver-simnode" in table and "Running" in table
-    storage_class = _kubectl_json(node, "get", "storageclass", "hostpath")
+    storage_class = _kubectl_json(node, "get", "storageclass", "local-path")
     assert storage_class["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
 
     # Reset: the kubelet and every static pod stop, generated files go, images and binaries stay.

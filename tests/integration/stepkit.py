@@ -21,7 +21,7 @@ import structlog
 
 from lifecycle.adapters.docker import DockerEngine
 from lifecycle.adapters.process import SubprocessRunner
-from lifecycle.config import Config, DockerConfig, KubernetesConfig, PkiConfig, VersionImages
+from lifecycle.config import AddonsConfig, Config, DockerConfig, KubernetesConfig, PkiConfig, VersionImages
 from lifecycle.paths import HostPaths
 from lifecycle.ports import ContainerEngine, Ports
 from lifecycle.step import ClusterParams, StepContext
@@ -54,8 +54,11 @@ def make_config(root: Path, *, docker_host: str = "unix:///nonexistent", repo: s
         version=VERSION, image_repository=repo, binaries_image="{repo}/kube-binaries:{version}-cni-{cni}",
         versions={VERSION: TAGS}, node_ip="127.0.0.1", endpoint_name="localhost", **k8s,
     )
+    # The storage addon's images under the test's repository, as simnode/lifecycle.toml names them.
+    addons = AddonsConfig(storage_provisioner_image="{repo}/rancher/local-path-provisioner:v0.0.37",
+                          storage_helper_image="{repo}/library/busybox:1.37.0")
     return Config(node_name="node-a", root=root, kubernetes=kubernetes, pki=PkiConfig(),
-                  docker=DockerConfig(host=docker_host, pull_concurrency=3))
+                  docker=DockerConfig(host=docker_host, pull_concurrency=3), addons=addons)
 
 
 class LocalEngine:

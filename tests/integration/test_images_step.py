@@ -59,8 +59,7 @@ def registry_images(docker_host: str, registry: str, tmp_path_factory: pytest.Te
     Every test leaves them so: local and equal to the registry's.
     """
     repo = unique_repo(registry, "images")
-    config = make_config(tmp_path_factory.mktemp("root"), docker_host=docker_host, repo=repo,
-                         addon_images=(f"{repo}/storage-provisioner:v1.0.0", f"{repo}/lb-forwarder:v1.0.0"))
+    config = make_config(tmp_path_factory.mktemp("root"), docker_host=docker_host, repo=repo)
     refs = _refs(config)
 
     def publish(ref: str) -> None:  # distinct content per image: no layer is shared, every pull downloads
@@ -81,7 +80,9 @@ def published(registry_images: Config, docker_host: str) -> Config:
 
 def _refs(config: Config) -> list[str]:
     k8s = config.kubernetes
-    return list(dict.fromkeys([k8s.binaries_image_for(VERSION), *k8s.images_for(VERSION).values(), *k8s.addon_images]))
+    addons = config.addons.images(k8s.image_repository).values()
+    return list(dict.fromkeys([k8s.binaries_image_for(VERSION), *k8s.images_for(VERSION).values(), *addons,
+                               *k8s.addon_images]))
 
 
 async def test_pulls_every_missing_image_concurrently_with_byte_progress(published: Config, docker_host: str) -> None:

@@ -22,8 +22,11 @@ def test_simnode_config_targets_the_local_services() -> None:
     assert k8s.binaries_image_for("v1.32.1") == (
         "127.0.0.1:5000/desktop-kubernetes:kubernetes-v1.32.1-cni-v1.6.0-critools-v1.31.1-cri-dockerd-v0.3.16-1-debian"
     )
-    assert set(k8s.addon_images) == {"127.0.0.1:5000/storage-provisioner:v1.0.0",
-                                     "127.0.0.1:5000/lb-forwarder:v1.0.0"}
+    assert k8s.addon_images == ()
+    assert config.addons.images(k8s.image_repository) == {
+        "STORAGE_PROVISIONER_IMAGE": "127.0.0.1:5000/rancher/local-path-provisioner:v0.0.37",
+        "STORAGE_HELPER_IMAGE": "127.0.0.1:5000/library/busybox:1.37.0",
+    }
     assert (k8s.api_port, k8s.kubelet_healthz_port, k8s.node_ip, k8s.endpoint_name) == (0, 0, "127.0.0.1", "localhost")
     assert k8s.cri_socket == config.docker.host == "unix:///tmp/lifecycle-services/docker/docker.sock"
     assert config.addons.manifests_dir == REPO / "deploy" / "addons"
@@ -58,6 +61,10 @@ def test_deploy_config_is_a_real_vm() -> None:
         "pause": "registry.k8s.io/pause:3.10",
     }
     assert k8s.images_for("v1.32.1")["etcd"] == "registry.k8s.io/etcd:3.5.16-0"
+    assert config.addons.images(k8s.image_repository) == {
+        "STORAGE_PROVISIONER_IMAGE": "docker.io/rancher/local-path-provisioner:v0.0.37",
+        "STORAGE_HELPER_IMAGE": "docker.io/library/busybox:1.37.0",
+    }
 
 
 def test_every_key_of_the_deploy_config_is_commented() -> None:
@@ -87,6 +94,8 @@ def test_every_key_of_the_deploy_config_is_commented() -> None:
         ('[kubernetes]\nbinaries = ["/opt/cni//bin/bridge"]', "kubernetes.binaries"),
         ('[kubernetes]\nbinaries = ["/usr/bin/kubeadm", "/usr/bin/kubeadm"]', "kubernetes.binaries"),
         ('[kubernetes]\nbinaries = []', "kubernetes.binaries"),
+        ('[addons]\nstorage_provisioner_image = "rancher/local-path-provisioner"', "addons.storage_provisioner_image"),
+        ('[addons]\nstorage_helper_image = ""', "addons.storage_helper_image"),
     ],
 )
 def test_a_bad_value_names_its_key(tmp_path: Path, snippet: str, key: str) -> None:

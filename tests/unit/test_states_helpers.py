@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from lifecycle.config import AddonsConfig
 from lifecycle.errors import PermanentError
 from states.addons import load_manifests, workload_problem
 from states.kubeadm import redact
@@ -16,15 +19,28 @@ from states.readiness import not_ready_error, unmet_components
 DEPLOY_ADDONS = Path(__file__).resolve().parents[2] / "deploy" / "addons"
 
 
-def test_the_shipped_addon_manifests_load_with_the_repository_substituted() -> None:
-    objects = load_manifests(DEPLOY_ADDONS, image_repository="registry.example:5000/mirror")
+MIRROR = AddonsConfig(storage_provisioner_image="{repo}/rancher/local-path-provisioner:v0.0.37",
+                      storage_helper_image="{repo}/library/busybox:1.37.0")
+
+
+def test_the_shipped_storage_addon_is_upstreams_local_path_provisioner_with_the_configured_images() -> None:
+    repo = "registry.example:5000/mirror"
+    objects = load_manifests(DEPLOY_ADDONS, placeholders={"IMAGE_REPOSITORY": repo, **MIRROR.images(repo)})
     kinds = {(o.kind, o.name) for o in objects}
-    assert ("Deployment", "storage-provisioner") in kinds and ("Deployment", "lb-forwarder") in kinds
-    assert ("StorageClass", "hostpath") in kinds
+    assert ("Deployment", "local-path-provisioner") in kinds and ("Namespace", "local-path-storage") in kinds
+    assert not any("lb-forwarder" in name for _, name in kinds)  # the LoadBalancer moves into the service
+    [storage_class] = [o.body for o in objects if o.kind == "StorageClass"]
+    assert storage_class["provisioner"] == "rancher.io/local-path"
+    assert storage_class["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert storage_class["reclaimPolicy"] == "Delete"
+    assert storage_class["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
     images = [c["image"] for o in objects if o.kind == "Deployment"
               for c in o.body["spec"]["template"]["spec"]["containers"]]
-    assert images == ["registry.example:5000/mirror/lb-forwarder:v1.0.0",
-                      "registry.example:5000/mirror/storage-provisioner:v1.0.0"]
+    assert images == [f"{repo}/rancher/local-path-provisioner:v0.0.37"]
+    [config_map] = [o.body for o in objects if o.kind == "ConfigMap"]
+    helper = yaml.safe_load(config_map["data"]["helperPod.yaml"])
+    assert helper["spec"]["containers"][0]["image"] == f"{repo}/library/busybox:1.37.0"
+    assert json.loads(config_map["data"]["config.json"])["nodePathMap"][0]["paths"] == ["/opt/local-path-provisioner"]
     for obj in objects:
         if obj.kind == "Deployment":  # a selector that does not match its template is rejected by real servers
             spec = obj.body["spec"]
@@ -47,7 +63,7 @@ def test_a_bad_manifest_is_rejected_naming_file_and_document(tmp_path: Path, tex
     (tmp_path / "10-good.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: fine}\n")
     (tmp_path / "20-bad.yaml").write_text(text)
     with pytest.raises(PermanentError) as caught:
-        load_manifests(tmp_path, image_repository="r")
+        load_manifests(tmp_path, placeholders={"IMAGE_REPOSITORY": "r"})
     assert f"{tmp_path / '20-bad.yaml'}" in caught.value.message
     assert expected in caught.value.message
     assert caught.value.code == "bad_manifest"
@@ -55,7 +71,7 @@ def test_a_bad_manifest_is_rejected_naming_file_and_document(tmp_path: Path, tex
 
 def test_a_missing_manifests_dir_is_named(tmp_path: Path) -> None:
     with pytest.raises(PermanentError, match="is not a directory"):
-        load_manifests(tmp_path / "absent", image_repository="r")
+        load_manifests(tmp_path / "absent", placeholders={"IMAGE_REPOSITORY": "r"})
 
 
 def test_kubeadm_flags_are_split_like_systemd_expands_them(tmp_path: Path) -> None:

@@ -1,0 +1,326 @@
+"""API pods whose container runs a program the simulated node has (WORKLOAD_PROGRAMS, matched on the
+container's command[0], as the image's entrypoint is named) run as processes, with what a real kubelet gives a
+container: the service-account token volume (a TokenRequest bound to the pod), ConfigMap volumes, env values
+and fieldRefs, the API server's address, and for each containerPort a port of its own on 127.0.0.1 (there are
+no pod network namespaces), which the readiness probe targets.
+
+Leaves `<root>/var/lib/kubelet/pods/<uid>/volumes/...` and `.../simnode-ports.json`; processes run in their own
+session (they outlive the kubelet and are adopted by the next one, like containers) and log to
+`<root>/var/log/pods/<ns>_<name>/<container>.log`. Follows kubernetes/kubernetes pkg/kubelet/kubelet_pods.go
+(makeEnvironmentVariables), pkg/volume/projected (the kube-api-access token, ca.crt and namespace files) and
+pkg/kubelet/token/token_manager.go (TokenRequest bound to the pod, refreshed after 80% of its lifetime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from simnode.kubeclient import ApiError, KubeClient
+from simnode.kubelet import runtime
+from simnode.kubelet.pods import ContainerSim, PodSim, readiness_probe
+from simnode.launch import tool_command
+from simnode.paths import NodeRoot
+
+log = logging.getLogger("kubelet.workloads")
+
+# Programs an API pod's container may run as a process (simnode/__main__.py TOOLS has each of them).
+WORKLOAD_PROGRAMS = ("local-path-provisioner",)
+SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+TOKEN_EXPIRATION_S = 3607  # what the kubelet asks for (kube-api-access volumes: 3607 s)
+STOP_GRACE_S = 5.0
+PROBE_PERIOD_MAX_S = 2.0
+MOUNTS_ENV = "SIMNODE_MOUNTS"  # JSON {mountPath: host directory}: how the program finds its volumes
+PORTS_ENV = "SIMNODE_PORTS"  # JSON {"<containerPort>": host port}: where the program listens
+STATE_REAL_PATH = "/var/lib/kubelet/simnode/state.json"  # apisync.py keeps API pod pids here
+
+
+def runs_process(c: ContainerSim) -> bool:
+    return bool(c.command) and c.command[0] in WORKLOAD_PROGRAMS
+
+
+def _cluster_ca(kubeconfig: Path | None, root: NodeRoot) -> bytes:
+    """The CA the kubelet trusts for the API (its kubeconfig's cluster): ca.crt of the token volume."""
+    if kubeconfig is None:
+        return b""
+    try:
+        cfg = yaml.safe_load(kubeconfig.read_text())
+        ctx_name = cfg.get("current-context")
+        ctx = next(c["context"] for c in cfg.get("contexts") or [] if c.get("name") == ctx_name)
+        cluster = next(c["cluster"] for c in cfg.get("clusters") or [] if c.get("name") == ctx.get("cluster"))
+        if cluster.get("certificate-authority-data"):
+            return base64.b64decode(cluster["certificate-authority-data"])
+        ref = Path(str(cluster.get("certificate-authority", "")))
+        return (root.path(ref) if ref.is_absolute() else kubeconfig.parent / ref).read_bytes()
+    except (OSError, ValueError, StopIteration, KeyError, AttributeError, TypeError) as exc:
+        log.warning("cannot read the cluster CA from %s: %s", kubeconfig, exc)
+        return b""
+
+
+class WorkloadRunner:
+    """The Runner (pods.py) for API pods: processes for WORKLOAD_PROGRAMS, nothing for other containers."""
+
+    def __init__(self, root: NodeRoot, client: KubeClient, *, kubeconfig: Path | None) -> None:
+        self.root = root
+        self.client = client
+        self.ca_pem = _cluster_ca(kubeconfig, root)
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.env: dict[str, dict[str, str]] = {}  # pod uid -> environment of its process containers
+        self.tokens: dict[str, float] = {}  # pod uid -> when its token should be refreshed
+        self.errors: dict[str, str] = {}  # pod uid -> why its volumes could not be set up
+        self._probing: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # probes and stops in flight
+        self._http: aiohttp.ClientSession | None = None
+
+    def pod_dir(self, uid: str) -> Path:
+        return self.root.path(f"/var/lib/kubelet/pods/{uid}")
+
+    # -- volumes and environment, before the containers start --
+
+    async def prepare(self, pod: dict[str, Any], sim: PodSim) -> bool:
+        """Volumes and env for the process containers of `pod` (token refreshed when due); False while they
+        cannot be set up: the containers then wait in ContainerCreating, as with a real FailedMount."""
+        process_containers = [c for c in sim.containers if runs_process(c)]
+        if not process_containers:
+            return True
+        for c in process_containers:
+            c.probed = True
+        now = time.time()
+        if sim.uid in self.env and now < self.tokens.get(sim.uid, 0.0):
+            return True
+        try:
+            mounts = await self._volumes(pod, sim)
+        except ApiError as exc:
+            # A container whose volumes cannot be set up does not start (the kubelet reports
+            # FailedMount); the next pass tries again.
+            if self.errors.get(sim.uid) != str(exc):
+                log.warning("%s: cannot set up volumes: %s", sim.key, exc)
+                self.errors[sim.uid] = str(exc)
+            return sim.uid in self.env  # a failed refresh keeps the running process and its old token
+        self.errors.pop(sim.uid, None)
+        base = {
+            # Real pods reach the API through the `kubernetes` Service; the simulated node has no service
+            # network, so the address is the one the kubelet itself uses.
+            "KUBERNETES_SERVICE_HOST": self.client.server.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]"),
+            "KUBERNETES_SERVICE_PORT": self.client.server.rsplit(":", 1)[-1],
+            "HOSTNAME": sim.name,
+        }
+        self.env[sim.uid] = {**base, MOUNTS_ENV: json.dumps(mounts), PORTS_ENV: json.dumps(self._ports(sim))}
+        return True
+
+    async def _volumes(self, pod: dict[str, Any], sim: PodSim) -> dict[str, str]:
+        spec = pod.get("spec") or {}
+        volumes = {str(v.get("name")): v for v in spec.get("volumes") or [] if isinstance(v, dict)}
+        host: dict[str, Path] = {}
+        for name, volume in volumes.items():
+            if isinstance(volume.get("configMap"), dict):
+                host[name] = await self._config_map_volume(sim, name, volume["configMap"])
+            elif isinstance(volume.get("hostPath"), dict):
+                host[name] = self.root.path(str(volume["hostPath"].get("path", "/")))
+        mounts: dict[str, str] = {}
+        for c in sim.containers:
+            for m in c.spec.get("volumeMounts") or []:
+                if m.get("name") in host:
+                    mounts[str(m.get("mountPath"))] = str(host[m["name"]])
+        if spec.get("automountServiceAccountToken") is not False:
+            mounts[SA_MOUNT] = str(await self._token_volume(pod, sim))
+        return mounts
+
+    async def _config_map_volume(self, sim: PodSim, name: str, source: dict[str, Any]) -> Path:
+        cm = await self.client.get(f"/api/v1/namespaces/{sim.namespace}/configmaps/{source.get('name')}")
+        data = {str(k): str(v) for k, v in (cm.get("data") or {}).items()}
+        items = source.get("items")
+        files = {str(i["path"]): data[str(i["key"])] for i in items if str(i.get("key")) in data} if items else data
+        directory = self.pod_dir(sim.uid) / "volumes/kubernetes.io~configmap" / name
+        _write_files(directory, files)
+        return directory
+
+    async def _token_volume(self, pod: dict[str, Any], sim: PodSim) -> Path:
+        account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"expirationSeconds": TOKEN_EXPIRATION_S,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": sim.name, "uid": sim.uid}}}
+        answer = await self.client.create(
+            f"/api/v1/namespaces/{sim.namespace}/serviceaccounts/{account}/token", body)
+        token = str((answer.get("status") or {}).get("token", ""))
+        directory = self.pod_dir(sim.uid) / "volumes/kubernetes.io~projected/kube-api-access"
+        _write_files(directory, {"token": token, "ca.crt": self.ca_pem.decode(), "namespace": sim.namespace})
+        self.tokens[sim.uid] = time.time() + 0.8 * TOKEN_EXPIRATION_S  # token_manager.go: refresh at 80%
+        return directory
+
+    def _ports(self, sim: PodSim) -> dict[str, int]:
+        """containerPort -> a host port of this pod's own, kept across kubelet restarts (adopted processes)."""
+        path = self.pod_dir(sim.uid) / "simnode-ports.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        ports: dict[str, int] = {}
+        for c in sim.containers:
+            for p in c.spec.get("ports") or []:
+                port = str(p.get("containerPort"))
+                ports[port] = int(saved[port]) if isinstance(saved.get(port), int) else _free_port()
+        runtime.write_json_atomic(path, ports)
+        return ports
+
+    # -- Runner --
+
+    def start(self, pod: PodSim, c: ContainerSim) -> None:
+        if not runs_process(c):
+            return
+        c.pid = None
+        env = self.env.get(pod.uid, {})  # prepare() succeeded before advance() calls start()
+        spec_env = {str(e.get("name")): _env_value(e, pod) for e in c.spec.get("env") or [] if e.get("name")}
+        argv, proc_env = tool_command(c.command[0], c.command[1:], root=self.root)
+        proc_env.update(spec_env)
+        proc_env.update(env)
+        proc_env[runtime.POD_ENV] = runtime.marker(pod.namespace, pod.name, c.name)
+        logfile = runtime.log_path(self.root, pod.namespace, pod.name, c.name)
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(logfile, "ab") as out:
+                proc = subprocess.Popen(argv, env=proc_env, cwd=str(self.root.root), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            log.error("cannot start %s/%s: %s", pod.key, c.name, exc)  # noqa: TRY400 (expected condition)
+            return
+        self.children[proc.pid] = proc
+        c.pid = proc.pid
+        log.info("started %s container %s (%s) as pid %d", pod.key, c.name, c.command[0], proc.pid)
+
+    def stop(self, pod: PodSim, c: ContainerSim) -> None:
+        if c.pid is None:
+            return
+        pid, mark = c.pid, runtime.marker(pod.namespace, pod.name, c.name)
+        if pid in self.children or runtime.is_ours(pid, self.root, mark):
+            log.info("stopping %s container %s (pid %d)", pod.key, c.name, pid)
+            runtime.signal_group(pid, signal.SIGTERM)
+            task = asyncio.get_running_loop().run_in_executor(None, self._reap, pid)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _reap(self, pid: int) -> None:
+        runtime.stop_process(pid, grace_s=STOP_GRACE_S, child=self.children.pop(pid, None))
+
+    def exit_code(self, pod: PodSim, c: ContainerSim) -> int | None:
+        if not runs_process(c):
+            return None
+        if c.pid is None:
+            return 1  # the program could not be started
+        child = self.children.get(c.pid)
+        if child is not None:
+            code = child.poll()
+            if code is None:
+                return None
+            del self.children[c.pid]
+            log.warning("%s container %s (pid %d) exited with %d", pod.key, c.name, c.pid, code)
+            return 128 - code if code < 0 else code
+        if runtime.is_ours(c.pid, self.root, runtime.marker(pod.namespace, pod.name, c.name)):
+            return None  # adopted from an earlier kubelet
+        return 1
+
+    # -- readiness probes --
+
+    def probe(self, sim: PodSim, now: float) -> None:
+        for c in sim.containers:
+            probe = readiness_probe(c)
+            if probe is None or c.pid is None or now < c.probe_next or (sim.uid, c.name) in self._probing:
+                continue
+            c.probe_next = now + min(float(probe.get("periodSeconds") or 10), PROBE_PERIOD_MAX_S)
+            self._probing.add((sim.uid, c.name))
+            task = asyncio.create_task(self._probe(sim, c, probe), name=f"probe {sim.key}/{c.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, sim: PodSim, c: ContainerSim, probe: dict[str, Any]) -> None:
+        try:
+            c.probe_ok = await self._http_get_ok(sim, c, probe["httpGet"], probe)
+        finally:
+            self._probing.discard((sim.uid, c.name))
+
+    async def _http_get_ok(self, sim: PodSim, c: ContainerSim, get: dict[str, Any], probe: dict[str, Any]) -> bool:
+        port = get.get("port")
+        if isinstance(port, str) and not port.isdigit():
+            named = [p.get("containerPort") for p in c.spec.get("ports") or [] if p.get("name") == port]
+            port = named[0] if named else None
+        env = self.env.get(sim.uid) or {}
+        host_port = json.loads(env.get(PORTS_ENV, "{}")).get(str(port))
+        if host_port is None:
+            return False
+        url = f"http://127.0.0.1:{host_port}{get.get('path') or '/'}"
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        timeout_s = min(float(probe.get("timeoutSeconds") or 1), PROBE_PERIOD_MAX_S)
+        try:
+            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                await resp.read()
+                return 200 <= resp.status < 400
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()
+
+
+def _env_value(entry: dict[str, Any], pod: PodSim) -> str:
+    """kubelet_pods.go makeEnvironmentVariables: a value, or the fieldRefs a pod can know about itself."""
+    if "value" in entry:
+        return str(entry["value"])
+    field = ((entry.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+    return {"metadata.namespace": pod.namespace, "metadata.name": pod.name, "metadata.uid": pod.uid,
+            "status.podIP": pod.ip or ""}.get(str(field), "")
+
+
+def _write_files(directory: Path, files: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        target = directory / name
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(content)
+        tmp.chmod(0o600 if name == "token" else 0o644)
+        tmp.replace(target)  # atomic: a program re-reading its token never sees half a file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_workload_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
+    """Stop the API pods' processes recorded under `root` (kubeadm reset removes every container)."""
+    try:
+        state = json.loads(root.path(STATE_REAL_PATH).read_text())
+    except (OSError, ValueError):
+        return 0
+    victims: list[int] = []
+    for pod in ((state.get("api_pods") or {}) if isinstance(state, dict) else {}).values():
+        for cname, cont in (pod.get("containers") or {}).items():
+            pid = cont.get("pid")
+            mark = runtime.marker(str(pod.get("namespace")), str(pod.get("name")), str(cname))
+            if isinstance(pid, int) and runtime.is_ours(pid, root, mark):
+                runtime.signal_group(pid, signal.SIGTERM)
+                victims.append(pid)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(runtime.pid_running(p) for p in victims):
+        time.sleep(0.05)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            if runtime.pid_running(pid):
+                runtime.signal_group(pid, signal.SIGKILL)
+    return len(victims)
