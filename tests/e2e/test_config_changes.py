@@ -19,7 +19,7 @@ import test_install_over_mqtt as install_e2e
 import yaml
 from conftest import free_port
 from test_cert_renewal import _api_server, _events_of
-from test_install_over_mqtt import Node, _wait_state, payload
+from test_install_over_mqtt import LIFECYCLE, Node, _wait_state, payload
 
 make_node = install_e2e.make_node  # the fixture: a service of its own on a fresh root, killed in teardown
 
@@ -143,37 +143,43 @@ def test_sans_and_kubelet_healthz_port_changed_on_a_running_cluster_are_applied_
     assert set(EXTRA_SANS) <= _served_sans(node)
 
 
-def test_node_ip_and_pod_subnet_changed_on_a_running_cluster_are_refused_with_reset_required(
+def test_node_ip_and_pod_subnet_changed_with_sans_are_refused_with_reset_required_while_the_sans_are_applied(
     make_node: Callable[..., Node],
 ) -> None:
     node = make_node()
     events = _install(node, "inst-reset")
     kubeadm_config = node.root / "var/lib/lifecycle/kubeadm.yaml"
-    applied = kubeadm_config.read_bytes()
-    sans_before = _served_sans(node)
+    installed = {doc["kind"]: doc for doc in yaml.safe_load_all(kubeadm_config.read_text())}
 
     seq = _last_seq(events)
-    text = _with(node.config_path.read_text(), node_ip='"127.0.0.2"', pod_subnet='"10.245.0.0/16"')
-    _restart_with(node, text)
-    # Published as the service starts; the re-check that follows finds every step done on the installed settings.
-    status = payload(node.retained("status", lambda m: payload(m)["config_drift"] != [], timeout_s=30))
-    assert status["state"] == "running", status
+    _restart_with(node, _with(node.config_path.read_text(), node_ip='"127.0.0.2"', pod_subnet='"10.245.0.0/16"',
+                              extra_sans=json.dumps(EXTRA_SANS)))
+    status = _settled(node, events, since_seq=seq)
     drift = {item["key"]: item for item in status["config_drift"]}
     assert set(drift) == {"kubernetes.node_ip", "kubernetes.pod_subnet"}, status
     assert (drift["kubernetes.node_ip"]["installed"], drift["kubernetes.node_ip"]["configured"]) == (
         "127.0.0.1", "127.0.0.2")
-    assert drift["kubernetes.pod_subnet"]["configured"] == "10.245.0.0/16"
+    assert (drift["kubernetes.pod_subnet"]["installed"], drift["kubernetes.pod_subnet"]["configured"]) == (
+        "10.244.0.0/16", "10.245.0.0/16")
     _configmap_kept(node)
-    assert _served_sans(node) == sans_before, "the cluster keeps running on its installed settings"
-    assert kubeadm_config.read_bytes() == applied
+    served = _served_sans(node)
+    assert set(EXTRA_SANS) <= served, served  # applied live
+    assert "127.0.0.1" in served and "127.0.0.2" not in served, served  # the cluster keeps its installed address
+    now = {doc["kind"]: doc for doc in yaml.safe_load_all(kubeadm_config.read_text())}
+    assert now["InitConfiguration"] == installed["InitConfiguration"]
+    assert now["ClusterConfiguration"]["networking"] == installed["ClusterConfiguration"]["networking"]
+    assert now["ClusterConfiguration"]["apiServer"]["certSANs"] == EXTRA_SANS
+    after = [e for e in _events_of(events.messages, "lifecycle.state.changed") if e["seq"] > seq]
+    assert "failed" not in {e["to"] for e in after}, after
 
     reply = payload(node.request({"id": "again", "action": "install"}, correlation="again"))
     assert (reply["ok"], reply["error"]["code"], reply["state"]) == (False, "reset_required", "running"), reply
     assert "kubernetes.node_ip" in reply["error"]["message"] and "kubernetes.pod_subnet" in reply["error"]["message"]
+    shown = subprocess.run([str(LIFECYCLE), "status", "--config", str(node.config_path), "--node", node.name,
+                            "--timeout", "20"], capture_output=True, text=True, timeout=60, check=False)
+    assert 'waits for a reset: kubernetes.node_ip = "127.0.0.2" (the cluster runs on "127.0.0.1")' in shown.stdout, (
+        shown.stdout + shown.stderr)
     _configmap_kept(node)
-    assert payload(node.retained("status", lambda m: True, timeout_s=10))["state"] == "running"
-    after = [e for e in _events_of(events.messages, "lifecycle.state.changed") if e["seq"] > seq]
-    assert after == [], after  # nothing to do: the re-check found every step done on the installed settings
 
     # A reset is what applies them: afterwards nothing is pending any more.
     assert payload(node.request({"id": "wipe", "action": "reset"}, correlation="wipe"))["ok"] is True
