@@ -106,6 +106,9 @@ class Renderer:
         if certs:
             renew = f", renewed automatically from {certs['renew_at']}" if certs.get("renew_at") else ""
             self._line(f"  certificates: the first expires {certs.get('earliest_expiry')} ({certs.get('file')}){renew}")
+        for item in status.get("config_drift") or []:
+            self._line(f"  waits for a reset: {item.get('key')} = {json.dumps(item.get('configured'))} "
+                       f"(the cluster runs on {json.dumps(item.get('installed'))})")
 
     def event(self, event: dict[str, Any]) -> None:
         if self._json:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from lifecycle.bus import Bus
 from lifecycle.config import Config, StepPolicy
+from lifecycle.drift import Change, apply, compare, pending, read_installed, reset_required_message
 from lifecycle.errors import RequestError, StepError
 from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
@@ -80,6 +81,10 @@ class Engine:
         if names != tuple(s.value for s in INSTALL_STATES):
             raise ValueError(f"plan steps {names} must be the install states {[s.value for s in INSTALL_STATES]}")
         self._config = config
+        # What the node runs on: `config` with the keys only a reset applies held at their installed values
+        # (lifecycle.drift); those keys are `_drift` and show in the status until a reset.
+        self._effective = config
+        self._drift: list[Change] = []
         self._paths = paths
         self._ports = ports
         self._plan = list(plan)
@@ -105,7 +110,8 @@ class Engine:
 
     @property
     def config(self) -> Config:
-        return self._config
+        """The settings the node runs on: the file's, except keys that wait for a reset (`config_drift`)."""
+        return self._effective
 
     @property
     def paths(self) -> HostPaths:
@@ -117,11 +123,14 @@ class Engine:
             node=self._config.node_name, state=snap.state, since=snap.since, seq=snap.seq,
             request_id=snap.request_id, kubernetes_version=snap.cluster.kubernetes_version if snap.cluster else None,
             step=snap.step, steps=len(self._plan), error=snap.error, certs=self._certs,
+            config_drift=tuple(change.to_json() for change in self._drift),
         )
 
     async def start(self) -> None:
         """Pick up where the last run stopped: resume an install or a reset, re-check a running cluster."""
         snap, state = self._snap, self.state
+        cluster_now = self._follow_config(snap.cluster)
+        snap = replace(snap, cluster=cluster_now)
         self._bus.publish(self.status())
         if state in INSTALL_STATES:
             cluster = snap.cluster or self._resolve_cluster(None)
@@ -155,6 +164,13 @@ class Engine:
                     "upgrade_unsupported",
                     f"the node is set up for {current.kubernetes_version}; reset before installing {version}",
                 )
+            if job is None:
+                drift_before = self._drift
+                current = self._follow_config(current)
+                if self._drift != drift_before:
+                    self._bus.publish(self.status())
+            if self._drift:
+                raise RequestError("reset_required", reset_required_message(self._drift))
             if prepare is not None:
                 await prepare(self.state, self._snap.step)
             if job is not None:  # in running, the quiet re-check after a restart is the job
@@ -246,6 +262,26 @@ class Engine:
     def _check_accepting(self) -> None:
         if self._stopping:
             raise RequestError("shutting_down", "the service is shutting down")
+
+    def _follow_config(self, cluster: ClusterParams | None) -> ClusterParams | None:
+        """Compare the configuration with the settings the installed cluster was made from (none: nothing is
+        installed) and decide what the steps are given: live changes as configured, others held until a reset.
+        Returns the cluster parameters to use (a changed kubelet healthz port is live)."""
+        installed = read_installed(self._paths) if cluster is not None else None
+        if installed is None or cluster is None:
+            self._effective, self._drift = self._config, []
+            return cluster
+        changes = compare(installed, self._config)
+        self._effective, cluster = apply(self._config, cluster, changes)
+        if pending(changes) != self._drift:
+            self._drift = pending(changes)
+            if self._drift:
+                self._log.warning("configuration changes wait for a reset",
+                                  keys=[change.key for change in self._drift])
+        live = [change.key for change in changes if change.live]
+        if live:
+            self._log.info("configuration changes to apply to the running cluster", keys=live)
+        return cluster
 
     def _resolve_cluster(self, version: str | None) -> ClusterParams:
         k8s = self._config.kubernetes
@@ -403,6 +439,7 @@ class Engine:
         except Exception as exc:
             error = self._internal(ctx, exc, 1)
         else:
+            self._follow_config(None)  # nothing installed any more: the next install takes the file as it is
             self._transition(State.IDLE, step=None, request_id=request_id, cluster=None)
             return
         self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
@@ -490,7 +527,7 @@ class Engine:
 
     def _context(self, state: str, request_id: str | None, cluster: ClusterParams, timeout_s: float) -> StepContext:
         return StepContext(
-            config=self._config, paths=self._paths, cluster=cluster, ports=self._ports, request_id=request_id,
+            config=self._effective, paths=self._paths, cluster=cluster, ports=self._ports, request_id=request_id,
             deadline=asyncio.get_running_loop().time() + timeout_s,
             log=self._log.bind(request_id=request_id, state=state),
             progress=self._progress_fn(State(state), request_id),

@@ -247,6 +247,8 @@ class Status:
     steps: int
     error: ErrorInfo | None
     certs: CertsStatus | None = None  # None when there are no certificates (idle)
+    # Configured keys that differ from the installed cluster's and wait for a reset: {key, installed, configured}
+    config_drift: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -260,6 +262,7 @@ class Status:
             "steps": self.steps,
             "error": self.error.to_json() if self.error else None,
             "certs": self.certs.to_json() if self.certs else None,
+            "config_drift": [dict(item) for item in self.config_drift],
         }
 
 

@@ -1,6 +1,7 @@
 """kubeadm: `kubeadm init` phases up to kubelet-start, on our PKI; leaves the static pod manifests, the kubelet
 config and flags, and a stamp (`<state_dir>/kubeadm.stamp.json`) with the sha256 of the kubeadm config used.
-Done when those files exist and the stamp matches the current kubeadm config.
+Done when those files exist and the stamp matches the current kubeadm config. The stamp also records the
+settings and the kubeadm config the cluster was made from (lifecycle.drift reads them).
 
 Why phases and not `kubeadm init`: init blocks in `wait-control-plane` until a kubelet runs the static pods,
 and in our plan the kubelet is started by the next state. So the sequence is split in three
@@ -15,6 +16,8 @@ and in our plan the kubelet is started by the next state. So the sequence is spl
 (real reset empties the cert dir; ours must survive) and the kubeconfigs the certs state made are put back.
 Every kubeadm call without --config (reset) passes --cri-socket: kubeadm's own detection fails on a host with
 Docker Engine's containerd next to cri-dockerd.
+Once the stamp says kubeadm made a cluster here, the step never resets: a changed kubeadm config is applied
+without kubeadm where a running cluster can take it (`_reconfigure`), else refused with `reset_required`.
 """
 
 from __future__ import annotations
@@ -30,9 +33,20 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
+from lifecycle.drift import (
+    KUBEADM_STAMP,
+    kubeadm_config_changes,
+    kubelet_document,
+    merge_kubelet_config,
+    needs_kubeadm,
+    settings_of,
+)
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.hostunits import mask_kubelet_unit
 from lifecycle.paths import KUBECONFIG_NAMES, HostPaths
+from lifecycle.pki import write_atomic
 from lifecycle.step import StepContext
 
 INIT_PHASES: tuple[tuple[str, ...], ...] = (
@@ -47,7 +61,7 @@ INIT_PHASES: tuple[tuple[str, ...], ...] = (
 # passes preflight as is. Add check names here only for errors that cannot hold on such a VM.
 IGNORED_PREFLIGHT_ERRORS: tuple[str, ...] = ()
 STATIC_POD_MANIFESTS = ("etcd.yaml", "kube-apiserver.yaml", "kube-controller-manager.yaml", "kube-scheduler.yaml")
-STAMP_NAME = "kubeadm.stamp.json"
+STAMP_NAME = KUBEADM_STAMP
 _PHASE_LINE = re.compile(r"^\[[a-z][a-z0-9-]*(/[a-z0-9-]+)?\] ")  # "[certs] Using existing ca certificate ..."
 # A bootstrap token ("abcdef.0123456789abcdef") is a credential: kubeadm prints it, we never pass it on.
 _TOKEN = re.compile(r"\b([a-z0-9]{6})\.[a-z0-9]{16}\b")
@@ -63,9 +77,7 @@ class Kubeadm:
 
     async def is_done(self, ctx: StepContext) -> bool:
         paths = ctx.paths
-        outputs = [paths.manifests_dir / m for m in STATIC_POD_MANIFESTS]
-        outputs += [paths.kubelet_config, paths.kubeadm_flags_env, paths.kubeadm_config]
-        if not all(p.is_file() for p in outputs):
+        if not all(p.is_file() for p in _outputs(paths)):
             return False
         return _read_stamp(paths) == _sha256(paths.kubeadm_config)
 
@@ -74,12 +86,17 @@ class Kubeadm:
         if not paths.kubeadm_config.is_file():
             raise PermanentError(f"{paths.kubeadm_config} is missing (the certs state writes it)",
                                  code="kubeadm_config_missing")
+        if _read_stamp_doc(paths) is not None:
+            await _reconfigure(ctx)  # kubeadm made a cluster here: its data is never reset for a config change
+            return
         # The stamp goes first: a crash in the middle must not leave an old stamp vouching for new files.
         (paths.state_dir / STAMP_NAME).unlink(missing_ok=True)
         if _has_leftovers(paths):
             ctx.progress("removing what an earlier, unfinished kubeadm run left")
+            await ctx.ports.kubelet.stop()  # kubeadm reset stops a systemd kubelet, not the one we supervise
             await reset_keeping_pki(ctx)
         await mask_kubelet_unit(ctx)  # before kubelet-start's `systemctl restart kubelet` (docs/real-vm.md)
+        config_text = paths.kubeadm_config.read_text()
         config_sha256 = _sha256(paths.kubeadm_config)
         for index, phase in enumerate(INIT_PHASES, start=1):
             args = ["init", "phase", *phase, f"--config={paths.kubeadm_config}"]
@@ -89,10 +106,67 @@ class Kubeadm:
             await run_kubeadm(ctx, args, retryable=True)
         if _sha256(paths.kubeadm_config) != config_sha256:
             raise TemporaryError(f"{paths.kubeadm_config} changed while kubeadm ran", code="config_changed")
-        _write_stamp(paths, config_sha256=config_sha256)
+        _write_stamp(ctx, config_sha256=config_sha256, config_text=config_text)
 
     async def before_retry(self, ctx: StepContext) -> None:
+        if _read_stamp_doc(ctx.paths) is not None:
+            return  # a cluster is there: `_reconfigure` is repeated as it is, nothing is undone
+        await ctx.ports.kubelet.stop()
         await reset_keeping_pki(ctx)
+
+
+async def _reconfigure(ctx: StepContext) -> None:
+    """The kubeadm config changed on a node where kubeadm made a cluster: apply what a running cluster takes
+    without kubeadm (the kubelet's own config: config.yaml rewritten, the kubelet stopped so that the kubelet step
+    starts it on the new one; certificate fields: already applied by the certs state), then stamp the new config.
+    Anything else would need `kubeadm init` again, that is a reset: refused, nothing changed."""
+    paths = ctx.paths
+    missing = [str(p) for p in _outputs(paths) if not p.is_file()]
+    if missing:
+        raise PermanentError(f"kubeadm made a cluster here, but {', '.join(missing)} is gone: kubeadm writes it "
+                             "again only in a new init, after a reset", code="reset_required",
+                             details={"missing": missing})
+    stamp = _read_stamp_doc(paths) or {}
+    applied = stamp.get("kubeadm_config")
+    data = paths.kubeadm_config.read_bytes()
+    current = data.decode()
+    if not isinstance(applied, str):
+        raise PermanentError(
+            f"the kubeadm config changed, and {paths.state_dir / STAMP_NAME} does not record the one the cluster was "
+            "made from (an install by an earlier version): what changed cannot be told, so nothing is applied; "
+            "put the configuration back, or reset and install again", code="reset_required")
+    try:
+        changed = kubeadm_config_changes(applied, current)
+    except ValueError as exc:
+        raise PermanentError(f"{paths.kubeadm_config}: {exc}", code="invalid_config") from exc
+    refused = needs_kubeadm(changed)
+    if refused:
+        raise PermanentError(
+            f"the kubeadm config changed in fields a running cluster only takes from a new kubeadm init, that is "
+            f"after a reset: {', '.join(refused)}; nothing was changed", code="reset_required",
+            details={"fields": refused})
+    if any(field.startswith("KubeletConfiguration.") for field in changed):
+        await _rewrite_kubelet_config(ctx, current)
+    if changed:
+        ctx.progress(f"applied to the running cluster: {', '.join(changed)}")
+    _write_stamp(ctx, config_sha256=hashlib.sha256(data).hexdigest(), config_text=current)
+
+
+async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None:
+    """What `kubeadm init phase kubelet-start` does to a running kubelet, without kubeadm's preflight: stop it,
+    write config.yaml from the new KubeletConfiguration (kubeadm's defaults in the file kept)."""
+    path = ctx.paths.kubelet_config
+    try:
+        current = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PermanentError(f"{path}: cannot read the kubelet's config: {exc}", code="kubelet_config_invalid") from exc
+    if not isinstance(current, dict):
+        raise PermanentError(f"{path}: not a KubeletConfiguration", code="kubelet_config_invalid")
+    merged = merge_kubelet_config(current, kubelet_document(kubeadm_config))
+    ctx.progress("stopping the kubelet to restart it on its new configuration")
+    await ctx.ports.kubelet.stop()
+    write_atomic(path, yaml.safe_dump(merged, sort_keys=True).encode(), path.stat().st_mode & 0o777)
+    ctx.progress(f"rewrote {path.name} for the kubelet")
 
 
 async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool) -> None:
@@ -172,6 +246,11 @@ async def reset_keeping_pki(ctx: StepContext) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _outputs(paths: HostPaths) -> list[Path]:
+    outputs = [paths.manifests_dir / m for m in STATIC_POD_MANIFESTS]
+    return [*outputs, paths.kubelet_config, paths.kubeadm_flags_env, paths.kubeadm_config]
+
+
 def _has_leftovers(paths: HostPaths) -> bool:
     if any((paths.manifests_dir / m).exists() for m in STATIC_POD_MANIFESTS):
         return True
@@ -187,19 +266,29 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _read_stamp(paths: HostPaths) -> str | None:
+def _read_stamp_doc(paths: HostPaths) -> dict[str, object] | None:
+    """The stamp of a finished kubeadm run (kubeadm made a cluster here), or None."""
     try:
-        value = json.loads((paths.state_dir / STAMP_NAME).read_text()).get("kubeadm_config_sha256")
-    except (FileNotFoundError, ValueError, AttributeError):
+        doc = json.loads((paths.state_dir / STAMP_NAME).read_text())
+    except (FileNotFoundError, ValueError):
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _read_stamp(paths: HostPaths) -> str | None:
+    value = (_read_stamp_doc(paths) or {}).get("kubeadm_config_sha256")
     return value if isinstance(value, str) else None
 
 
-def _write_stamp(paths: HostPaths, *, config_sha256: str | None) -> None:
+def _write_stamp(ctx: StepContext, *, config_sha256: str | None, config_text: str) -> None:
+    """The stamp, with what the cluster now runs on: the settings (lifecycle.drift compares them with the
+    configuration) and the kubeadm config itself (`_reconfigure` compares it with a new one). No secrets in it."""
+    paths = ctx.paths
     stamp = paths.state_dir / STAMP_NAME
     tmp = stamp.with_name(f".{STAMP_NAME}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"kubeadm_config_sha256": config_sha256, "phases": [" ".join(p) for p in INIT_PHASES]}, f)
+        json.dump({"kubeadm_config_sha256": config_sha256, "phases": [" ".join(p) for p in INIT_PHASES],
+                   "settings": settings_of(ctx.config, ctx.cluster), "kubeadm_config": config_text}, f)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(stamp)
