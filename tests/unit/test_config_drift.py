@@ -69,7 +69,8 @@ def test_kubeadm_config_fields_a_running_cluster_takes_without_kubeadm(tmp_path:
     base = _config(tmp_path)
 
     def rendered(config: Config, cluster: ClusterParams = CLUSTER) -> str:
-        return render_kubeadm_config(config, cluster, certificates_dir=tmp_path / "pki").decode()
+        return render_kubeadm_config(config, cluster, certificates_dir=tmp_path / "pki",
+                                     cgroup_driver="cgroupfs").decode()
 
     sans = kubeadm_config_changes(rendered(base), rendered(_config(tmp_path, extra_sans=("api.test",))))
     assert sans == ["ClusterConfiguration.apiServer.certSANs"] and needs_kubeadm(sans) == []
@@ -124,7 +125,8 @@ async def _made_by_kubeadm(ctx: StepContext) -> None:
     runner), the files kubeadm's phases would have written, and etcd data."""
     paths = ctx.paths
     paths.state_dir.mkdir(parents=True, exist_ok=True)
-    paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, ctx.cluster, certificates_dir=paths.pki_dir))
+    paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, ctx.cluster, certificates_dir=paths.pki_dir,
+                                                           cgroup_driver="cgroupfs"))
     paths.bin_dir.mkdir(parents=True)
     paths.binary("kubeadm").touch()
     await Kubeadm().run(ctx)
@@ -146,7 +148,8 @@ async def test_a_changed_kubelet_port_on_a_made_cluster_rewrites_the_kubelet_con
     await _made_by_kubeadm(_ctx(config, CLUSTER, _Commands(), _Kubelet()))
     commands, kubelet = _Commands(), _Kubelet()
     ctx = _ctx(config, replace(CLUSTER, kubelet_healthz_port=10300), commands, kubelet)
-    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(config, ctx.cluster, certificates_dir=ctx.paths.pki_dir))
+    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(config, ctx.cluster, certificates_dir=ctx.paths.pki_dir,
+                                                               cgroup_driver="cgroupfs"))
     assert not await Kubeadm().is_done(ctx)
     await Kubeadm().run(ctx)
     assert commands.argv == [] and kubelet.stops == 1  # no kubeadm at all; the kubelet step starts the kubelet
@@ -165,7 +168,8 @@ async def test_a_reset_only_change_reaching_the_kubeadm_step_is_refused_and_noth
     commands, kubelet = _Commands(), _Kubelet()
     ctx = _ctx(_config(tmp_path, pod_subnet="10.245.0.0/16"), CLUSTER, commands, kubelet)
     stamp_before = (ctx.paths.state_dir / KUBEADM_STAMP).read_bytes()
-    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, CLUSTER, certificates_dir=ctx.paths.pki_dir))
+    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, CLUSTER, certificates_dir=ctx.paths.pki_dir,
+                                                               cgroup_driver="cgroupfs"))
     with pytest.raises(PermanentError) as refused:
         await Kubeadm().run(ctx)
     assert refused.value.code == "reset_required"
