@@ -122,6 +122,7 @@ def _load(args: Args, root: NodeRoot, versions: tuple[str, ...]) -> Config:
 
 def cmd_init(args: Args, root: NodeRoot) -> int:
     from simnode.kubeadm.phases import (
+        BY_NAME,
         InitPlan,
         all_phases,
         apply_skips,
@@ -147,6 +148,8 @@ def cmd_init(args: Args, root: NodeRoot) -> int:
             _refuse_local_flags(args)
             _out(phase_group_help(version))
             return 0
+        if not BY_NAME[rest[1]].inherits_flags:
+            _refuse_local_flags(args)
         selection = select_single(rest[1], rest[2] if len(rest) > 2 else None)
     cfg = _load(args, root, (build_version(),))
     if args.values.get("certificate-key"):

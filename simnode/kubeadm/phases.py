@@ -26,6 +26,7 @@ class PhaseDef:
     aliases: tuple[tuple[str, str], ...] = ()  # (old name, current name) of a sub-phase
     short: str = ""  # the one-line help kubeadm shows for `kubeadm init phase`
     visible_from: tuple[int, int] | None = None  # (major, minor) from which `init phase <name>` exists; None: always
+    inherits_flags: bool = True  # False: the phase subcommand gets none of init's flags (no --config)
 
 
 PHASES: tuple[PhaseDef, ...] = (
@@ -41,8 +42,10 @@ PHASES: tuple[PhaseDef, ...] = (
     # kubeadm cmd/kubeadm/app/cmd/phases/init/waitcontrolplane.go: `Hidden: true` ("unhide this phase once
     # WaitForAllControlPlaneComponents goes GA", kubernetes/kubeadm#2907), so v1.31-v1.33 bind no
     # `init phase wait-control-plane` subcommand (workflow/runner.go skips hidden phases); it still runs
-    # inside a full `kubeadm init`. The gate is GA and the phase visible from v1.34.
-    PhaseDef("wait-control-plane", short="Wait for the control plane to start", visible_from=(1, 34)),
+    # inside a full `kubeadm init`. The gate is GA and the phase visible from v1.34, still without InheritFlags,
+    # so its subcommand has none of init's flags (runner.go, inheritsFlags): `--config` is an unknown flag.
+    PhaseDef("wait-control-plane", short="Wait for the control plane to start", visible_from=(1, 34),
+             inherits_flags=False),
     PhaseDef("upload-config", ("kubeadm", "kubelet"),
              short="Upload the kubeadm and kubelet configuration to a ConfigMap"),
     PhaseDef("upload-certs", short="Upload certificates to kubeadm-certs"),

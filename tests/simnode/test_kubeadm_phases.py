@@ -345,6 +345,16 @@ def test_wait_control_plane_is_no_phase_subcommand_before_1_34(tmp_path: Path, c
     assert "[kubelet-check] The kubelet is healthy after" in result.stdout
 
 
+def test_wait_control_plane_is_a_phase_from_1_34_but_takes_no_config(tmp_path: Path) -> None:
+    result = run_kubeadm(tmp_path, "init", "phase", "wait-control-plane", "--config=/k.yaml",
+                         env={"SIMNODE_VERSION": "v1.34.0"})
+    assert (result.returncode, result.stderr.splitlines()[0]) == (1, "unknown flag: --config")
+    result = run_kubeadm(tmp_path, "init", "phase", "--help", env={"SIMNODE_VERSION": "v1.34.0"})
+    assert result.returncode == 0
+    result = run_kubeadm(tmp_path, "init", "phase", "nonesuch", env={"SIMNODE_VERSION": "v1.34.0"})
+    assert "  wait-control-plane " in result.stdout  # listed among the phases from v1.34
+
+
 def test_version_outputs(tmp_path: Path) -> None:
     result = run_kubeadm(tmp_path, "version", "-o", "short")
     assert (result.returncode, result.stdout) == (0, "v1.31.4\n")
