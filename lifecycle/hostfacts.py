@@ -78,17 +78,17 @@ def find_in_path(root: Path, tool: str, path: tuple[str, ...] = SERVICE_PATH) ->
     return None
 
 
-def port_in_use(port: int) -> bool:
-    """True when `port` cannot be bound on every address (kubeadm's PortOpenCheck listens on ":<port>")."""
+def port_problem(port: int) -> str | None:
+    """Why `port` cannot be bound on every address (kubeadm's PortOpenCheck listens on ":<port>"), or None."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Go's net.Listen: TIME_WAIT is no conflict
         try:
             sock.bind(("0.0.0.0", port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return True
-            raise
-    return False
+                return f"Port {port} is in use"
+            return f"cannot bind port {port}: {exc.strerror}"
+    return None
 
 
 def dir_not_empty(path: Path) -> bool:

@@ -18,7 +18,7 @@ from lifecycle.hostfacts import (
     dir_not_empty,
     find_in_path,
     mem_total_mb,
-    port_in_use,
+    port_problem,
     swap_devices,
     sysctl_value,
 )
@@ -126,8 +126,9 @@ def machine_checks(config: Config, cluster: ClusterParams, paths: HostPaths, nod
                            "swapoff -a, and comment out the swap lines in /etc/fstab so it stays off"))
     ports = [cluster.api_port, *FIXED_PORTS, cluster.kubelet_healthz_port, cluster.etcd_metrics_port]
     for port in dict.fromkeys(p for p in ports if p):
-        if port_in_use(port):
-            unmet.append(Unmet(f"Port-{port}", f"Port {port} is in use",
+        problem = port_problem(port)
+        if problem:
+            unmet.append(Unmet(f"Port-{port}", problem,
                                f"stop what listens on port {port} (ss -ltnp 'sport = :{port}' names it)"))
     if dir_not_empty(paths.etcd_dir):
         unmet.append(Unmet("DirAvailable--var-lib-etcd", "/var/lib/etcd is not empty",

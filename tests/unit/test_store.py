@@ -39,6 +39,19 @@ def test_a_snapshot_survives_a_new_store_instance(tmp_path: Path) -> None:
     assert on_disk["kubernetes_version"] == "v1.31.4" and on_disk["seq"] == 42
 
 
+def test_the_node_ip_of_an_install_is_kept_and_absent_in_older_state(tmp_path: Path) -> None:
+    snap = Snapshot(state="running", since=1.0, seq=3, cluster=ClusterParams("v1.31.4", 6443, 10248,
+                                                                             node_ip="10.0.2.15"))
+    _store(tmp_path).save(snap)
+    loaded = _store(tmp_path).load()
+    assert loaded is not None and loaded.cluster is not None and loaded.cluster.node_ip == "10.0.2.15"
+    raw = json.loads((tmp_path / "state.json").read_text())
+    raw["cluster"].pop("node_ip")  # state written before the key existed
+    (tmp_path / "state.json").write_text(json.dumps(raw))
+    old = _store(tmp_path).load()
+    assert old is not None and old.cluster is not None and old.cluster.node_ip == ""  # the config's then applies
+
+
 def test_nothing_saved_loads_as_none(tmp_path: Path) -> None:
     assert _store(tmp_path).load() is None
 
