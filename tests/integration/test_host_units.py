@@ -30,6 +30,11 @@ def _running_argv(root: Path) -> list[str]:
     return [str(a) for a in _units(root)["cri-docker.service"]["argv"]]
 
 
+def _systemctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(root / "usr/bin/systemctl"), *args], capture_output=True, text=True, timeout=30,
+                          check=False)
+
+
 @pytest.fixture
 def ctx(tmp_path: Path) -> StepContext:
     root = tmp_path / "root"
@@ -104,15 +109,13 @@ async def test_kubelet_service_is_masked_and_stopped(ctx: StepContext) -> None:
     stub = root / "usr/bin/kubelet"
     stub.write_text("#!/bin/sh\nexec sleep 120\n")
     stub.chmod(0o755)
-    systemctl = str(root / "usr/bin/systemctl")
-    subprocess.run([systemctl, "start", "kubelet"], check=True, capture_output=True, timeout=30)
+    assert _systemctl(root, "start", "kubelet").returncode == 0
     assert _units(root)["kubelet.service"]["active"]
 
     await mask_kubelet_unit(ctx)
     await mask_kubelet_unit(ctx)  # idempotent
     assert (root / "etc/systemd/system/kubelet.service").readlink() == Path("/dev/null")
-    is_active = subprocess.run([systemctl, "is-active", "kubelet"], capture_output=True, text=True, timeout=30)
-    assert is_active.stdout.strip() == "inactive"
+    assert _systemctl(root, "is-active", "kubelet").stdout.strip() == "inactive"
 
 
 async def test_a_kubelet_unit_file_of_its_own_is_refused(ctx: StepContext) -> None:
