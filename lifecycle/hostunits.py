@@ -166,7 +166,12 @@ async def mask_kubelet_unit(ctx: StepContext) -> None:
         raise PermanentError(
             f"{link} is a unit file of its own, so {KUBELET_UNIT} cannot be masked: the service runs the kubelet "
             f"itself; remove the file (or move it away) and retry", code="kubelet_unit_conflict")
+    state = await ctx.ports.commands.run([str(systemctl), "is-active", KUBELET_UNIT])
+    was = state.output_tail[-1].strip() if state.output_tail else "unknown"
     await _systemctl(ctx, systemctl, "mask", "--now", KUBELET_UNIT)
+    if was in ("active", "activating", "reloading"):
+        # A packaged kubelet (enabled by its .deb) runs or crash-loops: say that it was stopped.
+        ctx.progress(f"stopped {KUBELET_UNIT} (it was {was}): the service runs the kubelet itself")
     ctx.progress(f"masked {KUBELET_UNIT}: the service supervises the kubelet (kubeadm cannot start another)")
 
 

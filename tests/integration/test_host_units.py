@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from stepkit import make_config, make_ctx, with_k8s
+from stepkit import ProgressLog, make_config, make_ctx, with_k8s
 
 from lifecycle.errors import PermanentError
 from lifecycle.hostunits import DROP_IN, configure_cri_dockerd, cri_dockerd_configured, mask_kubelet_unit
@@ -112,8 +112,12 @@ async def test_kubelet_service_is_masked_and_stopped(ctx: StepContext) -> None:
     assert _systemctl(root, "start", "kubelet").returncode == 0
     assert _units(root)["kubelet.service"]["active"]
 
+    progress = cast(ProgressLog, ctx.progress)
     await mask_kubelet_unit(ctx)
     await mask_kubelet_unit(ctx)  # idempotent
+    assert progress.messages() == [
+        "stopped kubelet.service (it was active): the service runs the kubelet itself",
+        "masked kubelet.service: the service supervises the kubelet (kubeadm cannot start another)"]
     assert (root / "etc/systemd/system/kubelet.service").readlink() == Path("/dev/null")
     assert _systemctl(root, "is-active", "kubelet").stdout.strip() == "inactive"
 
