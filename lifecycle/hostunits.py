@@ -5,7 +5,7 @@
   `/etc/systemd/system/cri-docker.service.d/10-lifecycle.conf`, then daemon-reload and a restart, only when the
   drop-in changed. Done when the drop-in holds exactly what would be written.
 - The service supervises the kubelet itself; kubeadm's kubelet-start restarts `kubelet.service` and a packaged one
-  would become a second kubelet. `kubelet.service` is masked (`systemctl mask --now`: stopped if it ran).
+  would become a second kubelet. `kubelet.service` is masked (and stopped if it ran).
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ async def configure_cri_dockerd(ctx: StepContext) -> None:
 
 
 async def mask_kubelet_unit(ctx: StepContext) -> None:
-    """`systemctl mask --now kubelet.service`: kubeadm's `systemctl restart kubelet` then fails (a warning in
-    kubeadm) instead of starting a second kubelet next to ours. No systemctl: no init system to start one."""
+    """`systemctl mask kubelet.service` (then `stop` if it ran): kubeadm's `systemctl restart kubelet` then fails
+    (a warning in kubeadm) instead of starting a second kubelet next to ours. No systemctl: nothing can start one."""
     systemctl = find_systemctl(ctx.paths)
     if systemctl is None:
         return
@@ -166,7 +166,14 @@ async def mask_kubelet_unit(ctx: StepContext) -> None:
         raise PermanentError(
             f"{link} is a unit file of its own, so {KUBELET_UNIT} cannot be masked: the service runs the kubelet "
             f"itself; remove the file (or move it away) and retry", code="kubelet_unit_conflict")
-    await _systemctl(ctx, systemctl, "mask", "--now", KUBELET_UNIT)
+    state = await ctx.ports.commands.run([str(systemctl), "is-active", KUBELET_UNIT])
+    was = state.output_tail[-1].strip() if state.output_tail else "unknown"
+    await _systemctl(ctx, systemctl, "mask", KUBELET_UNIT)
+    if was in ("active", "activating", "reloading"):
+        # A packaged kubelet (enabled by its .deb) runs or crash-loops; stopped only then, so that a machine
+        # that never had the unit sees no `stop` of a unit it does not know.
+        await _systemctl(ctx, systemctl, "stop", KUBELET_UNIT)
+        ctx.progress(f"stopped {KUBELET_UNIT} (it was {was}): the service runs the kubelet itself")
     ctx.progress(f"masked {KUBELET_UNIT}: the service supervises the kubelet (kubeadm cannot start another)")
 
 

@@ -81,7 +81,7 @@ def parse_unit_text(text: str) -> list[tuple[str, str, str]]:
     for raw in text.splitlines():
         line = pending + raw.strip() if pending else raw.strip()
         pending = ""
-        if not line or (line[0] in "#;" and not pending):
+        if not line or line[0] in "#;":
             continue
         if line.endswith("\\"):
             pending = line[:-1] + " "
@@ -187,14 +187,14 @@ class Systemd:
                 names.update(p.name for p in d.iterdir() if not p.is_dir() and "." in p.name)
         self._write("loaded.json", {n: _as_record(load_from_disk(self.root, n)) for n in sorted(names)})
 
-    def loaded(self, name: str) -> Unit | str | None:
+    def loaded(self, name: str, *, warn: bool = True) -> Unit | str | None:
         """The definition the daemon uses: the one from the last reload, else loaded now (on demand)."""
         snapshot = self._read("loaded.json")
         on_disk = load_from_disk(self.root, name)
         if name not in snapshot:
             return on_disk
         unit = _from_record(snapshot[name])
-        if unit != on_disk:
+        if unit != on_disk and warn:
             print(f"Warning: The unit file, source configuration file or drop-ins of {name} changed on disk. "
                   "Run 'systemctl daemon-reload' to reload units.", file=self.err)
         return unit
@@ -275,7 +275,7 @@ class Systemd:
         return 0
 
     def stop(self, name: str) -> int:
-        unit = self.loaded(name)
+        unit = self.loaded(name, warn=False)
         if unit is None and not self.state(name):
             print(f"Failed to stop {name}: Unit {name} not loaded.", file=self.err)
             return 5
@@ -327,7 +327,8 @@ class Systemd:
                 if not line or line[0] in "#;" or "=" not in line:
                     continue
                 key, _, val = line.partition("=")
-                env[key.strip()] = shlex.split(val)[0] if val.strip()[:1] in "'\"" else val.strip()
+                val = val.strip()
+                env[key.strip()] = " ".join(shlex.split(val)) if val[:1] in ("'", '"') else val
         return env
 
     def _spawn(self, name: str, exe: Path, argv: list[str], unit: Unit) -> int:
@@ -468,7 +469,7 @@ def _run(sd: Systemd, verb: str, names: list[str], *, now: bool) -> int:
         if verb == "start":
             code = max(code, sd.start(name))
         elif verb == "restart":
-            if isinstance(sd.loaded(name), Unit):
+            if isinstance(sd.loaded(name, warn=False), Unit):
                 sd.stop(name)
             code = max(code, sd.start(name, "restart"))
         elif verb == "stop":

@@ -148,10 +148,14 @@ async def fake_reset(ctx: StepContext) -> None:
 
 
 class _NullDocker:
-    """The only port the service itself touches is `docker.close()` at exit; fake steps use none."""
+    """The only port the service itself touches is `docker.close()` at exit; fake steps use none. The real certs
+    step, used with fake steps after it, asks for the engine's cgroup driver."""
 
     async def close(self) -> None:
         return None
+
+    async def cgroup_driver(self) -> str:
+        return "systemd"
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"fake steps do not use the container engine ({name})")

@@ -26,6 +26,11 @@ def tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _engine_cgroup_driver() -> str:
+    return subprocess.run(["docker", "info", "--format", "{{.CgroupDriver}}"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path / "root", extra_sans=("api.example.test",))
@@ -56,8 +61,7 @@ async def test_run_writes_everything_and_then_is_done(config: Config) -> None:
     assert cluster["apiServer"]["certSANs"] == ["api.example.test"]
     assert kubelet["healthzPort"] == 20248 and kubelet["healthzBindAddress"] == "127.0.0.1"
     # The engine's own driver (finding 6): a kubelet on another one gets no pod sandbox from cri-dockerd.
-    engine_driver = subprocess.run(["docker", "info", "--format", "{{.CgroupDriver}}"], capture_output=True,
-                                   text=True, check=True, timeout=30).stdout.strip()
+    engine_driver = _engine_cgroup_driver()
     assert engine_driver in ("systemd", "cgroupfs") and kubelet["cgroupDriver"] == engine_driver
 
 

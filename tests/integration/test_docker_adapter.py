@@ -81,6 +81,16 @@ async def test_unreachable_engine_raises_engine_error() -> None:
         await eng.close()
 
 
+async def test_cgroup_driver_is_what_docker_info_says(engine: DockerEngine, docker_host: str) -> None:
+    assert await engine.cgroup_driver() == docker(docker_host, "info", "--format", "{{.CgroupDriver}}")
+    unreachable = DockerEngine("unix:///nonexistent/docker.sock")
+    try:
+        with pytest.raises(EngineError, match="cgroup driver"):
+            await unreachable.cgroup_driver()
+    finally:
+        await unreachable.close()
+
+
 async def test_container_is_created_without_cmd_never_started_and_removed(
     engine: DockerEngine, docker_host: str
 ) -> None:

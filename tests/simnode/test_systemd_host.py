@@ -74,7 +74,7 @@ def test_systemctl_exit_codes_and_messages_follow_systemd(root: Path) -> None:
                                                           "fd://"]
     # A masked unit is refused by start and restart (exit 1) and stopping it is fine.
     assert systemctl(root, "mask", "kubelet").returncode == 0
-    assert os.readlink(root / "etc/systemd/system/kubelet.service") == "/dev/null"
+    assert (root / "etc/systemd/system/kubelet.service").readlink() == Path("/dev/null")
     masked = systemctl(root, "restart", "kubelet")
     assert (masked.returncode, masked.stderr.strip()) == (1, "Failed to restart kubelet.service: Unit "
                                                              "kubelet.service is masked.")

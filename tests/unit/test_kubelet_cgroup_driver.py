@@ -61,6 +61,10 @@ def _kubelet_config(ctx: StepContext) -> dict[str, Any]:
     return dict(kubelet)
 
 
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
 async def test_an_engine_on_systemd_gets_a_kubelet_on_systemd(tmp_path: Path) -> None:
     engine = InfoOnlyEngine("systemd")
     ctx = _ctx(tmp_path, engine)
@@ -87,6 +91,6 @@ async def test_an_engine_that_cannot_be_asked_is_a_named_error_and_nothing_is_wr
         await Certs().run(ctx)
     assert err.value.code == "engine_unavailable"
     assert "cgroup driver" in str(err.value) and "Cannot connect to the Docker daemon" in str(err.value)
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert not _files(tmp_path)
 
 
