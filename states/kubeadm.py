@@ -73,7 +73,7 @@ class Kubeadm:
 
     name = "kubeadm"
     timeout_s = 300.0
-    retries = 1  # one retry after `before_retry` has reset the node: a blind re-run of init would fail
+    retries = 1  # one retry after `before_retry` has reset an unfinished init: a blind re-run would fail
 
     async def is_done(self, ctx: StepContext) -> bool:
         paths = ctx.paths
@@ -148,7 +148,7 @@ async def _reconfigure(ctx: StepContext) -> None:
     if any(field.startswith("KubeletConfiguration.") for field in changed):
         await _rewrite_kubelet_config(ctx, current)
     if changed:
-        ctx.progress(f"applied to the running cluster: {', '.join(changed)}")
+        ctx.progress(f"kubeadm config changes taken without kubeadm: {', '.join(changed)}")
     _write_stamp(ctx, config_sha256=hashlib.sha256(data).hexdigest(), config_text=current)
 
 

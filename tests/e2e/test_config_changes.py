@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -59,19 +58,19 @@ def _restart_with(node: Node, text: str) -> None:
 
 
 def _settled(node: Node, events: Any, *, since_seq: int) -> dict[str, Any]:
-    """The retained status once the re-check after the restart is over (running or failed, no job running)."""
-    status = payload(node.retained(
-        "status", lambda m: payload(m)["seq"] > since_seq and payload(m)["state"] in ("running", "failed"),
+    """After a restart that has something to apply: the re-check's last state change (to running or failed; it
+    goes running -> certs -> ... -> running), then the retained status that followed it."""
+    last = payload(events.wait_for(
+        lambda m: payload(m)["type"] == "lifecycle.state.changed" and payload(m)["data"]["seq"] > since_seq
+        and payload(m)["data"]["to"] in ("running", "failed"),
         timeout_s=60))  # ~6 s measured (renewal included) on a loaded 2-core machine
-    if status["state"] == "running":
-        time.sleep(1.0)  # the quiet re-check may still be on its way: a late failure would show now
-        status = payload(node.retained("status", lambda m: True, timeout_s=10))
-    assert status["state"] == "running", (status, node.log_path.read_text()[-4000:])
-    return status
+    assert last["data"]["to"] == "running", (last, node.log_path.read_text()[-4000:])
+    return payload(node.retained("status", lambda m: payload(m)["seq"] >= last["data"]["seq"], timeout_s=10))
 
 
-def _last_seq(events: Any) -> int:
-    return max((payload(m)["data"]["seq"] for m in events.messages), default=0)
+def _seq_now(node: Node) -> int:
+    """The sequence number of the retained status: every event so far is at or below it."""
+    return int(payload(node.retained("status", lambda m: True, timeout_s=10))["seq"])
 
 
 def _configmap_kept(node: Node) -> None:
@@ -115,7 +114,7 @@ def test_sans_and_kubelet_healthz_port_changed_on_a_running_cluster_are_applied_
     assert not set(EXTRA_SANS) & _served_sans(node)
 
     # extra_sans: the renewal routine issues the API server certificate with them; nothing is reset.
-    seq = _last_seq(events)
+    seq = _seq_now(node)
     _restart_with(node, _with(node.config_path.read_text(), extra_sans=json.dumps(EXTRA_SANS)))
     status = _settled(node, events, since_seq=seq)
     assert status["config_drift"] == [], status
@@ -131,7 +130,7 @@ def test_sans_and_kubelet_healthz_port_changed_on_a_running_cluster_are_applied_
     old_port = yaml.safe_load((node.root / "var/lib/kubelet/config.yaml").read_text())["healthzPort"]
     old_pid = _kubelet_pid(node)
     new_port = free_port()
-    seq = _last_seq(events)
+    seq = _seq_now(node)
     _restart_with(node, _with(node.config_path.read_text(), kubelet_healthz_port=str(new_port)))
     status = _settled(node, events, since_seq=seq)
     assert status["config_drift"] == [], status
@@ -151,7 +150,7 @@ def test_node_ip_and_pod_subnet_changed_with_sans_are_refused_with_reset_require
     kubeadm_config = node.root / "var/lib/lifecycle/kubeadm.yaml"
     installed = {doc["kind"]: doc for doc in yaml.safe_load_all(kubeadm_config.read_text())}
 
-    seq = _last_seq(events)
+    seq = _seq_now(node)
     _restart_with(node, _with(node.config_path.read_text(), node_ip='"127.0.0.2"', pod_subnet='"10.245.0.0/16"',
                               extra_sans=json.dumps(EXTRA_SANS)))
     status = _settled(node, events, since_seq=seq)

@@ -180,6 +180,21 @@ async def test_a_reset_only_change_reaching_the_kubeadm_step_is_refused_and_noth
     assert (ctx.paths.state_dir / KUBEADM_STAMP).read_bytes() == stamp_before
 
 
+async def test_a_cluster_stamped_by_an_earlier_version_is_never_reset_for_a_changed_config(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    await _made_by_kubeadm(_ctx(config, CLUSTER, _Commands(), _Kubelet()))
+    stamp_path = HostPaths(tmp_path).state_dir / KUBEADM_STAMP
+    old = json.loads(stamp_path.read_text())
+    stamp_path.write_text(json.dumps({"kubeadm_config_sha256": old["kubeadm_config_sha256"], "phases": old["phases"]}))
+    commands, kubelet = _Commands(), _Kubelet()
+    ctx = _ctx(_config(tmp_path, extra_sans=("api.test",)), CLUSTER, commands, kubelet)
+    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, CLUSTER, certificates_dir=ctx.paths.pki_dir))
+    with pytest.raises(PermanentError) as refused:
+        await Kubeadm().run(ctx)
+    assert refused.value.code == "reset_required" and "earlier version" in refused.value.message
+    assert commands.argv == [] and kubelet.stops == 0 and (ctx.paths.etcd_dir / "member").is_dir()
+
+
 # ---- the engine -------------------------------------------------------------------------------------------------
 
 
