@@ -367,10 +367,13 @@ def _binaries_image(t: _Table, versions: dict[str, VersionImages], default: str)
     """The template: only known placeholders, and each version listed has a value for every one it uses."""
     value = str(t.get("binaries_image", str, default))
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        parsed = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
     except ValueError as exc:
         raise ConfigError(f"{t.key('binaries_image')}: {exc} in {value!r}") from exc
-    for name in fields:
+    fields = [name for name, _, _ in parsed]
+    for name, spec, conv in parsed:
+        if spec or conv:
+            raise ConfigError(f"{t.key('binaries_image')}: placeholder {{{name}}} takes no conversion or format")
         if name not in BINARIES_IMAGE_FIELDS:
             known = ", ".join(f"{{{f}}}" for f in BINARIES_IMAGE_FIELDS)
             raise ConfigError(f"{t.key('binaries_image')}: unknown placeholder {{{name}}} (known: {known})")

@@ -180,11 +180,16 @@ async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 5.0, i
             await asyncio.sleep(interval_s)
 
 
+# The component versions the default binaries image template names ({cni}, {critools}, {cri_dockerd}).
+BINARIES_TAGS = {"cni": "v1.6.0", "critools": "v1.31.1", "cri_dockerd": "v0.3.16"}
+_BINARIES_TOML = "".join(f'{k} = "{v}"\n' for k, v in BINARIES_TAGS.items())
+
+
 def make_config(root: Path, *, node: str = "unit", **policies: StepPolicy) -> Config:
     """A config for in-process tests: both versions, free ports, short deadlines, no retries unless asked."""
     versions = {
-        "v1.31.4": VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10"),
-        "v1.32.1": VersionImages(etcd="3.5.16-0", coredns="v1.11.3", pause="3.10"),
+        "v1.31.4": VersionImages(etcd="3.5.15-0", coredns="v1.11.3", pause="3.10", **BINARIES_TAGS),
+        "v1.32.1": VersionImages(etcd="3.5.16-0", coredns="v1.11.3", pause="3.10", **BINARIES_TAGS),
     }
     steps = {name: StepPolicy(timeout_s=5.0, retries=0, retry_delay_s=0.0) for name in STEP_NAMES}
     steps.update(policies)
@@ -224,12 +229,12 @@ kubelet_healthz_port = 0
 etcd = "3.5.15-0"
 coredns = "v1.11.3"
 pause = "3.10"
-
+{_BINARIES_TOML}
 [kubernetes.versions."v1.32.1"]
 etcd = "3.5.16-0"
 coredns = "v1.11.3"
 pause = "3.10"
-
+{_BINARIES_TOML}
 {steps}
 {extra}
 """)

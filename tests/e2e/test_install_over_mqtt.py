@@ -346,6 +346,10 @@ def test_install_over_mqtt_reaches_running_with_every_state_announced(
     running = {p["metadata"].get("labels", {}).get("component") for p in pods if p["status"].get("phase") == "Running"}
     assert {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd"} <= running, running
     assert any(p["metadata"]["name"].startswith("coredns") and p["status"]["phase"] == "Running" for p in pods)
+    # The pod network the network state installed from the binaries image: the node is Ready (kubectl's STATUS).
+    assert (node.root / "etc/cni/net.d/10-lifecycle.conflist").is_file()
+    assert all((node.root / "opt/cni/bin" / p).stat().st_mode & 0o111 for p in ("bridge", "host-local", "loopback"))
+    assert " Ready " in node.kubectl("get", "nodes", node.name)
 
     # Every certificate verifies against its CA with openssl; every key file is 0600.
     pki = node.root / "etc/kubernetes/pki"

@@ -89,6 +89,7 @@ def test_every_key_of_the_deploy_config_is_commented() -> None:
         ("[mqtt]\nbrokr = \"mqtt://x\"", "mqtt.brokr"),
         ('[kubernetes]\nbinaries_image = "x/y:kubernetes-{version}-cni-{cnii}"', "kubernetes.binaries_image"),
         ('[kubernetes]\nbinaries_image = "x/y:{version"', "kubernetes.binaries_image"),
+        ('[kubernetes]\nbinaries_image = "x/y:{version:>9}"', "kubernetes.binaries_image"),
         ('[kubernetes]\nbinaries = ["kubeadm"]', "kubernetes.binaries"),
         ('[kubernetes]\nbinaries = ["/usr/bin/../../etc/shadow"]', "kubernetes.binaries"),
         ('[kubernetes]\nbinaries = ["/opt/cni//bin/bridge"]', "kubernetes.binaries"),
