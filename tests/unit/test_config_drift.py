@@ -188,7 +188,8 @@ async def test_a_cluster_stamped_by_an_earlier_version_is_never_reset_for_a_chan
     stamp_path.write_text(json.dumps({"kubeadm_config_sha256": old["kubeadm_config_sha256"], "phases": old["phases"]}))
     commands, kubelet = _Commands(), _Kubelet()
     ctx = _ctx(_config(tmp_path, extra_sans=("api.test",)), CLUSTER, commands, kubelet)
-    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, CLUSTER, certificates_dir=ctx.paths.pki_dir))
+    ctx.paths.kubeadm_config.write_bytes(render_kubeadm_config(ctx.config, CLUSTER, certificates_dir=ctx.paths.pki_dir,
+                                                               cgroup_driver="cgroupfs"))
     with pytest.raises(PermanentError) as refused:
         await Kubeadm().run(ctx)
     assert refused.value.code == "reset_required" and "earlier version" in refused.value.message
