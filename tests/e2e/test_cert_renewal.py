@@ -220,7 +220,7 @@ def _kubelet_pem_renewed_and_rotatable(node: Node, *, before: Path, before_bytes
 
 
 def test_short_lived_certificates_warn_then_renew_automatically_while_kubectl_keeps_working(
-    make_node: Callable[..., Node],
+    make_node: Callable[..., Node], record_property: Callable[[str, object], None],
 ) -> None:
     node = make_node(config_text=_short_lived_config())
     node.start_service()
@@ -246,7 +246,7 @@ def test_short_lived_certificates_warn_then_renew_automatically_while_kubectl_ke
         renewed_at = time.monotonic()
         assert done["data"]["to"] == "running", node.log_path.read_text()[-3000:]
         time.sleep(1.0)
-    _api_gap_s(calls, since=renewing_since, until=renewed_at, label="automatic renewal")
+    record_property("api_gap_s", _api_gap_s(calls, since=renewing_since, until=renewed_at, label="automatic renewal"))
 
     expiring = _events_of(events.messages, "lifecycle.certs.expiring")
     thresholds = [e["threshold_days"] for e in expiring][:2]
@@ -269,7 +269,7 @@ def test_short_lived_certificates_warn_then_renew_automatically_while_kubectl_ke
 
 
 def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
-    make_node: Callable[..., Node],
+    make_node: Callable[..., Node], record_property: Callable[[str, object], None],
 ) -> None:
     node = make_node()
     node.start_service()
@@ -296,7 +296,7 @@ def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
         done = _wait_state(events, "running", timeout_s=90, request_id="renew-1")
         until = time.monotonic()
         assert done["data"]["to"] == "running", node.log_path.read_text()[-3000:]
-    _api_gap_s(calls, since=since, until=until, label="renew-certs request")
+    record_property("api_gap_s", _api_gap_s(calls, since=since, until=until, label="renew-certs request"))
 
     renewed = [e for e in _events_of(events.messages, "lifecycle.certs.renewed") if e["request_id"] == "renew-1"]
     assert len(renewed) == 1
