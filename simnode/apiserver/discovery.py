@@ -62,6 +62,8 @@ def _resource_entries(rt: ResourceType) -> list[dict[str, Any]]:
             entry.update(group="autoscaling", version="v1", kind="Scale", verbs=["get", "patch", "update"])
         elif sub == "binding":
             entry.update(kind="Binding", verbs=["create"])
+        elif sub == "log":
+            entry.update(kind="Pod", verbs=["get"])
         entries.append(entry)
     return entries
 
