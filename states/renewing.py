@@ -65,6 +65,12 @@ async def renew(ctx: StepContext) -> list[str]:
     await _restart_kubelet(ctx)
     serving = load_cert(await asyncio.to_thread((ctx.paths.pki_dir / "apiserver.crt").read_bytes))
     await _wait_serving(ctx, expected=serving)
+    await _restart_static_pods(ctx)
+    return names
+
+
+async def _restart_static_pods(ctx: StepContext) -> None:
+    """etcd, controller-manager and scheduler while the API answers; then kube-apiserver, alone, once they are back."""
     stamp = iso_time(datetime.now(UTC).timestamp())
     components = await asyncio.to_thread(annotate_manifests, ctx.paths, stamp=stamp)
     ctx.progress(f"restarting {', '.join(components)} (manifests annotated {ANNOTATION}={stamp})")
@@ -74,7 +80,6 @@ async def renew(ctx: StepContext) -> list[str]:
         ctx.progress(f"restarting {apiserver[0]} last (manifest annotated {ANNOTATION}={stamp})")
         gap_s = await _wait_restarted(ctx, components=apiserver, stamp=stamp)
         ctx.progress(f"{apiserver[0]} restarted: the API did not answer for {gap_s:.1f} s")
-    return names
 
 
 async def renewal_due(ctx: StepContext) -> list[str]:

@@ -64,6 +64,8 @@ def _resource_entries(rt: ResourceType) -> list[dict[str, Any]]:
             entry.update(kind="Binding", verbs=["create"])
         elif sub == "token":
             entry.update(group="authentication.k8s.io", version="v1", kind="TokenRequest", verbs=["create"])
+        elif sub == "log":
+            entry.update(kind="Pod", verbs=["get"])
         entries.append(entry)
     return entries
 

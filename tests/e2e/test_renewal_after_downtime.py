@@ -60,7 +60,7 @@ def _lease_renewed(node: Node) -> float:
 
 
 def test_service_down_when_renewal_fell_due_renews_on_start_and_restarts_what_reads_the_files(
-    make_node: Callable[..., Node],
+    make_node: Callable[..., Node], record_property: Callable[[str, object], None],
 ) -> None:
     node = make_node(config_text=_config())
     node.start_service()
@@ -91,7 +91,7 @@ def test_service_down_when_renewal_fell_due_renews_on_start_and_restarts_what_re
                                        and payload(m)["data"]["to"] in ("running", "failed"), timeout_s=60))
         until = time.monotonic()
         assert done["data"]["to"] == "running", node.log_path.read_text()[-3000:]
-    _api_gap_s(calls, since=since, until=until, label="renewal after downtime")
+    record_property("api_gap_s", _api_gap_s(calls, since=since, until=until, label="renewal after downtime"))
 
     files = set(payload(renewed)["data"]["files"])
     assert {"apiserver.crt", "admin.conf", f"/{KUBELET_PEM}"} <= files, files
