@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kubeadm_support import NODE, config_v1beta4, free_port, run_kubeadm
+from test_kubeadm_support import NODE, config_v1beta4, free_port, run_kubeadm, use_pause_image
 from test_kubelet_support import build_scratch_image, kill_group, remove_images, start_tool
 
 from simnode.host import prepare_host
@@ -73,6 +73,7 @@ def kubelet_args(root: Path) -> list[str]:
 def test_init_with_a_running_kubelet_then_kubectl_upgrade_and_reset(tmp_path: Path, repo: str) -> None:
     root = tmp_path / "root"
     prepare_host(root)  # a machine kubeadm's preflight accepts
+    use_pause_image(root, f"{repo}/pause:3.10")
     port, healthz, metrics = free_port(), free_port(), free_port()
     text = config_v1beta4(
         port=port, healthz_port=healthz, repo=repo, endpoint="127.0.0.1",

@@ -176,3 +176,16 @@ apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 healthzPort: {healthz_port}
 """
+
+
+def use_pause_image(root: Path, image: str) -> None:
+    """What a VM user does (docs/real-vm.md): tell cri-dockerd, which makes every pod's sandbox, the pause image
+    kubeadm's version uses, then restart it; its packaged default (registry.k8s.io/pause:3.9) is not in the engine
+    of an offline node, so without this no pod, static ones included, gets a sandbox."""
+    drop_in = root / "etc/systemd/system/cri-docker.service.d/10-pause.conf"
+    drop_in.parent.mkdir(parents=True, exist_ok=True)
+    drop_in.write_text("[Service]\nExecStart=\nExecStart=/usr/bin/cri-dockerd --container-runtime-endpoint fd:// "
+                       f"--pod-infra-container-image={image}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMNODE_")}  # the root comes from usr/bin
+    for args in (["daemon-reload"], ["restart", "cri-docker.service"]):
+        subprocess.run([str(root / "usr/bin/systemctl"), *args], check=True, capture_output=True, env=env, timeout=30)

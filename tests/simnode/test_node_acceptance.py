@@ -26,7 +26,7 @@ from simnode.host import prepare_host
 from states.network import CONF_NAME, conflist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kubeadm_support import make_ca, make_leaf, openssl_pki
+from test_kubeadm_support import make_ca, make_leaf, openssl_pki, use_pause_image
 
 NODE = "node1"  # the name openssl_pki puts in the etcd and apiserver certificates
 DEPLOYMENT = """\
@@ -135,14 +135,7 @@ def test_kubeadm_init_and_kubelet_give_a_cluster_that_kubectl_cannot_tell_from_a
                           text=True, env=env, check=True).stdout.strip() == "v1.31.4"
 
     openssl_pki(root / "etc/kubernetes/pki")
-    # As on a VM (docs/real-vm.md): cri-dockerd, which makes every pod's sandbox, is told the pause image kubeadm's
-    # version uses; its packaged default (registry.k8s.io/pause:3.9) is not in the engine of an offline node.
-    drop_in = root / "etc/systemd/system/cri-docker.service.d/10-pause.conf"
-    drop_in.parent.mkdir(parents=True)
-    drop_in.write_text("[Service]\nExecStart=\nExecStart=/usr/bin/cri-dockerd --container-runtime-endpoint fd:// "
-                       "--pod-infra-container-image=127.0.0.1:5000/pause:3.10\n")
-    for args in (["daemon-reload"], ["restart", "cri-docker.service"]):
-        subprocess.run([str(root / "usr/bin/systemctl"), *args], check=True, capture_output=True, env=env, timeout=30)
+    use_pause_image(root, "127.0.0.1:5000/pause:3.10")
     docker_sock = os.environ.get("DOCKER_HOST", "unix:///tmp/lifecycle-services/docker/docker.sock")
     api_port = free_port()
     config = tmp_path / "kubeadm.yaml"
