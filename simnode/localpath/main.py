@@ -30,6 +30,7 @@ from simnode.localpath.controller import Provisioner
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
 log = logging.getLogger("local-path-provisioner")
+TOKEN_REREAD_S = 60.0
 
 
 class LogrusFormatter(logging.Formatter):
@@ -126,6 +127,20 @@ async def _serve_health(client: KubeClient, namespace: str, port: int) -> web.Ap
     return runner
 
 
+async def _follow_token(client: KubeClient, start: Startup) -> None:
+    """client-go re-reads the projected token file (cached for a minute): the kubelet rotates it."""
+    path = container_path(f"{SA_MOUNT}/token", start.mounts)
+    while path is not None:
+        await asyncio.sleep(TOKEN_REREAD_S)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            log.warning("cannot re-read the service-account token: %s", exc)
+            continue
+        if token:
+            await client.set_token(token)
+
+
 async def run(start: Startup) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -155,8 +170,9 @@ async def run(start: Startup) -> int:
             log.debug("Provisioner started")
             task = asyncio.create_task(provisioner.run(), name="provisioner")
             stopping = asyncio.create_task(stop.wait(), name="stop signal")
+            rotation = asyncio.create_task(_follow_token(client, start), name="token rotation")
             done, _ = await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (task, stopping):
+            for t in (task, stopping, rotation):
                 t.cancel()
             if task in done and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
