@@ -217,9 +217,9 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
         base = tmp_path / name
         base.mkdir()
         config_path = base / "lifecycle.toml"
+        text = config_text if config_text is not None else SIM_CONFIG.read_text()
         # The images `sim_images` built from this checkout ($SIM_NAMESPACE), not whatever the registry's root holds.
-        text = config_text if config_text is not None else SIM_CONFIG.read_text().replace(
-            'image_repository = "127.0.0.1:5000"', f'image_repository = "{sim_images.repo}"')
+        text = text.replace('image_repository = "127.0.0.1:5000"', f'image_repository = "{sim_images.repo}"')
         # Relative paths in the config (the addon manifests) are relative to the file: keep them pointing home.
         config_path.write_text(text.replace('"../deploy/addons"', f'"{REPO / "deploy" / "addons"}"'))
         node = Node(name=name, root=base / "root", config_path=config_path, log_path=base / "service.log")
