@@ -1,6 +1,6 @@
 """`local-path-provisioner [--debug] start --config /etc/config/config.json` inside the simulated kubelet's pod:
-in-cluster credentials (the pod's service-account token), the config file and the ConfigMap's helper pod and
-scripts, the health server (/health, and /ready listing what the provisioner needs: main.go checkReadiness),
+in-cluster credentials (the pod's service-account token), the config file and the ConfigMap's helper pod
+template, the health server (/health, and /ready listing what the provisioner needs: main.go checkReadiness),
 then the provisioning loop until SIGTERM (exit 0). Exits 1 with the reason when it cannot start, as upstream's
 `start` does (the kubelet then restarts it with back-off).
 
@@ -21,12 +21,14 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
 from aiohttp import web
 
 from simnode.kubeclient import ApiError, KubeClient
 from simnode.kubelet.workloads import MOUNTS_ENV, PORTS_ENV, SA_MOUNT
 from simnode.localpath.config import Config, Flags, UsageError, load_config, parse_flags
 from simnode.localpath.controller import Provisioner
+from simnode.localpath.helperpod import HelperError, HelperPods
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
 log = logging.getLogger("local-path-provisioner")
@@ -164,8 +166,13 @@ async def run(start: Startup) -> int:
                                  f"{start.flags.namespace}/{start.flags.configmap_name} with err: "
                                  "helperPod.yaml is not found")
             identity = f"{start.flags.provisioner_name}_{socket.gethostname()}_{uuid.uuid4()}"
-            provisioner = Provisioner(client, root=start.root, name=start.flags.provisioner_name, config=config,
-                                      scripts={k: str(data[k]) for k in ("setup", "teardown") if k in data},
+            try:
+                helper = HelperPods(client, namespace=start.flags.namespace,
+                                    service_account=start.flags.service_account_name,
+                                    config_map=start.flags.configmap_name, template_yaml=str(data["helperPod.yaml"]))
+            except (HelperError, yaml.YAMLError) as exc:
+                raise UsageError(f"invalid helper pod template: {exc}") from exc
+            provisioner = Provisioner(client, name=start.flags.provisioner_name, config=config, helper=helper,
                                       identity=identity)
             log.debug("Provisioner started")
             task = asyncio.create_task(provisioner.run(), name="provisioner")

@@ -134,6 +134,9 @@ async def test_local_path_storage_provisions_and_deletes_volumes_under_rbac(
     assert volume["spec"]["claimRef"]["name"] == "data"  # type: ignore[index]
     assert volume["status"]["phase"] == "Bound"  # type: ignore[index]
     assert node.paths.under(path).is_dir()
+    # The directory was made by a helper pod (the ConfigMap's setup script, busybox image), deleted afterwards.
+    assert list(node.paths.under("/var/log/pods").glob(f"local-path-storage_helper-pod-create-{volume_name}"))
+    assert "helper-pod-create" not in _kubectl(node, "get", "pods", "-n", "local-path-storage", "-o", "name")
     await _until("pod bound to the node", lambda: _kubectl_json(node, "get", "pod", "data-user")["spec"].get(  # type: ignore[attr-defined]
         "nodeName") == "simnode")
     assert "ProvisioningSucceeded" in {e["reason"] for e in _events(node, "data")}
@@ -156,5 +159,8 @@ async def test_local_path_storage_provisions_and_deletes_volumes_under_rbac(
         f'Error creating provisioned PV object for claim default/denied: persistentvolumes is forbidden: User "{SA}" '
         'cannot create resource "persistentvolumes" in API group "" at the cluster scope. Deleting the volume.')
     assert _kubectl_json(node, "get", "pvc", "denied")["status"]["phase"] == "Pending"  # type: ignore[index]
-    assert not node.paths.under(f"{VOLUMES_DIR}/pvc-{uid}_default_denied").exists()  # torn down again
+    await _until("directory torn down again",  # after a setup helper pod, a teardown one
+                 lambda: list(node.paths.under("/var/log/pods").glob(
+                     f"local-path-storage_helper-pod-delete-pvc-{uid}"))
+                 and not node.paths.under(f"{VOLUMES_DIR}/pvc-{uid}_default_denied").exists())
     shutil.rmtree(tmp_path / "addons-variant")
