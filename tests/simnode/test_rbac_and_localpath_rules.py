@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from simnode.apiserver.rbac import Attributes, request_attributes, rule_allows
+from simnode.kubeclient import KubeClient
+from simnode.kubelet.workloads import map_path
 from simnode.localpath.config import UsageError, load_config, parse_flags
+from simnode.localpath.helperpod import HelperPods, quantity_bytes
 from simnode.localpath.main import container_path
 
 
@@ -102,3 +106,31 @@ def test_container_paths_resolve_through_the_longest_mount() -> None:
     assert container_path("/var/run/secrets/kubernetes.io/serviceaccount/token", mounts) == Path("/n/sa/token")
     assert container_path("/etc/hosts", mounts) == Path("/n/root/etc/hosts")
     assert container_path("/etc/config", {"/other": "/x"}) is None
+
+
+def test_helper_pod_is_built_like_create_helper_pod() -> None:
+    template = "apiVersion: v1\nkind: Pod\nmetadata: {name: helper-pod}\nspec:\n  containers:\n" \
+               "  - {name: helper-pod, image: mirror/library/busybox:1.37.0}\n"
+    helper = HelperPods(cast(KubeClient, None), namespace="local-path-storage", service_account="sa",
+                        config_map="local-path-config", template_yaml=template)
+    pod = helper.pod("create", volume="pvc-1", path="/opt/lpp/pvc-1_default_data", node="simnode", size="128Mi",
+                     mode="Filesystem")
+    spec = pod["spec"]
+    assert pod["metadata"] == {"name": "helper-pod-create-pvc-1", "namespace": "local-path-storage"}
+    assert (spec["nodeName"], spec["serviceAccountName"], spec["restartPolicy"]) == ("simnode", "sa", "Never")
+    container = spec["containers"][0]
+    assert container["image"] == "mirror/library/busybox:1.37.0"
+    assert container["command"] == ["/bin/sh", "/script/setup"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["VOL_DIR"] == "/opt/lpp/pvc-1_default_data" and env["VOL_SIZE_BYTES"] == str(128 * 2**20)
+    assert {"name": "data", "hostPath": {"path": "/opt/lpp", "type": "DirectoryOrCreate"}} in spec["volumes"]
+    assert {"name": "data", "mountPath": "/opt/lpp"} in container["volumeMounts"]
+    assert quantity_bytes("1G") == 10**9 and quantity_bytes("2Ki") == 2048 and quantity_bytes("bogus") == 0
+
+
+def test_script_paths_map_onto_the_node_root() -> None:
+    mounts = {"/opt/lpp": "/root/opt/lpp", "/script": "/root/var/lib/kubelet/pods/u/volumes/cm/script"}
+    assert map_path("/opt/lpp/pvc-1_default_data", mounts) == "/root/opt/lpp/pvc-1_default_data"
+    assert map_path("/script/setup", mounts) == "/root/var/lib/kubelet/pods/u/volumes/cm/script/setup"
+    assert map_path("/opt/lppx", mounts) == "/opt/lppx"  # a prefix of a name is not a mount
+    assert map_path("-p", mounts) == "-p"
