@@ -206,6 +206,13 @@ class KubeClient:
     ) -> None:
         await self.close()
 
+    async def set_token(self, token: str) -> None:
+        """Use a new bearer token from the next request on (a rotated service-account token); open
+        watches end and are re-established by their informers."""
+        if token != self._token:
+            self._token = token
+            await self.close()
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -27,7 +27,7 @@ from simnode.apiserver.httputil import (
 )
 from simnode.apiserver.kubeletlink import KubeletCallError, KubeletLink
 from simnode.apiserver.patch import json_patch, merge_patch, strategic_merge
-from simnode.apiserver.rbac import Authorizer, User, forbidden, request_attributes
+from simnode.apiserver.rbac import Authorizer, User, access_review, forbidden, request_attributes
 from simnode.apiserver.resources import NODES, ResourceType
 from simnode.apiserver.satokens import TokenIssuer
 from simnode.apiserver.selectors import parse_selector
@@ -133,6 +133,11 @@ class Handler:
             return self._maybe(discovery.group(parts[1]))
         if head == "apis" and len(parts) == 3:
             return self._maybe(discovery.resource_list(parts[1], parts[2]))
+        if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]:
+            if request.method != "POST":
+                raise method_not_allowed()
+            body = decode(await read_body(request), request.content_type)
+            return json_response(access_review(self.authorizer, user, body), 201)
         if head == "apis" and len(parts) > 3:
             return await self._resource(request, parts[1], parts[2], parts[3:])
         return text_response("404 page not found\n", 404)

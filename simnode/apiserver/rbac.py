@@ -183,3 +183,34 @@ def forbidden(user: User, a: Attributes, reason: str) -> ApiError:
     if a.api_group:
         details["group"] = a.api_group
     return ApiError(403, "Forbidden", f"{head} is forbidden: {msg}", details=details)
+
+
+def access_review(authorizer: Authorizer, user: User, body: Any) -> dict[str, Any]:
+    """POST selfsubjectaccessreviews (`kubectl auth can-i`): the review with status.allowed for `user`.
+
+    pkg/registry/authorization/selfsubjectaccessreview/rest.go: the requester's own attributes; the same
+    decision the request itself would get (certificate users outside system:masters pass, as in _authorize)."""
+    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+        raise ApiError(400, "BadRequest", "expected a SelfSubjectAccessReview with a spec")
+    spec = body["spec"]
+    res, non = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+    if isinstance(res, dict) == isinstance(non, dict):
+        raise ApiError(422, "Invalid", 'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
+                                       "spec.resourceAttributes: Invalid value: exactly one of nonResourceAttributes "
+                                       "and resourceAttributes must be specified")
+    if isinstance(res, dict):
+        a = Attributes(verb=str(res.get("verb", "")), path="", resource_request=True,
+                       api_group=str(res.get("group", "")), api_version=str(res.get("version", "")),
+                       resource=str(res.get("resource", "")), subresource=str(res.get("subresource", "")),
+                       namespace=str(res.get("namespace", "")), name=str(res.get("name", "")))
+    else:
+        a = Attributes(verb=str(non.get("verb", "")), path=str(non.get("path", "")), resource_request=False)
+    if user.via in ("token", "impersonation"):
+        allowed, reason = authorizer.authorize(user, a)
+    else:
+        allowed, reason = True, ""
+    status: dict[str, Any] = {"allowed": allowed}
+    if reason:
+        status["reason"] = reason
+    return {"kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}

@@ -263,6 +263,7 @@ class PodSync:
             containers=containers_from_spec(spec),
             host_network=bool(spec.get("hostNetwork")),
             qos_class=qos_class(spec.get("containers") or []),
+            restart_policy=str(spec.get("restartPolicy") or "Always"),
         )
         saved = (self.state.get("api_pods") or {}).get(uid) or {}
         sim.restore_times(saved)

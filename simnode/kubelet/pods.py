@@ -63,9 +63,10 @@ class ContainerSim:
     probe_ok: bool = False
     probe_next: float = 0.0
     probed: bool = False  # set for containers that run a real process: only they can answer probes
+    terminated: dict[str, Any] | None = None  # exited for good (restartPolicy Never/OnFailure)
 
     PERSISTED = ("image_id", "created_at", "pid", "restart_count", "crash_streak", "backoff_until",
-                 "last_terminated")
+                 "last_terminated", "terminated")
 
     def to_record(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.PERSISTED}
@@ -98,6 +99,8 @@ class PodSim:
     containers: list[ContainerSim]
     host_network: bool = False
     ip: str | None = None
+    # kubelet kuberuntime computePodActions: Never/OnFailure containers that exited (successfully) stay exited.
+    restart_policy: str = "Always"
     first_seen: float = field(default_factory=time.time)
     qos_class: str = "BestEffort"
     transitions: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -132,7 +135,7 @@ class PodSim:
         return changed
 
     def _advance_container(self, c: ContainerSim, now: float, faults: Faults, runner: Runner) -> bool:
-        if c.image_id is None:
+        if c.image_id is None or c.terminated is not None:
             return False
         if c.backoff_until is not None:
             if now < c.backoff_until:
@@ -153,6 +156,13 @@ class PodSim:
             return False
         if code is None:
             runner.stop(self, c)
+        if code is not None and (self.restart_policy == "Never" or (self.restart_policy == "OnFailure" and code == 0)):
+            c.terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                            "startedAt": rfc3339(min(running_since, now)), "finishedAt": rfc3339(now),
+                            "containerID": container_id(self, c)}
+            c.created_at = None
+            c.pid = None
+            return True
         c.last_terminated = {
             "exitCode": 1 if code is None else code,
             "reason": "Completed" if code == 0 else "Error",
@@ -185,7 +195,8 @@ class PodSim:
         """The PodStatus the kubelet reports for this pod at `now`."""
         statuses = [container_status(self, c, now, faults) for c in self.containers]
         all_ready = all(s["ready"] for s in statuses)
-        started_once = all(s["started"] or s["restartCount"] > 0 for s in statuses)
+        started_once = all(s["started"] or s["restartCount"] > 0 or c.terminated for s, c in
+                           zip(statuses, self.containers, strict=True))
         ready = "True" if all_ready else "False"
         conds = [
             ("PodReadyToStartContainers", "False" if self.sandbox_error else "True"),
@@ -205,8 +216,12 @@ class PodSim:
                 entry["message"] = f"containers with unready status: [{' '.join(waiting)}]"
             conditions.append(entry)
         ip = host_ip if self.host_network else self.ip
+        phase = "Running" if started_once else "Pending"
+        ended = [c.terminated for c in self.containers if c.terminated is not None]
+        if self.containers and len(ended) == len(self.containers):  # kubelet_pods.go getPhase
+            phase = "Succeeded" if all(t.get("exitCode") == 0 for t in ended) else "Failed"
         status: dict[str, Any] = {
-            "phase": "Running" if started_once else "Pending",
+            "phase": phase,
             "conditions": conditions,
             "hostIP": host_ip,
             "hostIPs": [{"ip": host_ip}],
@@ -229,7 +244,9 @@ def container_status(pod: PodSim, c: ContainerSim, now: float, faults: Faults) -
     state: dict[str, Any]
     running = False
     ready = False
-    if c.image_id is None:
+    if c.terminated is not None:
+        state = {"terminated": c.terminated}
+    elif c.image_id is None:
         reason = c.image_error_reason(now) if c.image_failures else "ContainerCreating"
         state = {"waiting": {"reason": reason}}
         if c.image_failures:
@@ -260,7 +277,7 @@ def container_status(pod: PodSim, c: ContainerSim, now: float, faults: Faults) -
         "state": state,
         "lastState": {"terminated": c.last_terminated} if c.last_terminated else {},
     }
-    if running or c.backoff_until is not None:
+    if running or c.backoff_until is not None or c.terminated is not None:
         status["containerID"] = container_id(pod, c)
     return status
 

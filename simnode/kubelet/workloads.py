@@ -1,8 +1,11 @@
 """API pods whose container runs a program the simulated node has (WORKLOAD_PROGRAMS, matched on the
 container's command[0], as the image's entrypoint is named) run as processes, with what a real kubelet gives a
-container: the service-account token volume (a TokenRequest bound to the pod), ConfigMap volumes, env values
-and fieldRefs, the API server's address, and for each containerPort a port of its own on 127.0.0.1 (there are
-no pod network namespaces), which the readiness probe targets.
+container: the service-account token volume (a TokenRequest bound to the pod), ConfigMap and hostPath volumes,
+env values and fieldRefs, the API server's address, and for each containerPort a port of its own on 127.0.0.1
+(there are no pod network namespaces), which the readiness probe targets. A container whose command is
+`/bin/sh <script from a ConfigMap volume>` (local-path-provisioner's helper pods) runs that script with the
+host's /bin/sh; paths under its volume mounts, in its arguments and env, are mapped onto the node root (there
+are no mount namespaces either).
 
 Leaves `<root>/var/lib/kubelet/pods/<uid>/volumes/...` and `.../simnode-ports.json`; processes run in their own
 session (they outlive the kubelet and are adopted by the next one, like containers) and log to
@@ -32,7 +35,7 @@ from simnode.kubeclient import ApiError, KubeClient
 from simnode.kubelet import runtime
 from simnode.kubelet.pods import ContainerSim, PodSim, readiness_probe
 from simnode.launch import tool_command
-from simnode.paths import NodeRoot
+from simnode.paths import ROOT_ENV, NodeRoot
 
 log = logging.getLogger("kubelet.workloads")
 
@@ -49,6 +52,27 @@ STATE_REAL_PATH = "/var/lib/kubelet/simnode/state.json"  # apisync.py keeps API 
 
 def runs_process(c: ContainerSim) -> bool:
     return bool(c.command) and c.command[0] in WORKLOAD_PROGRAMS
+
+
+def _script_of(c: ContainerSim, config_map_volumes: set[str]) -> bool:
+    """`/bin/sh <file>` where the file lies in one of the container's ConfigMap volumes."""
+    if len(c.command) < 2 or c.command[0] not in ("/bin/sh", "sh"):
+        return False
+    return any(m.get("name") in config_map_volumes and c.command[1].startswith(str(m.get("mountPath", "")).rstrip("/")
+                                                                                  + "/")
+               for m in c.spec.get("volumeMounts") or [])
+
+
+def map_path(value: str, mounts: dict[str, str]) -> str:
+    """A container path under one of `mounts` as the node path it stands for; other strings unchanged."""
+    best = ""
+    for mount in mounts:
+        m = mount.rstrip("/")
+        if m and (value == m or value.startswith(m + "/")) and len(m) > len(best.rstrip("/")):
+            best = mount
+    if not best:
+        return value
+    return mounts[best].rstrip("/") + value[len(best.rstrip("/")):]
 
 
 def _cluster_ca(kubeconfig: Path | None, root: NodeRoot) -> bytes:
@@ -77,6 +101,8 @@ class WorkloadRunner:
         self.client = client
         self.ca_pem = _cluster_ca(kubeconfig, root)
         self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.scripts: set[tuple[str, str]] = set()  # (pod uid, container) running a ConfigMap script
+        self.mounts: dict[str, dict[str, str]] = {}  # pod uid -> mountPath -> node directory
         self.env: dict[str, dict[str, str]] = {}  # pod uid -> environment of its process containers
         self.tokens: dict[str, float] = {}  # pod uid -> when its token should be refreshed
         self.errors: dict[str, str] = {}  # pod uid -> why its volumes could not be set up
@@ -92,7 +118,13 @@ class WorkloadRunner:
     async def prepare(self, pod: dict[str, Any], sim: PodSim) -> bool:
         """Volumes and env for the process containers of `pod` (token refreshed when due); False while they
         cannot be set up: the containers then wait in ContainerCreating, as with a real FailedMount."""
-        process_containers = [c for c in sim.containers if runs_process(c)]
+        volumes = (pod.get("spec") or {}).get("volumes") or []
+        config_maps = {str(v.get("name")) for v in volumes
+                       if isinstance(v, dict) and isinstance(v.get("configMap"), dict)}
+        for c in sim.containers:
+            if _script_of(c, config_maps):
+                self.scripts.add((sim.uid, c.name))
+        process_containers = [c for c in sim.containers if self.runs(sim, c)]
         if not process_containers:
             return True
         for c in process_containers:
@@ -118,7 +150,11 @@ class WorkloadRunner:
             "HOSTNAME": sim.name,
         }
         self.env[sim.uid] = {**base, MOUNTS_ENV: json.dumps(mounts), PORTS_ENV: json.dumps(self._ports(sim))}
+        self.mounts[sim.uid] = mounts
         return True
+
+    def runs(self, pod: PodSim, c: ContainerSim) -> bool:
+        return runs_process(c) or (pod.uid, c.name) in self.scripts
 
     async def _volumes(self, pod: dict[str, Any], sim: PodSim) -> dict[str, str]:
         spec = pod.get("spec") or {}
@@ -129,6 +165,8 @@ class WorkloadRunner:
                 host[name] = await self._config_map_volume(sim, name, volume["configMap"])
             elif isinstance(volume.get("hostPath"), dict):
                 host[name] = self.root.path(str(volume["hostPath"].get("path", "/")))
+                if volume["hostPath"].get("type") == "DirectoryOrCreate":
+                    host[name].mkdir(mode=0o755, parents=True, exist_ok=True)  # hostpath volume plugin
         mounts: dict[str, str] = {}
         for c in sim.containers:
             for m in c.spec.get("volumeMounts") or []:
@@ -178,14 +216,20 @@ class WorkloadRunner:
     # -- Runner --
 
     def start(self, pod: PodSim, c: ContainerSim) -> None:
-        if not runs_process(c):
+        if not self.runs(pod, c):
             return
         c.pid = None
         env = self.env.get(pod.uid, {})  # prepare() succeeded before advance() calls start()
         spec_env = {str(e.get("name")): _env_value(e, pod) for e in c.spec.get("env") or [] if e.get("name")}
-        argv, proc_env = tool_command(c.command[0], c.command[1:], root=self.root)
-        proc_env.update(spec_env)
-        proc_env.update(env)
+        if runs_process(c):
+            argv, proc_env = tool_command(c.command[0], c.command[1:], root=self.root)
+            proc_env.update(spec_env)
+            proc_env.update(env)
+        else:
+            mounts = self.mounts.get(pod.uid, {})
+            argv = ["/bin/sh", *(map_path(a, mounts) for a in c.command[1:])]
+            proc_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", ROOT_ENV: str(self.root.root),
+                        **{k: map_path(v, mounts) for k, v in spec_env.items()}}
         proc_env[runtime.POD_ENV] = runtime.marker(pod.namespace, pod.name, c.name)
         logfile = runtime.log_path(self.root, pod.namespace, pod.name, c.name)
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +259,7 @@ class WorkloadRunner:
         runtime.stop_process(pid, grace_s=STOP_GRACE_S, child=self.children.pop(pid, None))
 
     def exit_code(self, pod: PodSim, c: ContainerSim) -> int | None:
-        if not runs_process(c):
+        if not self.runs(pod, c):
             return None
         if c.pid is None:
             return 1  # the program could not be started

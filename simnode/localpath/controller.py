@@ -9,8 +9,7 @@ volume.kubernetes.io/selected-node annotation set by the scheduler; provisionCla
 events; shouldDelete/deleteVolumeOperation), volume_store.go (a PV that cannot be saved: the event, then the
 volume is deleted again) and rancher/local-path-provisioner provisioner.go (Provision/Delete: the
 `<pv>_<ns>_<claim>` folder under the node's path, the hostPath source, the node affinity, the setup and teardown
-scripts of the ConfigMap). Where the real one runs those scripts in a helper pod with the node directory
-mounted, this one runs them on the node root with the host's /bin/sh (docs/simnode.md, rules 5).
+scripts of the ConfigMap, run by a helper pod: helperpod.py).
 """
 
 from __future__ import annotations
@@ -18,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import secrets
 import time
-from pathlib import PurePosixPath
 from typing import Any
 
 from simnode.controllers.informer import Informer, Obj
 from simnode.kubeclient import ApiError, KubeClient
 from simnode.localpath.config import DEFAULT_NODE, Config
-from simnode.paths import NodeRoot
+from simnode.localpath.helperpod import HelperError, HelperPods
 
 log = logging.getLogger("local-path-provisioner")
 
@@ -42,7 +39,6 @@ RESYNC_S = 2.0
 SAVE_ATTEMPTS = 3  # volume_store.go backoffStore: 5 attempts 10 s apart; shortened for tests
 SAVE_RETRY_S = 0.5
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # per-claim requeue delays after a failure
-SCRIPT_TIMEOUT_S = 120.0  # provisioner.go defaultCmdTimeoutSeconds
 
 
 class ProvisionError(Exception):
@@ -55,13 +51,12 @@ def _meta(obj: Obj) -> dict[str, Any]:
 
 
 class Provisioner:
-    def __init__(self, client: KubeClient, *, root: NodeRoot, name: str, config: Config,
-                 scripts: dict[str, str], identity: str) -> None:
+    def __init__(self, client: KubeClient, *, name: str, config: Config, helper: HelperPods,
+                 identity: str) -> None:
         self.client = client
-        self.root = root
         self.name = name
         self.config = config
-        self.scripts = scripts  # "setup" / "teardown" from the ConfigMap
+        self.helper = helper
         self.identity = identity  # event source component
         self.claims = Informer(client, "/api/v1/persistentvolumeclaims")
         self.volumes = Informer(client, "/api/v1/persistentvolumes")
@@ -169,7 +164,12 @@ class Provisioner:
         assert error is not None
         await self._event(claim, "Warning", "ProvisioningFailed",
                           f"Error creating provisioned PV object for claim {key}: {_why(error)}. Deleting the volume.")
-        await self._run_script("teardown", path)
+        try:  # volume_store.go: the volume is deleted again
+            await self._helper("delete", volume=volume["metadata"]["name"], path=path,
+                               node=volume["metadata"]["annotations"][ANN_NODE_NAME])
+        except ProvisionError as exc:
+            await self._event(claim, "Warning", "ProvisioningCleanupFailed",
+                              f"Error cleaning provisioned volume for claim {key}: {exc}. Please delete manually.")
         self._failed(claim)
 
     async def _provision_volume(self, claim: Obj, cls: Obj) -> tuple[dict[str, Any], str]:
@@ -195,7 +195,7 @@ class Provisioner:
         path = f"{base.rstrip('/')}/{pv_name}_{meta.get('namespace')}_{meta.get('name')}"
         size = str(((spec.get("resources") or {}).get("requests") or {}).get("storage", "0"))
         log.info("Creating volume %s at %s:%s", pv_name, node_name, path)
-        await self._run_script("setup", path, size=size)
+        await self._helper("create", volume=pv_name, path=path, node=node_name, size=size)
         affinity_value = ((_meta(node).get("labels") or {}).get(NODE_AFFINITY_KEY) if node else None) or node_name
         volume: dict[str, Any] = {
             "apiVersion": "v1", "kind": "PersistentVolume",
@@ -234,25 +234,12 @@ class Provisioner:
             return requested
         return random.choice(paths)
 
-    async def _run_script(self, action: str, path: str, *, size: str = "0") -> None:
-        """The ConfigMap's setup/teardown script with VOL_DIR on the node (re-rooted), like the helper pod."""
-        script = self.scripts.get(action)
-        if not script:
-            raise ProvisionError(f"failed to {action} volume {PurePosixPath(path).name}: no {action} script in the "
-                                 "ConfigMap")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "VOL_DIR": str(self.root.path(path)),
-               "VOL_MODE": "Filesystem", "VOL_SIZE_BYTES": size}
-        proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", script, env=env,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    async def _helper(self, action: str, *, volume: str, path: str, node: str, size: str = "0") -> None:
+        """provisioner.go createHelperPod: the ConfigMap's script run on `node` by a helper pod."""
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), SCRIPT_TIMEOUT_S)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise ProvisionError(f"failed to {action} volume {PurePosixPath(path).name}: timed out") from None
-        if proc.returncode != 0:
-            raise ProvisionError(f"failed to {action} volume {PurePosixPath(path).name}: helper script exited "
-                                 f"{proc.returncode}: {out.decode(errors='replace').strip()}")
+            await self.helper.run(action, volume=volume, path=path, node=node, size=size)
+        except HelperError as exc:
+            raise ProvisionError(str(exc)) from exc
 
     # -- deletion --
 
@@ -267,10 +254,15 @@ class Provisioner:
     async def _delete(self, volume: Obj) -> None:
         name = str(_meta(volume).get("name"))
         path = str(((volume.get("spec") or {}).get("hostPath") or {}).get("path", ""))
+        node = str((_meta(volume).get("annotations") or {}).get(ANN_NODE_NAME, ""))
         try:
             _check_host_path(name, path)
-            log.info("Deleting volume %s at %s", name, path)
-            await self._run_script("teardown", path)
+            if not await self._node_exists(node):
+                log.info("Node %s does not exist, skipping cleanup of volume %s", node, name)
+            else:
+                log.info("Deleting volume %s at %s:%s", name, node, path)
+                size = str(((volume.get("spec") or {}).get("capacity") or {}).get("storage", "0"))
+                await self._helper("delete", volume=name, path=path, node=node, size=size)
             await self.client.delete(f"/api/v1/persistentvolumes/{name}")
         except ApiError as exc:
             if exc.status == 404:
@@ -285,6 +277,18 @@ class Provisioner:
         else:
             self.volumes.forget(volume)
             log.info("volume %s deleted", name)
+
+    async def _node_exists(self, node: str) -> bool:
+        """provisioner.go deleteFor: a volume on a node that is gone is not cleaned up."""
+        if not node:
+            return True
+        try:
+            await self.client.get(f"/api/v1/nodes/{node}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     # -- events --
 

@@ -1,6 +1,6 @@
 """`local-path-provisioner [--debug] start --config /etc/config/config.json` inside the simulated kubelet's pod:
-in-cluster credentials (the pod's service-account token), the config file and the ConfigMap's helper pod and
-scripts, the health server (/health, and /ready listing what the provisioner needs: main.go checkReadiness),
+in-cluster credentials (the pod's service-account token), the config file and the ConfigMap's helper pod
+template, the health server (/health, and /ready listing what the provisioner needs: main.go checkReadiness),
 then the provisioning loop until SIGTERM (exit 0). Exits 1 with the reason when it cannot start, as upstream's
 `start` does (the kubelet then restarts it with back-off).
 
@@ -21,15 +21,18 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
 from aiohttp import web
 
 from simnode.kubeclient import ApiError, KubeClient
 from simnode.kubelet.workloads import MOUNTS_ENV, PORTS_ENV, SA_MOUNT
 from simnode.localpath.config import Config, Flags, UsageError, load_config, parse_flags
 from simnode.localpath.controller import Provisioner
+from simnode.localpath.helperpod import HelperError, HelperPods
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
 log = logging.getLogger("local-path-provisioner")
+TOKEN_REREAD_S = 60.0
 
 
 class LogrusFormatter(logging.Formatter):
@@ -126,6 +129,20 @@ async def _serve_health(client: KubeClient, namespace: str, port: int) -> web.Ap
     return runner
 
 
+async def _follow_token(client: KubeClient, start: Startup) -> None:
+    """client-go re-reads the projected token file (cached for a minute): the kubelet rotates it."""
+    path = container_path(f"{SA_MOUNT}/token", start.mounts)
+    while path is not None:
+        await asyncio.sleep(TOKEN_REREAD_S)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            log.warning("cannot re-read the service-account token: %s", exc)
+            continue
+        if token:
+            await client.set_token(token)
+
+
 async def run(start: Startup) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,14 +166,20 @@ async def run(start: Startup) -> int:
                                  f"{start.flags.namespace}/{start.flags.configmap_name} with err: "
                                  "helperPod.yaml is not found")
             identity = f"{start.flags.provisioner_name}_{socket.gethostname()}_{uuid.uuid4()}"
-            provisioner = Provisioner(client, root=start.root, name=start.flags.provisioner_name, config=config,
-                                      scripts={k: str(data[k]) for k in ("setup", "teardown") if k in data},
+            try:
+                helper = HelperPods(client, namespace=start.flags.namespace,
+                                    service_account=start.flags.service_account_name,
+                                    config_map=start.flags.configmap_name, template_yaml=str(data["helperPod.yaml"]))
+            except (HelperError, yaml.YAMLError) as exc:
+                raise UsageError(f"invalid helper pod template: {exc}") from exc
+            provisioner = Provisioner(client, name=start.flags.provisioner_name, config=config, helper=helper,
                                       identity=identity)
             log.debug("Provisioner started")
             task = asyncio.create_task(provisioner.run(), name="provisioner")
             stopping = asyncio.create_task(stop.wait(), name="stop signal")
+            rotation = asyncio.create_task(_follow_token(client, start), name="token rotation")
             done, _ = await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (task, stopping):
+            for t in (task, stopping, rotation):
                 t.cancel()
             if task in done and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]

@@ -18,13 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import SimImages
-from test_steps_on_simnode import REPO, Node, _kubectl, _kubectl_json, _prepare, make_node  # noqa: F401 (fixture)
+from test_steps_on_simnode import REPO, Node, _kubectl, _kubectl_json, make_node  # noqa: F401 (fixture)
 
 from lifecycle.errors import StepError
+from states import build_plan
 from states.addons import Addons
-from states.kubeadm import Kubeadm
-from states.kubelet import Kubelet
-from states.readiness import Readiness
 
 SA = "system:serviceaccount:local-path-storage:local-path-provisioner-service-account"
 VOLUMES_DIR = "/opt/local-path-provisioner"  # upstream's nodePathMap default
@@ -83,9 +81,13 @@ async def test_local_path_storage_provisions_and_deletes_volumes_under_rbac(
     sim_images: SimImages, make_node: Callable[..., Node], tmp_path: Path  # noqa: F811 (fixture)
 ) -> None:
     node = make_node("storage")
-    await _prepare(node, pull=True)
-    for step in (Kubeadm(), Kubelet(), Readiness()):
-        await step.run(node.ctx(step.name))
+    # Every state of the service's own plan up to the addons (whatever states come before them).
+    for step in build_plan():
+        if step.name == "addons":
+            break
+        ctx = node.ctx(step.name)
+        if not await step.is_done(ctx):
+            await step.run(ctx)
 
     # 1. A ClusterRole without `list` on persistentvolumes: the provisioner's /ready fails, so the addons
     #    state reports the Deployment not available instead of passing.
@@ -132,6 +134,9 @@ async def test_local_path_storage_provisions_and_deletes_volumes_under_rbac(
     assert volume["spec"]["claimRef"]["name"] == "data"  # type: ignore[index]
     assert volume["status"]["phase"] == "Bound"  # type: ignore[index]
     assert node.paths.under(path).is_dir()
+    # The directory was made by a helper pod (the ConfigMap's setup script, busybox image), deleted afterwards.
+    assert list(node.paths.under("/var/log/pods").glob(f"local-path-storage_helper-pod-create-{volume_name}"))
+    assert "helper-pod-create" not in _kubectl(node, "get", "pods", "-n", "local-path-storage", "-o", "name")
     await _until("pod bound to the node", lambda: _kubectl_json(node, "get", "pod", "data-user")["spec"].get(  # type: ignore[attr-defined]
         "nodeName") == "simnode")
     assert "ProvisioningSucceeded" in {e["reason"] for e in _events(node, "data")}
@@ -154,5 +159,8 @@ async def test_local_path_storage_provisions_and_deletes_volumes_under_rbac(
         f'Error creating provisioned PV object for claim default/denied: persistentvolumes is forbidden: User "{SA}" '
         'cannot create resource "persistentvolumes" in API group "" at the cluster scope. Deleting the volume.')
     assert _kubectl_json(node, "get", "pvc", "denied")["status"]["phase"] == "Pending"  # type: ignore[index]
-    assert not node.paths.under(f"{VOLUMES_DIR}/pvc-{uid}_default_denied").exists()  # torn down again
+    await _until("directory torn down again",  # after a setup helper pod, a teardown one
+                 lambda: list(node.paths.under("/var/log/pods").glob(
+                     f"local-path-storage_helper-pod-delete-pvc-{uid}"))
+                 and not node.paths.under(f"{VOLUMES_DIR}/pvc-{uid}_default_denied").exists())
     shutil.rmtree(tmp_path / "addons-variant")

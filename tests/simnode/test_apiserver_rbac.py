@@ -131,6 +131,10 @@ def test_impersonated_service_account_gets_the_same_answers(apiserver: ApiServer
         - {kind: ServiceAccount, name: robot, namespace: rbac}
         """)
     assert k(f"--as={SA}", "get", "storageclasses").returncode == 0  # apiGroups "*" and verbs "*"
+    # kubectl auth can-i asks a SelfSubjectAccessReview, answered by the same rules.
+    assert k(f"--as={SA}", "auth", "can-i", "delete", "storageclasses").stdout.strip() == "yes"
+    denied = k(f"--as={SA}", "auth", "can-i", "delete", "nodes", check=False)
+    assert (denied.returncode, denied.stdout.strip()) == (1, "no")
     assert k(f"--as={SA}", "-n", "other", "get", "configmap", "open").returncode == 0  # resourceNames, any ns
     assert "cannot get resource" in forbidden_line(apiserver, f"--as={SA}", "-n", "other", "get", "cm", "secret-ish")
     assert k(f"--as={SA}", "get", "--raw", "/api/v1/namespaces/other/status").returncode == 0  # */status

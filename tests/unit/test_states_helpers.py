@@ -11,7 +11,8 @@ import yaml
 
 from lifecycle.config import AddonsConfig
 from lifecycle.errors import PermanentError
-from states.addons import load_manifests, workload_problem
+from states.addons import DEFAULT_CLASS_ANNOTATION as DEFAULT_CLASS
+from states.addons import load_manifests, object_problem, workload_problem
 from states.kubeadm import redact
 from states.kubelet import kubeadm_flags
 from states.readiness import not_ready_error, unmet_components
@@ -129,3 +130,12 @@ def test_bootstrap_tokens_are_redacted_from_kubeadm_output() -> None:
     assert "0123456789abcdef" not in redact("kubeadm join h:6443 --token abcdef.0123456789abcdef")
     line = '[certs] apiserver serving cert is signed for DNS names [kubernetes.default.svc] and IPs [10.96.0.1]'
     assert redact(line) == line
+
+
+def test_the_addons_state_requires_local_path_to_stay_the_default_class() -> None:
+    objects = load_manifests(DEPLOY_ADDONS, placeholders={"IMAGE_REPOSITORY": "r", **MIRROR.images("r")})
+    [storage_class] = [o for o in objects if o.kind == "StorageClass"]
+    live = {"metadata": {"name": "local-path", "annotations": {DEFAULT_CLASS: "true"}}}
+    assert object_problem(storage_class, live) is None
+    live["metadata"]["annotations"][DEFAULT_CLASS] = "false"  # someone made another class the default
+    assert object_problem(storage_class, live) == "StorageClass local-path is no longer the default class"
