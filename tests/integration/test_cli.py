@@ -75,7 +75,7 @@ def test_status_json_reset_and_the_state_after_it(node: Node) -> None:
     status = lifecycle("status", "-o", "json", *node.flags)
     assert status.returncode == 0
     body = json.loads(status.stdout)
-    assert body["ok"] and body["status"]["state"] == "running" and body["status"]["steps"] == 8
+    assert body["ok"] and body["status"]["state"] == "running" and body["status"]["steps"] == 9
 
     reset = lifecycle("reset", *node.flags)
     assert reset.returncode == 0, reset.stderr

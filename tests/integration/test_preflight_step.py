@@ -179,8 +179,8 @@ def engine_for(root: Path, **k8s: object) -> tuple[Engine, Bus]:
     config = make_config(root)
     k8s = {"etcd_metrics_port": 0, **k8s}  # 0: a free one (kubeadm's 2381 may be another test node's etcd)
     config = replace(config, kubernetes=replace(config.kubernetes, **k8s))
-    plan: list[Step] = [Preflight(), *(FakeStep(name) for name in ("certs", "images", "binaries", "kubeadm",
-                                                                   "kubelet", "readiness", "addons"))]
+    plan: list[Step] = [Preflight(), *(FakeStep(name) for name in ("certs", "images", "binaries", "network",
+                                                                   "kubeadm", "kubelet", "readiness", "addons"))]
     bus = Bus()
     engine = Engine(config=config, paths=HostPaths(root), ports=null_ports(), plan=plan, reset=fake_reset,
                     store=state_file(HostPaths(root)), bus=bus)

@@ -162,7 +162,7 @@ def test_init_with_a_running_kubelet_then_kubectl_upgrade_and_reset(tmp_path: Pa
 
         kubelet.send_signal(signal.SIGTERM)  # the service stops the kubelet before reset (no systemd here)
         kubelet.wait(timeout=20)
-        reset = run_kubeadm(root, "reset", "-f")
+        reset = run_kubeadm(root, "reset", "-f", "--cri-socket=unix:///var/run/cri-dockerd.sock")
         assert reset.returncode == 0, reset.stderr
         stopped = re.search(r"\[reset\] Stopped (\d+) pod container process", reset.stdout)
         assert stopped and int(stopped.group(1)) >= 4, reset.stdout  # etcd and the control plane at least

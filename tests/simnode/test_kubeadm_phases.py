@@ -375,18 +375,19 @@ def test_reset_asks_then_clears_what_init_wrote(tmp_path: Path, ca_only: Path) -
     keep = root / "etc/kubernetes/keep-me.txt"
     keep.write_text("not kubeadm's")
     before = tree_hash(root)
-    result = run_kubeadm(root, "reset", stdin="n\n")
+    cri = "--cri-socket=unix:///var/run/cri-dockerd.sock"  # the machine has containerd's socket too (host.py)
+    result = run_kubeadm(root, "reset", cri, stdin="n\n")
     assert result.returncode == 1
     assert "[reset] Are you sure you want to proceed? [y/N]:" in result.stdout
     assert "aborted reset operation" in result.stderr
     assert tree_hash(root) == before
-    result = run_kubeadm(root, "reset", "-f")
+    result = run_kubeadm(root, "reset", "-f", cri)
     assert result.returncode == 0, result.stderr
     assert "[reset] Deleting contents of directories: [/var/lib/kubelet /etc/kubernetes/pki]" in result.stdout
     assert "[reset] Deleted contents of the etcd data directory: /var/lib/etcd" in result.stdout
     leftovers = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p not in machine)
     assert leftovers == ["etc/kubernetes/keep-me.txt"]
-    assert run_kubeadm(root, "reset", "--cert-dir=/etc", "-f").returncode == 1  # refuses a top-level dir
+    assert run_kubeadm(root, "reset", "--cert-dir=/etc", "-f", cri).returncode == 1  # refuses a top-level dir
     assert keep.is_file()
 
 

@@ -133,7 +133,7 @@ def test_kubeadm_kubelet_start_restarts_a_packaged_kubelet_unless_it_is_masked(r
     assert systemctl(root, "start", "kubelet").returncode == 0
     started = _units(root)["kubelet.service"]["pid"]
     assert isinstance(started, int) and pid_alive(started)
-    reset = run_kubeadm(root, "reset", "-f")
+    reset = run_kubeadm(root, "reset", "-f", "--cri-socket=unix:///var/run/cri-dockerd.sock")
     assert reset.returncode == 0, reset.stderr
     assert "[reset] Stopping the kubelet service" in reset.stdout
     deadline = time.monotonic() + 10
