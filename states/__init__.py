@@ -30,7 +30,7 @@ def build_plan() -> list[Step]:
         Network(),  # the pod network's CNI config (bridge, host-local, portmap), before anything starts the kubelet
         Kubeadm(),  # kubeadm init phases up to kubelet-start: manifests and kubelet config
         Kubelet(),  # the kubelet, supervised, healthy
-        Readiness(),  # kubeadm's API phases, then control-plane and coredns pods Running and Ready
+        Readiness(),  # our own kubelet and API waits, kubeadm's API phases, then the pods and the node Ready
         Addons(),  # storage addon (local-path-provisioner, default StorageClass) applied and available
     ]
     assert tuple(step.name for step in plan) == STEP_ORDER
