@@ -236,6 +236,11 @@ class Engine:
             job = self._job
             if job is None:
                 return Accepted(self._snap.request_id, "nothing to cancel")
+            if job.kind == "install" and self.state == State.RUNNING:
+                # The quiet re-check after a restart: nothing was requested, so there is nothing to cancel; stopping
+                # it would leave `running` claimed by a node whose processes may be gone. Once it finds a step not
+                # done it enters that step's state, and a cancel then stops the repair like any install.
+                return Accepted(self._snap.request_id, "nothing to cancel")
             if job.kind == "reset" or self.state not in PREEMPTS[Action.CANCEL]:
                 raise RequestError("not_cancellable", f"a {job.kind} in state {self.state} cannot be cancelled")
             await self._stop_job()
