@@ -141,6 +141,17 @@ async def test_deadline_fails_the_step_naming_step_and_limit(tmp_path: Path) -> 
     assert "cleanup kubeadm" in journal(tmp_path)  # the deadline cancels the step, which cleans up
 
 
+async def test_a_retry_the_deadline_would_cut_off_is_not_tried_and_the_step_error_stands(tmp_path: Path) -> None:
+    """A step's own error says more than `deadline_exceeded` during a retry pause that could not end in time."""
+    r = make_rig(tmp_path, make_config(tmp_path, images=StepPolicy(timeout_s=0.5, retries=3, retry_delay_s=1.0)))
+    steer(tmp_path, "images", fail="temporary")
+    await r.engine.install(request_id="r1", version=None)
+    await r.engine.wait_job()
+    error = r.engine.status().error
+    assert error is not None and (error.code, error.retryable) == ("fake_temporary", True)
+    assert error.details["attempts"] == 1
+
+
 async def test_permanent_error_is_not_retried(tmp_path: Path) -> None:
     r = make_rig(tmp_path, make_config(tmp_path, certs=StepPolicy(timeout_s=5, retries=3, retry_delay_s=0)))
     steer(tmp_path, "certs", fail="permanent")
