@@ -236,6 +236,11 @@ class Engine:
             job = self._job
             if job is None:
                 return Accepted(self._snap.request_id, "nothing to cancel")
+            if job.kind == "install" and self.state == State.RUNNING:
+                # The quiet re-check after a restart: nothing was requested, so there is nothing to cancel; stopping
+                # it would leave `running` claimed by a node whose processes may be gone. Once it finds a step not
+                # done it enters that step's state, and a cancel then stops the repair like any install.
+                return Accepted(self._snap.request_id, "nothing to cancel")
             if job.kind == "reset" or self.state not in PREEMPTS[Action.CANCEL]:
                 raise RequestError("not_cancellable", f"a {job.kind} in state {self.state} cannot be cancelled")
             await self._stop_job()
@@ -390,8 +395,8 @@ class Engine:
                     try:
                         await self._in_task(step.run(ctx), name=f"step-{step.name}-run-{attempts}")
                     except StepError as exc:
-                        if not exc.retryable or attempts > policy.retries:
-                            raise
+                        if not exc.retryable or attempts > policy.retries or not self._time_to_retry(ctx, exc, policy):
+                            raise  # a retry the deadline would cut off says less than the step's own error
                         await self._retry_pause(step, ctx, exc, attempts=attempts, policy=policy)
                     else:
                         return
@@ -404,11 +409,18 @@ class Engine:
             else:
                 error = self._internal(ctx, exc, attempts)
         except StepError as exc:
-            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, details={**exc.details, "attempts": attempts})
+            details = {**exc.details, "attempts": attempts}
+            if exc.code == "deadline_exceeded":  # a step that gave up just before the deadline, saying what was left
+                details = {"step": step.name, "timeout_s": policy.timeout_s, **details}
+            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, details=details)
         except Exception as exc:
             error = self._internal(ctx, exc, attempts)
         self._fail(State(step.name), request_id, cluster, error, step=index + 1)
         raise _StepFailedError
+
+    @staticmethod
+    def _time_to_retry(ctx: StepContext, exc: StepError, policy: StepPolicy) -> bool:
+        return asyncio.get_running_loop().time() + max(exc.delay_s, policy.retry_delay_s) < ctx.deadline
 
     async def _retry_pause(
         self, step: Step, ctx: StepContext, exc: StepError, *, attempts: int, policy: StepPolicy

@@ -27,12 +27,14 @@ class EngineError(Exception):
     """The container engine refused a request or could not be reached; the message is the engine's own.
 
     `not_found`: the image, tag or container does not exist (repeating cannot help until it does).
+    `unreachable`: the engine itself did not answer (socket missing, daemon stopped); the message names the socket.
     """
 
-    def __init__(self, message: str, *, not_found: bool = False) -> None:
+    def __init__(self, message: str, *, not_found: bool = False, unreachable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.not_found = not_found
+        self.unreachable = unreachable
 
 
 class ContainerEngine(Protocol):

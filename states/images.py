@@ -1,7 +1,8 @@
 """images: pull the binaries, control-plane and addon images through the container engine, several at once, and
 give cri-dockerd the pause image pulled here (lifecycle/hostunits.py). Leaves them in the engine and the drop-in.
 Done when each is present and, if the registry can be asked, has its current digest among its RepoDigests
-(offline, a local copy counts), and cri-dockerd's drop-in names the pause image.
+(offline, a local copy counts), and cri-dockerd's drop-in names the pause image. Shortly before the step's
+deadline it gives up naming the images still pulling (a stalled registry), which an install resumes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.hostunits import configure_cri_dockerd, cri_dockerd_configured
 from lifecycle.ports import ContainerEngine, EngineError, PullProgress
 from lifecycle.step import StepContext
+from states.kubeadm import fail_at
 
 PROGRESS_INTERVAL_S = 0.25  # per image: a few lines a second, whatever the engine's rate
 PULL_RETRY_DELAY_S = 2.0
@@ -75,22 +77,33 @@ class Images:
         refs = wanted_images(ctx)
         limit = asyncio.Semaphore(ctx.config.docker.pull_concurrency)
         ctx.log.info("images wanted", count=len(refs), concurrency=ctx.config.docker.pull_concurrency)
-        await _all(ctx, "images-pull", [(ref, self._one(ctx, ref, limit)) for ref in refs])
+        pulls = _Pulls(refs)
+        timer = asyncio.timeout_at(fail_at(ctx))
+        try:
+            async with timer:
+                await _all(ctx, "images-pull", [(ref, self._one(ctx, ref, limit, pulls)) for ref in refs])
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise pulls.deadline_error() from None
         await configure_cri_dockerd(ctx)  # the sandbox image must be present before cri-dockerd is told to use it
 
-    async def _one(self, ctx: StepContext, ref: str, limit: asyncio.Semaphore) -> None:
+    async def _one(self, ctx: StepContext, ref: str, limit: asyncio.Semaphore, pulls: _Pulls) -> None:
         async with limit:
+            pulls.started(ref)
             try:
                 good, why = await up_to_date(ctx.ports.docker, ref)
                 if good:
                     ctx.progress(f"skipped {ref}: {why}")
+                    pulls.finished(ref)
                     return
                 ctx.log.info("pulling image", image=ref, reason=why)
-                throttle = _ProgressThrottle(ctx, ref)
+                throttle = _ProgressThrottle(ctx, ref, pulls)
                 image_id = await ctx.ports.docker.pull(ref, on_progress=throttle)
                 throttle.finish()
             except EngineError as exc:
-                raise _classify(ref, exc) from exc
+                raise _classify(ctx, ref, exc) from exc
+            pulls.finished(ref)
             ctx.log.info("pulled image", image=ref, image_id=image_id)
 
     async def before_retry(self, ctx: StepContext) -> None:
@@ -108,18 +121,60 @@ async def _all(ctx: StepContext, prefix: str, jobs: list[tuple[str, Coroutine[An
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _Pulls:
+    """Where each image stands (waiting for a slot, under way with its last progress, finished): what the error
+    says when the deadline comes first."""
+
+    def __init__(self, refs: list[str]) -> None:
+        self._waiting = list(refs)
+        self._under_way: dict[str, PullProgress | None] = {}
+
+    def started(self, ref: str) -> None:
+        self._waiting.remove(ref)
+        self._under_way[ref] = None
+
+    def progressed(self, progress: PullProgress) -> None:
+        self._under_way[progress.image] = progress
+
+    def finished(self, ref: str) -> None:
+        self._under_way.pop(ref, None)
+
+    def deadline_error(self) -> TemporaryError:
+        under_way = [(ref, p.current_bytes if p else 0, p.total_bytes if p else None)
+                     for ref, p in self._under_way.items()]
+        pulling = [{"image": ref, "current_bytes": done, "total_bytes": total} for ref, done, total in under_way]
+        parts = [f"{ref} ({_bytes_done(done, total)})" for ref, done, total in under_way]
+        message = "images not pulled before the step deadline; still pulling: " + (", ".join(parts) or "none")
+        if self._waiting:
+            message += f"; waiting for a slot: {', '.join(self._waiting)}"
+        message += ". An install resumes the pulls (layers already downloaded are kept)."
+        # The engine's code for a passed deadline, here with what was unfinished; the engine adds `timeout_s`.
+        return TemporaryError(message, code="deadline_exceeded", delay_s=PULL_RETRY_DELAY_S, details={
+            "step": "images", "pulling": pulling, "waiting": list(self._waiting)})
+
+
+def _bytes_done(current_bytes: int | None, total_bytes: int | None) -> str:
+    if not current_bytes:
+        return "no bytes received yet"
+    if total_bytes:
+        return f"{current_bytes / 2**20:.1f} of {total_bytes / 2**20:.1f} MiB"
+    return f"{current_bytes / 2**20:.1f} MiB, size not yet known"
+
+
 class _ProgressThrottle:
     """Forwards pull progress at most every PROGRESS_INTERVAL_S; `finish` always sends the last one."""
 
-    def __init__(self, ctx: StepContext, ref: str) -> None:
+    def __init__(self, ctx: StepContext, ref: str, pulls: _Pulls) -> None:
         self._ctx = ctx
         self._ref = ref
+        self._pulls = pulls
         self._last_s = 0.0
         self._latest: PullProgress | None = None
         self._sent_latest = False
 
     def __call__(self, progress: PullProgress) -> None:
         self._latest, self._sent_latest = progress, False
+        self._pulls.progressed(progress)
         now_s = time.monotonic()
         if now_s - self._last_s >= PROGRESS_INTERVAL_S:
             self._last_s = now_s
@@ -137,7 +192,10 @@ class _ProgressThrottle:
         )
 
 
-def _classify(ref: str, exc: EngineError) -> PermanentError | TemporaryError:
+def _classify(ctx: StepContext, ref: str, exc: EngineError) -> PermanentError | TemporaryError:
+    if exc.unreachable:  # not the registry's fault: the engine did not answer (a restarted engine answers again)
+        return TemporaryError(exc.message, code="engine_unavailable", delay_s=PULL_RETRY_DELAY_S,
+                              details={"image": ref, "docker_host": ctx.config.docker.host})
     if exc.not_found:
         return PermanentError(f"image {ref} not found: {exc.message}", code="image_not_found", details={"image": ref})
     return TemporaryError(

@@ -65,6 +65,7 @@ class Behaviour:
     fail: str | None = None  # "permanent" | "temporary" | "command" | "internal"
     fail_times: int = 1_000_000  # attempts that fail before one succeeds
     block: bool = False  # `run` waits until cancelled
+    check_s: float = 0.0  # how long `is_done` takes (a quiet re-check that can be caught under way)
     ignore_cancel: bool = False  # a badly behaved step: swallows the first cancellation
     progress: int = 0  # progress reports (as pulls: bytes of "item<i>") before finishing
     output: tuple[str, ...] = ("preflight ok",)  # what a failing command printed ("command" failures)
@@ -92,6 +93,7 @@ class FakeStep:
         self.attempts = 0
 
     async def is_done(self, ctx: StepContext) -> bool:
+        await asyncio.sleep(Behaviour.read(ctx.paths.root, self.name).check_s)
         return (fake_dir(ctx.paths.root) / f"{self.name}.done").exists()
 
     async def run(self, ctx: StepContext) -> None:

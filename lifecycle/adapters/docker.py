@@ -96,13 +96,27 @@ class DockerEngine:
             await self._docker.close()
             self._docker = None
 
+    def _error(self, exc: DockerError, doing: str) -> EngineError:
+        if exc.status == 900:  # aiodocker's code for "cannot connect"
+            return EngineError(f"{doing}: the container engine at {self._host} does not answer ({exc.message})",
+                               unreachable=True)
+        not_found = exc.status == 404 or _looks_not_found(exc.message)
+        return EngineError(f"{doing}: {exc.message}", not_found=not_found)
+
+    def _connection_error(self, exc: aiohttp.ClientError, doing: str) -> EngineError:
+        """A connection that failed or broke under way (the engine stopped); other client errors are the engine's."""
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            return EngineError(f"{doing}: the connection to the container engine at {self._host} failed: {exc}",
+                               unreachable=True)
+        return EngineError(f"{doing}: {exc}")
+
     async def _inspect(self, ref: str) -> dict[str, Any] | None:
         try:
             return await self._client().images.inspect(ref)
         except DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _engine_error(exc, f"inspecting image {ref}") from exc
+            raise self._error(exc, f"inspecting image {ref}") from exc
 
     async def image_id(self, ref: str) -> str | None:
         info = await self._inspect(ref)
@@ -140,9 +154,9 @@ class DockerEngine:
                 finally:
                     response.close()  # aiodocker's _query leaves it open: drop the connection on any exit
         except DockerError as exc:
-            raise _engine_error(exc, f"pulling {ref}") from exc
+            raise self._error(exc, f"pulling {ref}") from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"pulling {ref}: connection to the engine failed: {exc}") from exc
+            raise self._connection_error(exc, f"pulling {ref}") from exc
         on_progress(sums.final(ref))
         image = await self.image_id(ref)
         if image is None:
@@ -154,7 +168,7 @@ class DockerEngine:
         try:
             container = await self._client().containers.create(config)
         except DockerError as exc:
-            raise _engine_error(exc, f"creating a container from {image}") from exc
+            raise self._error(exc, f"creating a container from {image}") from exc
         return str(container.id)
 
     async def archive(self, container_id: str, path: str) -> AsyncIterator[bytes]:
@@ -174,9 +188,9 @@ class DockerEngine:
                     # and removing the container would then wait for it.
                     response.close()
         except DockerError as exc:
-            raise _engine_error(exc, f"reading {path} from container {container_id[:12]}") from exc
+            raise self._error(exc, f"reading {path} from container {container_id[:12]}") from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"reading {path} from container {container_id[:12]}: {exc}") from exc
+            raise self._connection_error(exc, f"reading {path} from container {container_id[:12]}") from exc
 
     async def cgroup_driver(self) -> str:
         # Docker Engine picks systemd on a cgroup v2 host run by systemd unless told otherwise (moby
@@ -184,9 +198,9 @@ class DockerEngine:
         try:
             info = await self._client().system.info()
         except DockerError as exc:
-            raise _engine_error(exc, "asking the engine for its cgroup driver (docker info)") from exc
+            raise self._error(exc, "asking the engine for its cgroup driver (docker info)") from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"asking the engine for its cgroup driver (docker info): {exc}") from exc
+            raise self._connection_error(exc, "asking the engine for its cgroup driver (docker info)") from exc
         driver = info.get("CgroupDriver")
         if driver not in ("systemd", "cgroupfs"):
             raise EngineError(f"docker info reports cgroup driver {driver!r}; the kubelet needs systemd or cgroupfs")
@@ -199,7 +213,7 @@ class DockerEngine:
             )
         except DockerError as exc:
             if exc.status != 404:  # already gone is what we wanted
-                raise _engine_error(exc, f"removing container {container_id[:12]}") from exc
+                raise self._error(exc, f"removing container {container_id[:12]}") from exc
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
@@ -218,10 +232,3 @@ def _raise_on_stream_error(message: dict[str, Any], ref: str) -> None:
     error = message.get("error") or (detail.get("message") if isinstance(detail, dict) else None)
     if error:
         raise EngineError(f"pulling {ref}: {error}", not_found=_looks_not_found(str(error)))
-
-
-def _engine_error(exc: DockerError, doing: str) -> EngineError:
-    if exc.status == 900:  # aiodocker's code for "cannot connect"
-        return EngineError(f"{doing}: {exc.message}")
-    not_found = exc.status == 404 or _looks_not_found(exc.message)
-    return EngineError(f"{doing}: {exc.message}", not_found=not_found)

@@ -184,5 +184,20 @@ async def test_missing_image_fails_permanently_naming_it(registry_images: Config
         await engine.close()
 
 
+async def test_an_engine_that_does_not_answer_is_engine_unavailable_naming_its_socket(tmp_path: Path) -> None:
+    """Issue 8 defect 8: not the registry's fault, so not `pull_failed`."""
+    host = f"unix://{tmp_path}/no-docker.sock"  # nothing there: the engine is down
+    config = make_config(tmp_path, docker_host=host, repo="127.0.0.1:5000/lifecycle-test-no-engine")
+    engine = DockerEngine(host)
+    ctx, _ = make_ctx(config, docker=engine)
+    try:
+        with pytest.raises(TemporaryError) as info:
+            await Images().run(ctx)
+        assert info.value.code == "engine_unavailable"
+        assert host in info.value.message and info.value.details["docker_host"] == host
+    finally:
+        await engine.close()
+
+
 def _tiny_tar() -> bytes:
     return rootfs_tar([Entry("marker", b"offline", mode=0o644)])

@@ -141,6 +141,17 @@ async def test_deadline_fails_the_step_naming_step_and_limit(tmp_path: Path) -> 
     assert "cleanup kubeadm" in journal(tmp_path)  # the deadline cancels the step, which cleans up
 
 
+async def test_a_retry_the_deadline_would_cut_off_is_not_tried_and_the_step_error_stands(tmp_path: Path) -> None:
+    """A step's own error says more than `deadline_exceeded` during a retry pause that could not end in time."""
+    r = make_rig(tmp_path, make_config(tmp_path, images=StepPolicy(timeout_s=0.5, retries=3, retry_delay_s=1.0)))
+    steer(tmp_path, "images", fail="temporary")
+    await r.engine.install(request_id="r1", version=None)
+    await r.engine.wait_job()
+    error = r.engine.status().error
+    assert error is not None and (error.code, error.retryable) == ("fake_temporary", True)
+    assert error.details["attempts"] == 1
+
+
 async def test_permanent_error_is_not_retried(tmp_path: Path) -> None:
     r = make_rig(tmp_path, make_config(tmp_path, certs=StepPolicy(timeout_s=5, retries=3, retry_delay_s=0)))
     steer(tmp_path, "certs", fail="permanent")
@@ -284,6 +295,26 @@ async def test_running_recheck_repairs_only_what_no_longer_holds(tmp_path: Path)
     await third.engine.start()
     await third.engine.wait_job()
     assert [i for i in third.events() if isinstance(i, Event)] == []  # all done: quiet
+
+
+async def test_cancel_during_the_running_recheck_has_nothing_to_cancel_and_the_repair_goes_on(tmp_path: Path) -> None:
+    """Issue 8 defect 4: after a reboot the re-check is no install anyone asked for; a cancel must not stop it and
+    leave `running` claimed by a node without a kubelet."""
+    first = make_rig(tmp_path)
+    await first.engine.install(request_id="r1", version=None)
+    await first.engine.wait_job()
+    (tmp_path / "fake" / "kubelet.done").unlink()  # the host rebooted: the kubelet is gone
+    steer(tmp_path, "binaries", check_s=0.5)  # the re-check is under way, still quiet, when the cancel arrives
+    second = make_rig(tmp_path)
+    await second.engine.start()
+    await asyncio.sleep(0.2)
+    assert second.engine.state == State.RUNNING
+    accepted = await second.engine.cancel(request_id="c1")
+    assert (accepted.request_id, accepted.note) == ("r1", "nothing to cancel")
+    await second.engine.wait_job()
+    assert second.states(second.events()) == ["kubelet", "readiness", "addons", "running"]
+    assert journal(tmp_path)[-1] == "run kubelet 1"
+    await second.engine.shutdown()
 
 
 async def test_reset_failure_ends_in_failed_and_a_new_reset_is_accepted(rig: Rig) -> None:
