@@ -98,7 +98,11 @@ class Outbox:
         """Write the event before it is published (one write: O_APPEND keeps a line whole between processes)."""
         if self._fd is None:
             return  # not opened (a service without an outbox): the event is published from memory only
-        os.write(self._fd, dumps(_event_to_json(event)) + b"\n")
+        try:
+            os.write(self._fd, dumps(_event_to_json(event)) + b"\n")
+        except OSError as exc:  # a full disk must not stop the engine: the event still goes out from memory
+            self._log.error("could not write an event to the outbox", seq=event.seq, error=str(exc))
+            return
         self._written_seq = max(self._written_seq, event.seq)
         self._kick.set()
 
@@ -113,9 +117,12 @@ class Outbox:
         if self._acked_fd is None or seq <= self._acked_seq:
             return
         self._acked_seq = seq
-        os.pwrite(self._acked_fd, f"{seq:020d}\n".encode(), 0)  # fixed width, in place; lost at most: a resend
-        if self._fd is not None and seq >= self._written_seq:
-            os.ftruncate(self._fd, 0)
+        try:
+            os.pwrite(self._acked_fd, f"{seq:020d}\n".encode(), 0)  # fixed width, in place; lost: a resend
+            if self._fd is not None and seq >= self._written_seq:
+                os.ftruncate(self._fd, 0)
+        except OSError as exc:  # the next start publishes it again: a repeat, never a loss
+            self._log.error("could not record an acknowledgement in the outbox", seq=seq, error=str(exc))
 
     async def run(self) -> None:
         """fsync what was appended, one batch at a time, in a thread: the loop never waits for the disk."""
