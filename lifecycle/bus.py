@@ -1,7 +1,8 @@
 """In-process fan-out of events and status from the engine to its subscribers (MQTT bridge, tests).
 
 `publish` only appends to each subscriber's bounded buffer: it never blocks and never raises, so a slow or
-broken subscriber cannot stall or fail the engine. A full buffer drops its oldest item and counts the drop.
+broken subscriber cannot stall or fail the engine. A full buffer drops its oldest item and counts the drop,
+except a durable event (a state change or a failure, lifecycle.outbox): those are never dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import deque
 
 import structlog
 
+from lifecycle.outbox import is_durable
 from lifecycle.protocol import Event, Status
 
 BusItem = Event | Status
@@ -31,14 +33,20 @@ class Subscription:
         self._emptied.set()
 
     def offer(self, item: BusItem) -> None:
-        if len(self._items) >= self._max_items:
-            self._items.popleft()
+        if len(self._items) >= self._max_items and self._drop_oldest_droppable():
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 _log.warning("subscriber buffer full, dropping oldest", subscriber=self.name, dropped=self.dropped)
         self._items.append(item)
         self._changed.set()
         self._emptied.clear()
+
+    def _drop_oldest_droppable(self) -> bool:
+        for index, queued in enumerate(self._items):  # durable events are few: this finds one at once
+            if not is_durable(queued):
+                del self._items[index]
+                return True
+        return False
 
     def peek(self) -> BusItem | None:
         return self._items[0] if self._items else None

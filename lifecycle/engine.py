@@ -20,6 +20,7 @@ from lifecycle.errors import RequestError, StepError
 from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
 from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
+from lifecycle.outbox import Outbox, is_durable
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.protocol import Action, CertsStatus, ErrorInfo, Event, EventType, Status
@@ -76,6 +77,7 @@ class Engine:
     def __init__(
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
         store: Store, bus: Bus, renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
@@ -94,9 +96,13 @@ class Engine:
         self._certs: CertsStatus | None = None  # what the certificate watch last reported
         self._store = store
         self._bus = bus
+        self._outbox = outbox  # state changes and failures are written here before they are published
         self._log = get_logger("lifecycle.engine", node=config.node_name)
         self._snap = store.load() or Snapshot(state=State.IDLE.value, since=time.time(), seq=0)
         self._snap = replace(self._snap, cluster=self._with_node_ip(self._snap.cluster))
+        if outbox is not None:  # a change appended to the outbox just before a kill keeps its numbers
+            self._snap = replace(self._snap, seq=max(self._snap.seq, outbox.last_seq),
+                                 state_seq=max(self._snap.state_seq, outbox.last_state_seq))
         self._machine = StateMachine(State(self._snap.state))
         self._job: _Job | None = None
         self._lock = asyncio.Lock()  # one control operation (install/reset/cancel/shutdown) at a time
@@ -572,6 +578,8 @@ class Engine:
         self._snap = replace(self._snap, seq=seq)
         self._store.save_seq(seq)  # before publishing: a seq seen on the wire is never handed out again
         event = Event(type=kind, seq=seq, data={"seq": seq, **data})
+        if self._outbox is not None and is_durable(event):
+            self._outbox.append(event)
         self._bus.publish(event)
         return event
 
@@ -592,17 +600,23 @@ class Engine:
         if not self._machine.allows(dest):
             self._machine.move(dest)  # raises IllegalTransitionError naming both states
         now = time.time()
-        seq = prev.seq + 1
+        seq, state_seq = prev.seq + 1, prev.state_seq + 1
         snap = Snapshot(state=dest.value, since=now, seq=seq, request_id=request_id, cluster=cluster, step=step,
-                        error=error)
+                        error=error, state_seq=state_seq)
+        duration_s = round(max(0.0, now - prev.since), 3)
+        event = Event(type=EventType.STATE_CHANGED, seq=seq, time_s=now, data={
+            "seq": seq, "state_seq": state_seq, "request_id": request_id, "from": prev.state, "to": dest.value,
+            "step": step, "steps": len(self._plan), "duration_s": duration_s,
+        })
+        # The event reaches the outbox before the state file: a kill between the two re-publishes a change the
+        # next start then makes again (a repeat a host can see by `from`), never a change no host heard of.
+        if self._outbox is not None:
+            self._store.save_seq(seq)  # a kill right after the append must not hand out this seq again
+            self._outbox.append(event)
         self._store.save(snap)
         self._machine.move(dest)
         self._snap = snap
-        duration_s = round(max(0.0, now - prev.since), 3)
-        self._bus.publish(Event(type=EventType.STATE_CHANGED, seq=seq, time_s=now, data={
-            "seq": seq, "request_id": request_id, "from": prev.state, "to": dest.value, "step": step,
-            "steps": len(self._plan), "duration_s": duration_s,
-        }))
+        self._bus.publish(event)
         self._bus.publish(self.status())
         self._log.info("state changed", request_id=request_id, state=dest.value, previous=prev.state,
                        duration_s=duration_s)

@@ -5,6 +5,7 @@ for the next start to resume, and the kubelet running, as a unit of its own woul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 from lifecycle.adapters.mqtt import MqttBridge
@@ -16,6 +17,7 @@ from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRo
 from lifecycle.errors import RequestError
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
+from lifecycle.outbox import Outbox
 from lifecycle.paths import HostPaths
 from lifecycle.pki_bundle_disk import bundle_prepare
 from lifecycle.ports import Ports
@@ -83,17 +85,23 @@ async def serve(
     paths = HostPaths(config.root)
     store = state_file(paths)
     store.lock()
+    durable = Outbox(paths.state_dir)
+    stack = contextlib.ExitStack()  # the fsync task is cancelled whichever way serve() ends
     try:
         bus = Bus()
         outbox = bus.subscribe("mqtt")
+        for event in durable.open():  # state changes a crash kept from the broker go out first, in order
+            bus.publish(event)
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
-                        renew=renew, renewal_due=renewal_due)
+                        renew=renew, renewal_due=renewal_due, outbox=durable)
         certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus)
         bridge = MqttBridge(
             config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,
             status=engine.status, handle=RequestHandler(engine).handle,
-            client_id=config.mqtt.client_id or f"lifecycle-{config.node_name}",
+            client_id=config.mqtt.client_id or f"lifecycle-{config.node_name}", durable=durable,
         )
+        syncer = asyncio.create_task(durable.run(), name="lifecycle-outbox-fsync")
+        stack.callback(syncer.cancel)
         async with bridge:
             log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
             await engine.start()
@@ -104,6 +112,10 @@ async def serve(
             await asyncio.wait({watch})
             await engine.shutdown()
             await bridge.close(drain_timeout_s=drain_timeout_s)
+        syncer.cancel()
+        await asyncio.gather(syncer, return_exceptions=True)
         log.info("stopped", state=engine.state.value)
     finally:
+        stack.close()
+        durable.close()
         store.unlock()

@@ -31,6 +31,7 @@ class Snapshot:
     cluster: ClusterParams | None = None  # fixed when an install starts, cleared by a reset
     step: int | None = None  # 1-based plan index of the state's step; in `failed`, the step that failed
     error: ErrorInfo | None = None
+    state_seq: int = 0  # state changes made so far: the `state_seq` of the last `lifecycle.state.changed`
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -38,6 +39,7 @@ class Snapshot:
             "state": self.state,
             "since": self.since,
             "seq": self.seq,
+            "state_seq": self.state_seq,
             "request_id": self.request_id,
             "kubernetes_version": self.cluster.kubernetes_version if self.cluster else None,
             "cluster": self.cluster.to_json() if self.cluster else None,
@@ -89,6 +91,7 @@ def snapshot_from_json(raw: Any, *, known_states: set[str]) -> Snapshot:
         cluster=_cluster_from_json(raw.get("cluster")),
         step=_typed(raw, "step", int, optional=True),
         error=ErrorInfo.from_json(error) if error is not None else None,
+        state_seq=_typed(raw, "state_seq", int) if "state_seq" in raw else 0,  # absent before: counted from here
     )
 
 

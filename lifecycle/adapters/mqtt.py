@@ -1,6 +1,8 @@
 """The MQTT bridge: one aiomqtt client (MQTT 5, persistent session, `offline` will) reconnected forever. After
 each connect: `online`, subscribe to requests, re-publish the status, flush the outbox of events kept while the
-broker was away. Replies go to the MQTT 5 response topic (with correlation data), else to `reply_to`."""
+broker was away. A durable event (lifecycle.outbox) is published once it is on disk and marked acknowledged
+there once the broker's PUBACK arrived. Replies go to the MQTT 5 response topic (with correlation data), else
+to `reply_to`."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.bus import BusItem, Subscription
 from lifecycle.config import MqttConfig
 from lifecycle.logging import get_logger
+from lifecycle.outbox import Outbox, is_durable
 from lifecycle.protocol import (
     BadRequestError,
     Event,
@@ -41,9 +44,10 @@ class MqttBridge:
 
     def __init__(
         self, *, config: MqttConfig, topics: Topics, outbox: Subscription, status: Callable[[], Status],
-        handle: RequestHandler, client_id: str,
+        handle: RequestHandler, client_id: str, durable: Outbox | None = None,
     ) -> None:
         self._config = config
+        self._durable = durable
         self._topics = topics
         self._outbox = outbox
         self._status = status
@@ -135,8 +139,15 @@ class MqttBridge:
             item = self._outbox.peek()
             if item is None:
                 continue
+            durable = self._durable if is_durable(item) else None
+            if durable is not None:
+                assert isinstance(item, Event)
+                await durable.on_disk(item.seq)  # never on the wire before it is on disk
             topic, payload, retain = self._encode(item)
-            await client.publish(topic, payload, qos=1, retain=retain)
+            await client.publish(topic, payload, qos=1, retain=retain)  # QoS 1: returns at the broker's PUBACK
+            if durable is not None:
+                assert isinstance(item, Event)
+                durable.acknowledged(item.seq)
             if self._outbox.peek() is item:  # removed only once the broker has it (it may have been dropped)
                 self._outbox.pop()
 

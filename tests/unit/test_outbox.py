@@ -1,0 +1,113 @@
+"""The durable outbox (issue 8, defect 5): what it hands back after a crash, when it empties, and the bus that
+never drops a state change to make room."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from lifecycle_fakes import drain_events, fake_plan, fake_reset, make_config, null_ports
+
+from lifecycle.bus import Bus
+from lifecycle.engine import Engine
+from lifecycle.outbox import Outbox
+from lifecycle.paths import HostPaths
+from lifecycle.protocol import Event, EventType
+from lifecycle.service import state_file
+
+
+def _change(seq: int, state_seq: int) -> Event:
+    return Event(type=EventType.STATE_CHANGED, seq=seq, data={"seq": seq, "state_seq": state_seq, "to": "images"})
+
+
+def test_a_restart_gets_back_every_unacknowledged_event_unchanged_and_skips_a_torn_line(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    assert box.open() == []
+    first, second, third = _change(3, 1), _change(7, 2), _change(9, 3)
+    for event in (first, second, third):
+        box.append(event)
+    box.acknowledged(3)
+    box.close()
+    with open(box.path, "ab") as f:
+        f.write(b'{"type": "lifecycle.state.changed", "seq": 10, "da')  # a kill in the middle of a write
+
+    again = Outbox(tmp_path)
+    assert again.open() == [second, third], "same id, seq and data: a subscriber can tell a repeat"
+    assert (again.last_seq, again.last_state_seq) == (9, 3)
+    again.close()
+
+
+def test_the_file_empties_once_the_broker_acknowledged_everything(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    box.append(_change(1, 1))
+    box.append(_change(2, 2))
+    box.acknowledged(1)
+    assert box.path.stat().st_size > 0
+    box.acknowledged(2)
+    assert box.path.stat().st_size == 0
+    box.close()
+    assert Outbox(tmp_path).open() == []
+
+
+async def test_an_event_counts_as_on_disk_only_after_the_fsync_task_ran(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    box.open()
+    box.append(_change(1, 1))
+    waiter = asyncio.create_task(box.on_disk(1), name="on-disk")
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    syncer = asyncio.create_task(box.run(), name="outbox-fsync")
+    async with asyncio.timeout(5):
+        await waiter
+    syncer.cancel()
+    await asyncio.gather(syncer, return_exceptions=True)
+    box.close()
+
+
+def test_a_full_bus_buffer_drops_progress_never_a_state_change() -> None:
+    bus = Bus()
+    sub = bus.subscribe("mqtt", max_items=3)
+    bus.publish(_change(1, 1))
+    for seq in range(2, 12):
+        bus.publish(Event(type=EventType.STEP_PROGRESS, seq=seq, data={"seq": seq}))
+    bus.publish(_change(12, 2))
+    kept = []
+    while len(sub):
+        kept.append(sub.pop())
+    assert [e.seq for e in kept if isinstance(e, Event)] == [1, 11, 12]
+    assert sub.dropped == 9
+
+
+async def test_state_seq_counts_state_changes_across_restarts_and_a_change_only_in_the_outbox(tmp_path: Path) -> None:
+    paths = HostPaths(tmp_path)
+    changes: list[Event] = []
+    for request in ("r1", "z1"):
+        bus, box = Bus(), Outbox(paths.state_dir)
+        sub = bus.subscribe("test")
+        box.open()
+        engine = Engine(config=make_config(tmp_path), paths=paths, ports=null_ports(), plan=fake_plan(),
+                        reset=fake_reset, store=state_file(paths), bus=bus, outbox=box)
+        await engine.start()
+        if request.startswith("r"):
+            await engine.install(request_id=request, version=None)
+        else:
+            await engine.reset(request_id=request)
+        await engine.wait_job()
+        box.close()
+        changes += [item for item in drain_events(sub) if item.type == EventType.STATE_CHANGED]
+    assert [c.data["state_seq"] for c in changes] == list(range(1, len(changes) + 1))
+    assert json.loads((paths.state_dir / "state.json").read_text())["state_seq"] == len(changes)
+
+    # A kill after the outbox append, before state.json: the next start hands out neither number again.
+    ghost = Outbox(paths.state_dir)
+    ghost.open()
+    ghost.append(Event(type=EventType.STATE_CHANGED, seq=500, data={"seq": 500, "state_seq": 90}))
+    ghost.close()
+    box = Outbox(paths.state_dir)
+    assert [e.seq for e in box.open()][-1] == 500  # nothing was acknowledged: no broker here
+    engine = Engine(config=make_config(tmp_path), paths=paths, ports=null_ports(), plan=fake_plan(),
+                    reset=fake_reset, store=state_file(paths), bus=Bus(), outbox=box)
+    assert engine.status().seq == 500
+    box.close()
