@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from test_install_over_mqtt import Node, _wait_state, make_node, payload  # noqa: F401 (a fixture)
+import test_install_over_mqtt
+from test_install_over_mqtt import Node, _wait_state, payload
+
+make_node = test_install_over_mqtt.make_node  # the fixture, shared
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -49,7 +52,7 @@ def _under_root(root: Path) -> list[str]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            cwd = os.readlink(entry / "cwd")
+            cwd = str((entry / "cwd").readlink())
             args = _cmdline(int(entry.name))
             if cwd == str(root) or cwd.startswith(f"{root}/") or any(f"{root}/" in a for a in args):
                 found.append(f"{entry.name}: {' '.join(args)}")
@@ -126,7 +129,7 @@ def test_restart_after_kill_during_a_slow_kubeadm_phase_never_runs_two_kubeadms(
     """Defect 6. The killed service's `kubeadm init phase` runs on in its own session; the restarted service
     must end it before it runs kubeadm again."""
     node = make_node()
-    node.write_faults({"delays_s": {"kubeadm_phase": 4.0}})
+    node.write_faults({"delays_s": {"kubeadm_phase": 15.0}})  # the orphan outlives the restart
     node.start_service()
     events = node.subscribe("events")
     assert payload(node.request({"id": "i1", "action": "install"}, correlation="c1"))["ok"] is True
