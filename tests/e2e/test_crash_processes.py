@@ -135,6 +135,7 @@ def test_restart_after_kill_during_a_slow_kubeadm_phase_never_runs_two_kubeadms(
     assert payload(node.request({"id": "i1", "action": "install"}, correlation="c1"))["ok"] is True
     kubeadm = node.root / "usr/bin/kubeadm"
     _wait_until(lambda: bool(_running(kubeadm)), timeout_s=120, what="no kubeadm started")
+    time.sleep(2.0)  # it has read the faults file (python starts in well under that) and sleeps in its delay
     node.kill_service()
     orphans = set(_running(kubeadm))
     assert orphans, "the kubeadm phase ended with the service: nothing to test"
