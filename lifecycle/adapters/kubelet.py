@@ -1,7 +1,8 @@
 """Keeps one kubelet process running, as a systemd unit would, and restarts it with backoff when it dies.
 
 Leaves `pid_file` (JSON: pid, kernel start time, argv, cmdline, log path) while the kubelet should run; a new
-supervisor (after a service restart) adopts the live process it names instead of starting a second kubelet.
+supervisor (after a service restart) adopts the live process it names instead of starting a second kubelet; a
+kubelet with no pid file (the service was killed between spawn and record) is found in /proc by its command line.
 """
 
 from __future__ import annotations
