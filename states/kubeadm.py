@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from lifecycle import hostprocs
 from lifecycle.drift import (
     KUBEADM_STAMP,
     kubeadm_config_changes,
@@ -66,6 +67,7 @@ _PHASE_LINE = re.compile(r"^\[[a-z][a-z0-9-]*(/[a-z0-9-]+)?\] ")  # "[certs] Usi
 # A bootstrap token ("abcdef.0123456789abcdef") is a credential: kubeadm prints it, we never pass it on.
 _TOKEN = re.compile(r"\b([a-z0-9]{6})\.[a-z0-9]{16}\b")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
+_ORPHAN_GRACE_S = 5.0  # a kubeadm phase left by a killed service: its work is redone, so it need not finish
 
 
 class Kubeadm:
@@ -179,6 +181,11 @@ async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool)
     if not kubeadm.is_file():
         raise PermanentError(f"{kubeadm} is missing (the binaries state copies it)", code="kubeadm_missing")
     argv = [str(kubeadm), *args]
+    # A kubeadm started by a service that was killed runs on in its own session: never two at once.
+    orphans = hostprocs.running_program(kubeadm)
+    if orphans:
+        ctx.progress(f"ending a kubeadm left running by an earlier run: {hostprocs.describe_all(orphans)}")
+        await hostprocs.end_processes(orphans, grace_s=_ORPHAN_GRACE_S)
     tail: deque[str] = deque(maxlen=40)
 
     def on_line(raw: str) -> None:

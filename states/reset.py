@@ -3,13 +3,16 @@
 Stops the kubelet, runs `kubeadm reset -f` (static pods, manifests, kubeconfigs, /var/lib/kubelet, /var/lib/etcd,
 the PKI), then removes what the service generated (PKI, kubeconfigs, kubeadm config, `*.stamp.json` stamps).
 Keeps the images, the extracted binaries and the engine's own state files. Idempotent.
+Done only when no process of the node runs any more (lifecycle.hostprocs): what kubeadm reset missed is ended
+(SIGTERM, then SIGKILL after a grace) and named in a progress event.
 """
 
 from __future__ import annotations
 
 import shutil
 
-from lifecycle.errors import StepError
+from lifecycle import hostprocs
+from lifecycle.errors import PermanentError, StepError
 from lifecycle.paths import KUBECONFIG_NAMES
 from lifecycle.step import StepContext
 from states.kubeadm import cri_socket_flag, run_kubeadm
@@ -19,16 +22,17 @@ STAMP_GLOB = "*.stamp.json"
 # An interrupted kubeadm retry's temp dirs; a readiness wait's credentials scratch dir (states/controlplane.py).
 _LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*", "readyz-credentials-*")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
+_STRAY_GRACE_S = 5.0  # kubeadm reset's own grace for a pod process
 
 
 async def reset(ctx: StepContext) -> None:
     paths = ctx.paths
-    ctx.progress("stopping the kubelet", current=1, total=3)
+    ctx.progress("stopping the kubelet", current=1, total=4)
     await ctx.ports.kubelet.stop()
 
     kubeadm_failure: StepError | None = None
     if paths.binary("kubeadm").is_file():
-        ctx.progress("kubeadm reset -f", current=2, total=3)
+        ctx.progress("kubeadm reset -f", current=2, total=4)
         try:
             await run_kubeadm(ctx, ["reset", "-f", f"--cert-dir={paths.pki_dir}", cri_socket_flag(ctx)],
                               retryable=True)
@@ -36,9 +40,9 @@ async def reset(ctx: StepContext) -> None:
             # Still remove our own files below, then report: a half-reset node is worse than a reported one.
             kubeadm_failure = exc
     else:
-        ctx.progress("kubeadm is not installed: nothing for kubeadm reset to do", current=2, total=3)
+        ctx.progress("kubeadm is not installed: nothing for kubeadm reset to do", current=2, total=4)
 
-    ctx.progress("removing generated files", current=3, total=3)
+    ctx.progress("removing generated files", current=3, total=4)
     removed: list[str] = []
     if paths.pki_dir.exists():
         shutil.rmtree(paths.pki_dir)
@@ -61,3 +65,21 @@ async def reset(ctx: StepContext) -> None:
         ctx.progress(f"removed {path}")
     if kubeadm_failure is not None:
         raise kubeadm_failure
+    await _end_what_still_runs(ctx)
+
+
+async def _end_what_still_runs(ctx: StepContext) -> None:
+    """kubeadm reset stops only the containers the runtime knows of; a process it missed (or a kubelet or
+    kubeadm a killed service left without a record) would run on under an `idle` node."""
+    ctx.progress("checking that nothing of the node still runs", current=4, total=4)
+    strays = hostprocs.processes_under(ctx.paths.root)
+    if not strays:
+        return
+    ctx.progress(f"ending processes still running from the node: {hostprocs.describe_all(strays)}")
+    killed = await hostprocs.end_processes(strays, grace_s=_STRAY_GRACE_S)
+    if killed:
+        ctx.progress(f"killed (ignored SIGTERM): {hostprocs.describe_all(killed)}")
+    survivors = [p for p in strays if hostprocs.is_alive(p)]
+    if survivors:
+        raise PermanentError(f"processes of the node survived SIGKILL: {hostprocs.describe_all(survivors)}",
+                             code="reset_incomplete")

@@ -1,7 +1,8 @@
 """Keeps one kubelet process running, as a systemd unit would, and restarts it with backoff when it dies.
 
 Leaves `pid_file` (JSON: pid, kernel start time, argv, cmdline, log path) while the kubelet should run; a new
-supervisor (after a service restart) adopts the live process it names instead of starting a second kubelet.
+supervisor (after a service restart) adopts the live process it names instead of starting a second kubelet; a
+kubelet with no pid file (the service was killed between spawn and record) is found in /proc by its command line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lifecycle import hostprocs
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ class ProcessKubeletSupervisor:
         if self._record is not None:
             self._log.info("kubelet command line changed: replacing the running kubelet", pid=self._record.pid)
             await self.stop()
-        await self._spawn(wanted, log_path=log_path)
+        if not await self._adopt_unrecorded(wanted, log_path=log_path):
+            await self._spawn(wanted, log_path=log_path)
         self._ensure_task()
 
     async def stop(self, *, timeout_s: float = 10.0) -> None:
@@ -112,6 +116,22 @@ class ProcessKubeletSupervisor:
             self._log.info("adopted running kubelet", pid=record.pid)
         else:
             self._log.info("kubelet recorded in pid file is gone", pid=record.pid)
+
+    async def _adopt_unrecorded(self, argv: list[str], *, log_path: Path) -> bool:
+        """Adopt a kubelet running exactly `argv` without a pid file (the service was killed between spawn and
+        record), so a restart never starts a second kubelet."""
+        for proc in hostprocs.running_program(Path(argv[0])):
+            # A script's interpreter comes first in the kernel's cmdline: compare the tail. Other processes of
+            # the same binary (the simulated node's static pods are one) have other arguments.
+            if list(proc.cmdline[-len(argv):]) != argv:
+                continue
+            record = _Record(pid=proc.pid, start_ticks=proc.start_ticks, argv=argv, cmdline=list(proc.cmdline),
+                             log_path=str(log_path))
+            _write_record(self._pid_file, record)
+            self._record, self._proc = record, None
+            self._log.info("adopted running kubelet that had no pid file", pid=proc.pid)
+            return True
+        return False
 
     def _ensure_task(self) -> None:
         if self._task is not None and not self._task.done():

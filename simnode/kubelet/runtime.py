@@ -86,6 +86,23 @@ def is_ours(pid: int, root: NodeRoot, mark: str) -> bool:
     return f"{POD_ENV}={mark}".encode() in environ and f"{ROOT_ENV}={root.root}".encode() in environ
 
 
+def labelled_processes(root: NodeRoot) -> list[int]:
+    """Live pod processes of this node root, recorded or not (the runtime's "containers" by label)."""
+    label = f"{ROOT_ENV}={root.root}".encode()
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or another user's
+        pod = any(var.startswith(f"{POD_ENV}=".encode()) for var in environ)
+        if label in environ and pod and pid_running(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
 def log_path(root: NodeRoot, namespace: str, name: str, container: str) -> Path:
     return root.path(f"/var/log/pods/{namespace}_{name}/{container}.log")
 
@@ -150,6 +167,14 @@ def stop_pod_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
             if isinstance(pid, int) and is_ours(pid, root, marker(namespace, name, cname)):
                 signal_group(pid, signal.SIGTERM)
                 victims.append(pid)
+    # kubeadm: cmd/kubeadm/app/cmd/phases/reset/cleanupnode.go removeContainers -> util/runtime/runtime.go
+    # ListKubeContainers: reset removes every pod container the runtime lists, not what the kubelet recorded.
+    # Our runtime's list is the process table: every process labelled with this root's pod marker.
+    for pid in labelled_processes(root):
+        if pid not in victims:
+            log.info("stopping unrecorded pod process %d", pid)
+            signal_group(pid, signal.SIGTERM)
+            victims.append(pid)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(pid_running(p) for p in victims):
         time.sleep(0.05)

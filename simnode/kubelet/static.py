@@ -198,7 +198,10 @@ class StaticPods:
             if await self.sandbox.admit(sp.sim, faults):
                 changed |= await refresh_images(self.docker, sp.sim.containers, time.time())
             now = time.time()
-            changed |= sp.sim.advance(now, faults, self.runner)
+            if sp.sim.advance(now, faults, self.runner):
+                # Recorded before the next await: a SIGTERM there ends the tick, and a process started but
+                # never recorded would be adopted by no kubelet.
+                self._save()
             self._probe(sp.sim, now)
         self.runner.reap()
         changed |= any(sp.sim.times_changed for sp in self.pods.values())

@@ -273,3 +273,28 @@ def test_exit_after_fault(node: Path) -> None:
     finally:
         kill_group(proc)
     assert "kubelet_exit_after_s" in (node.parent / "kubelet.log").read_text()
+
+
+def test_stop_pod_processes_stops_a_pod_process_no_kubelet_recorded(tmp_path: Path) -> None:
+    """kubeadm reset removes every container the runtime lists, not only what the kubelet wrote down: a kubelet
+    stopped between starting a pod and recording it must not leave that pod running (issue 8, defect 3)."""
+    root = NodeRoot(tmp_path)
+    env = dict(os.environ, SIMNODE_POD="kube-system/etcd-node/etcd", SIMNODE_ROOT=str(tmp_path))
+    other_env = dict(env, SIMNODE_ROOT=str(tmp_path / "other-node"))
+    unrecorded = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env,
+                                  start_new_session=True)
+    of_another_node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=other_env,
+                                       start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while b"SIMNODE_POD" not in Path(f"/proc/{unrecorded.pid}/environ").read_bytes():
+            assert time.monotonic() < deadline, "the child never exec'd"
+            time.sleep(0.02)
+        assert stop_pod_processes(root, grace_s=2) == 1
+        assert unrecorded.wait(timeout=5) == -signal.SIGTERM
+        assert of_another_node.poll() is None
+    finally:
+        for proc in (unrecorded, of_another_node):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
