@@ -46,7 +46,10 @@ async def _until_stop_or_bridge_failure(stop: asyncio.Event, bridge: MqttBridge)
     task = bridge.task
     if task is None or not task.done() or task.cancelled():
         return None
-    return task.exception() or RuntimeError("the MQTT bridge loop returned")
+    failure = task.exception() or RuntimeError("the MQTT bridge loop returned")
+    while isinstance(failure, BaseExceptionGroup):  # the TaskGroup's wrapping: name the bug itself
+        failure = failure.exceptions[0]
+    return failure
 
 
 class RequestHandler:
