@@ -58,6 +58,9 @@ def test_any_bytes_parse_or_are_refused_with_a_documented_code(payload: bytes) -
 
 @settings(max_examples=600, deadline=None)
 @given(requests, st.booleans())
+@example({"id": "i", "action": "install", "kubernetes_version": "v1.31.4\n"}, True)
+@example({"id": "i", "action": "install", "kubernetes_version": "v\u0661.\u0663\u0661.\u0664"}, False)
+@example({"id": "i", "action": "reset", "extra": ["\udfff"]}, True)
 def test_any_json_request_parses_or_is_refused_and_what_is_kept_encodes(body: dict[str, Any], ascii: bool) -> None:
     payload = json.dumps(body, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
     request = assert_parses_or_refuses(payload)
