@@ -112,6 +112,10 @@ async def test_crashers_are_refused_with_a_code_and_the_service_keeps_answering(
             assert (reply["ok"], reply["error"]["code"], reply["id"]) == (False, code, request_id), defect
             status = await assert_answers_status(p, svc, defect)
             assert status["state"] == "idle" and status["status"]["request_id"] is None, defect
+        # 12 with no response topic: the refusal would go to a `reply_to` that cannot be encoded as a topic; it is
+        # dropped with a log line, and the loop goes on.
+        await p.send(b'{"id": "r-1", "action": "status", "reply_to": "r/\\ud800"}', response_topic=False)
+        await assert_answers_status(p, svc, "a reply_to holding a surrogate")
         assert not (root / STATE_FILE).exists() and journal(root) == []
         assert svc.proc.poll() is None
 
