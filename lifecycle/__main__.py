@@ -19,11 +19,12 @@ from lifecycle.engine import RenewalDue, RenewRoutine, ResetRoutine
 from lifecycle.logging import configure_logging, get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
-from lifecycle.service import serve
+from lifecycle.service import BridgeFailedError, serve
 from lifecycle.step import Step
 from lifecycle.store import StoreError
 
 EXIT_FORCED = 1  # a second SIGTERM/SIGINT: exit at once, the broker publishes the `offline` will
+EXIT_BRIDGE_FAILED = 3  # the request loop died of a bug: a restart (systemd's Restart=on-failure) revives it
 
 
 def real_ports(config: Config) -> Ports:
@@ -78,6 +79,9 @@ def run_service(
     except StoreError as exc:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return 1
+    except BridgeFailedError as exc:
+        print(f"lifecycle: {exc}", file=sys.stderr)
+        return EXIT_BRIDGE_FAILED
     return 0
 
 

@@ -17,8 +17,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 STEP_NAMES = ("preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness", "addons")
-_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# Used with fullmatch and [0-9]: `$` lets a trailing newline through, `\d` takes any Unicode digit.
+_VERSION_RE = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+")
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 
 class ConfigError(Exception):
@@ -227,7 +228,7 @@ class Config:
 
 
 def _check_name(value: str, key: str) -> None:
-    if not _NAME_RE.match(value) or len(value) > 63:
+    if not _NAME_RE.fullmatch(value) or len(value) > 63:
         raise ConfigError(f"{key}: {value!r} is not a valid node name (lowercase DNS label)")
 
 
@@ -408,7 +409,7 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
     versions: dict[str, VersionImages] = {}
     vt = t.table("versions")
     for version in vt.names():
-        if not _VERSION_RE.match(version):
+        if not _VERSION_RE.fullmatch(version):
             raise ConfigError(f"{vt.key(version)}: version must look like v1.31.4")
         one = vt.table(version)
         versions[version] = VersionImages(

@@ -19,7 +19,7 @@ from lifecycle.hostfacts import rooted
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _RTF_UP, _RTF_GATEWAY = 0x1, 0x2  # /proc/net/route flags (linux/route.h)
-_FIB_ADDRESS = re.compile(r"^\s*\|-- (\d+\.\d+\.\d+\.\d+)\s*$")
+_FIB_ADDRESS = re.compile(r"^\s*\|-- ([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)\s*$")
 _FIB_LOCAL = re.compile(r"^\s*/32 host LOCAL\s*$")
 HOSTS_COMMENT = "# added by lifecycle: the Kubernetes API endpoint (kubernetes.endpoint_name)"
 

@@ -28,7 +28,10 @@ MAX_PROBLEMS_SHOWN = 5
 MIN_RSA_BITS = 2048
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 STRONG_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
-_PEM_BLOCK_RE = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+# One BEGIN or END line marker. Blocks are found by pairing markers, not by one regex spanning a block: a lazy
+# `BEGIN (.*?) END \1` rescans to the end of the text at every BEGIN that has no END (quadratic: 15 files of
+# repeated BEGIN lines cost seconds of CPU per request).
+_PEM_MARKER_RE = re.compile(r"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
 _NAME_RE = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 _KEY_LABELS = ("PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY")
 MISMATCH = "private key does not match certificate"  # as pki_x509.check_cert says it
@@ -117,7 +120,7 @@ def _pem_block(name: str, value: object) -> tuple[bytes, str | None]:
     if not value.isascii():
         return b"", "not PEM text (non-ASCII characters)"
     expected = _expected_labels(name)
-    blocks = [(m.group(1), m.group(0)) for m in _PEM_BLOCK_RE.finditer(value)]
+    blocks = pem_blocks(value)
     if name.endswith(".key"):
         blocks = [b for b in blocks if b[0] != "EC PARAMETERS"]  # `openssl ecparam -genkey` puts one first
     if not blocks:
@@ -133,6 +136,25 @@ def _pem_block(name: str, value: object) -> tuple[bytes, str | None]:
     if label not in expected:
         return b"", f"holds a {label}, expected {' or '.join(expected)}"
     return (text.replace("\r\n", "\n") + "\n").encode("ascii"), None
+
+
+def pem_blocks(text: str) -> list[tuple[str, str]]:
+    """(label, block text from BEGIN to END) of each PEM block in `text`, in one pass (linear in its length).
+
+    A block is a BEGIN line (the marker, then a line break) whose next marker is the END of the same label, as
+    RFC 7468 frames it; a BEGIN followed by another BEGIN, or by an END of another label, starts no block."""
+    markers = list(_PEM_MARKER_RE.finditer(text))
+    blocks: list[tuple[str, str]] = []
+    i = 0
+    while i + 1 < len(markers):
+        begin, end = markers[i], markers[i + 1]
+        if (begin.group(1) == "BEGIN" and end.group(1) == "END" and begin.group(2) == end.group(2)
+                and text.startswith(("\n", "\r\n"), begin.end())):
+            blocks.append((begin.group(2), text[begin.start():end.end()]))
+            i += 2
+        else:
+            i += 1
+    return blocks
 
 
 # ---- contents: CAs, leaves, service-account keys -------------------------------------------------------

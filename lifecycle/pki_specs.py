@@ -19,7 +19,7 @@ CERT_NAMES = ("ca", "apiserver", "apiserver-kubelet-client", "front-proxy-ca", "
               "etcd/server", "etcd/peer", "etcd/healthcheck-client", "apiserver-etcd-client")  # as cert_specs
 ADMINS_GROUP = "kubeadm:cluster-admins"
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-_DNS_RE = re.compile(rf"^(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_DNS_RE = re.compile(rf"(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*")  # fullmatch: `$` passes a newline
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def split_sans(items: tuple[str, ...] | list[str], *, key: str) -> tuple[list[st
             continue
         except ValueError:
             pass
-        if len(item) > 253 or not _DNS_RE.match(item):
+        if len(item) > 253 or not _DNS_RE.fullmatch(item):
             raise ValueError(f"{key}: {item!r} is neither an IP address nor a DNS name")
         dns.append(item)
     return dns, ips

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,7 +22,13 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_PKI_PAYLOAD_BYTES = 256 * 1024  # a request carrying `pki` (a PKI bundle) may be this large
 MAX_ID_CHARS = 128
 MAX_TOPIC_CHARS = 1024
-_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+$")
+# [0-9], not \d (which takes any Unicode digit, e.g. Arabic-Indic), and used with fullmatch (`$` lets a
+# trailing newline through).
+_VERSION_RE = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+")
+# A lone UTF-16 surrogate (a `\ud800` escape in JSON without its pair) decodes into a str that cannot be
+# encoded as UTF-8: every reply, event, status or state file quoting it would fail to encode.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+MAX_INT_DIGITS = sys.int_info.default_max_str_digits  # 4300: Python refuses to convert longer digit strings
 _PEM_KEY_RE = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S)
 REDACTED_KEY = "[private key redacted]"
 
@@ -127,13 +134,42 @@ def parse_request(payload: bytes) -> Request:
         raw = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequestError("malformed_json", f"request is not UTF-8 JSON: {exc}") from None
+    except ValueError:  # the one other ValueError json.loads raises: Python's int-string conversion limit
+        raise BadRequestError("invalid_request", f"request holds an integer of more than {MAX_INT_DIGITS} "
+                                                 "digits") from None
+    except RecursionError:  # the C decoder's guard against deep nesting ("[" * 10000)
+        raise BadRequestError("malformed_json", "request is nested too deeply") from None
+    try:
+        return _parse_object(raw, size_bytes=len(payload))
+    except RecursionError:  # e.g. quoting a value nested almost as deep as the decoder allows
+        raise BadRequestError("invalid_request", "request is nested too deeply") from None
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """True if a string anywhere in `value` (keys too) holds a UTF-16 surrogate code point."""
+    stack = [value]
+    while stack:  # no recursion: `value` may be nested as deep as the JSON decoder allows
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE_RE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _parse_object(raw: object, *, size_bytes: int) -> Request:
     if not isinstance(raw, dict):
         raise BadRequestError("invalid_request", f"request must be a JSON object, got {type(raw).__name__}")
-    if len(payload) > MAX_PAYLOAD_BYTES and raw.get("pki") is None:
-        raise BadRequestError("payload_too_large", f"request is {len(payload)} bytes, the limit is "
+    if size_bytes > MAX_PAYLOAD_BYTES and raw.get("pki") is None:
+        raise BadRequestError("payload_too_large", f"request is {size_bytes} bytes, the limit is "
                                                    f"{MAX_PAYLOAD_BYTES} ({MAX_PKI_PAYLOAD_BYTES} with 'pki')")
     request_id = raw.get("id")
-    readable_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS else None
+    readable_id = (request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_CHARS
+                   and not _SURROGATE_RE.search(request_id) else None)
     reply_to = raw.get("reply_to")
     readable_reply_to = reply_to if isinstance(reply_to, str) and valid_reply_topic(reply_to) else None
 
@@ -141,9 +177,12 @@ def parse_request(payload: bytes) -> Request:
         return BadRequestError(code, message, request_id=readable_id, reply_to=readable_reply_to)
 
     if readable_id is None:
-        raise bad("invalid_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters, got {_shown(request_id)}")
+        raise bad("invalid_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters (no lone UTF-16 "
+                                     f"surrogate), got {_shown(request_id)}")
     if reply_to is not None and readable_reply_to is None:
         raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards, got {_shown(reply_to)}")
+    if has_lone_surrogate(raw):  # checked before any field is acted on: nothing of it may reach disk
+        raise bad("invalid_request", "a string in the request holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     action = raw.get("action")
     if not isinstance(action, str):
         raise bad("invalid_request", f"'action' must be a string, got {_shown(action)}")
@@ -154,7 +193,7 @@ def parse_request(payload: bytes) -> Request:
     if version is not None:
         if action != Action.INSTALL:
             raise bad("invalid_request", f"'kubernetes_version' only goes with 'install', not {_shown(action)}")
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise bad("invalid_request", f"'kubernetes_version' must look like v1.31.4, got {_shown(version)}")
     pki = raw.get("pki")
     if pki is not None:
@@ -319,4 +358,10 @@ class Event:
 
 
 def dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON. Never fails on a lone surrogate (which requests are refused for, but a state file
+    written before that may hold): it is then escaped as JSON allows (`\\ud800`), so the publish goes out."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 from lifecycle.adapters.mqtt import MqttBridge
 from lifecycle.bus import Bus
@@ -30,6 +31,27 @@ DRAIN_TIMEOUT_S = 5.0
 
 def state_file(paths: HostPaths) -> Store:
     return Store(paths.state_dir / "state.json", known_states={s.value for s in State})
+
+
+class BridgeFailedError(Exception):
+    """The request loop died of a bug: the process must end non-zero (systemd restarts it), never live on deaf."""
+
+
+async def _until_stop_or_bridge_failure(stop: asyncio.Event, bridge: MqttBridge) -> BaseException | None:
+    """Wait for `stop`; return early with the exception that ended the bridge's loop, if one does."""
+    stopping = asyncio.create_task(stop.wait(), name="lifecycle-stop-wait")
+    watched: set[asyncio.Future[Any]] = {stopping}
+    if bridge.task is not None:
+        watched.add(bridge.task)
+    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    task = bridge.task
+    if task is None or not task.done() or task.cancelled():
+        return None
+    failure = task.exception() or RuntimeError("the MQTT bridge loop returned")
+    while isinstance(failure, BaseExceptionGroup):  # the TaskGroup's wrapping: name the bug itself
+        failure = failure.exceptions[0]
+    return failure
 
 
 class RequestHandler:
@@ -106,7 +128,7 @@ async def serve(
             log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
             await engine.start()
             watch = asyncio.create_task(certs.run(), name="lifecycle-certs-watch")
-            await stop.wait()
+            failure = await _until_stop_or_bridge_failure(stop, bridge)
             log.info("stopping", state=engine.state.value)
             watch.cancel()
             await asyncio.wait({watch})
@@ -114,6 +136,9 @@ async def serve(
             await bridge.close(drain_timeout_s=drain_timeout_s)
         syncer.cancel()
         await asyncio.gather(syncer, return_exceptions=True)
+        if failure is not None:
+            log.error("stopped: the MQTT bridge failed, exiting to be restarted", state=engine.state.value)
+            raise BridgeFailedError(f"the MQTT bridge failed: {type(failure).__name__}: {failure}") from failure
         log.info("stopped", state=engine.state.value)
     finally:
         stack.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from lifecycle.protocol import ErrorInfo
 from lifecycle.step import ClusterParams
 
 FORMAT_VERSION = 1
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class StoreError(Exception):
@@ -95,6 +97,19 @@ def snapshot_from_json(raw: Any, *, known_states: set[str]) -> Snapshot:
     )
 
 
+def _without_surrogates(value: Any) -> Any:
+    """`value` with lone UTF-16 surrogates in its strings replaced by U+FFFD. Requests holding them are refused
+    now, but a state file saved before (a reset's `\\ud800` id) must not stop every later start at the first
+    status publish, which could not encode it."""
+    if isinstance(value, str):
+        return _SURROGATE_RE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    return value
+
+
 class Store:
     def __init__(self, path: Path, *, known_states: set[str]) -> None:
         self.path = path
@@ -137,7 +152,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot read: {exc}") from exc
         try:
-            snapshot = snapshot_from_json(json.loads(text), known_states=self._known_states)
+            snapshot = snapshot_from_json(_without_surrogates(json.loads(text)), known_states=self._known_states)
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
             raise StoreError(f"{self.path}: not a valid state file: {exc}") from exc
         return replace(snapshot, seq=max(seq, snapshot.seq))

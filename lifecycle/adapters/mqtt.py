@@ -7,6 +7,7 @@ to `reply_to`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -105,6 +106,12 @@ class MqttBridge:
                                   undelivered=len(self._outbox))
         await self._stop_run_task()  # leaving the client's context sends DISCONNECT: the broker drops the will
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The connection loop: it ends only when cancelled, or when a bug killed it (its exception says which);
+        `serve` watches it so that a deaf service exits (and is restarted) instead of living on."""
+        return self._run_task
+
     async def run(self) -> None:
         """Connect, serve, and on any connection loss reconnect with exponential backoff; until cancelled."""
         delay_s = self._config.reconnect_min_s
@@ -129,9 +136,20 @@ class MqttBridge:
             await client.publish(self._topics.status, dumps(self._status().to_json()), qos=1, retain=True)
             self.connected.set()
             self._log.info("connected", undelivered=len(self._outbox))
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._read_requests(client), name="mqtt-requests")
-                group.create_task(self._drain_outbox(client), name="mqtt-outbox")
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._read_requests(client), name="mqtt-requests")
+                    group.create_task(self._drain_outbox(client), name="mqtt-outbox")
+            except* aiomqtt.MqttError:
+                raise
+            except* Exception:
+                # A bug, not the broker: leaving the client sends a clean DISCONNECT, which drops the will, so
+                # say `offline` ourselves before the exception ends the loop (and `serve` ends the process).
+                self.connected.clear()
+                self._log.exception("the MQTT bridge failed")
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(self._topics.availability, b"offline", qos=1, retain=True)
+                raise
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         while True:
@@ -192,6 +210,10 @@ class MqttBridge:
         except BadRequestError as exc:
             reply_to = exc.reply_to
             reply = self._rejected(exc.request_id, exc.code, exc.message)
+        except Exception as exc:  # a bug in parsing: the sender is told, the request loop goes on
+            self._log.exception("request could not be parsed", size_bytes=len(payload))
+            reply_to = None
+            reply = self._rejected(None, "internal", f"{type(exc).__name__} while reading the request")
         else:
             reply_to = request.reply_to
             reply = await self._handle(request)
@@ -216,4 +238,7 @@ class MqttBridge:
             await client.publish(topic, dumps(reply.to_json()), qos=1, properties=props)
         except aiomqtt.MqttError as exc:  # the requester will time out and ask again; the action stands
             self._log.warning("could not send a reply", topic=topic, error=str(exc))
+        except (ValueError, TypeError) as exc:  # a topic or property paho cannot encode: no reply is possible
+            self._log.warning("reply dropped: cannot be sent to this topic", topic=repr(topic),
+                              request_id=reply.id, error=f"{type(exc).__name__}: {exc}")
 
