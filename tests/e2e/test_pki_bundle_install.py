@@ -164,6 +164,7 @@ def test_openssl_bundles_install_a_cluster_that_serves_their_ca_and_no_key_leaks
         if topic == node.topic("requests"):
             continue  # the test's own requests; the CLI's kubeconfig replies are not under lifecycle/<node>/ (#19)
         assert "PRIVATE KEY" not in text and not any(b in text for b in bodies), f"key material on {topic}"
+        assert "client-key-data" not in text, f"a kubeconfig on {topic}"  # its key is base64 of the PEM
     log = node.log_path.read_text()
     assert "pki bundle written" in log
     assert "PRIVATE KEY" not in log
