@@ -3,7 +3,9 @@ lifecycle.conf from conf.d (only ports and paths changed) with the shipped ACL, 
 the broker certificate made with openssl as the README says. The service (test steps, a process of its own) logs
 in as `lifecycle` on the loopback listener; the host backend (`host`) and an observer use the TLS listener.
 Checked: what each role may publish and read, that the service may clear a retained request carrying keys, the
-CLI as host and as observer, refused logins and TLS, and credentials that cannot be read."""
+CLI as host and as observer, refused logins and TLS, and credentials that cannot be read; that no reply (a
+kubeconfig least of all) can be steered onto a shared topic and the service's user writes only its own node's
+topics; that no other user can take the service's client id."""
 
 from __future__ import annotations
 
