@@ -117,7 +117,9 @@ class ServiceClient:
     def __init__(self, client: aiomqtt.Client, target: Target) -> None:
         self._client = client
         self.topics = target.topics
-        self.reply_topic = f"{target.topics.base}/replies/{uuid.uuid4().hex}"
+        # Outside <prefix>/#: on an open broker, whoever watches the node's topics does not get the replies (a
+        # kubeconfig holds the admin key) unless it subscribes to this tree too.
+        self.reply_topic = f"{target.topics.private_replies}/{uuid.uuid4().hex}"
         self.available: str | None = None  # last seen retained availability
         self._held: deque[aiomqtt.Message] = deque()  # seen while waiting for the reply, for the watch after it
 

@@ -21,7 +21,9 @@ from lifecycle.errors import RequestError
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_PKI_PAYLOAD_BYTES = 256 * 1024  # a request carrying `pki` (a PKI bundle) may be this large
 MAX_ID_CHARS = 128
-MAX_TOPIC_CHARS = 1024
+MAX_TOPIC_CHARS = 1024  # a reply topic's limit: far below MQTT's 65535 bytes (4 bytes a character at most)
+# mosquitto: src/mosquitto_broker_internal.h TOPIC_HIERARCHY_LIMIT, the most '/' a topic the broker accepts may have
+MAX_TOPIC_SEPARATORS = 200
 # [0-9], not \d (which takes any Unicode digit, e.g. Arabic-Indic), and used with fullmatch (`$` lets a
 # trailing newline through).
 _VERSION_RE = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+")
@@ -77,6 +79,30 @@ class Topics:
         return f"{self.base}/requests"
 
     @property
+    def replies(self) -> str:
+        """Replies may go below this (the deploy ACL lets only the host backend read them)."""
+        return f"{self.base}/replies"
+
+    @property
+    def private_replies(self) -> str:
+        """Replies may also go below this, outside `<prefix>/#`: what the CLI uses, so that an observer of
+        `<prefix>/#` on an open broker does not get a kubeconfig by default."""
+        return f"{self.prefix}-replies/{self.node}"
+
+    def reply_topic_problem(self, topic: str) -> str | None:
+        """Why a reply may not go to `topic` (a request's response topic or `reply_to`), or None.
+
+        Only below `replies` or `private_replies`: never onto this node's or another node's status, events,
+        availability or requests, nor anywhere else a requester might want to write with the service's rights."""
+        problem = topic_problem(topic)
+        if problem is not None:
+            return problem
+        if any(topic.startswith(f"{root}/") and len(topic) > len(root) + 1
+               for root in (self.replies, self.private_replies)):
+            return None
+        return f"is not below {self.replies}/ or {self.private_replies}/, where replies go"
+
+    @property
     def source(self) -> str:
         """CloudEvents `source` of every event this node emits."""
         return f"/{self.base}"
@@ -116,9 +142,39 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else f"{text[:77]}..."
 
 
+def _refused_code_point(code_point: int) -> bool:
+    """What Mosquitto refuses in any MQTT string. mosquitto: lib/utf8_mosq.c, mosquitto_validate_utf8: NUL and
+    the other C0 controls, DEL and the C1 controls, UTF-16 surrogates, the noncharacters U+FDD0..U+FDEF and
+    U+xFFFE/U+xFFFF of every plane (U+FFFE, U+FFFF, U+10FFFF, ...)."""
+    return (code_point <= 0x1F or 0x7F <= code_point <= 0x9F or 0xD800 <= code_point <= 0xDFFF
+            or 0xFDD0 <= code_point <= 0xFDEF or (code_point & 0xFFFE) == 0xFFFE)
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why Mosquitto would refuse `topic` in a PUBLISH, or None.
+
+    A client publishing such a topic is disconnected for a malformed packet, and a QoS 1 reply is re-sent after
+    every reconnect: the service would be deaf until restarted. mosquitto: lib/util_topic.c,
+    mosquitto_pub_topic_check2 (no `+`/`#`, at most 65535 bytes, at most TOPIC_HIERARCHY_LIMIT '/' in the broker)
+    and lib/packet_datatypes.c, packet__read_string -> mosquitto_validate_utf8; MQTT 5.0 sections 1.5.4 and
+    4.7 (non-empty, no wildcards in a topic name, no U+0000)."""
+    if not topic:
+        return "is empty"
+    if len(topic) > MAX_TOPIC_CHARS:
+        return f"is longer than {MAX_TOPIC_CHARS} characters"
+    if "+" in topic or "#" in topic:
+        return "has a wildcard (+ or #)"
+    if topic.count("/") > MAX_TOPIC_SEPARATORS:
+        return f"has more than {MAX_TOPIC_SEPARATORS} '/'"
+    refused = next((c for c in topic if _refused_code_point(ord(c))), None)
+    if refused is not None:
+        return f"has U+{ord(refused):04X}, which MQTT brokers refuse in a topic"
+    return None
+
+
 def valid_reply_topic(topic: str) -> bool:
-    """A topic a reply may be published to: non-empty, no wildcards, no NUL, not too long."""
-    return 0 < len(topic) <= MAX_TOPIC_CHARS and not any(c in topic for c in "+#\x00")
+    """A topic an MQTT broker accepts (where it may go is `Topics.reply_topic_problem`'s business)."""
+    return topic_problem(topic) is None
 
 
 def parse_request(payload: bytes) -> Request:
@@ -180,7 +236,8 @@ def _parse_object(raw: object, *, size_bytes: int) -> Request:
         raise bad("invalid_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters (no lone UTF-16 "
                                      f"surrogate), got {_shown(request_id)}")
     if reply_to is not None and readable_reply_to is None:
-        raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards, got {_shown(reply_to)}")
+        raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards or control characters, "
+                                      f"got {_shown(reply_to)}")
     if has_lone_surrogate(raw):  # checked before any field is acted on: nothing of it may reach disk
         raise bad("invalid_request", "a string in the request holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     action = raw.get("action")

@@ -2,7 +2,7 @@
 each connect: `online`, subscribe to requests, re-publish the status, flush the outbox of events kept while the
 broker was away. A durable event (lifecycle.outbox) is published once it is on disk and marked acknowledged
 there once the broker's PUBACK arrived. Replies go to the MQTT 5 response topic (with correlation data), else
-to `reply_to`."""
+to `reply_to`, and only below the node's reply subtrees (`Topics.reply_topic_problem`)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,15 @@ from lifecycle.protocol import (
     Topics,
     dumps,
     parse_request,
-    valid_reply_topic,
 )
 
 RequestHandler = Callable[[Request], Awaitable[Reply]]
+
+
+def _shown_topic(topic: str | None) -> str:
+    """A refused topic as quoted back: escaped (it may hold control characters) and cut short."""
+    text = repr(topic)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def mqtt_properties(packet_type: int) -> Properties:
@@ -203,10 +208,9 @@ class MqttBridge:
         props = message.properties
         response_topic: str | None = getattr(props, "ResponseTopic", None)
         correlation: bytes | None = getattr(props, "CorrelationData", None)
-        if response_topic is not None and not valid_reply_topic(response_topic):
-            response_topic = None
         try:
             request = parse_request(payload)  # checks the size limit before anything else
+            self._check_reply_topics(response_topic, request)
         except BadRequestError as exc:
             reply_to = exc.reply_to
             reply = self._rejected(exc.request_id, exc.code, exc.message)
@@ -217,12 +221,26 @@ class MqttBridge:
         else:
             reply_to = request.reply_to
             reply = await self._handle(request)
-        target = response_topic or reply_to
+        # Replies go only where `reply_topic_problem` allows: never onto status/events/availability/requests (a
+        # kubeconfig carries the admin key), never to a topic the broker would disconnect the service for.
+        target = next((t for t in (response_topic, reply_to)
+                       if t is not None and self._topics.reply_topic_problem(t) is None), None)
         if reply.error is not None:
-            self._log.info("request rejected", request_id=reply.id, code=reply.error[0], error=reply.error[1])
+            self._log.info("request rejected", request_id=reply.id, code=reply.error[0], error=reply.error[1],
+                           replied=target is not None)
         if target is None:
-            return  # acted on, but the sender asked for no reply
+            return  # acted on (or refused) without a reply: none was asked for, or none is possible
         await self._reply(client, target, reply, correlation)
+
+    def _check_reply_topics(self, response_topic: str | None, request: Request) -> None:
+        """Refuse a request whose reply could not go where it asks: its requester would never hear of it."""
+        problems = (("invalid_reply_topic", "the response topic", response_topic),
+                    ("invalid_reply_to", "'reply_to'", request.reply_to))
+        for code, what, topic in problems:
+            problem = self._topics.reply_topic_problem(topic) if topic is not None else None
+            if problem is not None:
+                raise BadRequestError(code, f"{what} {problem}: {_shown_topic(topic)}", request_id=request.id,
+                                      reply_to=request.reply_to)
 
     def _rejected(self, request_id: str | None, code: str, message: str) -> Reply:
         return Reply(id=request_id, ok=False, state=self._status().state, error=(code, message))

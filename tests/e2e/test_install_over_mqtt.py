@@ -167,7 +167,7 @@ class Node:
 
     def request(self, body: bytes | dict[str, Any], *, correlation: str, timeout_s: float = 20) -> dict[str, Any]:
         """Publish a request with an MQTT 5 response topic and correlation data; return the reply message."""
-        reply_topic = f"e2e/{self.name}/replies/{correlation}"
+        reply_topic = f"lifecycle-replies/{self.name}/{correlation}"  # a replies tree the service answers in
         replies = Subscriber(reply_topic)
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         subprocess.run(

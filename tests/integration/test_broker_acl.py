@@ -3,7 +3,9 @@ lifecycle.conf from conf.d (only ports and paths changed) with the shipped ACL, 
 the broker certificate made with openssl as the README says. The service (test steps, a process of its own) logs
 in as `lifecycle` on the loopback listener; the host backend (`host`) and an observer use the TLS listener.
 Checked: what each role may publish and read, that the service may clear a retained request carrying keys, the
-CLI as host and as observer, refused logins and TLS, and credentials that cannot be read."""
+CLI as host and as observer, refused logins and TLS, and credentials that cannot be read; that no reply (a
+kubeconfig least of all) can be steered onto a shared topic and the service's user writes only its own node's
+topics; that no other user can take the service's client id."""
 
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ import pytest
 from conftest import free_port
 from lifecycle_fakes import eventually, journal, write_config
 from lifecycle_mqtt import REPO, PrivateBroker, Probe, ServiceProcess, probe, start_service_process
+from paho.mqtt.packettypes import PacketTypes
 
+from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.config import STEP_NAMES
 from lifecycle.protocol import Topics
 
 DEPLOY = REPO / "deploy" / "mosquitto"
 PREFIX = "lifecycle"  # the prefix the shipped ACL names
-NODE = "aclnode"
+NODE = "docker-desktop"  # the node the shipped ACL's service block names (node.name's default)
 TOPICS = Topics(PREFIX, NODE)
 PASSWORDS = {"lifecycle": "service-secret", "host": "host-secret", "observer": "observer-secret"}
 
@@ -223,6 +227,8 @@ async def test_the_service_may_clear_a_retained_request_that_carries_keys(
         await host.ready(timeout_s=15)
         await host.client.publish(TOPICS.requests, json.dumps(request).encode(), qos=1, retain=True)
         await eventually(lambda: "cleared a retained request carrying private keys" in service.log(), timeout_s=10)
+    service.proc.send_signal(signal.SIGTERM)  # its user connects once at a time: the check below would take over
+    service.wait()
 
     # Only the service's user may read requests: another client of it finds nothing retained there. Retained
     # messages follow each SUBACK, so a retained request would arrive before the retained status.
@@ -236,6 +242,61 @@ async def test_the_service_may_clear_a_retained_request_that_carries_keys(
                 assert not message.topic.matches(TOPICS.requests), "the retained request with keys is still there"
                 break
     assert journal(deploy.dir / "root") == []  # and it was never acted on
+
+
+async def test_no_reply_goes_onto_a_shared_topic_and_the_service_user_writes_only_its_own_node(
+    deploy: Deploy, service: ServiceProcess,
+) -> None:
+    other = Topics(PREFIX, "other-node")
+    steered = [TOPICS.events, TOPICS.status, TOPICS.availability, TOPICS.requests, other.events, other.status,
+               other.availability, other.requests]
+    async with as_user(deploy, "host") as host, as_user(deploy, "observer") as observer:
+        await host.ready(timeout_s=15)
+        await observer.client.subscribe(f"{PREFIX}/#", qos=1)
+        for topic in steered:
+            correlation = uuid.uuid4().bytes
+            props = mqtt_properties(PacketTypes.PUBLISH)
+            props.ResponseTopic, props.CorrelationData = topic, correlation
+            # The kubeconfig reply carries the admin key (#16); the refusal goes to the valid reply_to.
+            body = {"id": "kc", "action": "kubeconfig", "reply_to": host.reply_topic}
+            await host.client.publish(TOPICS.requests, json.dumps(body).encode(), qos=1, properties=props)
+            reply = await host.wait_for(lambda m, c=correlation: m.topic == host.reply_topic and m.correlation == c)
+            assert reply.json()["error"]["code"] == "invalid_reply_topic", (topic, reply.json())
+
+        # The service's user itself may write only its own node's topics and replies trees (the ACL, #17). Its
+        # client id is its user name: the service goes first, or this client and the service would take turns.
+        service.proc.send_signal(signal.SIGTERM)
+        service.wait()
+        await host.client.subscribe(f"{PREFIX}-replies/#", qos=1)  # (the probe reads lifecycle/<node>/# only)
+        async with aiomqtt.Client("127.0.0.1", deploy.plain_port, username="lifecycle",
+                                  password=PASSWORDS["lifecycle"], protocol=aiomqtt.ProtocolVersion.V5) as raw:
+            for topic in [other.events, other.status, other.availability, other.requests, f"{other.base}/replies/x",
+                          f"{PREFIX}-replies/{other.node}/x", f"{PREFIX}/x", "elsewhere/x"]:
+                await raw.publish(topic, b'{"steered": true}', qos=1)
+            await raw.publish(f"{PREFIX}-replies/{NODE}/allowed", b'{"allowed": true}', qos=1)
+        await host.wait_for(lambda m: m.topic == f"{PREFIX}-replies/{NODE}/allowed")
+
+    # The observer: the service's status and events only, and no reply among them.
+    assert {m.topic for m in observer.seen} <= {TOPICS.status, TOPICS.events}, {m.topic for m in observer.seen}
+    assert not [m for m in observer.seen if b'"ok"' in m.payload or b"steered" in m.payload]
+    assert not [m for m in host.seen if b"steered" in m.payload]
+    assert "kc" not in logged_requests(service)  # refused before it was handled
+
+
+async def test_another_user_cannot_take_the_service_client_id(deploy: Deploy, service: ServiceProcess) -> None:
+    async with as_user(deploy, "host") as host:
+        await host.ready(timeout_s=15)
+        await eventually(lambda: "connected" in service.log(), timeout_s=10)
+        lost = service.log().count("broker connection lost")
+        for identifier in (f"lifecycle-{NODE}", "lifecycle"):  # its configured id and its user name
+            async with aiomqtt.Client("127.0.0.1", deploy.tls_port, identifier=identifier, username="observer",
+                                      password=PASSWORDS["observer"], tls_context=deploy.tls(),
+                                      protocol=aiomqtt.ProtocolVersion.V5):
+                await asyncio.sleep(0.3)
+                reply = await host.ask({"id": f"during-{identifier}", "action": "status"})
+                assert reply["ok"], reply
+        await asyncio.sleep(0.5)
+    assert service.log().count("broker connection lost") == lost, service.log()
 
 
 def lifecycle(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:

@@ -61,7 +61,7 @@ async def test_mosquitto_clients_install_and_read_the_retained_status(tmp_path: 
         status = await _message(await _sub_one(svc.topics.status, retained_only=True))
         assert status["retain"] == 1 and status["payload"]["state"] == "idle"
 
-        reply_topic = f"{prefix}/clients/mosq-1"
+        reply_topic = f"{svc.topics.private_replies}/mosq-1"  # outside <prefix>/#, as the CLI does
         got = await _ask(svc.topics, reply_topic, "corr-42", "-m", '{"id": "m-1", "action": "install"}')
         assert got["properties"]["correlation-data"] == "corr-42"
         assert got["payload"]["id"] == "m-1" and got["payload"]["ok"] is True
@@ -79,7 +79,7 @@ async def test_mosquitto_pub_of_an_oversized_request_gets_payload_too_large(tmp_
     big.write_text(json.dumps({"id": "big", "action": "install", "pad": "x" * 70_000}))
     async with service_in_process(service_config(tmp_path, prefix=prefix, node="mosq")) as svc:
         await _message(await _sub_one(svc.topics.status))  # published once the service is subscribed
-        got = await _ask(svc.topics, f"{prefix}/clients/big", "corr-big", "-f", str(big))
+        got = await _ask(svc.topics, f"{svc.topics.replies}/big", "corr-big", "-f", str(big))
         assert got["properties"]["correlation-data"] == "corr-big"
         assert got["payload"] == {"id": None, "ok": False, "state": "idle", "error": {
             "code": "payload_too_large", "message": got["payload"]["error"]["message"]}}

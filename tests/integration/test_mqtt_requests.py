@@ -76,7 +76,7 @@ async def test_mqtt311_client_gets_the_reply_on_reply_to(tmp_path: Path) -> None
     async with service_in_process(service_config(tmp_path, prefix=prefix)) as svc, \
             probe(svc.topics, v5=False) as p:
         await p.ready()
-        reply_to = f"{svc.topics.base}/legacy-replies/1"
+        reply_to = f"{svc.topics.replies}/legacy-1"
         await p.send(json.dumps({"id": "old-1", "action": "status", "reply_to": reply_to}).encode(),
                      response_topic=False)
         reply = (await p.wait_for(lambda m: m.topic == reply_to)).json()

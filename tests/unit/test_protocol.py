@@ -177,6 +177,9 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
         b'{"id": "r", "action": "upgrade"}',
         b'{"id": "", "action": "status"}',
         b'{"id": "r", "action": "status", "reply_to": "a/#"}',
+        b'{"id": "r", "action": "status", "reply_to": "a\\nb"}',
+        b'{"id": "r", "action": "status", "reply_to": "a\\u0085b"}',
+        b'{"id": "r", "action": "status", "reply_to": "a\\uffffb"}',
         b'{"id": "r", "action": "reset", "kubernetes_version": "v1.31.4"}',
         b'{"id": "r", "action": "install", "kubernetes_version": "1.31"}',
         b'{"action": "status"}',
@@ -204,3 +207,16 @@ def test_error_messages_quote_bad_values_cut_short() -> None:
     with pytest.raises(BadRequestError) as info:
         parse_request(json.dumps({"id": "x" * 5000, "action": "install"}).encode())
     assert info.value.code == "invalid_request" and len(info.value.message) < 160
+
+
+def test_replies_may_go_only_below_the_node_reply_trees_and_to_topics_mosquitto_accepts() -> None:
+    topics = Topics("lifecycle", "n1")
+    for allowed in ("lifecycle-replies/n1/x", "lifecycle/n1/replies/a/b", "lifecycle-replies/n1/é/😀"):
+        assert topics.reply_topic_problem(allowed) is None, allowed
+    for refused in ("lifecycle/n1/status", "lifecycle/n1/events", "lifecycle/n1/availability", "lifecycle/n1/requests",
+                    "lifecycle/n2/events", "lifecycle/n2/replies/x", "lifecycle-replies/n2/x", "lifecycle/n1/replies",
+                    "lifecycle/n1/replies/", "lifecycle-replies/n1", "lifecycle-replies/n1x/y", "$SYS/x", "other/x",
+                    "lifecycle-replies/n1/a\nb", "lifecycle-replies/n1/a\x7f", "lifecycle-replies/n1/\x9f",
+                    "lifecycle-replies/n1/\ufdd0", "lifecycle-replies/n1/\U0001fffe", "lifecycle-replies/n1/\U0010ffff",
+                    "lifecycle-replies/n1/\ud800", "lifecycle-replies/n1/+", "lifecycle-replies/n1/" + "x/" * 200):
+        assert topics.reply_topic_problem(refused) is not None, repr(refused)
