@@ -27,9 +27,11 @@ def memory_file(data: bytes, *, name: str) -> Iterator[str]:
 
 def load_client_certificate(context: ssl.SSLContext, *, cert_pem: bytes, key_pem: bytes) -> None:
     """Presents `cert_pem` with `key_pem` from `context`; ssl.SSLError when OpenSSL cannot use them."""
-    with memory_file(cert_pem.rstrip(b"\n") + b"\n" + key_pem, name="lifecycle-client-credentials") as path:
+    # Two files, as the kubeconfig has two fields: a certificate field holding the key is refused, as kubectl does.
+    with memory_file(cert_pem, name="lifecycle-client-cert") as cert_path, \
+            memory_file(key_pem, name="lifecycle-client-key") as key_path:
         # A password callback, so that an encrypted key fails here instead of OpenSSL asking on a terminal.
-        context.load_cert_chain(path, password=_no_password)
+        context.load_cert_chain(cert_path, key_path, password=_no_password)
 
 
 def _no_password() -> bytes:

@@ -100,21 +100,20 @@ async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
 
     configuration = client.Configuration(host=content.server.rstrip("/"))
     try:
-        # kubernetes_asyncio's RESTClientObject loads ssl_ca_cert and cert_file (the key may follow the
-        # certificate in that file) into its SSL context when the ApiClient is built (client/rest.py,
-        # RESTClientObject.__init__): the memory files are needed only until then.
+        # kubernetes_asyncio's RESTClientObject loads ssl_ca_cert, cert_file and key_file into its SSL context
+        # when the ApiClient is built (client/rest.py, RESTClientObject.__init__): the memory files are needed
+        # only until then.
         with memory_file(content.ca_pem, name="lifecycle-kube-ca") as ca_path, \
-                memory_file(content.cert_pem.rstrip(b"\n") + b"\n" + content.key_pem,
-                            name="lifecycle-kube-client") as credentials_path:
-            configuration.ssl_ca_cert = ca_path
-            configuration.cert_file = credentials_path
+                memory_file(content.cert_pem, name="lifecycle-kube-cert") as cert_path, \
+                memory_file(content.key_pem, name="lifecycle-kube-key") as key_path:
+            configuration.ssl_ca_cert, configuration.cert_file, configuration.key_file = ca_path, cert_path, key_path
             api_client = client.ApiClient(configuration=configuration)
     except ssl.SSLError as exc:
         raise KubeApiError(f"kubeconfig's CA, client certificate or key is unusable: {exc.reason or exc}",
                            reason="InvalidKubeconfig") from exc
     finally:
         # The paths are gone; nothing must try to open them again (a websocket client would).
-        configuration.ssl_ca_cert = configuration.cert_file = None
+        configuration.ssl_ca_cert = configuration.cert_file = configuration.key_file = None
     async with api_client:
         yield api_client
 
