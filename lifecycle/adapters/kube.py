@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
@@ -94,8 +95,6 @@ def _read_kubeconfig(kubeconfig: Path) -> KubeconfigContent:
 @contextlib.asynccontextmanager
 async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
     """An `ApiClient` whose SSL context holds the kubeconfig's credentials; its connections close on exit."""
-    import ssl
-
     from kubernetes_asyncio import client
 
     configuration = client.Configuration(host=content.server.rstrip("/"))
