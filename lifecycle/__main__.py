@@ -30,11 +30,14 @@ EXIT_BRIDGE_FAILED = 3  # the request loop died of a bug: a restart (systemd's R
 def real_ports(config: Config) -> Ports:
     # Imported here: `lifecycle status` and friends never pay for aiodocker or kubernetes_asyncio.
     from lifecycle.adapters.docker import DockerEngine
-    from lifecycle.adapters.kube import KubernetesApiFactory
+    from lifecycle.adapters.kube import KubernetesApiFactory, remove_legacy_key_dirs
     from lifecycle.adapters.kubelet import ProcessKubeletSupervisor
     from lifecycle.adapters.process import SubprocessRunner
 
     paths = HostPaths(config.root)
+    # Admin keys in /tmp that a killed older version left; this version never writes one (lifecycle.tls).
+    for stale in remove_legacy_key_dirs():
+        get_logger("lifecycle.main", node=config.node_name).warning("removed a stale client key dir", path=str(stale))
     return Ports(
         docker=DockerEngine(config.docker.host),
         commands=SubprocessRunner(),

@@ -1,7 +1,7 @@
 """A small async Kubernetes API client (aiohttp, TLS client certificates) used by the simulated node.
 
 Reads kubeconfig files like kubectl does (current-context, file references or inline data). Leaves
-nothing on disk: inline certificates are loaded through a private temporary directory removed at once.
+nothing on disk: the client certificate and key are loaded from an anonymous memory file (memfd), closed at once.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import ssl
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -109,17 +109,19 @@ def _ssl_context(
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if cert_pem and key_pem:
-        # The ssl module only loads certificate chains from files: use a private directory that is gone
-        # as soon as the key is in memory.
-        with tempfile.TemporaryDirectory(prefix="kubeclient-") as tmp:
-            cert_file, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-            cert_file.write_bytes(cert_pem)
-            key_file.touch(mode=0o600)
-            key_file.write_bytes(key_pem)
-            try:
-                ctx.load_cert_chain(cert_file, key_file)
-            except ssl.SSLError as exc:
-                raise KubeconfigError(f"client certificate and key do not load: {exc.reason}") from exc
+        # The ssl module loads certificate chains only by path: a memory file's /proc path, never a disk file
+        # (a temp dir would keep the key if the process were killed while it exists).
+        cert_fd = os.memfd_create("kubeclient-cert", os.MFD_CLOEXEC)
+        key_fd = os.memfd_create("kubeclient-key", os.MFD_CLOEXEC)
+        try:
+            os.write(cert_fd, cert_pem)
+            os.write(key_fd, key_pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}")
+        except ssl.SSLError as exc:
+            raise KubeconfigError(f"client certificate and key do not load: {exc.reason}") from exc
+        finally:
+            os.close(cert_fd)
+            os.close(key_fd)
     return ctx
 
 

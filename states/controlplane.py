@@ -3,17 +3,16 @@
 kubeadm v1.31-v1.33 hide that phase (no `kubeadm init phase wait-control-plane`: cmd/kubeadm/app/cmd/phases/init/
 waitcontrolplane.go, `Hidden: true` until WaitForAllControlPlaneComponents is GA in v1.34), so the readiness
 state waits as it would: the kubelet's /healthz on the configured healthz port, then the API server's /readyz
-with admin.conf's credentials. Writes nothing; every probe runs on the event loop without blocking it.
+with admin.conf's credentials (loaded from memory: `lifecycle.tls`). Writes nothing; every probe runs on the event
+loop without blocking it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,15 @@ from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
 from lifecycle.pki import rooted_reader
 from lifecycle.step import StepContext
+from lifecycle.tls import load_client_certificate
 from states.kubeadm import fail_at
 from states.kubelet import healthz
 
 POLL_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 2.0
 _ANSWER_MAX_BYTES = 65536
-SCRATCH_PREFIX = "readyz-credentials-"  # a 0700 dir in the state dir holding admin.conf's key for a moment
+# Versions before lifecycle.tls wrote admin.conf's key for a moment to a 0700 dir of this name in the state dir.
+SCRATCH_PREFIX = "readyz-credentials-"
 
 Probe = Callable[[float], Awaitable[tuple[bool, str]]]  # timeout_s -> (ok, what was seen)
 
@@ -122,28 +123,17 @@ class _ApiEndpoint:
 
 
 def _tls_context(content: KubeconfigContent, *, scratch_parent: Path) -> ssl.SSLContext:
-    """Verifies the server with admin.conf's CA and presents its client certificate.
-
-    `ssl` loads a client key only from a file: it is written to a 0700 scratch dir, loaded, and removed at once.
-    """
+    """Verifies the server with admin.conf's CA and presents its client certificate (no file written)."""
+    for stale in scratch_parent.glob(f"{SCRATCH_PREFIX}*"):  # an older version's, left by a crash
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         context = ssl.create_default_context(cadata=content.ca_pem.decode())
     except (ssl.SSLError, ValueError) as exc:
         raise PermanentError(f"admin.conf: certificate-authority-data is not a usable CA: {exc}",
                              code="admin_conf_invalid") from exc
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    for stale in scratch_parent.glob(f"{SCRATCH_PREFIX}*"):  # left by a crash between write and removal
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=scratch_parent))
     try:
-        pem = scratch / "client.pem"
-        fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.cert_pem + b"\n" + content.key_pem)
-        context.load_cert_chain(pem)
+        load_client_certificate(context, cert_pem=content.cert_pem, key_pem=content.key_pem)
     except ssl.SSLError as exc:
         raise PermanentError(f"admin.conf: client certificate or key unusable: {exc.reason or exc}",
                              code="admin_conf_invalid") from exc
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return context

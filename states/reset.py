@@ -19,7 +19,8 @@ from states.kubeadm import cri_socket_flag, run_kubeadm
 
 # Stamps that record finished steps are named `<what>.stamp.json`; the engine's state and sequence files are not.
 STAMP_GLOB = "*.stamp.json"
-# An interrupted kubeadm retry's temp dirs; a readiness wait's credentials scratch dir (states/controlplane.py).
+# An interrupted kubeadm retry's temp dirs; the readiness wait's credentials scratch dir of older versions
+# (states/controlplane.py now loads the key from memory).
 _LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*", "readyz-credentials-*")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
 _STRAY_GRACE_S = 5.0  # kubeadm reset's own grace for a pod process

@@ -1,20 +1,31 @@
 """The Kubernetes API through kubernetes_asyncio (`KubeApiFactory`): list and watch pods, server-side apply, get.
 
-kubernetes_asyncio is imported on first connect (it costs ~1 s and 60 MB). The client key it unpacks from the
-kubeconfig goes to a private temp dir (0700) removed when the connection closes; nothing else is left on disk.
+kubernetes_asyncio is imported on first connect, in a thread (it costs ~1 s and 60 MB). The kubeconfig's CA,
+client certificate and key never reach a disk: they are loaded into the connection's SSL context from memory
+files (`lifecycle.tls`), not through kubernetes_asyncio's kubeconfig loader, which writes them to temp files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
 import json
+import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
 from lifecycle.ports import KubeApi, KubeApiError
+from lifecycle.tls import memory_file
+
+# Where versions before the in-memory credentials unpacked the client key (kubernetes_asyncio's temp files).
+LEGACY_KEY_DIR_PREFIX = "lifecycle-kube-"
 
 # apiVersion, kind -> (resource, namespaced) for what our manifests and steps use; anything else is looked up
 # through API discovery once per connection.
@@ -51,37 +62,70 @@ class KubernetesApiFactory:
 
     @contextlib.asynccontextmanager
     async def connect(self, kubeconfig: Path) -> AsyncIterator[KubeApi]:
-        from kubernetes_asyncio import client, config
-
-        key_dir = tempfile.mkdtemp(prefix="lifecycle-kube-")  # mode 0700: holds the client key while connected
-        try:
-            configuration = client.Configuration()
-            try:
-                await config.load_kube_config(
-                    config_file=str(kubeconfig),
-                    client_configuration=configuration,
-                    persist_config=False,
-                    temp_file_path=key_dir,
-                )
-            except (config.ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
-                raise KubeApiError(f"{kubeconfig}: cannot use kubeconfig: {exc}", reason="InvalidKubeconfig") from exc
-            async with client.ApiClient(configuration=configuration) as api_client:
-                yield _KubeClient(api_client, request_timeout_s=self._request_timeout_s)
-        finally:
-            _forget_temp_files(key_dir)
-            shutil.rmtree(key_dir, ignore_errors=True)
+        await _import_kubernetes_asyncio()
+        content = _read_kubeconfig(kubeconfig)
+        async with _api_client(content) as api_client:
+            yield _KubeClient(api_client, request_timeout_s=self._request_timeout_s)
 
 
-def _forget_temp_files(key_dir: str) -> None:
-    """kubernetes_asyncio caches unpacked cert/key files by content in a module dict; drop entries for our dir,
-    or the next connect with the same kubeconfig would be handed the paths we just deleted."""
-    from kubernetes_asyncio.config import kube_config
+async def _import_kubernetes_asyncio() -> None:
+    """Off the event loop: the first import takes about a second; later ones find the modules loaded."""
+    def load() -> None:
+        for module in ("kubernetes_asyncio.client", "kubernetes_asyncio.watch", "aiohttp"):
+            importlib.import_module(module)
 
-    cache = getattr(kube_config, "_temp_files", None)
-    if isinstance(cache, dict):
-        for content, path in list(cache.items()):
-            if str(path).startswith(key_dir + "/"):
-                del cache[content]
+    await asyncio.to_thread(load)
+
+
+def _read_kubeconfig(kubeconfig: Path) -> KubeconfigContent:
+    def read_file(name: str) -> bytes:  # a file named in the kubeconfig: relative to the kubeconfig's dir
+        return (kubeconfig.parent / name).read_bytes()
+
+    try:
+        content = parse_kubeconfig(kubeconfig.read_bytes(), read_file=read_file)
+    except (OSError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise KubeApiError(f"{kubeconfig}: cannot use kubeconfig: {detail}", reason="InvalidKubeconfig") from exc
+    if urlsplit(content.server).scheme != "https":
+        raise KubeApiError(f"{kubeconfig}: cannot use kubeconfig: server {content.server!r} is not an https:// URL",
+                           reason="InvalidKubeconfig")
+    return content
+
+
+@contextlib.asynccontextmanager
+async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
+    """An `ApiClient` whose SSL context holds the kubeconfig's credentials; its connections close on exit."""
+    from kubernetes_asyncio import client
+
+    configuration = client.Configuration(host=content.server.rstrip("/"))
+    try:
+        # kubernetes_asyncio's RESTClientObject loads ssl_ca_cert, cert_file and key_file into its SSL context
+        # when the ApiClient is built (client/rest.py, RESTClientObject.__init__): the memory files are needed
+        # only until then.
+        with memory_file(content.ca_pem, name="lifecycle-kube-ca") as ca_path, \
+                memory_file(content.cert_pem, name="lifecycle-kube-cert") as cert_path, \
+                memory_file(content.key_pem, name="lifecycle-kube-key") as key_path:
+            configuration.ssl_ca_cert, configuration.cert_file, configuration.key_file = ca_path, cert_path, key_path
+            api_client = client.ApiClient(configuration=configuration)
+    except ssl.SSLError as exc:
+        raise KubeApiError(f"kubeconfig's CA, client certificate or key is unusable: {exc.reason or exc}",
+                           reason="InvalidKubeconfig") from exc
+    finally:
+        # The paths are gone; nothing must try to open them again (a websocket client would).
+        configuration.ssl_ca_cert = configuration.cert_file = configuration.key_file = None
+    async with api_client:
+        yield api_client
+
+
+def remove_legacy_key_dirs() -> list[Path]:
+    """Temp dirs holding a client key that a killed older version left behind (only this user's): removed."""
+    removed: list[Path] = []
+    for stale in Path(tempfile.gettempdir()).glob(f"{LEGACY_KEY_DIR_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.geteuid():
+                shutil.rmtree(stale)
+                removed.append(stale)
+    return removed
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -189,7 +233,6 @@ class _KubeClient:
                 query_params=dict(query or {}),
                 header_params={"Accept": "application/json", "Content-Type": content_type},
                 body=body,
-                auth_settings=["BearerToken"],  # kubeconfigs with a token; client certs need nothing here
                 _preload_content=False,
                 _request_timeout=self._timeout_s,
             )

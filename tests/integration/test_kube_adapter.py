@@ -169,18 +169,85 @@ async def test_the_watch_ends_when_its_timeout_passes(api: KubeApi) -> None:
     assert time.monotonic() - started < 5
 
 
-async def test_connecting_twice_with_the_same_kubeconfig_works_and_leaves_no_key_files(api_server: ApiServer) -> None:
-    before = _key_dirs()
-    for _ in range(2):
+async def test_connections_write_no_key_and_close_every_file(
+    api_server: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 8, defects 7 and 9: kubernetes_asyncio's kubeconfig loader wrote the CA, certificate and key to temp
+    files and kept 3 descriptors open per connection. 20 connections: no new descriptor, none to a deleted file,
+    and the key in no file of the temp dir while connected or after."""
+    key_pem = _client_key_pem(api_server.kubeconfig)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))  # where a temp file would go: scanned below
+    async with KubernetesApiFactory().connect(api_server.kubeconfig) as api:  # imports, loop and pool warm-up
+        await api.list_pods("kube-system")
+    before = await _settled_fds(len(_open_fds()))
+    for _ in range(20):
         async with KubernetesApiFactory().connect(api_server.kubeconfig) as api:
             await api.list_pods("kube-system")
-            [key_dir] = _key_dirs() - before  # the client key lives here while connected, mode 0700
-            assert key_dir.stat().st_mode & 0o777 == 0o700
-    assert _key_dirs() == before
+            assert not _files_holding(key_pem, private_tmp)
+    after = await _settled_fds(len(before))
+    print(f"fds before: {len(before)}, after 20 connections: {len(after)}")
+    # (pytest's output capture holds deleted temp files of its own: only descriptors new since `before` count.)
+    assert [t for fd, t in after.items() if t.endswith("(deleted)") and before.get(fd) != t] == []
+    assert len(after) - len(before) == 0, sorted(set(after.values()) - set(before.values()))
+    assert not _files_holding(key_pem, private_tmp)
 
 
-def _key_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("lifecycle-kube-*"))
+def test_a_killed_client_leaves_no_key_in_the_temp_dir(api_server: ApiServer, tmp_path: Path) -> None:
+    """Issue 8, defect 7: SIGKILL while connected left /tmp/lifecycle-kube-* holding the admin key."""
+    key_pem = _client_key_pem(api_server.kubeconfig)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from lifecycle.adapters.kube import KubernetesApiFactory\n"
+        "async def main():\n"
+        "    async with KubernetesApiFactory().connect(Path(sys.argv[1])) as api:\n"
+        "        await api.list_pods('kube-system')\n"
+        "        print('connected', flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "TMPDIR": str(private_tmp), "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", script, str(api_server.kubeconfig)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line == b"connected\n", child.stderr.read() if child.stderr else line
+    finally:
+        child.kill()
+        child.communicate()
+    assert not _files_holding(key_pem, private_tmp)
+
+
+def _client_key_pem(kubeconfig: Path) -> bytes:
+    doc = yaml.safe_load(kubeconfig.read_text())
+    return base64.b64decode(doc["users"][0]["user"]["client-key-data"])
+
+
+def _open_fds() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone already
+            found[fd.name] = str(fd.readlink())
+    return found
+
+
+async def _settled_fds(expected: int) -> dict[str, str]:
+    """Open descriptors once closing TLS connections are done (aiohttp closes them a little after the session)."""
+    deadline = time.monotonic() + 2
+    fds = _open_fds()
+    while len(fds) > expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        fds = _open_fds()
+    return fds
+
+
+def _files_holding(secret: bytes, directory: Path) -> list[Path]:
+    return [path for path in directory.rglob("*") if path.is_file() and secret.strip() in path.read_bytes()]
 
 
 async def test_an_unreachable_server_is_an_error_without_status(tmp_path: Path, api_server: ApiServer) -> None:

@@ -1,0 +1,38 @@
+"""Client TLS material loaded without touching a disk: `ssl` loads certificates and keys only by path, so the PEM
+goes to an anonymous memory file (memfd_create) named by its /proc/self/fd path, closed as soon as it is loaded.
+Leaves nothing anywhere: the memory is freed at the close, or with the process if it is killed in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def memory_file(data: bytes, *, name: str) -> Iterator[str]:
+    """A path to `data` that exists only while the block runs, in memory only, readable by this process only."""
+    # MFD_CLOEXEC: a child started meanwhile (kubeadm, the kubelet) must not inherit the key.
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def load_client_certificate(context: ssl.SSLContext, *, cert_pem: bytes, key_pem: bytes) -> None:
+    """Presents `cert_pem` with `key_pem` from `context`; ssl.SSLError when OpenSSL cannot use them."""
+    # Two files, as the kubeconfig has two fields: a certificate field holding the key is refused, as kubectl does.
+    with memory_file(cert_pem, name="lifecycle-client-cert") as cert_path, \
+            memory_file(key_pem, name="lifecycle-client-key") as key_path:
+        # A password callback, so that an encrypted key fails here instead of OpenSSL asking on a terminal.
+        context.load_cert_chain(cert_path, key_path, password=_no_password)
+
+
+def _no_password() -> bytes:
+    return b""
