@@ -17,6 +17,7 @@ from stepkit import (
     Entry,
     binaries_entries,
     containers_from,
+    file_capability,
     import_image,
     make_config,
     make_ctx,
@@ -135,8 +136,13 @@ async def test_symlinks_are_followed_inside_the_image(config: Config, engine: Do
          "symlink loop"),
         ([Entry("usr/bin/kubectl", device=(1, 3))], "not a regular file (device, fifo or directory)"),
         ([Entry("usr/bin/kubectl")], "not a regular file (device, fifo or directory)"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o4755)], "mode 4755 has setuid"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o2755)], "mode 2755 has setgid"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o1755)], "mode 1755 has sticky"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", xattrs=(("security.capability", file_capability(12)),))],
+         "extended attributes security.capability"),
     ],
-    ids=["link-escapes", "link-loop", "device", "directory"],
+    ids=["link-escapes", "link-loop", "device", "directory", "setuid", "setgid", "sticky", "file-capability"],
 )
 async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
     config: Config, engine: DockerEngine, docker_host: str, replacement: list[Entry], why: str
