@@ -2,6 +2,8 @@
 /usr/bin, the CNI plugins in /opt/cni/bin) out of the binaries image, each to the same path under the node root
 (0755), ignoring everything else in the image; recorded in `<state_dir>/binaries.json` (image id, sha256 per
 file). Done when the record's image id is the local id of the binaries image and every file still has its sha256.
+The container copied from carries `lifecycle.node=<node>` and `lifecycle.role=binaries-copy`: one a crash left
+behind is found by these labels and removed before each attempt and when the service starts.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lifecycle.config import Config
 from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
-from lifecycle.ports import EngineError
+from lifecycle.ports import EngineError, Ports
 from lifecycle.step import StepContext
 from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, Link, extract_source
 
 RECORD_NAME = "binaries.json"
 MAX_LINK_HOPS = 8  # symlinks followed inside the image before giving up (a loop, or a maze)
 PROGRESS_INTERVAL_S = 0.25
+COPY_ROLE = "binaries-copy"
+LEFTOVER_CHECK_TIMEOUT_S = 10.0  # at start: an engine that does not answer delays the service no longer than this
 T = TypeVar("T")
 
 
@@ -50,7 +56,13 @@ class Binaries:
         sources = _sources(ctx)
         image_id = await _local_image_id(ctx, image)
         await asyncio.to_thread(_prepare_dirs, sources)
-        container = await _engine_call(ctx.ports.docker.create_container(image), f"creating a container from {image}")
+        labels = copy_labels(ctx.config.node_name)
+        leftovers = await _engine_call(ctx.ports.docker.remove_containers(labels),
+                                       "removing copy containers an earlier attempt left")
+        if leftovers:
+            ctx.progress(f"removed {len(leftovers)} copy container(s) an earlier attempt left")
+        container = await _engine_call(ctx.ports.docker.create_container(image, labels=labels),
+                                       f"creating a container from {image}")
         extracted: list[Extracted] = []
         try:
             for source in sources:
@@ -73,6 +85,24 @@ class Binaries:
 
     def _image(self, ctx: StepContext) -> str:
         return ctx.config.kubernetes.binaries_image_for(ctx.cluster.kubernetes_version)
+
+
+def copy_labels(node_name: str) -> dict[str, str]:
+    return {"lifecycle.node": node_name, "lifecycle.role": COPY_ROLE}
+
+
+async def remove_leftover_copies(config: Config, ports: Ports) -> None:
+    """At start: remove the copy containers a killed service left (a step that is already done never runs again
+    to do it). Best effort: an engine that is down or slow is only logged; the next attempt removes them."""
+    log = get_logger("lifecycle.binaries", node=config.node_name)
+    try:
+        async with asyncio.timeout(LEFTOVER_CHECK_TIMEOUT_S):
+            removed = await ports.docker.remove_containers(copy_labels(config.node_name))
+    except (EngineError, TimeoutError) as exc:
+        log.warning("could not look for leftover copy containers", error=str(exc))
+        return
+    if removed:
+        log.info("removed leftover copy containers", containers=[c[:12] for c in removed])
 
 
 def _sources(ctx: StepContext) -> list[ArchiveSource]:

@@ -28,7 +28,7 @@ from stepkit import (
 from lifecycle.adapters.docker import DockerEngine
 from lifecycle.config import DEFAULT_BINARIES, Config
 from lifecycle.errors import PermanentError
-from states.binaries import RECORD_NAME, Binaries
+from states.binaries import RECORD_NAME, Binaries, copy_labels, remove_leftover_copies
 
 TOOLS = DEFAULT_BINARIES  # /usr/bin/{kubeadm,kubelet,kubectl,crictl}, /opt/cni/bin/{bridge,host-local,loopback,portmap}
 
@@ -218,3 +218,23 @@ async def test_bad_binaries_config_is_rejected(config: Config, engine: DockerEng
     with pytest.raises(PermanentError, match=r"kubernetes.binaries: .* is not an absolute normalised path") as info:
         await Binaries().run(ctx)
     assert info.value.code == "invalid_config"
+
+
+async def test_copy_containers_a_crash_left_are_removed_before_the_next_copy_and_at_start(
+    config: Config, engine: DockerEngine, docker_host: str
+) -> None:
+    import_image(docker_host, _image(config), binaries_entries(_tools()))
+    labels = copy_labels(config.node_name)
+    other_node = await engine.create_container(_image(config), labels=copy_labels("another-node"))
+    try:
+        await engine.create_container(_image(config), labels=labels)  # as a SIGKILL mid-copy leaves it
+        ctx, progress = make_ctx(config, docker=engine)
+        await Binaries().run(ctx)
+        assert "removed 1 copy container(s) an earlier attempt left" in progress.messages()
+        assert containers_from(docker_host, _image(config)) == [other_node[:12]], "only this node's are removed"
+
+        await engine.create_container(_image(config), labels=labels)
+        await remove_leftover_copies(config, make_ctx(config, docker=engine)[0].ports)
+        assert containers_from(docker_host, _image(config)) == [other_node[:12]]
+    finally:
+        await engine.remove_container(other_node)
