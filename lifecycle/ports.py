@@ -59,6 +59,9 @@ class ContainerEngine(Protocol):
     def archive(self, container_id: str, path: str) -> AsyncIterator[bytes]:
         """Stream the uncompressed tar of `path` inside the container as it arrives."""
 
+    def save(self, image: str) -> AsyncIterator[bytes]:
+        """Stream the image as `docker save` writes it (its layers as the registry has them), as it arrives."""
+
     async def remove_container(self, container_id: str) -> None: ...
 
     async def cgroup_driver(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from lifecycle.config import Config
 from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.imagescan import hard_links
 from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import EngineError, Ports
@@ -64,9 +65,12 @@ class Binaries:
         container = await _engine_call(ctx.ports.docker.create_container(image, labels=labels),
                                        f"creating a container from {image}")
         extracted: list[Extracted] = []
+        held_at: dict[str, str] = {}  # configured path -> the path in the image whose archive held the file
         try:
             for source in sources:
-                extracted.append(await _copy_following_links(ctx, container, source))
+                entry, held_at[source.name] = await _copy_following_links(ctx, container, source)
+                extracted.append(entry)
+            await _refuse_hard_links(ctx, image, held_at)
             await asyncio.to_thread(_install, extracted)
         finally:
             await _remove_container(ctx, container)
@@ -151,16 +155,51 @@ async def _remove_container(ctx: StepContext, container: str) -> None:
         ctx.log.warning("could not remove the copy container", container=container, error=exc.message)
 
 
-async def _copy_following_links(ctx: StepContext, container: str, source: ArchiveSource) -> Extracted:
-    """Copy one file; a symlink in the image is followed (inside the image) to the regular file it names."""
+async def _copy_following_links(ctx: StepContext, container: str, source: ArchiveSource) -> tuple[Extracted, str]:
+    """Copy one file; a symlink in the image is followed (inside the image) to the regular file it names.
+    Returns it with the path in the image that held it."""
     current = source
     for _ in range(MAX_LINK_HOPS + 1):
         outcome = await _copy_source(ctx, container, current)
         if isinstance(outcome, Extracted):
-            return outcome
+            return outcome, current.path
         current = ArchiveSource(name=source.name, path=outcome.target, dest=source.dest)
     raise PermanentError(f"{source.name} in the binaries image: more than {MAX_LINK_HOPS} symlinks to follow",
                          code="bad_image", details={"file": source.name})
+
+
+async def _refuse_hard_links(ctx: StepContext, image: str, held_at: dict[str, str]) -> None:
+    """dockerd's archive of a hard-linked file is a plain file with its partner's content (an image could ship
+    /etc/secret as the kubelet): the layers show the link, so a file that is a hard link in any layer is refused."""
+    ctx.progress("checking the image's layers for hard links")
+    pipe = ChunkPipe(asyncio.get_running_loop())
+    scan = asyncio.create_task(asyncio.to_thread(hard_links, pipe, set(held_at.values())),
+                               name="binaries-scan-layers")
+    feed = asyncio.create_task(_feed_layers(ctx, image, pipe), name="binaries-feed-layers")
+    links = await _pump(scan, feed, pipe)
+    linked = {name: (path, links[path]) for name, path in held_at.items() if path in links}
+    if linked:
+        name, (path, target) = sorted(linked.items())[0]
+        shown = name if name == path else f"{name} (-> {path})"
+        raise PermanentError(
+            f"{shown} in the binaries image: a hard link to {target} in the image's layers; only regular files and "
+            "symlinks are accepted", code="bad_image",
+            details={"file": name, "entry": path, "reason": f"hard link to {target}", "files": sorted(linked)},
+        )
+
+
+async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
+    chunks = ctx.ports.docker.save(image)
+    try:
+        async for chunk in chunks:
+            await pipe.put(chunk)
+    except EngineError as exc:
+        raise TemporaryError(f"reading the layers of {image}: {exc.message}", code="engine_failed") from exc
+    finally:
+        close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
+        if close is not None:
+            await close()
+    await pipe.close()
 
 
 async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) -> Extracted | Link:
@@ -172,6 +211,11 @@ async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) 
         name=f"binaries-extract-{source.path}",
     )
     feed = asyncio.create_task(_feed(ctx, container, source, pipe), name=f"binaries-feed-{source.path}")
+    return await _pump(extract, feed, pipe)
+
+
+async def _pump(extract: asyncio.Task[T], feed: asyncio.Task[None], pipe: ChunkPipe) -> T:
+    """Wait for a worker thread reading `pipe` and the task feeding it; the first real failure wins."""
     try:
         await asyncio.wait({extract, feed}, return_when=asyncio.FIRST_EXCEPTION)
         failures = [exc for t in (extract, feed) if t.done() and not t.cancelled() and (exc := t.exception())]

@@ -179,6 +179,21 @@ class DockerEngine:
         except aiohttp.ClientError as exc:
             raise EngineError(f"reading {path} from container {container_id[:12]}: {exc}") from exc
 
+    async def save(self, image: str) -> AsyncIterator[bytes]:
+        try:
+            async with self._client()._query(
+                f"images/{quote(image, safe='/:@')}/get", timeout=_STREAM_TIMEOUT
+            ) as response:
+                try:
+                    async for chunk in response.content.iter_chunked(ARCHIVE_CHUNK_BYTES):
+                        yield chunk
+                finally:
+                    response.close()  # aiodocker's _query leaves it open: drop the connection on any exit
+        except DockerError as exc:
+            raise _engine_error(exc, f"reading the layers of {image}") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"reading the layers of {image}: {exc}") from exc
+
     async def cgroup_driver(self) -> str:
         # Docker Engine picks systemd on a cgroup v2 host run by systemd unless told otherwise (moby
         # daemon/daemon_unix.go UsingSystemd), and cri-dockerd up to v0.3.16 cannot pass that on to the kubelet.

@@ -141,8 +141,14 @@ async def test_symlinks_are_followed_inside_the_image(config: Config, engine: Do
         ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o1755)], "mode 1755 has sticky"),
         ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", xattrs=(("security.capability", file_capability(12)),))],
          "extended attributes security.capability"),
+        ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", hardlink="etc/secret")],
+         "a hard link to /etc/secret in the image's layers"),
+        ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", link="kubectl-real"),
+          Entry("usr/bin/kubectl-real", hardlink="etc/secret")],
+         "/usr/bin/kubectl (-> /usr/bin/kubectl-real) in the binaries image: a hard link to /etc/secret"),
     ],
-    ids=["link-escapes", "link-loop", "device", "directory", "setuid", "setgid", "sticky", "file-capability"],
+    ids=["link-escapes", "link-loop", "device", "directory", "setuid", "setgid", "sticky", "file-capability",
+         "hard-link", "symlink-to-hard-link"],
 )
 async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
     config: Config, engine: DockerEngine, docker_host: str, replacement: list[Entry], why: str
