@@ -12,6 +12,7 @@ from lifecycle.errors import TemporaryError
 from lifecycle.tarstream import ChunkPipe
 
 _NOT_LAYERS = ("manifest.json", "repositories", "oci-layout", "index.json")
+MAX_DIR_LINK_HOPS = 40  # symlinked directories followed on one path (Linux's MAXSYMLINKS)
 
 
 def layer_path(name: str) -> str:
@@ -20,18 +21,48 @@ def layer_path(name: str) -> str:
 
 
 def hard_links(pipe: ChunkPipe, paths: set[str]) -> dict[str, str]:
-    """{path: link target} for each of `paths` (absolute) that some layer of the image holds as a hard link.
+    """{path: link target} for each of `paths` (absolute) that some layer of the image holds as a hard link,
+    its directories resolved through the image's symlinks as dockerd resolves them (`/bin/x` with `bin -> usr/bin`
+    is the entry `usr/bin/x`).
 
     Any layer counts, even one a later layer overrides: refusing such an image is safe, installing from it
     would not be."""
     try:
-        return _scan(pipe, paths)
+        symlinks, links = _scan(pipe)
     except tarfile.TarError as exc:
         raise TemporaryError(f"reading the image's layers: {exc}", code="archive_failed") from exc
-
-
-def _scan(pipe: ChunkPipe, paths: set[str]) -> dict[str, str]:
     found: dict[str, str] = {}
+    for path in paths:
+        entry = resolve_dirs(path, symlinks)
+        if entry in links:
+            found[path] = links[entry]
+    return found
+
+
+def resolve_dirs(path: str, symlinks: dict[str, str]) -> str:
+    """`path` with each directory component that is a symlink replaced by its target (within the image: `..`
+    stops at its root, as dockerd's scoped resolution does); the last component is kept as it is."""
+    resolved = "/"
+    parts = [p for p in path.split("/") if p]
+    hops = 0
+    while len(parts) > 1:
+        part = parts.pop(0)
+        candidate = posixpath.join(resolved, part)
+        target = symlinks.get(candidate)
+        if target is None or hops >= MAX_DIR_LINK_HOPS:
+            resolved = candidate
+            continue
+        hops += 1
+        base = "/" if target.startswith("/") else resolved
+        parts = [p for p in posixpath.normpath(posixpath.join(base, target)).split("/") if p] + parts
+        resolved = "/"
+    return posixpath.join(resolved, *parts)
+
+
+def _scan(pipe: ChunkPipe) -> tuple[dict[str, str], dict[str, str]]:
+    """Every symlink (path: its text) and hard link (path: linked path) in the layers, later layers winning."""
+    symlinks: dict[str, str] = {}
+    links: dict[str, str] = {}
     with tarfile.open(fileobj=pipe, mode="r|") as saved:  # type: ignore[call-overload]
         for member in saved:
             if not member.isreg() or member.name.endswith(".json") or member.name.endswith(_NOT_LAYERS):
@@ -42,11 +73,12 @@ def _scan(pipe: ChunkPipe, paths: set[str]) -> dict[str, str]:
             try:
                 with tarfile.open(fileobj=data, mode="r|*") as layer:
                     for entry in layer:
-                        path = layer_path(entry.name)
-                        if entry.islnk() and path in paths:
-                            found[path] = layer_path(entry.linkname)
+                        if entry.issym():
+                            symlinks[layer_path(entry.name)] = entry.linkname
+                        elif entry.islnk():
+                            links[layer_path(entry.name)] = layer_path(entry.linkname)
             except (tarfile.ReadError, tarfile.CompressionError):
                 continue  # a config or other blob, not a layer
     while pipe.read(1 << 16):  # tar padding after the end marker: drain so the producer can finish
         pass
-    return found
+    return symlinks, links

@@ -146,9 +146,12 @@ async def test_symlinks_are_followed_inside_the_image(config: Config, engine: Do
         ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", link="kubectl-real"),
           Entry("usr/bin/kubectl-real", hardlink="etc/secret")],
          "/usr/bin/kubectl (-> /usr/bin/kubectl-real) in the binaries image: a hard link to /etc/secret"),
+        ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", link="/bin/kubectl-real"),
+          Entry("usr/bin/kubectl-real", hardlink="etc/secret")],  # reached through the image's bin -> usr/bin
+         "/usr/bin/kubectl (-> /bin/kubectl-real) in the binaries image: a hard link to /etc/secret"),
     ],
     ids=["link-escapes", "link-loop", "device", "directory", "setuid", "setgid", "sticky", "file-capability",
-         "hard-link", "symlink-to-hard-link"],
+         "hard-link", "symlink-to-hard-link", "hard-link-through-a-linked-dir"],
 )
 async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
     config: Config, engine: DockerEngine, docker_host: str, replacement: list[Entry], why: str
