@@ -2,6 +2,8 @@
 /usr/bin, the CNI plugins in /opt/cni/bin) out of the binaries image, each to the same path under the node root
 (0755), ignoring everything else in the image; recorded in `<state_dir>/binaries.json` (image id, sha256 per
 file). Done when the record's image id is the local id of the binaries image and every file still has its sha256.
+A file the image holds as a hard link (seen in its layers: the archive API would hand over its partner's content),
+with setuid/setgid/sticky bits or extended attributes (file capabilities) is refused as `bad_image`, naming it.
 The container copied from carries `lifecycle.node=<node>` and `lifecycle.role=binaries-copy`: one a crash left
 behind is found by these labels and removed before each attempt and when the service starts.
 """
