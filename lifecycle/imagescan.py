@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+from dataclasses import dataclass
 
 from lifecycle.errors import TemporaryError
 from lifecycle.tarstream import ChunkPipe
@@ -20,23 +21,35 @@ def layer_path(name: str) -> str:
     return posixpath.normpath("/" + name.lstrip("/"))
 
 
-def hard_links(pipe: ChunkPipe, paths: set[str]) -> dict[str, str]:
-    """{path: link target} for each of `paths` (absolute) that some layer of the image holds as a hard link,
-    its directories resolved through the image's symlinks as dockerd resolves them (`/bin/x` with `bin -> usr/bin`
-    is the entry `usr/bin/x`).
+@dataclass(frozen=True)
+class LayerLinks:
+    """Every symlink (path: its text) and hard link (path: linked path) in an image's layers, later layers winning."""
 
-    Any layer counts, even one a later layer overrides: refusing such an image is safe, installing from it
-    would not be."""
+    symlinks: dict[str, str]
+    links: dict[str, str]
+
+    def hard_links(self, paths: set[str]) -> dict[str, str]:
+        """{path: link target} for each of `paths` (absolute) that some layer holds as a hard link, its directories
+        resolved through the image's symlinks as dockerd resolves them (`/bin/x` with `bin -> usr/bin` is the entry
+        `usr/bin/x`). Any layer counts, even one a later layer overrides: refusing such an image is safe,
+        installing from it would not be."""
+        found: dict[str, str] = {}
+        for path in paths:
+            entry = resolve_dirs(path, self.symlinks)
+            if entry in self.links:
+                found[path] = self.links[entry]
+        return found
+
+
+def layer_links(pipe: ChunkPipe) -> LayerLinks:
     try:
-        symlinks, links = _scan(pipe)
+        return _scan(pipe)
     except tarfile.TarError as exc:
         raise TemporaryError(f"reading the image's layers: {exc}", code="archive_failed") from exc
-    found: dict[str, str] = {}
-    for path in paths:
-        entry = resolve_dirs(path, symlinks)
-        if entry in links:
-            found[path] = links[entry]
-    return found
+
+
+def hard_links(pipe: ChunkPipe, paths: set[str]) -> dict[str, str]:
+    return layer_links(pipe).hard_links(paths)
 
 
 def resolve_dirs(path: str, symlinks: dict[str, str]) -> str:
@@ -59,8 +72,7 @@ def resolve_dirs(path: str, symlinks: dict[str, str]) -> str:
     return posixpath.join(resolved, *parts)
 
 
-def _scan(pipe: ChunkPipe) -> tuple[dict[str, str], dict[str, str]]:
-    """Every symlink (path: its text) and hard link (path: linked path) in the layers, later layers winning."""
+def _scan(pipe: ChunkPipe) -> LayerLinks:
     symlinks: dict[str, str] = {}
     links: dict[str, str] = {}
     with tarfile.open(fileobj=pipe, mode="r|") as saved:  # type: ignore[call-overload]
@@ -81,4 +93,4 @@ def _scan(pipe: ChunkPipe) -> tuple[dict[str, str], dict[str, str]]:
                 continue  # a config or other blob, not a layer
     while pipe.read(1 << 16):  # tar padding after the end marker: drain so the producer can finish
         pass
-    return symlinks, links
+    return LayerLinks(symlinks=symlinks, links=links)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from lifecycle.config import Config
 from lifecycle.errors import PermanentError, TemporaryError
-from lifecycle.imagescan import hard_links
+from lifecycle.imagescan import LayerLinks, layer_links
 from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import EngineError, Ports
@@ -68,13 +68,17 @@ class Binaries:
                                        f"creating a container from {image}")
         extracted: list[Extracted] = []
         held_at: dict[str, str] = {}  # configured path -> the path in the image whose archive held the file
+        # The layers are read while the files are copied: dockerd writes the two streams at the same time.
+        scan = asyncio.create_task(_scan_layers(ctx, image), name="binaries-scan-layers")
         try:
             for source in sources:
                 entry, held_at[source.name] = await _copy_following_links(ctx, container, source)
                 extracted.append(entry)
-            await _refuse_hard_links(ctx, image, held_at)
+            _refuse_hard_links(held_at, await scan)
             await asyncio.to_thread(_install, extracted)
         finally:
+            scan.cancel()
+            await asyncio.gather(scan, return_exceptions=True)
             await _remove_container(ctx, container)
             await asyncio.to_thread(_discard, extracted)  # temp files left only if something failed
         record = {
@@ -170,15 +174,17 @@ async def _copy_following_links(ctx: StepContext, container: str, source: Archiv
                          code="bad_image", details={"file": source.name})
 
 
-async def _refuse_hard_links(ctx: StepContext, image: str, held_at: dict[str, str]) -> None:
+async def _scan_layers(ctx: StepContext, image: str) -> LayerLinks:
+    pipe = ChunkPipe(asyncio.get_running_loop())
+    scan = asyncio.create_task(asyncio.to_thread(layer_links, pipe), name="binaries-scan-layers-read")
+    feed = asyncio.create_task(_feed_layers(ctx, image, pipe), name="binaries-feed-layers")
+    return await _pump(scan, feed, pipe)
+
+
+def _refuse_hard_links(held_at: dict[str, str], layers: LayerLinks) -> None:
     """dockerd's archive of a hard-linked file is a plain file with its partner's content (an image could ship
     /etc/secret as the kubelet): the layers show the link, so a file that is a hard link in any layer is refused."""
-    ctx.progress("checking the image's layers for hard links")
-    pipe = ChunkPipe(asyncio.get_running_loop())
-    scan = asyncio.create_task(asyncio.to_thread(hard_links, pipe, set(held_at.values())),
-                               name="binaries-scan-layers")
-    feed = asyncio.create_task(_feed_layers(ctx, image, pipe), name="binaries-feed-layers")
-    links = await _pump(scan, feed, pipe)
+    links = layers.hard_links(set(held_at.values()))
     linked = {name: (path, links[path]) for name, path in held_at.items() if path in links}
     if linked:
         name, (path, target) = sorted(linked.items())[0]
