@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from lifecycle import cli
 from lifecycle.adapters.mqtt_credentials import load_credentials
@@ -53,6 +53,7 @@ def load_serve_config(args: argparse.Namespace) -> Config:
 def run_service(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports],
     renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
+    on_start: Callable[[Config, Ports], Awaitable[None]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (a clean, staged shutdown); a second signal forces the exit."""
 
@@ -72,6 +73,8 @@ def run_service(
             loop.add_signal_handler(signum, on_signal, signum)
         ports = ports_factory(config)
         try:
+            if on_start is not None:  # before any job: clean-ups of what a killed service left
+                await on_start(config, ports)
             await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew,
                         renewal_due=renewal_due)
         finally:
@@ -97,11 +100,12 @@ def serve_command(args: argparse.Namespace) -> int:
         return cli.EXIT_USAGE
     configure_logging(config.log_level)
     from states import build_plan
+    from states.binaries import remove_leftover_copies
     from states.renewing import renew, renewal_due
     from states.reset import reset
 
     return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports, renew=renew,
-                       renewal_due=renewal_due)
+                       renewal_due=renewal_due, on_start=remove_leftover_copies)
 
 
 def main(argv: list[str] | None = None) -> int:

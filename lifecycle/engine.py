@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from lifecycle.bus import Bus
 from lifecycle.config import Config, StepPolicy
 from lifecycle.drift import Change, apply, compare, pending, read_installed, reset_required_message
-from lifecycle.errors import RequestError, StepError
+from lifecycle.errors import PermanentError, RequestError, StepError
 from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
 from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
@@ -405,7 +405,9 @@ class Engine:
                             raise  # a retry the deadline would cut off says less than the step's own error
                         await self._retry_pause(step, ctx, exc, attempts=attempts, policy=policy)
                     else:
-                        return
+                        break
+                await self._check_outcome(step, ctx)
+                return
         except TimeoutError as exc:
             if timer.expired():
                 error = ErrorInfo.safe(
@@ -427,6 +429,15 @@ class Engine:
     @staticmethod
     def _time_to_retry(ctx: StepContext, exc: StepError, policy: StepPolicy) -> bool:
         return asyncio.get_running_loop().time() + max(exc.delay_s, policy.retry_delay_s) < ctx.deadline
+    async def _check_outcome(self, step: Step, ctx: StepContext) -> None:
+        """A run that returned without error has not necessarily done its work (a kubeadm that printed "fine" and
+        exited 0): checked here, so the failure is named at the step that made it, not at a later one that trips
+        over what is missing."""
+        if not await self._in_task(step.is_done(ctx), name=f"step-{step.name}-check-outcome"):
+            raise PermanentError(
+                f"step {step.name} ran without error, but its outcome does not hold afterwards",
+                code="step_incomplete", details={"step": step.name},
+            )
 
     async def _retry_pause(
         self, step: Step, ctx: StepContext, exc: StepError, *, attempts: int, policy: StepPolicy

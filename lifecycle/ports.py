@@ -52,11 +52,17 @@ class ContainerEngine(Protocol):
     async def pull(self, ref: str, *, on_progress: Callable[[PullProgress], None]) -> str:
         """Pull `ref` (raising on any error inside the stream) and return its local image id."""
 
-    async def create_container(self, image: str) -> str:
-        """Create, never start, a container from `image`; return its id."""
+    async def create_container(self, image: str, *, labels: Mapping[str, str] | None = None) -> str:
+        """Create, never start, a container from `image` with `labels`; return its id."""
+
+    async def remove_containers(self, labels: Mapping[str, str]) -> list[str]:
+        """Remove every container (any state) carrying all of `labels`; return the ids removed."""
 
     def archive(self, container_id: str, path: str) -> AsyncIterator[bytes]:
         """Stream the uncompressed tar of `path` inside the container as it arrives."""
+
+    def save(self, image: str) -> AsyncIterator[bytes]:
+        """Stream the image as `docker save` writes it (its layers as the registry has them), as it arrives."""
 
     async def remove_container(self, container_id: str) -> None: ...
 

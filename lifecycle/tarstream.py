@@ -19,6 +19,8 @@ from typing import IO
 from lifecycle.errors import PermanentError, TemporaryError
 
 PIPE_DEPTH_CHUNKS = 8  # at most this many chunks wait between the socket and the disk
+SPECIAL_MODE_BITS = 0o7000  # setuid, setgid, sticky
+XATTR_PAX_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")  # how tar writers record extended attributes
 _EOF = b""
 
 
@@ -167,7 +169,22 @@ def _check_member(member: tarfile.TarInfo, source: ArchiveSource, max_bytes: int
         raise reject("not a regular file (device, fifo or directory)")
     if member.size > max_bytes:
         raise reject(f"{member.size} bytes is over the limit of {max_bytes} (kubernetes.binary_max_bytes)")
+    special = member.mode & SPECIAL_MODE_BITS
+    if special:
+        # Installed as 0755 these bits would be dropped silently: an image that sets them means something else.
+        mode = member.mode & 0o7777
+        raise reject(f"mode {mode:04o} has {_special_names(special)}; a binary is installed as 0755 only")
+    xattrs = sorted(key.split(".xattr.", 1)[1] for key in member.pax_headers if key.startswith(XATTR_PAX_PREFIXES))
+    if xattrs:
+        # dockerd's archive carries security.capability as a PAX record (moby pkg/archive/archive.go,
+        # ReadSecurityXattrToTarHeader): file capabilities would be dropped silently, like setuid.
+        raise reject(f"extended attributes {', '.join(xattrs)} (file capabilities are not installed)")
     return None
+
+
+def _special_names(bits: int) -> str:
+    return " and ".join(name for bit, name in ((0o4000, "setuid"), (0o2000, "setgid"), (0o1000, "sticky"))
+                        if bits & bit)
 
 
 def _write_member(

@@ -2,6 +2,10 @@
 /usr/bin, the CNI plugins in /opt/cni/bin) out of the binaries image, each to the same path under the node root
 (0755), ignoring everything else in the image; recorded in `<state_dir>/binaries.json` (image id, sha256 per
 file). Done when the record's image id is the local id of the binaries image and every file still has its sha256.
+A file the image holds as a hard link (seen in its layers: the archive API would hand over its partner's content),
+with setuid/setgid/sticky bits or extended attributes (file capabilities) is refused as `bad_image`, naming it.
+The container copied from carries `lifecycle.node=<node>` and `lifecycle.role=binaries-copy`: one a crash left
+behind is found by these labels and removed before each attempt and when the service starts.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lifecycle.config import Config
 from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.imagescan import LayerLinks, layer_links
+from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
-from lifecycle.ports import EngineError
+from lifecycle.ports import EngineError, Ports
 from lifecycle.step import StepContext
 from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, Link, extract_source
 
 RECORD_NAME = "binaries.json"
 MAX_LINK_HOPS = 8  # symlinks followed inside the image before giving up (a loop, or a maze)
 PROGRESS_INTERVAL_S = 0.25
+COPY_ROLE = "binaries-copy"
+LEFTOVER_CHECK_TIMEOUT_S = 10.0  # at start: an engine that does not answer delays the service no longer than this
 T = TypeVar("T")
 
 
@@ -50,13 +59,26 @@ class Binaries:
         sources = _sources(ctx)
         image_id = await _local_image_id(ctx, image)
         await asyncio.to_thread(_prepare_dirs, sources)
-        container = await _engine_call(ctx.ports.docker.create_container(image), f"creating a container from {image}")
+        labels = copy_labels(ctx.config.node_name)
+        leftovers = await _engine_call(ctx.ports.docker.remove_containers(labels),
+                                       "removing copy containers an earlier attempt left")
+        if leftovers:
+            ctx.progress(f"removed {len(leftovers)} copy container(s) an earlier attempt left")
+        container = await _engine_call(ctx.ports.docker.create_container(image, labels=labels),
+                                       f"creating a container from {image}")
         extracted: list[Extracted] = []
+        held_at: dict[str, str] = {}  # configured path -> the path in the image whose archive held the file
+        # The layers are read while the files are copied: dockerd writes the two streams at the same time.
+        scan = asyncio.create_task(_scan_layers(ctx, image), name="binaries-scan-layers")
         try:
             for source in sources:
-                extracted.append(await _copy_following_links(ctx, container, source))
+                entry, held_at[source.name] = await _copy_following_links(ctx, container, source)
+                extracted.append(entry)
+            _refuse_hard_links(held_at, await scan)
             await asyncio.to_thread(_install, extracted)
         finally:
+            scan.cancel()
+            await asyncio.gather(scan, return_exceptions=True)
             await _remove_container(ctx, container)
             await asyncio.to_thread(_discard, extracted)  # temp files left only if something failed
         record = {
@@ -73,6 +95,24 @@ class Binaries:
 
     def _image(self, ctx: StepContext) -> str:
         return ctx.config.kubernetes.binaries_image_for(ctx.cluster.kubernetes_version)
+
+
+def copy_labels(node_name: str) -> dict[str, str]:
+    return {"lifecycle.node": node_name, "lifecycle.role": COPY_ROLE}
+
+
+async def remove_leftover_copies(config: Config, ports: Ports) -> None:
+    """At start: remove the copy containers a killed service left (a step that is already done never runs again
+    to do it). Best effort: an engine that is down or slow is only logged; the next attempt removes them."""
+    log = get_logger("lifecycle.binaries", node=config.node_name)
+    try:
+        async with asyncio.timeout(LEFTOVER_CHECK_TIMEOUT_S):
+            removed = await ports.docker.remove_containers(copy_labels(config.node_name))
+    except (EngineError, TimeoutError) as exc:
+        log.warning("could not look for leftover copy containers", error=str(exc))
+        return
+    if removed:
+        log.info("removed leftover copy containers", containers=[c[:12] for c in removed])
 
 
 def _sources(ctx: StepContext) -> list[ArchiveSource]:
@@ -121,16 +161,53 @@ async def _remove_container(ctx: StepContext, container: str) -> None:
         ctx.log.warning("could not remove the copy container", container=container, error=exc.message)
 
 
-async def _copy_following_links(ctx: StepContext, container: str, source: ArchiveSource) -> Extracted:
-    """Copy one file; a symlink in the image is followed (inside the image) to the regular file it names."""
+async def _copy_following_links(ctx: StepContext, container: str, source: ArchiveSource) -> tuple[Extracted, str]:
+    """Copy one file; a symlink in the image is followed (inside the image) to the regular file it names.
+    Returns it with the path in the image that held it."""
     current = source
     for _ in range(MAX_LINK_HOPS + 1):
         outcome = await _copy_source(ctx, container, current)
         if isinstance(outcome, Extracted):
-            return outcome
+            return outcome, current.path
         current = ArchiveSource(name=source.name, path=outcome.target, dest=source.dest)
     raise PermanentError(f"{source.name} in the binaries image: more than {MAX_LINK_HOPS} symlinks to follow",
                          code="bad_image", details={"file": source.name})
+
+
+async def _scan_layers(ctx: StepContext, image: str) -> LayerLinks:
+    pipe = ChunkPipe(asyncio.get_running_loop())
+    scan = asyncio.create_task(asyncio.to_thread(layer_links, pipe), name="binaries-scan-layers-read")
+    feed = asyncio.create_task(_feed_layers(ctx, image, pipe), name="binaries-feed-layers")
+    return await _pump(scan, feed, pipe)
+
+
+def _refuse_hard_links(held_at: dict[str, str], layers: LayerLinks) -> None:
+    """dockerd's archive of a hard-linked file is a plain file with its partner's content (an image could ship
+    /etc/secret as the kubelet): the layers show the link, so a file that is a hard link in any layer is refused."""
+    links = layers.hard_links(set(held_at.values()))
+    linked = {name: (path, links[path]) for name, path in held_at.items() if path in links}
+    if linked:
+        name, (path, target) = sorted(linked.items())[0]
+        shown = name if name == path else f"{name} (-> {path})"
+        raise PermanentError(
+            f"{shown} in the binaries image: a hard link to {target} in the image's layers; only regular files and "
+            "symlinks are accepted", code="bad_image",
+            details={"file": name, "entry": path, "reason": f"hard link to {target}", "files": sorted(linked)},
+        )
+
+
+async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
+    chunks = ctx.ports.docker.save(image)
+    try:
+        async for chunk in chunks:
+            await pipe.put(chunk)
+    except EngineError as exc:
+        raise TemporaryError(f"reading the layers of {image}: {exc.message}", code="engine_failed") from exc
+    finally:
+        close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
+        if close is not None:
+            await close()
+    await pipe.close()
 
 
 async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) -> Extracted | Link:
@@ -142,6 +219,11 @@ async def _copy_source(ctx: StepContext, container: str, source: ArchiveSource) 
         name=f"binaries-extract-{source.path}",
     )
     feed = asyncio.create_task(_feed(ctx, container, source, pipe), name=f"binaries-feed-{source.path}")
+    return await _pump(extract, feed, pipe)
+
+
+async def _pump(extract: asyncio.Task[T], feed: asyncio.Task[None], pipe: ChunkPipe) -> T:
+    """Wait for a worker thread reading `pipe` and the task feeding it; the first real failure wins."""
     try:
         await asyncio.wait({extract, feed}, return_when=asyncio.FIRST_EXCEPTION)
         failures = [exc for t in (extract, feed) if t.done() and not t.cancelled() and (exc := t.exception())]

@@ -69,6 +69,7 @@ class Behaviour:
     ignore_cancel: bool = False  # a badly behaved step: swallows the first cancellation
     progress: int = 0  # progress reports (as pulls: bytes of "item<i>") before finishing
     output: tuple[str, ...] = ("preflight ok",)  # what a failing command printed ("command" failures)
+    incomplete: bool = False  # `run` returns without error but leaves no outcome (its `is_done` stays false)
 
     @classmethod
     def read(cls, root: Path, name: str) -> Behaviour:
@@ -118,7 +119,8 @@ class FakeStep:
             if b.fail == "temporary":
                 raise TemporaryError(f"{self.name} hiccup {self.attempts}", code="fake_temporary", delay_s=0.01)
             raise RuntimeError(f"{self.name} exploded")
-        (fake_dir(root) / f"{self.name}.done").touch()
+        if not b.incomplete:
+            (fake_dir(root) / f"{self.name}.done").touch()
 
     async def before_retry(self, ctx: StepContext) -> None:
         _append(ctx.paths.root, f"before_retry {self.name}")

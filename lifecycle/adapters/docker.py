@@ -1,11 +1,12 @@
 """`ContainerEngine` over the Docker Engine API (aiodocker): inspect, pull with byte progress, copy files out.
-Leaves pulled images in the engine; the containers it creates are never started and are removed by the caller.
+Leaves pulled images in the engine; the containers it creates are never started and are removed by the caller
+(by id, or by their labels when a crash lost the id).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -163,8 +164,8 @@ class DockerEngine:
             raise EngineError(f"pulling {ref}: the engine reported success but has no such image")
         return image
 
-    async def create_container(self, image: str) -> str:
-        config: JSONObject = {"Image": image, "Cmd": list(_DUMMY_CMD), "Labels": {"io.lifecycle.role": "copy-source"}}
+    async def create_container(self, image: str, *, labels: Mapping[str, str] | None = None) -> str:
+        config: JSONObject = {"Image": image, "Cmd": list(_DUMMY_CMD), "Labels": dict(labels or {})}
         try:
             container = await self._client().containers.create(config)
         except DockerError as exc:
@@ -192,6 +193,21 @@ class DockerEngine:
         except aiohttp.ClientError as exc:
             raise self._connection_error(exc, f"reading {path} from container {container_id[:12]}") from exc
 
+    async def save(self, image: str) -> AsyncIterator[bytes]:
+        try:
+            async with self._client()._query(
+                f"images/{quote(image, safe='/:@')}/get", timeout=_STREAM_TIMEOUT
+            ) as response:
+                try:
+                    async for chunk in response.content.iter_chunked(ARCHIVE_CHUNK_BYTES):
+                        yield chunk
+                finally:
+                    response.close()  # aiodocker's _query leaves it open: drop the connection on any exit
+        except DockerError as exc:
+            raise self._error(exc, f"reading the layers of {image}") from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, f"reading the layers of {image}") from exc
+
     async def cgroup_driver(self) -> str:
         # Docker Engine picks systemd on a cgroup v2 host run by systemd unless told otherwise (moby
         # daemon/daemon_unix.go UsingSystemd), and cri-dockerd up to v0.3.16 cannot pass that on to the kubelet.
@@ -206,6 +222,21 @@ class DockerEngine:
             raise EngineError(f"docker info reports cgroup driver {driver!r}; the kubelet needs systemd or cgroupfs")
         return str(driver)
 
+    async def remove_containers(self, labels: Mapping[str, str]) -> list[str]:
+        if not labels:
+            raise ValueError("remove_containers needs at least one label: it would remove every container")
+        filters = json.dumps({"label": [f"{key}={value}" for key, value in labels.items()]})
+        try:
+            found = await self._client()._query_json("containers/json", params={"all": "1", "filters": filters})
+        except DockerError as exc:
+            raise self._error(exc, "listing containers by label") from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, "listing containers by label") from exc
+        removed = [str(c["Id"]) for c in found if isinstance(c, dict) and "Id" in c]
+        for container_id in removed:
+            await self.remove_container(container_id)
+        return removed
+
     async def remove_container(self, container_id: str) -> None:
         try:
             await self._client()._query_json(
@@ -214,6 +245,8 @@ class DockerEngine:
         except DockerError as exc:
             if exc.status != 404:  # already gone is what we wanted
                 raise self._error(exc, f"removing container {container_id[:12]}") from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, f"removing container {container_id[:12]}") from exc
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import tarfile
 import time
@@ -100,8 +101,9 @@ def with_k8s(config: Config, **changes: Any) -> Config:
 
 @dataclass(frozen=True)
 class Entry:
-    """One tar entry: a regular file (data), a directory (data None, link None), a symlink (link) or a character
-    device (device=(major, minor))."""
+    """One tar entry: a regular file (data), a directory (data None, link None), a symlink (link), a hard link
+    (hardlink: the image path it links to, without the leading slash) or a character device (device=(major, minor)).
+    `xattrs` become PAX records (SCHILY.xattr.<name>), as tar writers store extended attributes."""
 
     name: str
     data: bytes | None = None
@@ -109,15 +111,27 @@ class Entry:
     mode: int = 0o755
     size_bytes: int | None = None  # stream this many zero bytes instead of `data`
     device: tuple[int, int] | None = None
+    hardlink: str | None = None
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+
+
+def file_capability(bit: int) -> bytes:
+    """A `security.capability` value (VFS_CAP_REVISION_2) granting capability number `bit`, as setcap writes."""
+    return struct.pack("<IIIII", 0x02000001, 1 << bit, 0, 0, 0)
 
 
 def rootfs_tar(entries: Iterable[Entry]) -> bytes:
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for e in entries:
             info = tarfile.TarInfo(e.name)
             info.mode = e.mode
-            if e.device is not None:
+            # tarfile writes PAX values as UTF-8 with surrogateescape: raw bytes survive unchanged
+            info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in e.xattrs}
+            if e.hardlink is not None:
+                info.type, info.linkname = tarfile.LNKTYPE, e.hardlink
+                tar.addfile(info)
+            elif e.device is not None:
                 info.type, (info.devmajor, info.devminor) = tarfile.CHRTYPE, e.device
                 tar.addfile(info)
             elif e.link is not None:

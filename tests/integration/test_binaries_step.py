@@ -17,6 +17,7 @@ from stepkit import (
     Entry,
     binaries_entries,
     containers_from,
+    file_capability,
     import_image,
     make_config,
     make_ctx,
@@ -27,7 +28,7 @@ from stepkit import (
 from lifecycle.adapters.docker import DockerEngine
 from lifecycle.config import DEFAULT_BINARIES, Config
 from lifecycle.errors import PermanentError
-from states.binaries import RECORD_NAME, Binaries
+from states.binaries import RECORD_NAME, Binaries, copy_labels, remove_leftover_copies
 
 TOOLS = DEFAULT_BINARIES  # /usr/bin/{kubeadm,kubelet,kubectl,crictl}, /opt/cni/bin/{bridge,host-local,loopback,portmap}
 
@@ -135,8 +136,22 @@ async def test_symlinks_are_followed_inside_the_image(config: Config, engine: Do
          "symlink loop"),
         ([Entry("usr/bin/kubectl", device=(1, 3))], "not a regular file (device, fifo or directory)"),
         ([Entry("usr/bin/kubectl")], "not a regular file (device, fifo or directory)"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o4755)], "mode 4755 has setuid"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o2755)], "mode 2755 has setgid"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", mode=0o1755)], "mode 1755 has sticky"),
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", xattrs=(("security.capability", file_capability(12)),))],
+         "extended attributes security.capability"),
+        ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", hardlink="etc/secret")],
+         "a hard link to /etc/secret in the image's layers"),
+        ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", link="kubectl-real"),
+          Entry("usr/bin/kubectl-real", hardlink="etc/secret")],
+         "/usr/bin/kubectl (-> /usr/bin/kubectl-real) in the binaries image: a hard link to /etc/secret"),
+        ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", link="/bin/kubectl-real"),
+          Entry("usr/bin/kubectl-real", hardlink="etc/secret")],  # reached through the image's bin -> usr/bin
+         "/usr/bin/kubectl (-> /bin/kubectl-real) in the binaries image: a hard link to /etc/secret"),
     ],
-    ids=["link-escapes", "link-loop", "device", "directory"],
+    ids=["link-escapes", "link-loop", "device", "directory", "setuid", "setgid", "sticky", "file-capability",
+         "hard-link", "symlink-to-hard-link", "hard-link-through-a-linked-dir"],
 )
 async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
     config: Config, engine: DockerEngine, docker_host: str, replacement: list[Entry], why: str
@@ -212,3 +227,23 @@ async def test_bad_binaries_config_is_rejected(config: Config, engine: DockerEng
     with pytest.raises(PermanentError, match=r"kubernetes.binaries: .* is not an absolute normalised path") as info:
         await Binaries().run(ctx)
     assert info.value.code == "invalid_config"
+
+
+async def test_copy_containers_a_crash_left_are_removed_before_the_next_copy_and_at_start(
+    config: Config, engine: DockerEngine, docker_host: str
+) -> None:
+    import_image(docker_host, _image(config), binaries_entries(_tools()))
+    labels = copy_labels(config.node_name)
+    other_node = await engine.create_container(_image(config), labels=copy_labels("another-node"))
+    try:
+        await engine.create_container(_image(config), labels=labels)  # as a SIGKILL mid-copy leaves it
+        ctx, progress = make_ctx(config, docker=engine)
+        await Binaries().run(ctx)
+        assert "removed 1 copy container(s) an earlier attempt left" in progress.messages()
+        assert containers_from(docker_host, _image(config)) == [other_node[:12]], "only this node's are removed"
+
+        await engine.create_container(_image(config), labels=labels)
+        await remove_leftover_copies(config, make_ctx(config, docker=engine)[0].ports)
+        assert containers_from(docker_host, _image(config)) == [other_node[:12]]
+    finally:
+        await engine.remove_container(other_node)

@@ -165,6 +165,21 @@ async def test_permanent_error_is_not_retried(tmp_path: Path) -> None:
                                     "details": {"hint": "fix it", "attempts": 1}}
 
 
+async def test_a_run_that_leaves_no_outcome_fails_its_own_step_as_incomplete(rig: Rig) -> None:
+    # A kubeadm that prints "fine" and exits 0 writes nothing: the failure is named at kubeadm, not at the kubelet.
+    steer(rig.root, "kubeadm", incomplete=True)
+    await rig.engine.install(request_id="r1", version=None)
+    await rig.engine.wait_job()
+    events = rig.events()
+    assert rig.states(events)[-2:] == ["kubeadm", "failed"]
+    failed = next(e for e in events if e.type == EventType.STEP_FAILED)
+    assert failed.data["state"] == "kubeadm"
+    error = failed.data["error"]
+    assert (error["code"], error["retryable"]) == ("step_incomplete", False)
+    assert "kubeadm" in error["message"] and error["details"] == {"step": "kubeadm", "attempts": 1}
+    assert "run kubelet 1" not in journal(rig.root)
+
+
 async def test_unexpected_exception_becomes_internal_with_its_text(rig: Rig) -> None:
     steer(rig.root, "binaries", fail="internal")
     await rig.engine.install(request_id="r1", version=None)
