@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,6 +160,10 @@ def test_cancel_during_the_recheck_after_a_reboot_has_nothing_to_cancel_and_the_
 
         node.kill_service()
         _kill_processes_under(node.root)  # as after a reboot: nothing of the node runs any more
+        # SIGKILL is not instant: a killed process keeps its /proc entry (and command line) until it has exited.
+        gone_by = time.monotonic() + 10
+        while _kubelets_under(node.root) and time.monotonic() < gone_by:
+            time.sleep(0.1)
         assert not _kubelets_under(node.root)
         proxy.stall()
         node.start_service()
