@@ -42,8 +42,15 @@ lint: venv
 # test at all (pytest exit 5) fails too.
 test: SIM_PAD_SCALE = $(TEST_PAD_SCALE)
 test: venv services sim-images lint
-	SIM_PAD_SCALE=$(SIM_PAD_SCALE) $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	SIM_PAD_SCALE=$(SIM_PAD_SCALE) $(PY) -m pytest -q --durations=15 --ignore=tests/faults $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing"; fi; exit $$rc
+
+# test-faults: the long runs that drive the real service from outside through faults (SIGKILL at every step
+# boundary, install->reset cycles with resource counts), kept out of `make test`'s 20 minutes (tests/faults/).
+.PHONY: test-faults
+test-faults: SIM_PAD_SCALE = $(TEST_PAD_SCALE)
+test-faults: venv services sim-images
+	SIM_PAD_SCALE=$(SIM_PAD_SCALE) $(PY) -m pytest -q --durations=15 tests/faults $(PYTEST_ARGS)
 
 # demo: install a cluster on the simulated node through the service, over MQTT (scripts/demo.sh).
 demo: venv services sim-images
