@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,43 +81,40 @@ def _all_pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
-def running_program(program: Path) -> list[HostProcess]:
-    """Live processes running `program`: as their executable or as an argument (a script's interpreter)."""
-    wanted = str(program)
+def _scan(matches: Callable[[int, HostProcess], bool]) -> list[HostProcess]:
+    """One pass over /proc: the live processes `matches` accepts, this service and its ancestors excepted."""
     mine = _own_lineage()
     found: list[HostProcess] = []
     for pid in _all_pids():
         if pid in mine:
             continue
         proc = _snapshot(pid)
-        if proc is not None and (wanted in proc.cmdline or _link(pid, "exe") == wanted):
+        if proc is not None and matches(pid, proc):
             found.append(proc)
     return found
+
+
+def running_program(program: Path) -> list[HostProcess]:
+    """Live processes running `program`: as their executable or as an argument (a script's interpreter)."""
+    return _running_any([str(program)])
+
+
+def _running_any(wanted: list[str]) -> list[HostProcess]:
+    return _scan(lambda pid, proc: any(w in proc.cmdline for w in wanted) or _link(pid, "exe") in wanted)
 
 
 def processes_under(root: Path) -> list[HostProcess]:
     """Live processes of the node under `root` (see the module head), this service and its ancestors excepted."""
     resolved = root.resolve()
     if resolved == Path("/"):
-        programs = [resolved / "usr/bin" / name for name in NODE_PROGRAMS]
-        by_pid = {p.pid: p for program in programs for p in running_program(program)}
-        return sorted(by_pid.values(), key=lambda p: p.pid)
+        return sorted(_running_any([str(resolved / "usr/bin" / name) for name in NODE_PROGRAMS]), key=lambda p: p.pid)
     prefix = f"{resolved}/"
 
     def under(path: str | None) -> bool:
         return path is not None and (path == str(resolved) or path.startswith(prefix))
 
-    mine = _own_lineage()
-    found: list[HostProcess] = []
-    for pid in _all_pids():
-        if pid in mine:
-            continue
-        proc = _snapshot(pid)
-        if proc is None:
-            continue
-        if under(_link(pid, "exe")) or under(_link(pid, "cwd")) or any(under(arg) for arg in proc.cmdline):
-            found.append(proc)
-    return found
+    return _scan(lambda pid, proc: under(_link(pid, "exe")) or under(_link(pid, "cwd"))
+                 or any(under(arg) for arg in proc.cmdline))
 
 
 def is_alive(proc: HostProcess) -> bool:
