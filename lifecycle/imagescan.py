@@ -1,16 +1,17 @@
 """Reads an image as its layers hold it (the Docker Engine's `docker save` tar, streamed through `ChunkPipe` into
-a worker thread) to find the hard links among some paths: the archive API hands a hard-linked file over as a
-plain regular file with its partner's content, so only the layers can tell. Writes nothing; only headers are read.
+a worker thread) to find what the archive API hides among some paths: hard links (handed over as a plain regular
+file with its partner's content), extended attributes other than security.capability (dropped), and member names
+with a `..` component (written by the engine somewhere other than they say). Writes nothing; only headers are read.
 """
 
 from __future__ import annotations
 
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lifecycle.errors import TemporaryError
-from lifecycle.tarstream import ChunkPipe
+from lifecycle.tarstream import XATTR_PAX_PREFIXES, ChunkPipe
 
 _NOT_LAYERS = ("manifest.json", "repositories", "oci-layout", "index.json")
 MAX_DIR_LINK_HOPS = 40  # symlinked directories followed on one path (Linux's MAXSYMLINKS)
@@ -23,10 +24,13 @@ def layer_path(name: str) -> str:
 
 @dataclass(frozen=True)
 class LayerLinks:
-    """Every symlink (path: its text) and hard link (path: linked path) in an image's layers, later layers winning."""
+    """Every symlink (path: its text), hard link (path: linked path) and entry with extended attributes (path: their
+    names) in an image's layers, later layers winning; and every entry name with a `..` component, as written."""
 
     symlinks: dict[str, str]
     links: dict[str, str]
+    xattrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dotdot_names: tuple[str, ...] = ()
 
     def hard_links(self, paths: set[str]) -> dict[str, str]:
         """{path: link target} for each of `paths` (absolute) that some layer holds as a hard link, its directories
@@ -38,6 +42,15 @@ class LayerLinks:
             entry = resolve_dirs(path, self.symlinks)
             if entry in self.links:
                 found[path] = self.links[entry]
+        return found
+
+    def extended_attributes(self, paths: set[str]) -> dict[str, tuple[str, ...]]:
+        """{path: xattr names} for each of `paths` some layer holds with extended attributes (any layer counts)."""
+        found: dict[str, tuple[str, ...]] = {}
+        for path in paths:
+            entry = resolve_dirs(path, self.symlinks)
+            if entry in self.xattrs:
+                found[path] = self.xattrs[entry]
         return found
 
 
@@ -75,6 +88,8 @@ def resolve_dirs(path: str, symlinks: dict[str, str]) -> str:
 def _scan(pipe: ChunkPipe) -> LayerLinks:
     symlinks: dict[str, str] = {}
     links: dict[str, str] = {}
+    xattrs: dict[str, tuple[str, ...]] = {}
+    dotdot: list[str] = []
     with tarfile.open(fileobj=pipe, mode="r|") as saved:  # type: ignore[call-overload]
         for member in saved:
             if not member.isreg() or member.name.endswith(".json") or member.name.endswith(_NOT_LAYERS):
@@ -85,6 +100,12 @@ def _scan(pipe: ChunkPipe) -> LayerLinks:
             try:
                 with tarfile.open(fileobj=data, mode="r|*") as layer:
                     for entry in layer:
+                        if ".." in entry.name.split("/"):
+                            dotdot.append(entry.name)
+                        names = tuple(sorted(k.split(".xattr.", 1)[1] for k in entry.pax_headers
+                                             if k.startswith(XATTR_PAX_PREFIXES)))
+                        if names:
+                            xattrs[layer_path(entry.name)] = names
                         if entry.issym():
                             symlinks[layer_path(entry.name)] = entry.linkname
                         elif entry.islnk():
@@ -93,4 +114,4 @@ def _scan(pipe: ChunkPipe) -> LayerLinks:
                 continue  # a config or other blob, not a layer
     while pipe.read(1 << 16):  # tar padding after the end marker: drain so the producer can finish
         pass
-    return LayerLinks(symlinks=symlinks, links=links)
+    return LayerLinks(symlinks=symlinks, links=links, xattrs=xattrs, dotdot_names=tuple(dotdot))

@@ -3,7 +3,8 @@
 (0755), ignoring everything else in the image; recorded in `<state_dir>/binaries.json` (image id, sha256 per
 file). Done when the record's image id is the local id of the binaries image and every file still has its sha256.
 A file the image holds as a hard link (seen in its layers: the archive API would hand over its partner's content),
-with setuid/setgid/sticky bits or extended attributes (file capabilities) is refused as `bad_image`, naming it.
+with setuid/setgid/sticky bits or extended attributes (file capabilities; others from the layers) is refused as
+`bad_image`, naming it; so is an image with a `../` entry name anywhere in its layers.
 The container copied from carries `lifecycle.node=<node>` and `lifecycle.role=binaries-copy`: one a crash left
 behind is found by these labels and removed before each attempt and when the service starts.
 """
@@ -74,7 +75,7 @@ class Binaries:
             for source in sources:
                 entry, held_at[source.name] = await _copy_following_links(ctx, container, source)
                 extracted.append(entry)
-            _refuse_hard_links(held_at, await scan)
+            _refuse_layer_entries(held_at, await scan)
             await asyncio.to_thread(_install, extracted)
         finally:
             scan.cancel()
@@ -181,9 +182,17 @@ async def _scan_layers(ctx: StepContext, image: str) -> LayerLinks:
     return await _pump(scan, feed, pipe)
 
 
-def _refuse_hard_links(held_at: dict[str, str], layers: LayerLinks) -> None:
-    """dockerd's archive of a hard-linked file is a plain file with its partner's content (an image could ship
-    /etc/secret as the kubelet): the layers show the link, so a file that is a hard link in any layer is refused."""
+def _refuse_layer_entries(held_at: dict[str, str], layers: LayerLinks) -> None:
+    """Refuse what only the layers show (lifecycle/imagescan.py): a member name with `..` anywhere in the image (the
+    engine writes it inside the layer at pull but reads it outside at save: which file is it?); a file that is a
+    hard link in any layer (dockerd's archive of it is a plain file with its partner's content: an image could ship
+    /etc/secret as the kubelet); a file with extended attributes the archive drops (user.*, trusted.*)."""
+    if layers.dotdot_names:
+        name = layers.dotdot_names[0]
+        raise PermanentError(
+            f"the binaries image has a layer entry {name!r} with a '..' component; entry names must stay inside "
+            "the image", code="bad_image", details={"entry": name, "reason": "'..' in an entry name"},
+        )
     links = layers.hard_links(set(held_at.values()))
     linked = {name: (path, links[path]) for name, path in held_at.items() if path in links}
     if linked:
@@ -194,6 +203,16 @@ def _refuse_hard_links(held_at: dict[str, str], layers: LayerLinks) -> None:
             "symlinks are accepted", code="bad_image",
             details={"file": name, "entry": path, "reason": f"hard link to {target}", "files": sorted(linked)},
         )
+    xattrs = layers.extended_attributes(set(held_at.values()))
+    marked = {name: (path, xattrs[path]) for name, path in held_at.items() if path in xattrs}
+    if marked:
+        name, (path, names) = sorted(marked.items())[0]
+        shown = name if name == path else f"{name} (-> {path})"
+        why = f"extended attributes {', '.join(names)} in the image's layers"
+        raise PermanentError(
+            f"{shown} in the binaries image: {why} (a binary is installed without them)", code="bad_image",
+            details={"file": name, "entry": path, "reason": why, "files": sorted(marked)},
+        )
 
 
 async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
@@ -202,6 +221,15 @@ async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
         async for chunk in chunks:
             await pipe.put(chunk)
     except EngineError as exc:
+        if "no such file or directory" in exc.message:
+            # dockerd's save reassembles each layer from its files by the names the layer tar holds (tar-split's
+            # file getter, moby layer/layer_store.go); a `../` name it wrote inside the layer at pull is looked
+            # for outside it: the image is at fault, and saving it again fails the same way.
+            raise PermanentError(
+                f"the binaries image is refused: {exc.message} (the engine cannot read back a file it wrote at "
+                "pull: a layer entry whose name leads outside the layer, as a '../' name does)",
+                code="bad_image", details={"reason": "layer unreadable", "engine_error": exc.message},
+            ) from exc
         raise TemporaryError(f"reading the layers of {image}: {exc.message}", code="engine_failed") from exc
     finally:
         close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC

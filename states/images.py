@@ -192,12 +192,21 @@ class _ProgressThrottle:
         )
 
 
+# What the engine says when a downloaded layer's tar itself is at fault (pulling it again gets the same bytes):
+# a name twice in one layer (tar-split, tar/storage/packer.go ErrDuplicatePath, which moby's layer store uses to
+# record each layer: layer/layer_store.go registerWithDescriptor).
+LAYER_REFUSED = ("duplicates of file paths not supported",)
+
+
 def _classify(ctx: StepContext, ref: str, exc: EngineError) -> PermanentError | TemporaryError:
     if exc.unreachable:  # not the registry's fault: the engine did not answer (a restarted engine answers again)
         return TemporaryError(exc.message, code="engine_unavailable", delay_s=PULL_RETRY_DELAY_S,
                               details={"image": ref, "docker_host": ctx.config.docker.host})
     if exc.not_found:
         return PermanentError(f"image {ref} not found: {exc.message}", code="image_not_found", details={"image": ref})
+    if any(reason in exc.message for reason in LAYER_REFUSED):
+        return PermanentError(f"pull of {ref} failed: the engine refuses a layer of the image: {exc.message}",
+                              code="bad_image", details={"image": ref, "reason": exc.message})
     return TemporaryError(
         f"pull of {ref} failed: {exc.message}", code="pull_failed", delay_s=PULL_RETRY_DELAY_S, details={"image": ref}
     )
