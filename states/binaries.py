@@ -35,6 +35,9 @@ PROGRESS_INTERVAL_S = 0.25
 COPY_ROLE = "binaries-copy"
 LEFTOVER_CHECK_TIMEOUT_S = 10.0  # at start: an engine that does not answer delays the service no longer than this
 T = TypeVar("T")
+# How `docker save` fails on a layer entry named outside the layer (tar-split tar/asm/assemble.go): no such file
+# there, or a file there whose bytes are not the entry's.
+SAVE_REFUSED = ("no such file or directory", "file integrity checksum failed")
 
 
 class Binaries:
@@ -221,10 +224,10 @@ async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
         async for chunk in chunks:
             await pipe.put(chunk)
     except EngineError as exc:
-        if "no such file or directory" in exc.message:
-            # dockerd's save reassembles each layer from its files by the names the layer tar holds (tar-split's
-            # file getter, moby layer/layer_store.go); a `../` name it wrote inside the layer at pull is looked
-            # for outside it: the image is at fault, and saving it again fails the same way.
+        if not exc.not_found and any(reason in exc.message for reason in SAVE_REFUSED):
+            # dockerd's save rebuilds each layer from its files by the names the layer tar holds (tar-split's file
+            # getter, moby layer/layer_store.go); a `../` name it wrote inside the layer at pull is read outside
+            # it, where the file is missing or another one: the image is at fault, and saving again fails the same.
             raise PermanentError(
                 f"the binaries image is refused: {exc.message} (the engine cannot read back a file it wrote at "
                 "pull: a layer entry whose name leads outside the layer, as a '../' name does)",

@@ -149,9 +149,12 @@ async def test_symlinks_are_followed_inside_the_image(config: Config, engine: Do
         ([Entry("etc/secret", b"not a kubectl", mode=0o600), Entry("usr/bin/kubectl", link="/bin/kubectl-real"),
           Entry("usr/bin/kubectl-real", hardlink="etc/secret")],  # reached through the image's bin -> usr/bin
          "/usr/bin/kubectl (-> /bin/kubectl-real) in the binaries image: a hard link to /etc/secret"),
+        # dockerd's archive drops xattrs other than security.capability: only the layers show this one
+        ([Entry("usr/bin/kubectl", b"\x7fELF kubectl", xattrs=(("user.hostile", b"1"),))],
+         "extended attributes user.hostile in the image's layers"),
     ],
     ids=["link-escapes", "link-loop", "device", "directory", "setuid", "setgid", "sticky", "file-capability",
-         "hard-link", "symlink-to-hard-link", "hard-link-through-a-linked-dir"],
+         "hard-link", "symlink-to-hard-link", "hard-link-through-a-linked-dir", "user-xattr"],
 )
 async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
     config: Config, engine: DockerEngine, docker_host: str, replacement: list[Entry], why: str
@@ -169,6 +172,37 @@ async def test_a_hostile_named_file_is_refused_and_nothing_is_installed(
     assert why in info.value.message
     assert _installed(ctx.paths.root) == [], "no binary and no temp file"
     assert not (ctx.paths.state_dir / RECORD_NAME).exists()
+    assert containers_from(docker_host, _image(config)) == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        # kubectl itself, under a name that stays inside the layer: `docker save` works, the layer scan refuses it
+        ("usr/bin/../bin/kubectl", "a layer entry 'usr/bin/../bin/kubectl' with a '..' component"),
+        # written inside the layer at import, looked for outside it by `docker save`: missing there ...
+        ("../" * 12 + "usr/lib/lifecycle-absent", "open /usr/lib/lifecycle-absent: no such file or directory"),
+        # ... or a host file with other bytes
+        ("../" * 12 + "etc/passwd", 'file integrity checksum failed for "' + "../" * 12 + 'etc/passwd"'),
+    ],
+    ids=["inside", "outside-missing", "outside-present"],
+)
+async def test_a_dotdot_entry_name_in_the_layers_refuses_the_image(
+    config: Config, engine: DockerEngine, docker_host: str, entry: str, why: str
+) -> None:
+    """Issue 8, hostile images: a `../` name was retried as an engine failure (engine_failed) or, inside the layer,
+    installed; the image is at fault."""
+    tools = _tools()
+    kubectl = tools.pop("/usr/bin/kubectl") if entry.endswith("/kubectl") else b""
+    import_image(docker_host, _image(config), [*binaries_entries(tools), Entry(entry, kubectl or b"hostile")])
+    ctx, _ = make_ctx(config, docker=engine)
+
+    with pytest.raises(PermanentError) as info:
+        await Binaries().run(ctx)
+
+    assert info.value.code == "bad_image"
+    assert why in info.value.message
+    assert _installed(ctx.paths.root) == [], "no binary and no temp file"
     assert containers_from(docker_host, _image(config)) == []
 
 

@@ -29,6 +29,7 @@ from lifecycle.adapters.docker import DockerEngine
 from lifecycle.config import Config
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.ports import PullProgress
+from simnode.hostile import Member, Registry, Variant, build_variant
 from states.images import Images, wanted_images
 
 
@@ -201,3 +202,25 @@ async def test_an_engine_that_does_not_answer_is_engine_unavailable_naming_its_s
 
 def _tiny_tar() -> bytes:
     return rootfs_tar([Entry("marker", b"offline", mode=0o644)])
+
+
+async def test_a_layer_the_engine_refuses_is_bad_image_and_not_retried(
+    registry_images: Config, docker_host: str, registry: str
+) -> None:
+    """Issue 8, hostile images: a layer holding one name twice (a symlink, then a file) is refused by the engine at
+    pull; that was `pull_failed`, retried, though pulling again gets the same bytes."""
+    base = registry_images.kubernetes.images_for(VERSION)["pause"]
+    ref = f"{registry_images.kubernetes.image_repository}/duplicate:v1"
+    layer = (Member("kubelet", "symlink", link="/etc/hostname"), Member("kubelet", data=b"hostile"))
+    build_variant(Registry(registry), base, ref, Variant("duplicate", (layer,), "images", "bad_image", "", ""))
+    config = with_k8s(registry_images, addon_images=(*registry_images.kubernetes.addon_images, ref))
+    engine = DockerEngine(docker_host)
+    ctx, _ = make_ctx(config, docker=engine)
+    try:
+        with pytest.raises(PermanentError) as info:
+            await Images().run(ctx)
+        assert info.value.code == "bad_image"
+        assert ref in info.value.message and "duplicates of file paths not supported" in info.value.message
+    finally:
+        await engine.close()
+        remove_images(docker_host, [ref])
