@@ -9,7 +9,7 @@ import io
 import json
 import tarfile
 
-from lifecycle.imagescan import hard_links, resolve_dirs
+from lifecycle.imagescan import LayerLinks, hard_links, layer_links, resolve_dirs
 from lifecycle.tarstream import ChunkPipe
 
 
@@ -52,6 +52,25 @@ async def test_hard_links_are_found_in_classic_and_oci_layouts() -> None:
     wanted = {"/usr/bin/kubeadm", "/usr/bin/kubelet", "/bin/kubelet"}
     for saved in (classic, oci):
         assert await _scan(saved, wanted) == {"/usr/bin/kubelet": "/etc/secret", "/bin/kubelet": "/etc/secret"}
+
+
+async def test_xattrs_and_dotdot_names_are_found_as_the_layers_hold_them() -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        kubelet = tarfile.TarInfo("usr/bin/kubelet")
+        kubelet.pax_headers = {"SCHILY.xattr.user.hostile": "1", "SCHILY.xattr.security.capability": "x"}
+        tar.addfile(kubelet, io.BytesIO(b""))
+        tar.addfile(tarfile.TarInfo("usr/bin/../../../etc/x"), io.BytesIO(b""))
+        tar.addfile(tarfile.TarInfo("bin"), None)
+    saved = _tar([("a/layer.tar", out.getvalue(), None, tarfile.REGTYPE)])
+    pipe = ChunkPipe(asyncio.get_running_loop())
+    scan = asyncio.create_task(asyncio.to_thread(layer_links, pipe))
+    await pipe.put(saved)
+    await pipe.close()
+    layers: LayerLinks = await scan
+    assert layers.extended_attributes({"/usr/bin/kubelet", "/usr/bin/kubectl"}) == {
+        "/usr/bin/kubelet": ("security.capability", "user.hostile")}
+    assert layers.dotdot_names == ("usr/bin/../../../etc/x",)
 
 
 def test_directories_resolve_through_symlinks_inside_the_image() -> None:
