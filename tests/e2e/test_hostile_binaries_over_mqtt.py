@@ -1,65 +1,36 @@
 """Hostile binaries images against the real `lifecycle serve` (issue 8, defects 20 and 21): the simulated node's
-binaries image with one member made hostile (a tar ADDed on top: setuid, a file capability, a hard link to
-/etc/secret) is refused at `binaries` with `bad_image` naming the file; nothing is installed, and the service
-still answers."""
+binaries image with one member made hostile (a layer on top, simnode/hostile.py: setuid, a file capability, a
+hard link to /etc/lifecycle-secret) is refused at `binaries` with `bad_image` naming the file; nothing is
+installed, and the service still answers. All 20 variants run in tests/faults/test_hostile_images.py."""
 
 from __future__ import annotations
 
-import io
-import os
 import re
 import subprocess
-import tarfile
-import tempfile
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from conftest import SimImages
 from test_install_over_mqtt import SIM_CONFIG, Node, _in_sim_namespace, _wait_state, make_node, payload  # noqa: F401
 
+from simnode.hostile import build_all
+
 VERSION = "v1.31.4"
-CAP_NET_ADMIN = 12
-
-
-def _overlay(kind: str) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        data = b"#!/bin/sh\necho hostile\n"
-        if kind == "hard-link":
-            secret = tarfile.TarInfo("etc/secret")
-            secret.size, secret.mode = len(data), 0o600
-            tar.addfile(secret, io.BytesIO(data))
-            link = tarfile.TarInfo("usr/bin/kubelet")
-            link.type, link.linkname = tarfile.LNKTYPE, "etc/secret"
-            tar.addfile(link)
-        else:
-            info = tarfile.TarInfo("usr/bin/kubelet")
-            info.size, info.mode = len(data), 0o4755 if kind == "setuid" else 0o755
-            if kind == "file-capability":
-                cap = (0x02000001).to_bytes(4, "little") + (1 << CAP_NET_ADMIN).to_bytes(4, "little") + bytes(12)
-                info.pax_headers = {"SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape")}
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def _hostile_image(sim_images: SimImages, kind: str) -> str:
-    ref = f"{sim_images.repo}/e2e-hostile-{kind}-{uuid.uuid4().hex[:8]}:v1"
-    with tempfile.TemporaryDirectory() as tmp:
-        context = Path(tmp)
-        (context / "overlay.tar").write_bytes(_overlay(kind))
-        (context / "Dockerfile").write_text(f"FROM {sim_images.binaries_image(VERSION)}\nADD overlay.tar /\n")
-        env = dict(os.environ, DOCKER_BUILDKIT="0")
-        subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True, env=env)
-    subprocess.run(["docker", "push", ref], check=True, capture_output=True)
+    """The variant `kind` of simnode/hostile.py, pushed under a repository of the test's own."""
+    registry, _, namespace = sim_images.repo.partition("/")
+    repo = f"{namespace + '/' if namespace else ''}e2e-hostile-{uuid.uuid4().hex[:8]}/desktop-kubernetes"
+    [(_, ref)] = build_all(registry=registry, repo=repo, version=VERSION, namespace=namespace, kinds=[kind])
     return ref
 
 
 @pytest.mark.parametrize(("kind", "why"), [
     ("setuid", "mode 4755 has setuid"),
     ("file-capability", "extended attributes security.capability"),
-    ("hard-link", "a hard link to /etc/secret"),
+    ("hard-link", "a hard link to /etc/lifecycle-secret"),
 ])
 def test_a_hostile_kubelet_is_refused_by_name_and_nothing_is_installed(
     make_node: Callable[..., Node], sim_images: SimImages, kind: str, why: str  # noqa: F811 (fixture imported above)
