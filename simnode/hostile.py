@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from simnode import versions as v
@@ -66,8 +66,7 @@ class Variant:
     code: str
     member: str
     reason: str
-    about: str = ""
-    config: dict[str, Any] = field(default_factory=dict)  # [kubernetes] keys the test sets for this variant
+    about: str = ""  # why the variant is hostile, where the name does not say it
 
     def ref(self, registry: str, repo: str, version: str) -> str:
         return f"{registry}/{repo}:{self.kind}-{version}"
@@ -136,7 +135,7 @@ def variants() -> list[Variant]:
                 "(without naming it)"),
         Variant("oversized", _one(Member("usr/bin/kubelet", size_bytes=OVERSIZE_BYTES)),
                 "binaries", "bad_image", TARGET, "(kubernetes.binary_max_bytes)",
-                config={"binary_max_bytes": OVERSIZE_LIMIT_BYTES}),
+                f"with kubernetes.binary_max_bytes = {OVERSIZE_LIMIT_BYTES}, as the fault tests set it"),
         Variant("missing-member", _one(Member("opt/cni/bin/.wh.portmap", mode=0o644)),
                 "binaries", "bad_image", "/opt/cni/bin/portmap", "is not in the binaries image",
                 "a CNI plugin the config names is whited out"),
