@@ -1,6 +1,7 @@
 """`lifecycle` commands: `serve` (wired in `__main__`), the MQTT 5 clients `install`, `status`, `watch`, `reset`,
-`cancel`, and `graph`. Clients send a request with a response topic and correlation data and wait for the reply;
-`--watch` then follows the events of that request. Nothing is written to disk.
+`cancel`, `kubeconfig`, the host-side `forward`, and `graph`. Clients send a request with a response topic and
+correlation data and wait for the reply; `--watch` then follows the events of that request. Nothing is written to
+disk but the kubeconfig a user asks for (`kubeconfig -o FILE` or `--merge`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ EXIT_FAILED = 1  # the service refused the request, or the install/reset being w
 EXIT_USAGE = 2  # bad flags or config file
 EXIT_UNREACHABLE = 3  # no broker, or no reply within --timeout
 EXIT_INTERRUPTED = 130  # Ctrl-C while waiting
+
+MERGE_DEFAULT = Path("$KUBECONFIG")  # --merge without FILE: resolved as kubectl would (lifecycle.kubemerge)
 
 EPILOG = f"""exit codes:
   {EXIT_OK}    success (for --watch: the install reached running / the reset reached idle)
@@ -83,8 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     renew = client("renew-certs", "re-issue leaf certificates and kubeconfigs from the same CAs (no reset)")
     renew.add_argument("--no-wait", dest="watch", action="store_false", help="return once the renewal is accepted")
     kubeconfig = client("kubeconfig", "fetch the admin kubeconfig (it holds the admin key)", output=False)
-    kubeconfig.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
-                            help="write it to FILE (mode 0600) instead of printing it")
+    where = kubeconfig.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
+                       help="write it to FILE (mode 0600) instead of printing it")
+    where.add_argument("--merge", nargs="?", const=MERGE_DEFAULT, type=Path, metavar="FILE",
+                       help="add or replace its cluster, user and context in FILE (default: the first existing file "
+                            "of $KUBECONFIG, else ~/.kube/config), keeping the rest; the previous file is kept as "
+                            "FILE.lifecycle-backup")
+    kubeconfig.add_argument("--use", action="store_true",
+                            help="with --merge: make its context the current one (a file without one gets it anyway)")
     kubeconfig.set_defaults(output="text")
     sub.add_parser("graph", help="print the state graph as a Mermaid diagram")
     return parser
@@ -201,6 +211,8 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
             why = _why_silent(client.available)
             out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{why}")
             return EXIT_UNREACHABLE
+        if args.command == "kubeconfig" and reply.get("ok") and args.merge is not None:
+            return merge_kubeconfig(str(reply.get("kubeconfig") or ""), args.merge, use=args.use, out=out)
         if args.command == "kubeconfig" and reply.get("ok"):
             return save_kubeconfig(str(reply.get("kubeconfig") or ""), args.kubeconfig_file, out)
         out.reply(reply)
@@ -241,6 +253,27 @@ def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:
         out.error(f"cannot write {path}: {exc.strerror or exc}")
         return EXIT_FAILED
     out.error(f"wrote the admin kubeconfig to {path} (mode 0600)")  # stderr: stdout stays clean for scripts
+    return EXIT_OK
+
+
+def merge_kubeconfig(text: str, path: Path, *, use: bool, out: Renderer) -> int:
+    """Merge the fetched kubeconfig into `path` (MERGE_DEFAULT: kubectl's default file); exit 1 if refused."""
+    from lifecycle.kubemerge import KubeconfigMergeError, default_target, merge_into_file
+
+    if path == MERGE_DEFAULT:
+        path = default_target(os.environ, home=Path.home())
+    try:
+        result = merge_into_file(path, text, use=use)
+    except KubeconfigMergeError as exc:
+        out.error(f"{path}: {exc}; nothing was changed")
+        return EXIT_FAILED
+    except OSError as exc:
+        out.error(f"cannot merge into {path}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    what = "replaced " + ", ".join(result.replaced) if result.replaced else "added"
+    current = f"current-context is now {result.context}" if result.switched else "current-context unchanged"
+    backup = f"; the previous file is {result.backup}" if result.backup else ""
+    out.error(f"merged context {result.context} into {path} (mode 0600; {what}; {current}{backup})")
     return EXIT_OK
 
 
