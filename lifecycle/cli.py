@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     kubeconfig.add_argument("--use", action="store_true",
                             help="with --merge: make its context the current one (a file without one gets it anyway)")
     kubeconfig.set_defaults(output="text")
+    forward = client("forward", "open a host port for each LoadBalancer Service port the node exposes, forwarding "
+                     "to the node (runs until interrupted)", output=False)
+    forward.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                         help="host address the ports listen on (default 127.0.0.1; 0.0.0.0 opens them to the network)")
+    forward.set_defaults(output="text")
     sub.add_parser("graph", help="print the state graph as a Mermaid diagram")
     return parser
 
@@ -347,6 +352,10 @@ async def watch(target: Target, out: Renderer, *, timeout_s: float) -> int:
                 out.status(json.loads(_text(message.payload)))
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # one line per change, seen at once when piped to a log
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a client command (everything except `serve`)."""
     if args.command == "graph":
@@ -363,9 +372,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "watch":
             return asyncio.run(watch(target, out, timeout_s=args.timeout))
+        if args.command == "forward":
+            from lifecycle.forward import run_forward
+
+            return asyncio.run(run_forward(target, bind=args.bind, timeout_s=args.timeout, say=_say))
         return asyncio.run(request(args, target, out))
     except KeyboardInterrupt:
-        return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
+        return EXIT_OK if args.command in ("watch", "forward") else EXIT_INTERRUPTED
     except aiomqtt.MqttError as exc:
         out.error(f"broker {target.mqtt.broker}: {exc}")
         return EXIT_UNREACHABLE

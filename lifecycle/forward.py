@@ -1,0 +1,343 @@
+"""`lifecycle forward`, the host side of LoadBalancer Services: follows the retained `<prefix>/<node>/exposures`
+message and keeps one listener on the host per exposure (TCP, or UDP where the Service asks for it) that forwards to
+the node's node port. Writes nothing to disk; in step when the open listeners match the last valid message.
+
+`Forwarder` is what a host backend embeds (feed it `ExposureSet`s); `follow` adds the MQTT subscription. The
+listeners do not depend on the broker: while it is away they stay as they were, and the retained message sets them
+right after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+import aiomqtt
+
+from lifecycle.exposures import Exposure, ExposuresError, ExposureSet, IpProtocol, parse_exposures
+
+if TYPE_CHECKING:
+    from lifecycle.cli import Target
+
+CHUNK_BYTES = 256 * 1024
+CONNECT_TIMEOUT_S = 5.0  # to the node port; a node that does not answer in that time is down
+UDP_IDLE_S = 60.0  # a UDP "connection" (client address) forgotten after this long without a datagram
+UDP_QUEUE_DATAGRAMS = 64  # held per client while its socket to the node opens; more are dropped, as UDP may
+RETRY_S = 5.0  # a port that was taken on the host is tried again this often
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 5.0
+
+Say = Callable[[str], None]
+Key = tuple[IpProtocol, int]
+
+
+class _TcpListener:
+    """A TCP listener on the host; each connection is piped to the node (half-close passed on)."""
+
+    def __init__(self, exposure: Exposure, *, bind: str, say: Say) -> None:
+        self.exposure = exposure  # read at each new connection: a retarget applies to the next one
+        self._bind, self._say = bind, say
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._bind, self.exposure.port, limit=2 * CHUNK_BYTES)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        target = self.exposure
+        try:
+            try:
+                node_r, node_w = await asyncio.wait_for(
+                    asyncio.open_connection(target.node_ip, target.node_port, limit=2 * CHUNK_BYTES),
+                    CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                self._say(f"{_label(target)}: cannot reach {target.node_ip}:{target.node_port} on the node "
+                          f"({_why(exc)}); connection closed")
+                return
+            try:
+                async with asyncio.TaskGroup() as pipes:
+                    pipes.create_task(_pipe(client_r, node_w, client_w), name=f"forward-up-{target.port}")
+                    pipes.create_task(_pipe(node_r, client_w, node_w), name=f"forward-down-{target.port}")
+            finally:
+                node_w.close()
+        except asyncio.CancelledError:
+            # close() cancelled this connection. The task is asyncio's (start_server), awaited by no one, and its
+            # done-callback calls task.exception(), which raises for a cancelled task: end it as a finished one.
+            pass
+        finally:
+            client_w.close()
+            self._connections.discard(task)
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, src_w: asyncio.StreamWriter) -> None:
+    """Copy until EOF, then pass the EOF on; a reset on either side aborts both (the peer sees a reset too)."""
+    try:
+        while data := await src.read(CHUNK_BYTES):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except OSError:
+        dst.transport.abort()
+        src_w.transport.abort()
+
+
+class _UdpListener:
+    """A UDP socket on the host; each client address gets its own socket to the node, so replies find their way."""
+
+    def __init__(self, exposure: Exposure, *, bind: str, say: Say) -> None:
+        self.exposure = exposure
+        self._bind, self._say = bind, say
+        self._transport: asyncio.DatagramTransport | None = None
+        self._sessions: dict[tuple[str, int], _UdpSession] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagrams(self._from_client), local_addr=(self._bind, self.exposure.port))
+        self._reaper = asyncio.create_task(self._reap(), name=f"forward-udp-reaper-{self.exposure.port}")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _from_client(self, data: bytes, addr: tuple[str, int]) -> None:
+        session = self._sessions.get(addr)
+        if session is None:
+            session = self._sessions[addr] = _UdpSession(self, addr)
+        session.send(data)
+
+    def reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data, addr)
+
+    def forget(self, addr: tuple[str, int]) -> None:
+        self._sessions.pop(addr, None)
+
+    async def _reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(UDP_IDLE_S / 4)
+            for addr, session in list(self._sessions.items()):
+                if loop.time() - session.last_s > UDP_IDLE_S:
+                    session.close()
+                    self.forget(addr)
+
+
+class _UdpSession:
+    def __init__(self, listener: _UdpListener, addr: tuple[str, int]) -> None:
+        self._listener, self._addr = listener, addr
+        self._queue: list[bytes] = []
+        self._transport: asyncio.DatagramTransport | None = None
+        self.last_s = asyncio.get_running_loop().time()
+        self._opening = asyncio.create_task(self._open(listener.exposure), name=f"forward-udp-{addr[0]}:{addr[1]}")
+
+    async def _open(self, target: Exposure) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(self._from_node), remote_addr=(target.node_ip, target.node_port))
+        except OSError as exc:
+            self._listener._say(f"{_label(target)}: cannot reach {target.node_ip}:{target.node_port} on the node "
+                                f"({_why(exc)})")
+            self._listener.forget(self._addr)
+            return
+        for data in self._queue:
+            self._transport.sendto(data)
+        self._queue.clear()
+
+    def send(self, data: bytes) -> None:
+        self.last_s = asyncio.get_running_loop().time()
+        if self._transport is not None:
+            self._transport.sendto(data)
+        elif len(self._queue) < UDP_QUEUE_DATAGRAMS:
+            self._queue.append(data)
+
+    def _from_node(self, data: bytes, _addr: tuple[str, int]) -> None:
+        self.last_s = asyncio.get_running_loop().time()
+        self._listener.reply(data, self._addr)
+
+    def close(self) -> None:
+        self._opening.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP port unreachable from the node for one datagram: UDP drops it, so do we
+
+
+_Listener = _TcpListener | _UdpListener
+
+
+class Forwarder:
+    """Listeners that follow `apply(ExposureSet)`: diffed by (protocol, port); one `say` line per change."""
+
+    def __init__(self, *, bind: str, say: Say) -> None:
+        self.bind = bind
+        self._say = say
+        self._open: dict[Key, _Listener] = {}
+        self._failed: dict[Key, str] = {}  # port taken etc.: retried by `retry`, reported once per reason
+        self._skipped: dict[Key, str] = {}  # conflicts, reported once
+        self._last: ExposureSet | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def open_ports(self) -> dict[Key, Exposure]:
+        return {key: listener.exposure for key, listener in self._open.items()}
+
+    async def apply(self, wanted: ExposureSet) -> None:
+        async with self._lock:
+            self._last = wanted
+            desired = {e.key: e for e in wanted.exposures if e.conflict is None}
+            skipped = {e.key: f"{e.name}: {e.conflict}" for e in wanted.exposures if e.conflict is not None}
+            for key in sorted(self._open.keys() - desired.keys()):
+                listener = self._open.pop(key)
+                await listener.close()
+                self._say(f"{_label(listener.exposure)}: closed ({listener.exposure.name} is no longer exposed)")
+            for key in sorted(skipped.keys() - desired.keys()):
+                if self._skipped.get(key) != skipped[key]:
+                    self._say(f"{key[0].lower()} port {key[1]}: not forwarded, conflict: {skipped[key]}")
+            self._skipped = skipped
+            self._failed = {key: why for key, why in self._failed.items() if key in desired}
+            for key in sorted(desired):
+                await self._ensure(desired[key])
+
+    async def retry(self) -> None:
+        """Try the ports that could not be opened again (a port freed on the host starts forwarding)."""
+        if self._failed and self._last is not None:
+            await self.apply(self._last)
+
+    async def close(self) -> None:
+        async with self._lock:
+            for key in sorted(self._open):
+                await self._open.pop(key).close()
+
+    async def _ensure(self, exposure: Exposure) -> None:
+        listener = self._open.get(exposure.key)
+        if listener is not None:
+            if listener.exposure != exposure:
+                listener.exposure = exposure  # open connections keep their target; new ones take this one
+                self._say(f"{_label(exposure)}: now forwarding to {exposure.node_ip}:{exposure.node_port} "
+                          f"for {exposure.name}")
+            return
+        kind = _TcpListener if exposure.protocol == "TCP" else _UdpListener
+        listener = kind(exposure, bind=self.bind, say=self._say)
+        try:
+            await listener.open()
+        except OSError as exc:
+            why = _why(exc)
+            if self._failed.get(exposure.key) != why:
+                self._say(f"{_label(exposure, self.bind)}: cannot listen for {exposure.name}: {why} "
+                          f"(retrying every {RETRY_S:g} s)")
+            self._failed[exposure.key] = why
+            return
+        self._failed.pop(exposure.key, None)
+        self._open[exposure.key] = listener
+        self._say(f"{_label(exposure, self.bind)}: forwarding to {exposure.node_ip}:{exposure.node_port} "
+                  f"for {exposure.name}")
+
+
+def _label(exposure: Exposure, bind: str | None = None) -> str:
+    where = f"{bind}:{exposure.port}" if bind else f"port {exposure.port}"
+    return f"{exposure.protocol.lower()} {where}"
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return "the port is already in use on the host"
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+async def follow(target: Target, forwarder: Forwarder, *, say: Say, timeout_s: float) -> None:
+    """Apply every message on the exposures topic to `forwarder`, forever; reconnect when the broker goes away."""
+    topic, delay_s = target.topics.exposures, RECONNECT_MIN_S
+    while True:
+        try:
+            async with aiomqtt.Client(
+                target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-forward-{uuid.uuid4().hex[:12]}",
+                username=target.credentials.username, password=target.credentials.password,
+                protocol=aiomqtt.ProtocolVersion.V5, tls_context=target.credentials.tls,
+                keepalive=target.mqtt.keepalive_s, timeout=timeout_s,
+            ) as client:
+                await client.subscribe(topic, qos=1)
+                say(f"watching {topic} on {target.mqtt.broker}")
+                delay_s = RECONNECT_MIN_S
+                async for message in client.messages:
+                    payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
+                    try:
+                        wanted = parse_exposures(payload)
+                    except ExposuresError as exc:
+                        say(f"refused an exposures message: {exc}; listeners unchanged")
+                        continue
+                    await forwarder.apply(wanted)
+        except aiomqtt.MqttError as exc:
+            say(f"broker {target.mqtt.broker}: {exc}; listeners kept, reconnecting in {delay_s:g} s")
+            await asyncio.sleep(delay_s)
+            delay_s = min(2 * delay_s, RECONNECT_MAX_S)
+
+
+async def run_forward(target: Target, *, bind: str, timeout_s: float, say: Say) -> int:
+    """`lifecycle forward`: until SIGTERM/SIGINT, then close every listener."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    forwarder = Forwarder(bind=bind, say=say)
+
+    async def retry_forever() -> None:
+        while True:
+            await asyncio.sleep(RETRY_S)
+            await forwarder.retry()
+
+    tasks = [asyncio.create_task(follow(target, forwarder, say=say, timeout_s=timeout_s), name="forward-follow"),
+             asyncio.create_task(retry_forever(), name="forward-retry")]
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        await forwarder.close()
+        say("stopped; every listener closed")
+    return 0
