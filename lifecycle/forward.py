@@ -15,7 +15,7 @@ import signal
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import aiomqtt
 
@@ -36,66 +36,116 @@ Key = tuple[IpProtocol, int]
 
 
 class _TcpListener:
-    """A TCP listener on the host; each connection is piped to the node (half-close passed on)."""
+    """A TCP listener on the host; each connection is spliced to a connection to the node (half-close passed on).
+
+    Protocols, not streams: bytes go from one transport to the other as they arrive, and a full write buffer on
+    one side pauses reading on the other (asyncio's flow control), with no task per connection."""
 
     def __init__(self, exposure: Exposure, *, bind: str, say: Say) -> None:
         self.exposure = exposure  # read at each new connection: a retarget applies to the next one
         self._bind, self._say = bind, say
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self.connections: set[_Splice] = set()
 
     async def open(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._bind, self.exposure.port, limit=2 * CHUNK_BYTES)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Splice(self), self._bind, self.exposure.port)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        for splice in list(self.connections):
+            splice.close()
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        target = self.exposure
+    def say(self, line: str) -> None:
+        self._say(line)
+
+
+class _Half(asyncio.Protocol):
+    """One side of a splice: what arrives goes to the other side's transport."""
+
+    def __init__(self, splice: _Splice, *, peer: _Half | None = None) -> None:
+        self.splice = splice
+        self.transport: asyncio.Transport | None = None
+        self.peer = peer
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
+            self.peer.transport.write_eof()
+        if self.peer is not None and self.peer.eof:
+            self.splice.close()  # both directions done
+        return True  # keep the transport: the other direction may still be sending
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.splice.close(reset=exc is not None)
+
+
+class _Splice(_Half):
+    """The client's side; it opens the node's side and holds the pair."""
+
+    def __init__(self, listener: _TcpListener) -> None:
+        super().__init__(self)
+        self.listener = listener
+        self._connecting: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.listener.connections.add(self)
+        self.transport.pause_reading()  # type: ignore[union-attr]  # until the node's side is there
+        target = self.listener.exposure
+        self._connecting = asyncio.create_task(self._connect(target), name=f"forward-connect-{target.port}")
+
+    async def _connect(self, target: Exposure) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            try:
-                node_r, node_w = await asyncio.wait_for(
-                    asyncio.open_connection(target.node_ip, target.node_port, limit=2 * CHUNK_BYTES),
-                    CONNECT_TIMEOUT_S)
-            except (OSError, TimeoutError) as exc:
-                self._say(f"{_label(target)}: cannot reach {target.node_ip}:{target.node_port} on the node "
-                          f"({_why(exc)}); connection closed")
-                return
-            try:
-                async with asyncio.TaskGroup() as pipes:
-                    pipes.create_task(_pipe(client_r, node_w, client_w), name=f"forward-up-{target.port}")
-                    pipes.create_task(_pipe(node_r, client_w, node_w), name=f"forward-down-{target.port}")
-            finally:
-                node_w.close()
-        except asyncio.CancelledError:
-            # close() cancelled this connection. The task is asyncio's (start_server), awaited by no one, and its
-            # done-callback calls task.exception(), which raises for a cancelled task: end it as a finished one.
-            pass
-        finally:
-            client_w.close()
-            self._connections.discard(task)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, node = await loop.create_connection(lambda: _Half(self, peer=self), target.node_ip, target.node_port)
+        except (OSError, TimeoutError) as exc:
+            self.listener.say(f"{_label(target)}: cannot reach {target.node_ip}:{target.node_port} on the node "
+                              f"({_why(exc)}); connection closed")
+            self.close()
+            return
+        if self._closed:  # the client left, or the exposure was removed, meanwhile
+            if node.transport is not None:
+                node.transport.close()
+            return
+        self.peer = node
+        if self.transport is not None:
+            self.transport.resume_reading()
 
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, src_w: asyncio.StreamWriter) -> None:
-    """Copy until EOF, then pass the EOF on; a reset on either side aborts both (the peer sees a reset too)."""
-    try:
-        while data := await src.read(CHUNK_BYTES):
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except OSError:
-        dst.transport.abort()
-        src_w.transport.abort()
+    def close(self, *, reset: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.listener.connections.discard(self)
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        for half in (self, self.peer):
+            if half is not None and half.transport is not None:
+                if reset:
+                    half.transport.abort()  # a reset on one side is a reset on the other
+                else:
+                    half.transport.close()  # what is buffered is still sent
 
 
 class _UdpListener:

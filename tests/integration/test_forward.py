@@ -4,6 +4,7 @@ TCP/UDP echo servers standing in for the node ports, clients connecting through 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -101,10 +102,18 @@ async def test_a_taken_host_port_is_reported_and_the_others_keep_working(topic: 
             await fwd.wait_line(f"tcp 127.0.0.1:{free}: forwarding")
             assert await tcp_ask(free, b"b") == b"b"
 
+            # A node port nobody answers on: the client's connection is closed, with a line saying why.
+            dead, mark = free_port(), len(fwd.lines)
+            await publish_retained(exposures, message(2, exposure(free, dead, service="b")))
+            await fwd.wait_line(f"tcp port {free}: now forwarding to 127.0.0.1:{dead}", after=mark)
+            with contextlib.suppress(OSError):  # or a reset (its bytes were never read)
+                assert await tcp_ask(free, b"lost") == b""
+            await fwd.wait_line(f"tcp port {free}: cannot reach 127.0.0.1:{dead} on the node (connection refused)")
+
             # The port is freed, the next message opens it (the periodic retry does the same without one).
             squatter.close()
             mark = len(fwd.lines)
-            await publish_retained(exposures, message(2, exposure(taken, node_port, service="a"),
+            await publish_retained(exposures, message(3, exposure(taken, node_port, service="a"),
                                                       exposure(free, node_port, service="b")))
             await fwd.wait_line(f"tcp 127.0.0.1:{taken}: forwarding", after=mark)
             assert await tcp_ask(taken, b"a") == b"a"
