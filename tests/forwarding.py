@@ -139,10 +139,14 @@ class ForwardProcess:
 
 
 @asynccontextmanager
-async def forward_process(prefix: str, node: str, *, port: int = 1883) -> AsyncIterator[ForwardProcess]:
+async def forward_process(prefix: str, node: str, *, port: int = 1883,
+                          flags: tuple[str, ...] | None = None) -> AsyncIterator[ForwardProcess]:
+    """`lifecycle forward` for `node` on the broker at `port`, or with `flags` (e.g. `--config FILE`) instead."""
+    if flags is None:
+        flags = ("--broker", f"mqtt://127.0.0.1:{port}", "--prefix", prefix, "--node", node)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lifecycle", "forward", "--broker", f"mqtt://127.0.0.1:{port}", "--prefix", prefix,
-        "--node", node, "--timeout", "2", cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable, "-m", "lifecycle", "forward", *flags, "--timeout", "2", cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     fwd = ForwardProcess(proc)
     try:
         yield fwd
