@@ -363,6 +363,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(mermaid())
         return EXIT_OK
+    if args.command == "kubeconfig" and args.use and args.merge is None:
+        print("lifecycle: kubeconfig --use goes with --merge", file=sys.stderr)
+        return EXIT_USAGE
     try:
         target = target_from_args(args)
     except ConfigError as exc:
