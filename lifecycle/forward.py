@@ -28,6 +28,7 @@ CHUNK_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 5.0  # to the node port; a node that does not answer in that time is down
 UDP_IDLE_S = 60.0  # a UDP "connection" (client address) forgotten after this long without a datagram
 UDP_QUEUE_DATAGRAMS = 64  # held per client while its socket to the node opens; more are dropped, as UDP may
+UDP_MAX_CLIENTS = 1024  # a socket each: datagrams from further new addresses are dropped until some go idle
 RETRY_S = 5.0  # a port that was taken on the host is tried again this often
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 5.0
 
@@ -177,6 +178,8 @@ class _UdpListener:
     def _from_client(self, data: bytes, addr: tuple[str, int]) -> None:
         session = self._sessions.get(addr)
         if session is None:
+            if len(self._sessions) >= UDP_MAX_CLIENTS:
+                return
             session = self._sessions[addr] = _UdpSession(self, addr)
         session.send(data)
 
@@ -186,6 +189,9 @@ class _UdpListener:
 
     def forget(self, addr: tuple[str, int]) -> None:
         self._sessions.pop(addr, None)
+
+    def say(self, line: str) -> None:
+        self._say(line)
 
     async def _reap(self) -> None:
         loop = asyncio.get_running_loop()
@@ -211,7 +217,7 @@ class _UdpSession:
             self._transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Datagrams(self._from_node), remote_addr=(target.node_ip, target.node_port))
         except OSError as exc:
-            self._listener._say(f"{_label(target)}: cannot reach {target.node_ip}:{target.node_port} on the node "
+            self._listener.say(f"{_label(target)}: cannot reach {target.node_ip}:{target.node_port} on the node "
                                 f"({_why(exc)})")
             self._listener.forget(self._addr)
             return
