@@ -1,6 +1,7 @@
 """`lifecycle` commands: `serve` (wired in `__main__`), the MQTT 5 clients `install`, `status`, `watch`, `reset`,
-`cancel`, and `graph`. Clients send a request with a response topic and correlation data and wait for the reply;
-`--watch` then follows the events of that request. Nothing is written to disk.
+`cancel`, `kubeconfig`, the host-side `forward`, and `graph`. Clients send a request with a response topic and
+correlation data and wait for the reply; `--watch` then follows the events of that request. Nothing is written to
+disk but the kubeconfig a user asks for (`kubeconfig -o FILE` or `--merge`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ EXIT_FAILED = 1  # the service refused the request, or the install/reset being w
 EXIT_USAGE = 2  # bad flags or config file
 EXIT_UNREACHABLE = 3  # no broker, or no reply within --timeout
 EXIT_INTERRUPTED = 130  # Ctrl-C while waiting
+
+MERGE_DEFAULT = Path("$KUBECONFIG")  # --merge without FILE: resolved as kubectl would (lifecycle.kubemerge)
 
 EPILOG = f"""exit codes:
   {EXIT_OK}    success (for --watch: the install reached running / the reset reached idle)
@@ -83,9 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     renew = client("renew-certs", "re-issue leaf certificates and kubeconfigs from the same CAs (no reset)")
     renew.add_argument("--no-wait", dest="watch", action="store_false", help="return once the renewal is accepted")
     kubeconfig = client("kubeconfig", "fetch the admin kubeconfig (it holds the admin key)", output=False)
-    kubeconfig.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
-                            help="write it to FILE (mode 0600) instead of printing it")
+    where = kubeconfig.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
+                       help="write it to FILE (mode 0600) instead of printing it")
+    where.add_argument("--merge", nargs="?", const=MERGE_DEFAULT, type=Path, metavar="FILE",
+                       help="add or replace its cluster, user and context in FILE (default: the first existing file "
+                            "of $KUBECONFIG, else ~/.kube/config), keeping the rest; the previous file is kept as "
+                            "FILE.lifecycle-backup")
+    kubeconfig.add_argument("--use", action="store_true",
+                            help="with --merge: make its context the current one (a file without one gets it anyway)")
     kubeconfig.set_defaults(output="text")
+    forward = client("forward", "open a host port for each LoadBalancer Service port the node exposes, forwarding "
+                     "to the node (runs until interrupted)", output=False)
+    forward.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                         help="host address the ports listen on (default 127.0.0.1; 0.0.0.0 opens them to the network)")
+    forward.set_defaults(output="text")
     sub.add_parser("graph", help="print the state graph as a Mermaid diagram")
     return parser
 
@@ -201,6 +216,8 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
             why = _why_silent(client.available)
             out.error(f"no reply from node {target.topics.node} within {args.timeout:g} s{why}")
             return EXIT_UNREACHABLE
+        if args.command == "kubeconfig" and reply.get("ok") and args.merge is not None:
+            return merge_kubeconfig(str(reply.get("kubeconfig") or ""), args.merge, use=args.use, out=out)
         if args.command == "kubeconfig" and reply.get("ok"):
             return save_kubeconfig(str(reply.get("kubeconfig") or ""), args.kubeconfig_file, out)
         out.reply(reply)
@@ -241,6 +258,27 @@ def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:
         out.error(f"cannot write {path}: {exc.strerror or exc}")
         return EXIT_FAILED
     out.error(f"wrote the admin kubeconfig to {path} (mode 0600)")  # stderr: stdout stays clean for scripts
+    return EXIT_OK
+
+
+def merge_kubeconfig(text: str, path: Path, *, use: bool, out: Renderer) -> int:
+    """Merge the fetched kubeconfig into `path` (MERGE_DEFAULT: kubectl's default file); exit 1 if refused."""
+    from lifecycle.kubemerge import KubeconfigMergeError, default_target, merge_into_file
+
+    if path == MERGE_DEFAULT:
+        path = default_target(os.environ, home=Path.home())
+    try:
+        result = merge_into_file(path, text, use=use)
+    except KubeconfigMergeError as exc:
+        out.error(f"{path}: {exc}; nothing was changed")
+        return EXIT_FAILED
+    except OSError as exc:
+        out.error(f"cannot merge into {path}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    what = "replaced " + ", ".join(result.replaced) if result.replaced else "added"
+    current = f"current-context is now {result.context}" if result.switched else "current-context unchanged"
+    backup = f"; the previous file is {result.backup}" if result.backup else ""
+    out.error(f"merged context {result.context} into {path} (mode 0600; {what}; {current}{backup})")
     return EXIT_OK
 
 
@@ -314,6 +352,10 @@ async def watch(target: Target, out: Renderer, *, timeout_s: float) -> int:
                 out.status(json.loads(_text(message.payload)))
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # one line per change, seen at once when piped to a log
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a client command (everything except `serve`)."""
     if args.command == "graph":
@@ -321,6 +363,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(mermaid())
         return EXIT_OK
+    if args.command == "kubeconfig" and args.use and args.merge is None:
+        print("lifecycle: kubeconfig --use goes with --merge", file=sys.stderr)
+        return EXIT_USAGE
     try:
         target = target_from_args(args)
     except ConfigError as exc:
@@ -330,9 +375,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "watch":
             return asyncio.run(watch(target, out, timeout_s=args.timeout))
+        if args.command == "forward":
+            from lifecycle.forward import run_forward
+
+            return asyncio.run(run_forward(target, bind=args.bind, timeout_s=args.timeout, say=_say))
         return asyncio.run(request(args, target, out))
     except KeyboardInterrupt:
-        return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
+        return EXIT_OK if args.command in ("watch", "forward") else EXIT_INTERRUPTED
     except aiomqtt.MqttError as exc:
         out.error(f"broker {target.mqtt.broker}: {exc}")
         return EXIT_UNREACHABLE

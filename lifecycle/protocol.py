@@ -79,6 +79,11 @@ class Topics:
         return f"{self.base}/requests"
 
     @property
+    def exposures(self) -> str:
+        """Retained: the LoadBalancer ports the host opens (docs/schemas/exposures.schema.json, lifecycle.forward)."""
+        return f"{self.base}/exposures"
+
+    @property
     def replies(self) -> str:
         """Replies may go below this (the deploy ACL lets only the host backend read them)."""
         return f"{self.base}/replies"

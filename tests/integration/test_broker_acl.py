@@ -26,6 +26,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from conftest import free_port
+from forwarding import exposure, forward_process, message, tcp_ask, tcp_echo
 from lifecycle_fakes import eventually, journal, write_config
 from lifecycle_mqtt import REPO, PrivateBroker, Probe, ServiceProcess, probe, start_service_process
 from paho.mqtt.packettypes import PacketTypes
@@ -331,6 +332,29 @@ async def test_the_cli_installs_as_host_over_tls_and_an_observer_only_watches(
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["status"]["state"] == "running"
     assert len(logged_requests(service)) == 2  # the host's install and status; the observer's reset never came
+
+
+async def test_forward_as_host_follows_the_service_users_exposures_and_ignores_an_observers(deploy: Deploy) -> None:
+    """Issue 9, part 2: only the service's user may say where the host's forwarded ports lead."""
+    web, forged = free_port(), free_port()
+
+    async def publish(user: str, payload: bytes) -> None:
+        port, tls = (deploy.plain_port, None) if user == "lifecycle" else (deploy.tls_port, deploy.tls())
+        async with aiomqtt.Client("127.0.0.1", port, username=user, password=PASSWORDS[user], tls_context=tls,
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.publish(TOPICS.exposures, payload, qos=1, retain=True)
+
+    async with tcp_echo() as node_port:
+        await publish("lifecycle", message(1, exposure(web, node_port)))
+        async with forward_process(PREFIX, NODE, flags=("--config", str(deploy.client_config("host")))) as fwd:
+            await fwd.wait_line(f"tcp 127.0.0.1:{web}: forwarding to 127.0.0.1:{node_port}", timeout_s=10)
+            assert await tcp_ask(web, b"over tls") == b"over tls"
+            await publish("observer", message(2, exposure(forged, node_port)))  # dropped by the broker
+            await publish("host", message(3, exposure(forged, node_port)))  # the host reads, never writes
+            mark = len(fwd.lines)
+            await publish("lifecycle", message(4))
+            await fwd.wait_line(f"tcp port {web}: closed", after=mark)
+            assert not [line for line in fwd.lines if str(forged) in line], fwd.lines
 
 
 async def _connect(*, port: int, user: str | None = None, password: str | None = None,

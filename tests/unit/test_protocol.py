@@ -128,7 +128,7 @@ async def _fake_renew(ctx: StepContext) -> list[str]:
 
 async def test_every_message_the_service_produces_matches_the_documented_schemas(tmp_path: Path) -> None:
     v = _validators()
-    assert set(v) == {"request", "reply", "status", "event"}
+    assert set(v) == {"request", "reply", "status", "event", "exposures"}  # exposures: tests/unit/test_exposures.py
     bus = Bus()
     sub = bus.subscribe("schemas")
     config = make_config(tmp_path, images=StepPolicy(timeout_s=5, retries=1, retry_delay_s=0))
