@@ -28,6 +28,7 @@ STAMP_GLOB = "*.stamp.json"
 _LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*", "readyz-credentials-*")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
 _STRAY_GRACE_S = 5.0  # kubeadm reset's own grace for a pod process
+_ENGINE_RETRY_S = 0.5
 
 
 async def reset(ctx: StepContext) -> None:
@@ -93,14 +94,26 @@ async def _end_what_still_runs(ctx: StepContext) -> None:
 
 async def _remove_copy_containers(ctx: StepContext) -> None:
     """The binaries step's copy containers a killed service (or an engine that failed mid-copy) left: the start
-    and each binaries attempt remove them too, but a node reset to `idle` may never run either again."""
+    and each binaries attempt remove them too, but a node reset to `idle` may never run either again. A removal
+    the interrupted step left running makes dockerd answer 409 ("already in progress") for a moment: tried again."""
+    removed: list[str] = []
+    error: Exception | None = None
     try:
         async with asyncio.timeout(LEFTOVER_CHECK_TIMEOUT_S):
-            removed = await ctx.ports.docker.remove_containers(copy_labels(ctx.config.node_name))
-    except (EngineError, TimeoutError) as exc:
+            while True:
+                try:
+                    removed += await ctx.ports.docker.remove_containers(copy_labels(ctx.config.node_name))
+                    error = None
+                    break
+                except EngineError as exc:
+                    error = exc
+                    await asyncio.sleep(_ENGINE_RETRY_S)
+    except TimeoutError as exc:
+        error = error or exc
+    if error is not None:
         # `idle` would claim a clean engine it could not check; a later reset tries again.
-        raise TemporaryError(f"could not remove the binaries copy containers of the node: {exc}",
-                             code="engine_unavailable") from exc
+        raise TemporaryError(f"could not remove the binaries copy containers of the node: {error}",
+                             code="reset_incomplete") from error
     if removed:
         ctx.progress(f"removed {len(removed)} binaries copy container(s) left in the engine: "
-                     f"{', '.join(c[:12] for c in removed)}")
+                     f"{', '.join(dict.fromkeys(c[:12] for c in removed))}")
