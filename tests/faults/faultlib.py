@@ -147,7 +147,8 @@ class Driver:
         self.client.on_subscribe = lambda *_args: self._subscribed.set()
         self.client.connect(host, port)
         self.client.loop_start()
-        self.client.subscribe([(node.topic("events"), 1), (f"{self.reply_topic}/#", 1)])
+        self.client.subscribe([(node.topic("events"), 1), (f"{self.reply_topic}/#", 1),
+                               (node.topic("availability"), 1)])
         if not self._subscribed.wait(timeout=10):
             raise AssertionError("the driver's subscription was not acknowledged")
 
@@ -193,12 +194,18 @@ class Driver:
             return index
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.node.topic("availability"):  # plain text; a batch armed for "online" fires
+            if message.payload == b"online" and not message.retain:  # a service (re)connected, not the old news
+                with self._cond:
+                    self._fire("online")
+            return
         body = json.loads(message.payload)
         with self._cond:
             if message.topic.startswith(self.reply_topic):
                 self.replies[message.topic.rsplit("/", 1)[1]] = body
                 self._unanswered.discard(message.topic.rsplit("/", 1)[1])
-            elif body.get("type") == "lifecycle.state.changed":
+            elif body.get("type") == "lifecycle.state.changed" and all(
+                    c["state_seq"] != body["data"]["state_seq"] for c in self.changes):  # a restart re-publishes
                 self.changes.append(body["data"])
                 self._fire(body["data"]["to"])
             self._cond.notify_all()

@@ -15,6 +15,7 @@ from faultlib import (
     INSTALL_CHAIN,
     Driver,
     Node,
+    _kill_processes_under,
     engine_leftovers,
     kubelets_under,
     make_node,
@@ -192,3 +193,31 @@ def test_reset_in_every_install_state_ends_idle_with_nothing_running(node_and_dr
         _assert_clean(node, d)
     assert not HELD & set(d.missed), f"held states passed before their requests: {d.missed}"
     print(f"\nresets interrupted (armed state: state interrupted): {landed}")
+
+
+def test_requests_during_the_quiet_recheck_after_a_restart(node_and_driver: tuple[Node, Driver]) -> None:
+    """A reboot: service and node processes gone, saved state `running`. The requests sent the moment the
+    restarted service is online meet the quiet re-check; it repairs the node whatever they ask (issue 8, #4)."""
+    node, d = node_and_driver
+    node.write_faults(None)
+    d.send(*_asks("idle", "install"))
+    running = d.wait_state("running")
+    node.kill_service()
+    _kill_processes_under(node.root)
+    wait_until(lambda: not processes_under(node.root), timeout_s=10, what="node processes gone")
+    d.arm("online", _asks("restart", "status", "cancel", "renew", "install", "other", "kubeconfig"))
+    node.start_service()
+    assert d.reply("restart-status")["status"]["state"] == "running"
+    cancel = d.reply("restart-cancel")
+    assert cancel["state"] == "running", f"the re-check was over before the requests: {cancel}"
+    _ok(cancel, note="nothing to cancel")
+    _refused(d.reply("restart-renew"), "busy")
+    _ok(d.reply("restart-install"), note="already running", request_id="idle-install")
+    _refused(d.reply("restart-other"), "upgrade_unsupported")
+    _ok(d.reply("restart-kubeconfig"))
+    # The re-check found the kubelet gone and repaired: running -> <a step> -> ... -> running.
+    repaired = d.wait_state("running", after=running + 1)
+    assert d.changes[running + 1]["from"] == "running" and d.changes[running + 1]["to"] in INSTALL_STATES, d.tos()
+    assert d.changes[repaired]["request_id"] == "idle-install"
+    wait_until(lambda: len(kubelets_under(node.root)) == 1, timeout_s=10, what="not exactly one kubelet")
+    assert " Ready " in node.kubectl("get", "nodes", node.name)
