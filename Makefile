@@ -48,9 +48,11 @@ test: venv services sim-images lint
 # test-faults: the long runs that drive the real service from outside through faults (SIGKILL at every step
 # boundary, install->reset cycles with resource counts), kept out of `make test`'s 20 minutes (tests/faults/).
 .PHONY: test-faults
+# FAULT_CYCLES: install->reset cycles of tests/faults/test_cycles.py (the file alone runs 5).
+FAULT_CYCLES ?= 25
 test-faults: SIM_PAD_SCALE = $(TEST_PAD_SCALE)
 test-faults: venv services sim-images
-	SIM_PAD_SCALE=$(SIM_PAD_SCALE) $(PY) -m pytest -q --durations=15 tests/faults $(PYTEST_ARGS)
+	SIM_PAD_SCALE=$(SIM_PAD_SCALE) FAULT_CYCLES=$(FAULT_CYCLES) $(PY) -m pytest -q --durations=15 tests/faults $(PYTEST_ARGS)
 
 # demo: install a cluster on the simulated node through the service, over MQTT (scripts/demo.sh).
 demo: venv services sim-images

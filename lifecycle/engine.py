@@ -129,7 +129,7 @@ class Engine:
             node=self._config.node_name, state=snap.state, since=snap.since, seq=snap.seq,
             request_id=snap.request_id, kubernetes_version=snap.cluster.kubernetes_version if snap.cluster else None,
             step=snap.step, steps=len(self._plan), error=snap.error, certs=self._certs,
-            config_drift=tuple(change.to_json() for change in self._drift),
+            config_drift=tuple(change.to_json() for change in self._drift), state_seq=snap.state_seq,
         )
 
     async def start(self) -> None:

@@ -350,6 +350,9 @@ class Status:
     certs: CertsStatus | None = None  # None when there are no certificates (idle)
     # Configured keys that differ from the installed cluster's and wait for a reset: {key, installed, configured}
     config_drift: tuple[dict[str, Any], ...] = ()
+    # The `state_seq` of the state change that led here (0 before the first), so that a host that subscribes late
+    # can tell which `lifecycle.state.changed` this status reflects.
+    state_seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -357,6 +360,7 @@ class Status:
             "state": self.state,
             "since": iso_time(self.since),
             "seq": self.seq,
+            "state_seq": self.state_seq,
             "request_id": self.request_id,
             "kubernetes_version": self.kubernetes_version,
             "step": self.step,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lifecycle.config import Config
-from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.imagescan import LayerLinks, layer_links
 from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
@@ -68,8 +68,7 @@ class Binaries:
                                        "removing copy containers an earlier attempt left")
         if leftovers:
             ctx.progress(f"removed {len(leftovers)} copy container(s) an earlier attempt left")
-        container = await _engine_call(ctx.ports.docker.create_container(image, labels=labels),
-                                       f"creating a container from {image}")
+        container = await _create_container(ctx, image, labels)
         extracted: list[Extracted] = []
         held_at: dict[str, str] = {}  # configured path -> the path in the image whose archive held the file
         # The layers are read while the files are copied: dockerd writes the two streams at the same time.
@@ -154,6 +153,25 @@ async def _local_image_id(ctx: StepContext, image: str) -> str:
             code="image_missing",
         )
     return image_id
+
+
+async def _create_container(ctx: StepContext, image: str, labels: dict[str, str]) -> str:
+    """Shielded: dockerd goes on creating a container whose request was cancelled (on vfs it first copies the
+    image's files, which takes seconds), so a step cancelled meanwhile (a reset, a cancel) waits for the id and
+    removes the container; else it appears in the engine after the step ended, and after a reset's clean-up."""
+    creation = asyncio.create_task(
+        _engine_call(ctx.ports.docker.create_container(image, labels=labels), f"creating a container from {image}"),
+        name="binaries-create-container",
+    )
+    try:
+        return await asyncio.shield(creation)
+    except asyncio.CancelledError:
+        try:
+            container = await creation
+        except StepError:
+            raise asyncio.CancelledError from None  # nothing was created
+        await _remove_container(ctx, container)
+        raise
 
 
 async def _remove_container(ctx: StepContext, container: str) -> None:

@@ -4,17 +4,21 @@ Stops the kubelet, runs `kubeadm reset -f` (static pods, manifests, kubeconfigs,
 the PKI), then removes what the service generated (PKI, kubeconfigs, kubeadm config, `*.stamp.json` stamps).
 Keeps the images, the extracted binaries and the engine's own state files. Idempotent.
 Done only when no process of the node runs any more (lifecycle.hostprocs): what kubeadm reset missed is ended
-(SIGTERM, then SIGKILL after a grace) and named in a progress event.
+(SIGTERM, then SIGKILL after a grace) and named in a progress event; and when no binaries copy container of the
+node (labels in states/binaries.py) is left in the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 from lifecycle import hostprocs
-from lifecycle.errors import PermanentError, StepError
+from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.paths import KUBECONFIG_NAMES
+from lifecycle.ports import EngineError
 from lifecycle.step import StepContext
+from states.binaries import LEFTOVER_CHECK_TIMEOUT_S, copy_labels
 from states.kubeadm import cri_socket_flag, run_kubeadm
 
 # Stamps that record finished steps are named `<what>.stamp.json`; the engine's state and sequence files are not.
@@ -24,6 +28,7 @@ STAMP_GLOB = "*.stamp.json"
 _LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*", "readyz-credentials-*")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
 _STRAY_GRACE_S = 5.0  # kubeadm reset's own grace for a pod process
+_ENGINE_RETRY_S = 0.5
 
 
 async def reset(ctx: StepContext) -> None:
@@ -67,6 +72,7 @@ async def reset(ctx: StepContext) -> None:
     if kubeadm_failure is not None:
         raise kubeadm_failure
     await _end_what_still_runs(ctx)
+    await _remove_copy_containers(ctx)
 
 
 async def _end_what_still_runs(ctx: StepContext) -> None:
@@ -84,3 +90,30 @@ async def _end_what_still_runs(ctx: StepContext) -> None:
     if survivors:
         raise PermanentError(f"processes of the node survived SIGKILL: {hostprocs.describe_all(survivors)}",
                              code="reset_incomplete")
+
+
+async def _remove_copy_containers(ctx: StepContext) -> None:
+    """The binaries step's copy containers a killed service (or an engine that failed mid-copy) left: the start
+    and each binaries attempt remove them too, but a node reset to `idle` may never run either again. A removal
+    the interrupted step left running makes dockerd answer 409 ("already in progress") for a moment: tried again."""
+    removed: list[str] = []
+    error: Exception | None = None
+    try:
+        async with asyncio.timeout(LEFTOVER_CHECK_TIMEOUT_S):
+            while True:
+                try:
+                    removed += await ctx.ports.docker.remove_containers(copy_labels(ctx.config.node_name))
+                    error = None
+                    break
+                except EngineError as exc:
+                    error = exc
+                    await asyncio.sleep(_ENGINE_RETRY_S)
+    except TimeoutError as exc:
+        error = error or exc
+    if error is not None:
+        # `idle` would claim a clean engine it could not check; a later reset tries again.
+        raise TemporaryError(f"could not remove the binaries copy containers of the node: {error}",
+                             code="reset_incomplete") from error
+    if removed:
+        ctx.progress(f"removed {len(removed)} binaries copy container(s) left in the engine: "
+                     f"{', '.join(dict.fromkeys(c[:12] for c in removed))}")

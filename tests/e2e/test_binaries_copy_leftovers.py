@@ -74,3 +74,28 @@ def test_sigkill_while_copying_binaries_leaves_no_copy_container_after_the_resum
         watch.close()
         if watch.ids:  # whatever the outcome, the shared engine keeps nothing of this test
             subprocess.run(["docker", "rm", "-f", *watch.ids], capture_output=True, check=False)
+
+
+def test_reset_removes_a_copy_container_the_node_left(
+    make_node: Callable[..., Node], sim_images: SimImages  # noqa: F811 (the fixture imported above)
+) -> None:
+    """A copy container that appears after the start's clean-up (as one the engine still held when the service
+    started, or a killed copy's): a reset to `idle` must not leave it behind (issue 8, leftover a)."""
+    node = make_node()
+    node.start_service()  # its start-up removal of leftovers has run: the service is online
+    events = node.subscribe("events")
+    left = subprocess.run(
+        ["docker", "create", "--label", f"lifecycle.node={node.name}", "--label", "lifecycle.role=binaries-copy",
+         sim_images.binaries_image(VERSION), "/nonexistent"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    try:
+        assert payload(node.request({"id": "reset-1", "action": "reset"}, correlation="r1"))["ok"] is True
+        idle = _wait_state(events, "idle", timeout_s=60, request_id="reset-1")
+        assert idle["data"]["to"] == "idle", node.log_path.read_text()[-3000:]
+        assert _containers(f"label=lifecycle.node={node.name}") == []
+        removed = [payload(m)["data"]["message"] for m in events.messages
+                   if payload(m)["type"] == "lifecycle.step.progress" and left[:12] in payload(m)["data"]["message"]]
+        assert removed, "the reset did not say which container it removed"
+    finally:
+        subprocess.run(["docker", "rm", "-f", left], capture_output=True, check=False)

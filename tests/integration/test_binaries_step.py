@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -281,3 +281,37 @@ async def test_copy_containers_a_crash_left_are_removed_before_the_next_copy_and
         assert containers_from(docker_host, _image(config)) == [other_node[:12]]
     finally:
         await engine.remove_container(other_node)
+
+
+class _LateAnswer(DockerEngine):
+    """dockerd has created the container, its answer is still on the way (on vfs it copies the image's files
+    first: seconds): the moment a step cancelled by a reset or a cancel must not lose the container."""
+
+    def __init__(self, docker_host: str) -> None:
+        super().__init__(docker_host)
+        self.created = asyncio.Event()
+
+    async def create_container(self, image: str, *, labels: Mapping[str, str] | None = None) -> str:
+        container = await super().create_container(image, labels=labels)
+        self.created.set()
+        await asyncio.sleep(1.0)
+        return container
+
+
+async def test_cancelled_while_the_engine_creates_the_copy_container_leaves_none(
+    config: Config, docker_host: str
+) -> None:
+    import_image(docker_host, _image(config), binaries_entries(_tools()))
+    engine = _LateAnswer(docker_host)
+    try:
+        ctx, _ = make_ctx(config, docker=engine)
+        run = asyncio.create_task(Binaries().run(ctx))
+        await asyncio.wait_for(engine.created.wait(), timeout=30)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert containers_from(docker_host, _image(config)) == []
+    finally:
+        for container in containers_from(docker_host, _image(config)):
+            await engine.remove_container(container)
+        await engine.close()

@@ -60,6 +60,9 @@ async def test_install_over_mqtt5_replies_with_the_correlation_data_and_reaches_
         status = json.loads(await retained(svc.topics.status))
         assert (status["state"], status["kubernetes_version"], status["request_id"]) == ("running", "v1.32.1", "i-1")
         assert status["seq"] == events[-1]["data"]["seq"]
+        # Which state change the status reflects, for a host that subscribed late (issue 8, leftover b).
+        changes = [e["data"] for e in events if e["type"] == "lifecycle.state.changed"]
+        assert changes[-1]["to"] == "running" and status["state_seq"] == changes[-1]["state_seq"] == len(changes)
 
         again = await p.ask({"id": "i-2", "action": "install"})
         assert again["ok"] and again["request_id"] == "i-1" and again["state"] == "running"

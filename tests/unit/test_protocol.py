@@ -99,7 +99,7 @@ def test_wire_shapes() -> None:
     status = Status(node="n1", state="failed", since=0.0, seq=9, request_id="r", kubernetes_version="v1.31.4",
                     step=2, steps=7, error=ErrorInfo("x", "y", details={"a": 1}))
     assert set(status.to_json()) == {"node", "state", "since", "seq", "request_id", "kubernetes_version", "step",
-                                     "steps", "error", "certs", "config_drift"}
+                                     "steps", "error", "certs", "config_drift", "state_seq"}
     assert status.to_json()["error"] == {"code": "x", "message": "y", "retryable": False, "details": {"a": 1}}
     reply = Reply(id=None, ok=False, state="idle", error=("malformed_json", "bad"))
     assert reply.to_json() == {"id": None, "ok": False, "state": "idle",
