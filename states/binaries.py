@@ -60,11 +60,11 @@ class Binaries:
         image_id = await _local_image_id(ctx, image)
         await asyncio.to_thread(_prepare_dirs, sources)
         labels = copy_labels(ctx.config.node_name)
-        leftovers = await _engine_call(ctx.ports.docker.remove_containers(labels),
+        leftovers = await _engine_call(ctx, ctx.ports.docker.remove_containers(labels),
                                        "removing copy containers an earlier attempt left")
         if leftovers:
             ctx.progress(f"removed {len(leftovers)} copy container(s) an earlier attempt left")
-        container = await _engine_call(ctx.ports.docker.create_container(image, labels=labels),
+        container = await _engine_call(ctx, ctx.ports.docker.create_container(image, labels=labels),
                                        f"creating a container from {image}")
         extracted: list[Extracted] = []
         held_at: dict[str, str] = {}  # configured path -> the path in the image whose archive held the file
@@ -133,17 +133,26 @@ def _dest(paths: HostPaths, path: str) -> Path:
     return paths.under(path)
 
 
-async def _engine_call(call: Awaitable[T], doing: str) -> T:
+async def _engine_call(ctx: StepContext, call: Awaitable[T], doing: str) -> T:
     try:
         return await call
     except EngineError as exc:
         if exc.not_found:
             raise PermanentError(f"{doing}: {exc.message}", code="image_missing") from exc
-        raise TemporaryError(f"{doing}: {exc.message}", code="engine_failed") from exc
+        raise _engine_failure(ctx, exc, doing) from exc
+
+
+def _engine_failure(ctx: StepContext, exc: EngineError, doing: str) -> TemporaryError:
+    """An engine that does not answer (stopped, socket gone) is `engine_unavailable` as in images, naming the
+    socket; an error the engine itself reported is `engine_failed`. Both may pass: retryable."""
+    if exc.unreachable:
+        return TemporaryError(f"{doing}: {exc.message}", code="engine_unavailable",
+                              details={"docker_host": ctx.config.docker.host})
+    return TemporaryError(f"{doing}: {exc.message}", code="engine_failed")
 
 
 async def _local_image_id(ctx: StepContext, image: str) -> str:
-    image_id = await _engine_call(ctx.ports.docker.image_id(image), f"inspecting {image}")
+    image_id = await _engine_call(ctx, ctx.ports.docker.image_id(image), f"inspecting {image}")
     if image_id is None:
         raise PermanentError(
             f"the binaries image {image} is not in the container engine (the images step pulls it)",
@@ -202,7 +211,7 @@ async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
         async for chunk in chunks:
             await pipe.put(chunk)
     except EngineError as exc:
-        raise TemporaryError(f"reading the layers of {image}: {exc.message}", code="engine_failed") from exc
+        raise _engine_failure(ctx, exc, f"reading the layers of {image}") from exc
     finally:
         close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
         if close is not None:
@@ -257,7 +266,7 @@ async def _feed(ctx: StepContext, container: str, source: ArchiveSource, pipe: C
         if "too many links" in exc.message:  # dockerd resolves the path itself and refuses a symlink loop
             raise PermanentError(f"{source.name} in the binaries image: symlink loop at {path}: {exc.message}",
                                  code="bad_image", details={"file": source.name}) from exc
-        raise TemporaryError(f"streaming {path} from the binaries image: {exc.message}", code="engine_failed") from exc
+        raise _engine_failure(ctx, exc, f"streaming {path} from the binaries image") from exc
     finally:
         close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
         if close is not None:
