@@ -64,7 +64,7 @@ class Binaries:
         image_id = await _local_image_id(ctx, image)
         await asyncio.to_thread(_prepare_dirs, sources)
         labels = copy_labels(ctx.config.node_name)
-        leftovers = await _engine_call(ctx.ports.docker.remove_containers(labels),
+        leftovers = await _engine_call(ctx, ctx.ports.docker.remove_containers(labels),
                                        "removing copy containers an earlier attempt left")
         if leftovers:
             ctx.progress(f"removed {len(leftovers)} copy container(s) an earlier attempt left")
@@ -136,17 +136,26 @@ def _dest(paths: HostPaths, path: str) -> Path:
     return paths.under(path)
 
 
-async def _engine_call(call: Awaitable[T], doing: str) -> T:
+async def _engine_call(ctx: StepContext, call: Awaitable[T], doing: str) -> T:
     try:
         return await call
     except EngineError as exc:
         if exc.not_found:
             raise PermanentError(f"{doing}: {exc.message}", code="image_missing") from exc
-        raise TemporaryError(f"{doing}: {exc.message}", code="engine_failed") from exc
+        raise _engine_failure(ctx, exc, doing) from exc
+
+
+def _engine_failure(ctx: StepContext, exc: EngineError, doing: str) -> TemporaryError:
+    """An engine that does not answer (stopped, socket gone) is `engine_unavailable` as in images, naming the
+    socket; an error the engine itself reported is `engine_failed`. Both may pass: retryable."""
+    if exc.unreachable:
+        return TemporaryError(f"{doing}: {exc.message}", code="engine_unavailable",
+                              details={"docker_host": ctx.config.docker.host})
+    return TemporaryError(f"{doing}: {exc.message}", code="engine_failed")
 
 
 async def _local_image_id(ctx: StepContext, image: str) -> str:
-    image_id = await _engine_call(ctx.ports.docker.image_id(image), f"inspecting {image}")
+    image_id = await _engine_call(ctx, ctx.ports.docker.image_id(image), f"inspecting {image}")
     if image_id is None:
         raise PermanentError(
             f"the binaries image {image} is not in the container engine (the images step pulls it)",
@@ -160,7 +169,8 @@ async def _create_container(ctx: StepContext, image: str, labels: dict[str, str]
     image's files, which takes seconds), so a step cancelled meanwhile (a reset, a cancel) waits for the id and
     removes the container; else it appears in the engine after the step ended, and after a reset's clean-up."""
     creation = asyncio.create_task(
-        _engine_call(ctx.ports.docker.create_container(image, labels=labels), f"creating a container from {image}"),
+        _engine_call(ctx, ctx.ports.docker.create_container(image, labels=labels),
+                     f"creating a container from {image}"),
         name="binaries-create-container",
     )
     try:
@@ -251,7 +261,7 @@ async def _feed_layers(ctx: StepContext, image: str, pipe: ChunkPipe) -> None:
                 "pull: a layer entry whose name leads outside the layer, as a '../' name does)",
                 code="bad_image", details={"reason": "layer unreadable", "engine_error": exc.message},
             ) from exc
-        raise TemporaryError(f"reading the layers of {image}: {exc.message}", code="engine_failed") from exc
+        raise _engine_failure(ctx, exc, f"reading the layers of {image}") from exc
     finally:
         close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
         if close is not None:
@@ -306,7 +316,7 @@ async def _feed(ctx: StepContext, container: str, source: ArchiveSource, pipe: C
         if "too many links" in exc.message:  # dockerd resolves the path itself and refuses a symlink loop
             raise PermanentError(f"{source.name} in the binaries image: symlink loop at {path}: {exc.message}",
                                  code="bad_image", details={"file": source.name}) from exc
-        raise TemporaryError(f"streaming {path} from the binaries image: {exc.message}", code="engine_failed") from exc
+        raise _engine_failure(ctx, exc, f"streaming {path} from the binaries image") from exc
     finally:
         close = getattr(chunks, "aclose", None)  # an async generator: end its HTTP response now, not at GC
         if close is not None:

@@ -25,18 +25,25 @@ from test_install_over_mqtt import (
 
 __all__ = [
     "INSTALL_CHAIN",
+    "CutProxy",
     "Driver",
     "Node",
+    "PortSubscriber",
+    "PrivateBroker",
     "Subscriber",
     "_kill_processes_under",
     "_wait_state",
+    "admin_key_pem",
     "components_under",
     "engine_leftovers",
+    "kube_temp_dirs",
     "kubelets_under",
     "make_node",
     "payload",
     "processes_under",
+    "state_changes",
     "state_seqs",
+    "temp_files_holding",
     "wait_until",
 ]
 
@@ -225,3 +232,305 @@ class Driver:
                 self._armed.pop(0)
                 continue
             return
+# --- Kills inside steps, broker restarts, registry and engine faults (h8/killsin) ---------------------------------
+
+TEMP_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"))
+ENGINE_DATA = Path("/tmp/lifecycle-services")  # the shared engine's data and sockets: large, and not ours to read
+
+
+def admin_key_pem(root: Path) -> bytes:
+    """The cluster-admin private key, as the node's admin.conf holds it (base64 in `client-key-data`)."""
+    import base64
+
+    import yaml
+
+    conf = yaml.safe_load((root / "etc/kubernetes/admin.conf").read_text())
+    return base64.b64decode(conf["users"][0]["user"]["client-key-data"])
+
+
+def temp_files_holding(secret: bytes, *, newer_than_s: float, outside: Path) -> list[Path]:
+    """Files in /tmp, /dev/shm and /var/tmp changed since `newer_than_s` (a time.time()), not under `outside` (the
+    node root), of at most 1 MiB, that hold `secret` as PEM or base64-encoded: a private key left outside the root.
+    Only files changed during the test are read: /tmp holds gigabytes of other people's files."""
+    import base64
+    import os
+
+    forms = (secret.strip(), base64.b64encode(secret))
+    found = []
+    for top in TEMP_DIRS:
+        for dirpath, dirnames, filenames in os.walk(top):
+            here = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if here / d not in (ENGINE_DATA, outside)]
+            for name in filenames:
+                path = here / name
+                with contextlib.suppress(OSError):
+                    st = path.lstat()
+                    if (st.st_mtime >= newer_than_s and st.st_size <= 1 << 20 and (st.st_mode & 0o170000) == 0o100000
+                            and any(form in path.read_bytes() for form in forms)):
+                        found.append(path)
+    return found
+
+
+def kube_temp_dirs() -> set[Path]:
+    """/tmp/lifecycle-kube-*: where an older service put the admin key for its API client (issue 8, defect 7)."""
+    return set(Path("/tmp").glob("lifecycle-kube-*"))
+
+
+def state_changes(sub: Subscriber) -> list[dict[str, Any]]:
+    """The `data` of every state change the subscriber saw, each seq once (an outbox re-publish is the same event)."""
+    seen: dict[int, dict[str, Any]] = {}
+    for m in sub.messages:
+        body = payload(m)
+        if body.get("type") == "lifecycle.state.changed":
+            seen.setdefault(body["data"]["state_seq"], body["data"])
+    return [seen[seq] for seq in sorted(seen)]
+
+
+class PrivateBroker:
+    """A Mosquitto of the test's own on a free port, persistence on (saved at every change), so a test can kill -9
+    and restart it without disturbing the shared broker on 1883. Runs as root (mosquitto would drop to its own
+    user, which cannot reach a pytest temp dir)."""
+
+    def __init__(self, workdir: Path) -> None:
+        from conftest import free_port
+
+        self.port = free_port()
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n"
+            f"persistence_location {self.dir}/\nautosave_interval 1\nautosave_on_changes true\n"
+            f"log_dest file {self.dir}/mosquitto.log\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._answers, timeout_s=10, what=f"private mosquitto not answering on {self.port}")
+
+    def _answers(self) -> bool:
+        return subprocess.run(["mosquitto_pub", "-p", str(self.port), "-t", "probe", "-n"], capture_output=True,
+                              check=False, timeout=10).returncode == 0
+
+    def kill(self) -> None:
+        """kill -9: no will published, no database saved beyond the last autosave."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM: the broker saves its database and exits."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def use_in(self, config_text: str) -> str:
+        """A service config (simnode/lifecycle.toml) naming this broker."""
+        changed = config_text.replace('broker = "mqtt://127.0.0.1:1883"', f'broker = "{self.url}"')
+        assert self.url in changed
+        return changed
+
+    def subscribe(self, node: Node, *leaves: str, client_id: str | None = None) -> Subscriber:
+        """A subscriber on this broker, closed with the node. With `client_id`, a persistent session (clean start
+        off, an hour of session expiry): mosquitto_sub reconnects after a broker restart and the broker delivers
+        what it queued for it meanwhile."""
+        sub = PortSubscriber(self.port, *(node.topic(leaf) for leaf in leaves), client_id=client_id)
+        node.subscribers.append(sub)
+        return sub
+
+    def retained(self, node: Node, leaf: str, *, timeout_s: float) -> str:
+        """The retained payload of one of the node's topics, as text ("" when none within 2 s)."""
+        out = subprocess.run(["mosquitto_sub", "-V", "mqttv5", "-p", str(self.port), "-t", node.topic(leaf),
+                              "-C", "1", "-W", str(max(1, int(timeout_s))), "-F", "%p"],
+                             capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    def request(self, node: Node, body: dict[str, Any], *, correlation: str, timeout_s: float = 20) -> Any:
+        """Publish a request with a response topic; return the reply's payload."""
+        import json
+
+        reply_topic = f"lifecycle-replies/{node.name}/{correlation}"
+        replies = PortSubscriber(self.port, reply_topic)
+        try:
+            subprocess.run(["mosquitto_pub", "-V", "mqttv5", "-p", str(self.port), "-q", "1", "-t",
+                            node.topic("requests"), "-s", "-D", "publish", "response-topic", reply_topic,
+                            "-D", "publish", "correlation-data", correlation],
+                           input=json.dumps(body).encode(), check=True)
+            return payload(replies.wait_for(lambda m: True, timeout_s=timeout_s))
+        finally:
+            replies.close()
+
+    def start_service(self, node: Node) -> None:
+        """Node.start_service, waiting for `online` on this broker instead of the shared one."""
+        from test_install_over_mqtt import LIFECYCLE
+
+        with open(node.log_path, "ab") as log:
+            node.service = subprocess.Popen(
+                [str(LIFECYCLE), "serve", "--config", str(node.config_path), "--root", str(node.root),
+                 "--node", node.name], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.retained(node, "availability", timeout_s=2) == "online", timeout_s=30,
+                   what="service online on the private broker")
+
+
+class PortSubscriber(Subscriber):
+    """Subscriber on another port, optionally with a persistent session (see PrivateBroker.subscribe)."""
+
+    def __init__(self, port: int, *topics: str, client_id: str | None = None, ready_timeout_s: float = 20.0) -> None:
+        import threading
+        import uuid
+
+        self.port = port
+        self.plain = False
+        self.probe_topic = f"e2e/probe/{uuid.uuid4().hex}"
+        argv = ["mosquitto_sub", "-V", "mqttv5", "-p", str(port), "-q", "1", "-F", "%J"]
+        if client_id is not None:
+            argv += ["-i", client_id, "-c", "-x", "3600"]
+        for topic in (*topics, self.probe_topic):
+            argv += ["-t", topic]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.messages: list[dict[str, Any]] = []
+        self._probed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self._wait_live(ready_timeout_s)
+
+    def _wait_live(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            probe = ["mosquitto_pub", "-V", "mqttv5", "-p", str(self.port), "-q", "1", "-t", self.probe_topic,
+                     "-m", '{"probe": true}']
+            subprocess.run(probe, check=False, capture_output=True, timeout=timeout_s)
+            with self._cond:
+                if self._cond.wait_for(lambda: self._probed, timeout=0.5):
+                    return
+            if time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"mosquitto_sub did not get its probe within {timeout_s} s")
+
+
+class CutProxy:
+    """A proxy the test can cut, in front of a TCP server (the registry) or a unix socket (the Docker Engine).
+    `down()` drops every connection and stops listening (connection refused; the unix socket file is removed),
+    `stall()` accepts and never answers, `up()` forwards again on the same address. Runs its own loop in a thread.
+    (tests/e2e/test_engine_faults_over_mqtt.py's RegistryProxy stalls only.)"""
+
+    def __init__(self, *, upstream_tcp: tuple[str, int] | None = None, upstream_unix: str | None = None,
+                 listen_unix: Path | None = None, rate_bytes_s: float | None = None) -> None:
+        import asyncio
+        import threading
+
+        self._upstream_tcp = upstream_tcp
+        self._upstream_unix = upstream_unix
+        self._listen_unix = listen_unix
+        self._rate_bytes_s = rate_bytes_s  # downstream only: a slow registry, so a pull can be caught midway
+        self._mode = "forward"
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cut-proxy", daemon=True)
+        self._thread.start()
+        self.up()
+
+    def _call(self, work: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout=10)
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        self._writers.add(writer)
+        try:
+            if self._mode != "forward":
+                while await reader.read(65536):
+                    pass  # stalled: swallow the request, never answer
+                return
+            if self._upstream_unix is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self._upstream_unix)
+            else:
+                assert self._upstream_tcp is not None
+                up_reader, up_writer = await asyncio.open_connection(*self._upstream_tcp)
+            self._writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer, self._rate_bytes_s),
+                                 return_exceptions=True)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def _listen(self) -> None:
+        import asyncio
+
+        if self._listen_unix is not None:
+            self._listen_unix.unlink(missing_ok=True)
+            self._server = await asyncio.start_unix_server(self._serve, str(self._listen_unix))
+        else:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _set(self, mode: str) -> None:
+        self._mode = mode
+        await self._drop_all()
+        if mode == "down":
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            if self._listen_unix is not None:
+                self._listen_unix.unlink(missing_ok=True)
+        elif self._server is None:
+            await self._listen()
+
+    @property
+    def listen_path(self) -> str:
+        assert self._listen_unix is not None
+        return str(self._listen_unix)
+
+    def up(self) -> None:
+        self._call(self._set("forward"))
+
+    def stall(self) -> None:
+        self._call(self._set("stall"))
+
+    def down(self) -> None:
+        self._call(self._set("down"))
+
+    def close(self) -> None:
+        self._call(self._set("down"))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
+async def _pipe(reader: Any, writer: Any, rate_bytes_s: float | None = None) -> None:
+    import asyncio
+
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+            if rate_bytes_s:
+                await asyncio.sleep(len(data) / rate_bytes_s)
+    except OSError:
+        pass
+    finally:
+        writer.close()

@@ -27,7 +27,7 @@ from stepkit import (
 
 from lifecycle.adapters.docker import DockerEngine
 from lifecycle.config import DEFAULT_BINARIES, Config
-from lifecycle.errors import PermanentError
+from lifecycle.errors import PermanentError, TemporaryError
 from states.binaries import RECORD_NAME, Binaries, copy_labels, remove_leftover_copies
 
 TOOLS = DEFAULT_BINARIES  # /usr/bin/{kubeadm,kubelet,kubectl,crictl}, /opt/cni/bin/{bridge,host-local,loopback,portmap}
@@ -224,6 +224,22 @@ async def test_oversized_and_missing_files_are_rejected(
     assert info.value.details["missing"] == ["/opt/cni/bin/portmap"]
     assert _installed(ctx.paths.root) == []
     assert containers_from(docker_host, _image(config)) == []
+
+
+async def test_an_engine_that_does_not_answer_is_engine_unavailable_naming_its_socket(tmp_path: Path) -> None:
+    """Issue 8 defect 8, for binaries as for images (tests/faults/test_registry_and_engine_down.py cuts the engine
+    mid-copy): an engine that does not answer is `engine_unavailable` naming the socket, not `engine_failed`."""
+    host = f"unix://{tmp_path}/no-docker.sock"  # nothing there: the engine is down
+    config = make_config(tmp_path / "root", docker_host=host, repo="lifecycle-test-bin-no-engine")
+    engine = DockerEngine(host)
+    ctx, _ = make_ctx(config, docker=engine)
+    try:
+        with pytest.raises(TemporaryError) as info:
+            await Binaries().run(ctx)
+        assert (info.value.code, info.value.retryable) == ("engine_unavailable", True)
+        assert host in info.value.message and info.value.details["docker_host"] == host
+    finally:
+        await engine.close()
 
 
 async def test_missing_image_fails_permanently(config: Config, engine: DockerEngine) -> None:
