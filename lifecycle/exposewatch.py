@@ -43,6 +43,7 @@ class ExposureWatch:
         self._host = host
         self._changes = bus.subscribe("exposure-watch", max_items=1000)
         self._log = get_logger("lifecycle.exposewatch")
+        self._listed = False  # the current connection listed once (then a failure retries at once)
 
     async def run(self) -> None:
         follower: asyncio.Task[None] | None = None
@@ -64,13 +65,17 @@ class ExposureWatch:
     async def _follow(self) -> None:
         delay_s = RETRY_MIN_S
         while True:
+            self._listed = False
             try:
                 async with self._services.connect_services(self._kubeconfig) as api:
                     await self._list_and_watch(api)
-            except KubeApiError as exc:
-                self._log.warning("services watch failed; listing again", error=exc.message, retry_in_s=delay_s)
-            except Exception:  # a bug must not end the exposures for the life of the service
-                self._log.exception("services watch failed; listing again", retry_in_s=delay_s)
+            except Exception as exc:
+                if self._listed:  # it worked for a while: come back fast, then back off
+                    delay_s = RETRY_MIN_S
+                if isinstance(exc, KubeApiError):
+                    self._log.warning("services watch failed; listing again", error=exc.message, retry_in_s=delay_s)
+                else:  # a bug must not end the exposures for the life of the service
+                    self._log.exception("services watch failed; listing again", retry_in_s=delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, RETRY_MAX_S)
 
@@ -80,6 +85,7 @@ class ExposureWatch:
             items, version = await api.list_services()
             services = {_key(svc): svc for svc in items}
             await self._sync(api, services)
+            self._listed = True
             try:
                 while True:  # a watch the server ended in time continues from the last version seen
                     version = await self._watch(api, services, version)

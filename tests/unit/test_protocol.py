@@ -12,10 +12,10 @@ from lifecycle_fakes import fake_plan, fake_reset, make_config, null_ports, stee
 from referencing import Registry, Resource
 
 from lifecycle.bus import Bus
-from lifecycle.exposures import ExposureSet
-from lifecycle.exposurestate import exposures_from_services
 from lifecycle.config import StepPolicy
 from lifecycle.engine import Engine
+from lifecycle.exposures import ExposureSet
+from lifecycle.exposurestate import exposures_from_services
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import (
     MAX_PAYLOAD_BYTES,
