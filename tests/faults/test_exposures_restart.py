@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from faultlib import Node, components_under, make_node, payload, wait_until
+from faultlib import Node, _wait_state, components_under, make_node, payload, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from test_exposures_over_mqtt import exposures_of, running_node
@@ -97,6 +98,15 @@ def test_exposures_follow_kubectl_across_a_sigkill_an_apiserver_kill_and_many_ch
         counts.append(fds(pid))
         print(f"round {round_}: {counts[-1]} fds")
     assert counts[-1] <= counts[0], f"descriptors grew: {counts}"
+
+    # Reset: the retained message is deleted (an empty payload), with a removed event for what was exposed.
+    assert payload(node.request({"id": "wipe", "action": "reset"}, correlation="wipe"))["ok"] is True
+    assert _wait_state(events, "idle", timeout_s=120)["data"]["to"] == "idle"
+    out = subprocess.run(["mosquitto_sub", "-V", "mqttv5", "-t", node.topic("exposures"), "-C", "1", "-W", "2"],
+                         capture_output=True, text=True, check=False)
+    assert out.stdout == "", f"retained exposures not cleared: {out.stdout!r}"
+    assert any(payload(m)["type"] == "lifecycle.exposure.removed" and payload(m)["data"]["service"] == "late"
+               for m in events.messages)
 
 
 def before_port(message: dict[str, Any], service: str) -> int:
