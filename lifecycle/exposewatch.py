@@ -88,7 +88,10 @@ class ExposureWatch:
             self._listed = True
             try:
                 while True:  # a watch the server ended in time continues from the last version seen
+                    started_s = asyncio.get_running_loop().time()
                     version = await self._watch(api, services, version)
+                    if asyncio.get_running_loop().time() - started_s < RETRY_MIN_S:
+                        await asyncio.sleep(RETRY_MIN_S)  # a server ending watches at once is not polled flat out
             except KubeApiError as exc:
                 if exc.status != 410:
                     raise

@@ -227,9 +227,7 @@ class _KubeClient:
                 raise KubeApiError(f"watch services: {response.status} {raw[:200].decode(errors='replace')}",
                                    status=response.status)
             try:
-                async for line in response.content:
-                    if not line.strip():
-                        continue
+                async for line in _lines(response.content):
                     event = json.loads(line)
                     if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
                         raise KubeApiError("watch services: an event that is not a JSON object")
@@ -239,7 +237,7 @@ class _KubeClient:
                                            status=int(status.get("code") or 0) or None,
                                            reason=str(status.get("reason") or ""))
                     yield event
-            except ValueError as exc:  # a line that is not JSON (or longer than aiohttp reads at once)
+            except ValueError as exc:  # a line that is not JSON
                 raise KubeApiError(f"watch services: unreadable event: {exc}") from exc
             except _transport_errors() as exc:
                 raise KubeApiError(f"watch services: {exc or type(exc).__name__}") from exc
@@ -309,6 +307,26 @@ class _KubeClient:
         if not isinstance(answer, dict):
             raise KubeApiError(f"{method} {path}: answer is not a JSON object", status=status)
         return answer
+
+
+MAX_WATCH_EVENT_BYTES = 8 * 1024 * 1024  # an object is at most 1.5 MiB in etcd; JSON escaping can grow it
+
+
+async def _lines(content: Any) -> AsyncIterator[bytes]:
+    """The non-empty lines of a watch stream. aiohttp's own line reading refuses lines over 128 KiB, which a
+    Service with large annotations can reach; this one takes up to MAX_WATCH_EVENT_BYTES."""
+    buffer = bytearray()
+    async for chunk in content.iter_any():
+        buffer += chunk
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[:end + 1]
+            if line.strip():
+                yield line
+        if len(buffer) > MAX_WATCH_EVENT_BYTES:
+            raise KubeApiError(f"watch services: an event longer than {MAX_WATCH_EVENT_BYTES} bytes")
+    if bytes(buffer).strip():
+        yield bytes(buffer)
 
 
 def _collection_path(api_version: str, *, resource: str, namespace: str | None) -> str:
