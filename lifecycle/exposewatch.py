@@ -121,11 +121,18 @@ class ExposureWatch:
         # EXTERNAL-IP: the host name for a Service the host forwards at least one port of; none (kubectl shows
         # <pending>) for one whose every port is in conflict, since the host forwards none of them.
         forwarded = {(e.namespace, e.service) for e in exposures if e.conflict is None}
+        ours = [{"hostname": self._host}]
         for key, svc in list(services.items()):
-            if not is_load_balancer(svc):
-                continue
-            wanted = [{"hostname": self._host}] if key in forwarded else []
             current = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+            if is_load_balancer(svc):
+                wanted = ours if key in forwarded else []
+            elif current == ours:
+                # No longer a LoadBalancer: its ingress is taken back, as a service controller does when a Service
+                # stops wanting a load balancer (k8s.io/cloud-provider controllers/service/controller.go,
+                # syncLoadBalancerIfNeeded: deleteLoadBalancer, then an empty LoadBalancerStatus).
+                wanted = []
+            else:
+                continue
             if current == wanted:
                 continue
             try:

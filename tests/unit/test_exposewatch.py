@@ -145,6 +145,13 @@ async def test_a_410_lists_again_the_watch_stops_outside_running_and_a_reset_cle
         await eventually(lambda: api.ingress.get("web") == [])
         assert "web2" not in api.ingress  # both in conflict: the host forwards neither (web2 never had one)
 
+        # web2 stops being a LoadBalancer: its exposure goes, web's conflict resolves, web gets its ingress back.
+        api.services["web2"] = {**api.services["web2"], "spec": {"type": "ClusterIP", "ports": [{"port": 8080}]},
+                                "status": {"loadBalancer": {"ingress": [{"hostname": "localhost"}]}}}
+        await api.pushed.put({"type": "MODIFIED", "object": api.services["web2"]})
+        await eventually(lambda: api.ingress.get("web") == [{"hostname": "localhost"}])
+        assert api.ingress["web2"] == []  # a stale ingress of ours on a Service that is no LoadBalancer any more
+
         await engine.reset(request_id="wipe")
         await engine.wait_job()
         await asyncio.sleep(0.05)
@@ -156,10 +163,11 @@ async def test_a_410_lists_again_the_watch_stops_outside_running_and_a_reset_cle
                     isinstance(item, Event) and item.type.value.startswith("lifecycle.exposure.")):
                 published.append(item)
         sets = [p for p in published if isinstance(p, ExposureSet)]
-        assert [len(s.exposures) for s in sets] == [1, 2, 0] and sets[-1].seq is None  # the clear: empty payload
+        assert [len(s.exposures) for s in sets] == [1, 2, 1, 0] and sets[-1].seq is None  # the clear: empty payload
         kinds = [p.type for p in published if isinstance(p, Event)]
-        assert kinds.count(EventType.EXPOSURE_ADDED) == 2 and kinds.count(EventType.EXPOSURE_CONFLICT) == 2
-        assert kinds[-2:] == [EventType.EXPOSURE_REMOVED, EventType.EXPOSURE_REMOVED]
+        assert kinds.count(EventType.EXPOSURE_ADDED) == 2 and kinds.count(EventType.EXPOSURE_CONFLICT) == 3
+        assert kinds[-1] == EventType.EXPOSURE_REMOVED
+        assert kinds.count(EventType.EXPOSURE_REMOVED) == 2  # web2 when it changed type, web on the reset
         await asyncio.sleep(0.1)
         assert api.lists == listed  # stopped
     finally:
