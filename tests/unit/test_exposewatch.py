@@ -15,6 +15,7 @@ from typing import Any
 from lifecycle_fakes import eventually, fake_plan, fake_reset, make_config, null_ports
 
 from lifecycle.bus import Bus
+from lifecycle.cli_render import exposure_text
 from lifecycle.engine import Engine
 from lifecycle.exposewatch import ExposureWatch
 from lifecycle.exposures import Exposure, ExposureSet
@@ -173,3 +174,14 @@ async def test_a_410_lists_again_the_watch_stops_outside_running_and_a_reset_cle
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_lifecycle_watch_prints_one_line_per_exposure_event() -> None:
+    data = Exposure("default", "web", 8080, "TCP", NODE_IP, 31000).to_json()
+    assert exposure_text("added", data) == "  exposed default/web port 8080/TCP -> node 192.0.2.10:31000"
+    assert exposure_text("removed", data) == "  no longer exposed: default/web port 8080/TCP"
+    assert exposure_text("conflict", data) == "  conflict resolved: default/web port 8080/TCP is forwarded"
+    conflicted = {**data, "conflict": "TCP port 8080 is also asked for by apps/other"}
+    assert exposure_text("added", conflicted).endswith("(not forwarded: TCP port 8080 is also asked for by apps/other)")
+    assert exposure_text("conflict", conflicted) == (
+        "  conflict on default/web port 8080/TCP: TCP port 8080 is also asked for by apps/other")
