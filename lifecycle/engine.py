@@ -111,6 +111,7 @@ class Engine:
         self._lock = asyncio.Lock()  # one control operation (install/reset/cancel/shutdown) at a time
         self._stopping = False
         self._exposures = PublishedExposures(paths.state_dir / "exposures.json", host=config.exposures.host)
+        self._exposures_cleared = False  # the empty retained message went out since this start
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -256,8 +257,11 @@ class Engine:
 
     def clear_exposures(self) -> None:
         """Nothing is exposed any more (the cluster is being reset): `removed` for each, the message cleared."""
-        if self._exposures.current is None:
+        if self._exposures.current is None and self._exposures_cleared:
             return
+        # Once per start even when nothing is saved: a kill after the clear was saved but before the broker had
+        # it would otherwise leave the old retained message there for good.
+        self._exposures_cleared = True
         self._emit_exposure_changes(self._exposures.clear())
         self._bus.publish(CLEARED)
 

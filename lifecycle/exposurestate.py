@@ -125,8 +125,9 @@ class PublishedExposures:
     def clear(self) -> list[Change]:
         """Nothing exposed any more (reset): the changes; `seq` is kept so that it still only grows."""
         found = changes(self.current.exposures if self.current is not None else (), ())
-        self.current = None
-        self._save()
+        if self.current is not None:
+            self.current = None
+            self._save()
         return found
 
     def _save(self) -> None:
