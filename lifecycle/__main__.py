@@ -38,11 +38,13 @@ def real_ports(config: Config) -> Ports:
     # Admin keys in /tmp that a killed older version left; this version never writes one (lifecycle.tls).
     for stale in remove_legacy_key_dirs():
         get_logger("lifecycle.main", node=config.node_name).warning("removed a stale client key dir", path=str(stale))
+    kube = KubernetesApiFactory()
     return Ports(
         docker=DockerEngine(config.docker.host),
         commands=SubprocessRunner(),
         kubelet=ProcessKubeletSupervisor(pid_file=paths.state_dir / "kubelet.pid", log=get_logger("lifecycle.kubelet")),
-        kube=KubernetesApiFactory(),
+        kube=kube,
+        services=kube,
     )
 
 

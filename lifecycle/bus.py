@@ -12,10 +12,11 @@ from collections import deque
 
 import structlog
 
+from lifecycle.exposures import ExposureSet
 from lifecycle.outbox import is_durable
 from lifecycle.protocol import Event, Status
 
-BusItem = Event | Status
+BusItem = Event | Status | ExposureSet  # ExposureSet: the retained exposures message (seq None: clear it)
 _log = structlog.get_logger("lifecycle.bus")
 
 

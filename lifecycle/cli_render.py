@@ -59,6 +59,18 @@ class ProgressBoard:
         self._stream.flush()
 
 
+def exposure_text(kind: str, data: dict[str, Any]) -> str:
+    """One line per `lifecycle.exposure.*` event (docs/protocol.md, exposures)."""
+    what = f"{data.get('namespace')}/{data.get('service')} port {data.get('port')}/{data.get('protocol')}"
+    conflict = data.get("conflict")
+    if kind == "added":
+        target = f"node {data.get('node_ip')}:{data.get('node_port')}"
+        return f"  exposed {what} -> {target}" + (f" (not forwarded: {conflict})" if conflict else "")
+    if kind == "removed":
+        return f"  no longer exposed: {what}"
+    return f"  conflict on {what}: {conflict}" if conflict else f"  conflict resolved: {what} is forwarded"
+
+
 class Renderer:
     def __init__(self, *, json_output: bool, stream: TextIO, err: TextIO | None = None) -> None:
         self._json = json_output
@@ -134,6 +146,8 @@ class Renderer:
             self._line(f"  {data.get('file')} expires {data.get('not_after')} ({days_left:.2f} days left)")
         elif kind == "lifecycle.certs.renewed":
             self._line(f"  renewed {len(data.get('files') or [])} certificate and kubeconfig files")
+        elif kind is not None and kind.startswith("lifecycle.exposure."):
+            self._line(exposure_text(kind.rsplit(".", 1)[1], data))
         else:
             self._line(f"{kind}: {json.dumps(data)}")
 

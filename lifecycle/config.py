@@ -20,6 +20,7 @@ STEP_NAMES = ("preflight", "certs", "images", "binaries", "network", "kubeadm", 
 # Used with fullmatch and [0-9]: `$` lets a trailing newline through, `\d` takes any Unicode digit.
 _VERSION_RE = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+")
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label, as apimachinery checks it
 
 
 class ConfigError(Exception):
@@ -197,6 +198,13 @@ class AddonsConfig:
 
 
 @dataclass(frozen=True)
+class ExposuresConfig:
+    # What the host answers LoadBalancer Services on: written to their status.loadBalancer.ingress (EXTERNAL-IP)
+    # and into the exposures message. Docker Desktop's vpnkit-controller writes "localhost".
+    host: str = "localhost"
+
+
+@dataclass(frozen=True)
 class Config:
     node_name: str = "docker-desktop"
     root: Path = Path("/")
@@ -208,6 +216,7 @@ class Config:
     steps: dict[str, StepPolicy] = field(default_factory=lambda: dict(DEFAULT_STEP_POLICIES))
     readiness: ReadinessConfig = field(default_factory=ReadinessConfig)
     addons: AddonsConfig = field(default_factory=AddonsConfig)
+    exposures: ExposuresConfig = field(default_factory=ExposuresConfig)
 
     def with_overrides(
         self, *, root: Path | None = None, node_name: str | None = None, broker: str | None = None
@@ -558,8 +567,26 @@ def load_config(path: Path) -> Config:
         storage_helper_image=_image_ref(at, "storage_helper_image", AddonsConfig.storage_helper_image),
     )
     at.finish()
+    et = top.table("exposures")
+    exposures = ExposuresConfig(host=_ingress_host(et, "host", ExposuresConfig.host))
+    et.finish()
     top.finish()
     return Config(
         node_name=name, root=root, log_level=log_level, mqtt=mqtt, kubernetes=kubernetes, pki=pki,
-        docker=docker, steps=steps, readiness=readiness, addons=addons,
+        docker=docker, steps=steps, readiness=readiness, addons=addons, exposures=exposures,
     )
+
+
+def _ingress_host(t: _Table, name: str, default: str) -> str:
+    """A DNS name, as the API server takes it in status.loadBalancer.ingress[].hostname (an IP address goes in
+    `ip` there, which the host side has no use for: it answers on its own names)."""
+    value: str = t.get(name, str, default)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{t.key(name)}: {value!r} is an IP address; expected a host name such as localhost")
+    if len(value) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in value.split(".")):
+        raise ConfigError(f"{t.key(name)}: {value!r} is not a DNS name (lowercase labels of a-z, 0-9 and '-')")
+    return value

@@ -17,6 +17,9 @@ from lifecycle.bus import Bus
 from lifecycle.config import Config, StepPolicy
 from lifecycle.drift import Change, apply, compare, pending, read_installed, reset_required_message
 from lifecycle.errors import PermanentError, RequestError, StepError
+from lifecycle.exposures import CLEARED, Exposure
+from lifecycle.exposurestate import Change as ExposureChange
+from lifecycle.exposurestate import PublishedExposures
 from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
 from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
@@ -24,7 +27,7 @@ from lifecycle.outbox import Outbox, is_durable
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.protocol import Action, CertsStatus, ErrorInfo, Event, EventType, Status
-from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext
+from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext, node_ip_of
 from lifecycle.store import Snapshot, Store
 
 T = TypeVar("T")
@@ -107,6 +110,8 @@ class Engine:
         self._job: _Job | None = None
         self._lock = asyncio.Lock()  # one control operation (install/reset/cancel/shutdown) at a time
         self._stopping = False
+        self._exposures = PublishedExposures(paths.state_dir / "exposures.json", host=config.exposures.host)
+        self._exposures_cleared = False  # the empty retained message went out since this start
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -235,6 +240,38 @@ class Engine:
         if certs != self._certs:
             self._certs = certs
             self._bus.publish(self.status())
+
+    @property
+    def node_ip(self) -> str:
+        """The node's address as the install chose it ("" when not known)."""
+        cluster = self._snap.cluster
+        return node_ip_of(self._effective, cluster) if cluster is not None else self._effective.kubernetes.node_ip
+
+    def report_exposures(self, exposures: tuple[Exposure, ...]) -> None:
+        """From the exposure watch (lifecycle.exposewatch): the LoadBalancer ports now wanted. One event per
+        change, then the whole set as the retained exposures message (seq saved before it goes out)."""
+        message, found = self._exposures.update(exposures)
+        self._emit_exposure_changes(found)
+        if message is not None:
+            self._bus.publish(message)
+
+    def clear_exposures(self) -> None:
+        """Nothing is exposed any more (the cluster is being reset): `removed` for each, the message cleared."""
+        if self._exposures.current is None and self._exposures_cleared:
+            return
+        # Once per start even when nothing is saved: a kill after the clear was saved but before the broker had
+        # it would otherwise leave the old retained message there for good.
+        self._exposures_cleared = True
+        self._emit_exposure_changes(self._exposures.clear())
+        self._bus.publish(CLEARED)
+
+    def _emit_exposure_changes(self, found: Sequence[ExposureChange]) -> None:
+        kinds = {"added": EventType.EXPOSURE_ADDED, "removed": EventType.EXPOSURE_REMOVED,
+                 "conflict": EventType.EXPOSURE_CONFLICT}
+        for change in found:
+            self._log.info(f"exposure {change.kind}", exposure=change.exposure.name, port=change.exposure.port,
+                           protocol=change.exposure.protocol, conflict=change.exposure.conflict)
+            self._emit(kinds[change.kind], {"request_id": None, **change.exposure.to_json()})
 
     async def cancel(self, *, request_id: str) -> Accepted:
         async with self._lock:

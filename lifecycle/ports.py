@@ -145,9 +145,31 @@ class KubeApiFactory(Protocol):
     def connect(self, kubeconfig: Path) -> AbstractAsyncContextManager[KubeApi]: ...
 
 
+class ServicesApi(Protocol):
+    """Services in all namespaces as the exposure watch needs them (lifecycle.exposewatch). Objects are plain
+    dicts as the API serialises them. Every method raises `KubeApiError`."""
+
+    async def list_services(self) -> tuple[list[dict[str, Any]], str]:
+        """Every Service, and the list's resourceVersion (where a watch picks up)."""
+
+    def watch_services(self, *, resource_version: str, timeout_s: float) -> AsyncGenerator[dict[str, Any], None]:
+        """Watch events ({"type", "object"}) after `resource_version`, BOOKMARKs included, until `timeout_s`
+        passes or the server ends the watch. An ERROR event is raised as `KubeApiError` with its code (410 when
+        the version is too old: list again). Close it (`contextlib.aclosing`) when leaving early."""
+
+    async def set_load_balancer_ingress(self, namespace: str, name: str,
+                                        ingress: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+        """Write status.loadBalancer.ingress through the status subresource; returns the updated Service."""
+
+
+class ServicesApiFactory(Protocol):
+    def connect_services(self, kubeconfig: Path) -> AbstractAsyncContextManager[ServicesApi]: ...
+
+
 @dataclass(frozen=True)
 class Ports:
     docker: ContainerEngine
     commands: CommandRunner
     kubelet: KubeletSupervisor
     kube: KubeApiFactory
+    services: ServicesApiFactory | None = None  # None: no exposures (a test's ports, a client-only use)

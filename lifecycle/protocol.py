@@ -51,6 +51,9 @@ class EventType(StrEnum):
     STEP_FAILED = "lifecycle.step.failed"
     CERTS_EXPIRING = "lifecycle.certs.expiring"
     CERTS_RENEWED = "lifecycle.certs.renewed"
+    EXPOSURE_ADDED = "lifecycle.exposure.added"
+    EXPOSURE_REMOVED = "lifecycle.exposure.removed"
+    EXPOSURE_CONFLICT = "lifecycle.exposure.conflict"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from lifecycle.config import Config
 from lifecycle.credentials import kubeconfig_reply
 from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRoutine
 from lifecycle.errors import RequestError
+from lifecycle.exposewatch import ExposureWatch
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.outbox import Outbox
@@ -117,6 +118,10 @@ async def serve(
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
                         renew=renew, renewal_due=renewal_due, outbox=durable)
         certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus)
+        exposures = None
+        if ports.services is not None:
+            exposures = ExposureWatch(engine=engine, bus=bus, services=ports.services, kubeconfig=paths.admin_conf,
+                                      host=config.exposures.host)
         bridge = MqttBridge(
             config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,
             status=engine.status, handle=RequestHandler(engine).handle,
@@ -127,11 +132,14 @@ async def serve(
         async with bridge:
             log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
             await engine.start()
-            watch = asyncio.create_task(certs.run(), name="lifecycle-certs-watch")
+            watches = {asyncio.create_task(certs.run(), name="lifecycle-certs-watch")}
+            if exposures is not None:
+                watches.add(asyncio.create_task(exposures.run(), name="lifecycle-exposures-watch"))
             failure = await _until_stop_or_bridge_failure(stop, bridge)
             log.info("stopping", state=engine.state.value)
-            watch.cancel()
-            await asyncio.wait({watch})
+            for watch in watches:
+                watch.cancel()
+            await asyncio.wait(watches)
             await engine.shutdown()
             await bridge.close(drain_timeout_s=drain_timeout_s)
         syncer.cancel()

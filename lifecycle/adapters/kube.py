@@ -15,13 +15,13 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
-from lifecycle.ports import KubeApi, KubeApiError
+from lifecycle.ports import KubeApi, KubeApiError, ServicesApi
 from lifecycle.tls import memory_file
 
 # Where versions before the in-memory credentials unpacked the client key (kubernetes_asyncio's temp files).
@@ -66,6 +66,13 @@ class KubernetesApiFactory:
         content = _read_kubeconfig(kubeconfig)
         async with _api_client(content) as api_client:
             yield _KubeClient(api_client, request_timeout_s=self._request_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def connect_services(self, kubeconfig: Path) -> AsyncIterator[ServicesApi]:
+        """The same connection as `connect` (one ApiClient, closed on exit), seen as a `ServicesApi`."""
+        async with self.connect(kubeconfig) as api:
+            assert isinstance(api, _KubeClient)
+            yield api
 
 
 async def _import_kubernetes_asyncio() -> None:
@@ -197,6 +204,54 @@ class _KubeClient:
                 return None
             raise
 
+    async def list_services(self) -> tuple[list[dict[str, Any]], str]:
+        answer = await self._call("GET", "/api/v1/services")
+        return list(answer.get("items") or []), str((answer.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch_services(self, *, resource_version: str, timeout_s: float) -> AsyncGenerator[dict[str, Any], None]:
+        # The watch is read line by line here, not through kubernetes_asyncio's Watch: an ERROR event (410 Gone)
+        # must reach the caller as such, and the response must be closed whichever way the caller leaves.
+        path = "/api/v1/services"
+        query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(max(1, int(timeout_s)))}
+        try:
+            response = await self._api.call_api(
+                path, "GET", query_params=query, header_params={"Accept": "application/json"},
+                _preload_content=False, _request_timeout=timeout_s + self._timeout_s,
+            )
+        except _transport_errors() as exc:
+            raise KubeApiError(f"watch services: {exc or type(exc).__name__}") from exc
+        async with response:
+            if response.status != 200:
+                raw = await response.read()
+                raise KubeApiError(f"watch services: {response.status} {raw[:200].decode(errors='replace')}",
+                                   status=response.status)
+            try:
+                async for line in _lines(response.content):
+                    event = json.loads(line)
+                    if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+                        raise KubeApiError("watch services: an event that is not a JSON object")
+                    if event.get("type") == "ERROR":
+                        status = event["object"]
+                        raise KubeApiError(f"watch services: {status.get('message') or 'error'}",
+                                           status=int(status.get("code") or 0) or None,
+                                           reason=str(status.get("reason") or ""))
+                    yield event
+            except ValueError as exc:  # a line that is not JSON
+                raise KubeApiError(f"watch services: unreadable event: {exc}") from exc
+            except _transport_errors() as exc:
+                raise KubeApiError(f"watch services: {exc or type(exc).__name__}") from exc
+
+    async def set_load_balancer_ingress(self, namespace: str, name: str,
+                                        ingress: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+        # A merge patch of the status subresource, as Docker Desktop's vpnkit-controller and cloud controllers
+        # do (k8s.io/cloud-provider controllers/service/controller.go, patchStatus).
+        return await self._call(
+            "PATCH", f"/api/v1/namespaces/{namespace}/services/{name}/status",
+            body={"status": {"loadBalancer": {"ingress": [dict(i) for i in ingress]}}},
+            content_type="application/merge-patch+json",
+        )
+
     # ---- internals ---------------------------------------------------------------------------------------
 
     async def _resource(self, api_version: str, kind: str) -> tuple[str, bool]:
@@ -252,6 +307,26 @@ class _KubeClient:
         if not isinstance(answer, dict):
             raise KubeApiError(f"{method} {path}: answer is not a JSON object", status=status)
         return answer
+
+
+MAX_WATCH_EVENT_BYTES = 8 * 1024 * 1024  # an object is at most 1.5 MiB in etcd; JSON escaping can grow it
+
+
+async def _lines(content: Any) -> AsyncIterator[bytes]:
+    """The non-empty lines of a watch stream. aiohttp's own line reading refuses lines over 128 KiB, which a
+    Service with large annotations can reach; this one takes up to MAX_WATCH_EVENT_BYTES."""
+    buffer = bytearray()
+    async for chunk in content.iter_any():
+        buffer += chunk
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[:end + 1]
+            if line.strip():
+                yield line
+        if len(buffer) > MAX_WATCH_EVENT_BYTES:
+            raise KubeApiError(f"watch services: an event longer than {MAX_WATCH_EVENT_BYTES} bytes")
+    if bytes(buffer).strip():
+        yield bytes(buffer)
 
 
 def _collection_path(api_version: str, *, resource: str, namespace: str | None) -> str:

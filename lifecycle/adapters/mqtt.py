@@ -19,6 +19,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.bus import BusItem, Subscription
 from lifecycle.config import MqttConfig
+from lifecycle.exposures import ExposureSet
 from lifecycle.logging import get_logger
 from lifecycle.outbox import Outbox, is_durable
 from lifecycle.protocol import (
@@ -177,6 +178,8 @@ class MqttBridge:
     def _encode(self, item: BusItem) -> tuple[str, bytes, bool]:
         if isinstance(item, Event):
             return self._topics.events, dumps(item.to_cloudevent(self._topics.source)), False
+        if isinstance(item, ExposureSet):  # an empty retained payload deletes the message (reset)
+            return self._topics.exposures, dumps(item.to_json()) if item.seq is not None else b"", True
         return self._topics.status, dumps(item.to_json()), True
 
     async def _read_requests(self, client: aiomqtt.Client) -> None:

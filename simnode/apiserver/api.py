@@ -167,7 +167,11 @@ class Api:
 
     @staticmethod
     def _merge_scope(rt: ResourceType, old: Obj, obj: Obj, subresource: str) -> Obj:
-        """What a write may change: status only on /status; everything but status on the object."""
+        """What a write may change: status only on /status; everything but status on the object.
+
+        For Services as kubernetes pkg/registry/core/service/strategy.go does it: svcStrategy.PrepareForUpdate
+        keeps the old status, serviceStatusStrategy.PrepareForUpdate the old spec (the StatusREST of
+        pkg/registry/core/service/storage/storage.go serves PUT and PATCH on services/status)."""
         if subresource == "status":
             new = copy.deepcopy(old)
             if "status" in obj:

@@ -126,3 +126,7 @@ def initial_status(rt: ResourceType, obj: Obj) -> None:
     """Status a freshly created object starts with when the client sent none."""
     if rt.kind == "Pod" and not obj.get("status"):
         obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+    elif rt.kind == "Service":
+        # kubernetes pkg/registry/core/service/strategy.go, svcStrategy.PrepareForCreate: `service.Status =
+        # api.ServiceStatus{}` (only services/status sets an ingress), served as {"loadBalancer": {}}.
+        obj["status"] = {"loadBalancer": {}}

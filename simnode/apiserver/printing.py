@@ -159,7 +159,12 @@ def _service_row(svc: Obj, now: datetime) -> list[Any]:
     kind = spec.get("type", "ClusterIP")
     external = list(spec.get("externalIPs") or [])
     if kind == "LoadBalancer":
-        ingress = [i.get("ip") or i.get("hostname") for i in (status.get("loadBalancer") or {}).get("ingress") or []]
+        # kubernetes pkg/printers/internalversion/printers.go, getServiceExternalIP and loadBalancerStatusStringer
+        # (an entry's ip, else its hostname; entries with neither are skipped; the ingress before spec.externalIPs;
+        # no 16-character cut: the server's TableConvertor prints with Wide set, pkg/printers/storage/storage.go).
+        entries = (status.get("loadBalancer") or {}).get("ingress") or []
+        ingress = [str(i.get("ip") or i.get("hostname")) for i in entries
+                   if isinstance(i, dict) and (i.get("ip") or i.get("hostname"))]
         external = ingress + external or ["<pending>"]
     elif kind == "ExternalName":
         external = [spec.get("externalName", "")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -133,5 +134,39 @@ def validate(rt: ResourceType, obj: dict[str, Any]) -> None:
             why = "`selector` does not match template `labels`"
             causes.append(("spec.template.metadata.labels", f"Invalid value: {labels!r}: {why}"))
         causes += _pod_spec(rt, name, template.get("spec"), "spec.template.spec")
+    elif rt.kind == "Service":
+        causes = _load_balancer_status(obj.get("status"))
     if causes:
         raise invalid(rt, name, causes)
+
+
+def _load_balancer_status(status: Any) -> list[tuple[str, str]]:
+    """kubernetes pkg/apis/core/validation/validation.go, ValidateLoadBalancerStatus (run by the services/status
+    strategy, pkg/registry/core/service/strategy.go serviceStatusStrategy.ValidateUpdate): an ingress `ip` must
+    be an IP address; a `hostname` a DNS-1123 subdomain and not an IP address."""
+    balancer = status.get("loadBalancer") if isinstance(status, dict) else None
+    ingress = balancer.get("ingress") if isinstance(balancer, dict) else None
+    causes: list[tuple[str, str]] = []
+    for i, entry in enumerate(ingress if isinstance(ingress, list) else []):
+        where = f"status.loadBalancer.ingress[{i}]"
+        if not isinstance(entry, dict):
+            causes.append((where, "Invalid value: expected an object"))
+            continue
+        ip, hostname = entry.get("ip") or "", entry.get("hostname") or ""
+        if ip and not _is_ip(str(ip)):
+            causes.append((f"{where}.ip", f'Invalid value: "{ip}": must be a valid IP address'))
+        if hostname:
+            text = str(hostname)
+            if len(text) > 253 or not _SUBDOMAIN_RE.fullmatch(text):
+                causes.append((f"{where}.hostname", f'Invalid value: "{text}": {_SUBDOMAIN_MSG}'))
+            if _is_ip(text):
+                causes.append((f"{where}.hostname", f'Invalid value: "{text}": must be a DNS name, not an IP address'))
+    return causes
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

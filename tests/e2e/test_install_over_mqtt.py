@@ -239,7 +239,7 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
             node.service.wait(timeout=10)
         _kill_processes_under(node.root)
         # Clear the retained messages this node left on the shared broker.
-        for leaf in ("status", "availability"):
+        for leaf in ("status", "availability", "exposures"):
             subprocess.run(["mosquitto_pub", "-t", node.topic(leaf), "-r", "-n"], check=False)
 
 

@@ -194,6 +194,55 @@ async def test_connections_write_no_key_and_close_every_file(
     assert not _files_holding(key_pem, private_tmp)
 
 
+async def test_services_are_listed_watched_from_the_lists_version_and_get_an_ingress(api_server: ApiServer) -> None:
+    """The ServicesApi of the exposure watch (issue 9): a watch from the list's resourceVersion sees a Service made
+    after the list (and not the ones before it), the ingress goes through services/status, and 20 watches
+    left early (`aclosing`) leave no descriptor behind."""
+    factory = KubernetesApiFactory()
+    name = f"lb-{uuid.uuid4().hex[:8]}"
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+               "spec": {"type": "LoadBalancer", "ports": [{"port": 8080, "targetPort": 80}]}}
+    async with factory.connect_services(api_server.kubeconfig) as services, \
+            factory.connect(api_server.kubeconfig) as api:
+        items, version = await services.list_services()
+        assert version and all(s["kind"] == "Service" or "spec" in s for s in items)
+        seen: list[tuple[str, str]] = []
+
+        async def watch() -> None:
+            async with contextlib.aclosing(services.watch_services(resource_version=version, timeout_s=10)) as events:
+                async for event in events:
+                    seen.append((event["type"], event["object"]["metadata"]["name"]))
+                    if event["object"]["metadata"]["name"] == name:
+                        return
+
+        watcher = asyncio.create_task(watch(), name="services-watch-under-test")
+        # An event over aiohttp's 128 KiB line limit (annotations may hold 256 KiB) comes through whole.
+        big = {**service, "metadata": {**service["metadata"], "annotations": {"note": "x" * 200_000}}}
+        await api.apply(big, field_manager="lifecycle")
+        await asyncio.wait_for(watcher, timeout=10)
+        assert seen == [("ADDED", name)]
+        updated = await services.set_load_balancer_ingress("default", name, [{"hostname": "localhost"}])
+        assert updated["status"]["loadBalancer"]["ingress"] == [{"hostname": "localhost"}]
+        assert updated["spec"]["ports"][0]["nodePort"] >= 30000
+        with pytest.raises(KubeApiError) as refused:
+            await services.set_load_balancer_ingress("default", name, [{"hostname": "127.0.0.1"}])
+        assert refused.value.status == 422
+        with pytest.raises(KubeApiError) as missing:
+            await services.set_load_balancer_ingress("default", f"{name}-gone", [{"hostname": "localhost"}])
+        assert missing.value.status == 404
+
+        _, version = await services.list_services()
+        before = await _settled_fds(len(_open_fds()))
+        for _ in range(20):
+            async with contextlib.aclosing(services.watch_services(resource_version=version, timeout_s=30)) as events:
+                waiting = asyncio.create_task(anext(events), name="services-watch-left-early")
+                await asyncio.sleep(0.05)
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        after = await _settled_fds(len(before))
+        assert len(after) <= len(before), sorted(set(after.values()) - set(before.values()))
+
+
 def test_a_killed_client_leaves_no_key_in_the_temp_dir(api_server: ApiServer, tmp_path: Path) -> None:
     """Issue 8, defect 7: SIGKILL while connected left /tmp/lifecycle-kube-* holding the admin key."""
     key_pem = _client_key_pem(api_server.kubeconfig)

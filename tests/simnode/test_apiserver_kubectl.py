@@ -216,6 +216,37 @@ def test_wait_for_available_via_status_subresource(apiserver: ApiServer, tmp_pat
     assert table[1].split()[:4] == ["waited", "1/1", "1", "1"]
 
 
+def test_service_status_subresource_sets_load_balancer_ingress_as_the_real_apiserver(
+    apiserver: ApiServer, tmp_path: Path
+) -> None:
+    """services/status (kubernetes pkg/registry/core/service/storage/storage.go StatusREST, strategy.go
+    serviceStatusStrategy): a PATCH or PUT there changes status only; a write to the Service keeps status;
+    ingress entries are validated (ValidateLoadBalancerStatus); kubectl shows them under EXTERNAL-IP."""
+    k = apiserver.kubectl
+    created = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "lb-status"},
+               "spec": {"type": "LoadBalancer", "ports": [{"port": 8080, "targetPort": 80}]},
+               "status": {"loadBalancer": {"ingress": [{"hostname": "made-up.example"}]}}}
+    k("create", "-f", write(tmp_path, "created.json", json.dumps(created)))  # a status sent on create is dropped
+    assert k("get", "svc", "lb-status", "--no-headers").stdout.split()[3] == "<pending>"
+    node_port = get_json(apiserver, "svc", "lb-status")["spec"]["ports"][0]["nodePort"]  # type: ignore[index]
+    # The spec part of a status patch is dropped, the status part kept.
+    k("patch", "svc", "lb-status", "--subresource=status", "--type=merge", "-p",
+      '{"spec":{"ports":[{"port":9999,"targetPort":80}]},"status":{"loadBalancer":{"ingress":[{"hostname":"localhost"}]}}}')
+    row = k("get", "svc", "lb-status", "--no-headers").stdout.split()
+    assert row[3] == "localhost" and row[4] == f"8080:{node_port}/TCP", row
+    # A write to the Service itself keeps the status.
+    k("patch", "svc", "lb-status", "--type=merge", "-p", '{"status":{"loadBalancer":{"ingress":[]}}}')
+    assert k("get", "svc", "lb-status", "--no-headers").stdout.split()[3] == "localhost"
+    # PUT on /status, with an IP address given as hostname: refused, nothing changes.
+    svc = get_json(apiserver, "svc", "lb-status")
+    svc["status"] = {"loadBalancer": {"ingress": [{"hostname": "127.0.0.1"}]}}
+    bad = k("replace", "--subresource=status", "-f", write(tmp_path, "svc.json", json.dumps(svc)), check=False)
+    assert bad.returncode != 0 and "must be a DNS name, not an IP address" in bad.stderr, bad.stderr
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}
+    k("replace", "--subresource=status", "-f", write(tmp_path, "svc.json", json.dumps(svc)))
+    assert k("get", "svc", "lb-status", "--no-headers").stdout.split()[3] == "192.0.2.7"
+
+
 def test_pod_tables_look_real(apiserver: ApiServer, tmp_path: Path) -> None:
     k = apiserver.kubectl
     k("create", "namespace", "tables")

@@ -50,6 +50,7 @@ def test_deploy_config_is_a_real_vm() -> None:
     assert k8s.endpoint_name == "kubernetes.docker.internal"
     assert k8s.node_ip == ""  # detected at install time: Docker Desktop's 192.168.65.3 is on no plain VM
     assert config.steps["preflight"].retries == 0
+    assert config.exposures.host == "localhost"  # what Docker Desktop writes as a LoadBalancer's ingress
     assert (k8s.cluster_name, k8s.user_name, k8s.context_name) == ("docker-desktop",) * 3
     assert k8s.images_for("v1.31.4") == {
         "kube-apiserver": "registry.k8s.io/kube-apiserver:v1.31.4",
@@ -97,6 +98,10 @@ def test_every_key_of_the_deploy_config_is_commented() -> None:
         ('[kubernetes]\nbinaries = []', "kubernetes.binaries"),
         ('[addons]\nstorage_provisioner_image = "rancher/local-path-provisioner"', "addons.storage_provisioner_image"),
         ('[addons]\nstorage_helper_image = ""', "addons.storage_helper_image"),
+        ('[exposures]\nhost = "127.0.0.1"', "exposures.host"),
+        ('[exposures]\nhost = "Local_Host"', "exposures.host"),
+        ('[exposures]\nhost = ""', "exposures.host"),
+        ('[exposures]\nhosts = "localhost"', "exposures.hosts"),
     ],
 )
 def test_a_bad_value_names_its_key(tmp_path: Path, snippet: str, key: str) -> None:

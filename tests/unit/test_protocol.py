@@ -14,6 +14,8 @@ from referencing import Registry, Resource
 from lifecycle.bus import Bus
 from lifecycle.config import StepPolicy
 from lifecycle.engine import Engine
+from lifecycle.exposures import ExposureSet
+from lifecycle.exposurestate import exposures_from_services
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -147,6 +149,10 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
         "renew_at": iso_time(1.9e9)}])
     replies.append(await handler.handle(Request(id="renew", action=Action.RENEW_CERTS)))
     await engine.wait_job()
+    lb = [{"metadata": {"namespace": "default", "name": name}, "spec": {"type": "LoadBalancer", "ports": [
+        {"port": 8080, "protocol": "TCP", "nodePort": node_port}]}} for name, node_port in (("a", 31000), ("b", 31001))]
+    engine.report_exposures(exposures_from_services(lb, node_ip="192.0.2.10"))  # added, conflict
+    engine.report_exposures(exposures_from_services(lb[:1], node_ip="192.0.2.10"))  # removed, conflict resolved
     for action in (Action.STATUS, Action.CANCEL, Action.INSTALL, Action.RESET):
         replies.append(await handler.handle(Request(id=f"x-{action}", action=action, kubernetes_version=None)))
     replies.append(await handler.handle(Request(id="bad", action=Action.INSTALL, kubernetes_version="v1.99.1")))
@@ -163,6 +169,10 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
         v["event"].validate(event)
     for status in statuses:
         v["status"].validate(status)
+    exposures = [i.to_json() for i in items if isinstance(i, ExposureSet)]
+    assert [len(e["exposures"]) for e in exposures] == [2, 1]
+    for message in exposures:
+        v["exposures"].validate(message)
     assert {r.ok for r in replies} == {True, False} and any(r.status for r in replies)
     for reply in replies:
         v["reply"].validate(reply.to_json())
