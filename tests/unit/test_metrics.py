@@ -3,16 +3,20 @@ The whole path (real service, HTTP scrape, promtool) is tests/e2e/test_metrics_e
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lifecycle.adapters.metrics_http import MetricsServer
 from lifecycle.certwatch import CertInfo
 from lifecycle.config import ConfigError, load_config
+from lifecycle.errors import MetricsListenError
 from lifecycle.metrics import LiveSources, Metrics
 from lifecycle.protocol import Event, EventType, Reply
 
@@ -129,3 +133,20 @@ def test_promtool_finds_nothing_to_lint_in_the_output() -> None:
     out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(m.registry), capture_output=True,
                          check=False)
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out
+
+
+async def test_the_endpoint_serves_the_registry_and_a_port_in_use_is_a_clear_error() -> None:
+    m = _metrics()
+    port = free_port()
+    server = MetricsServer(m.registry, host="127.0.0.1", port=port)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        response = (await reader.read()).decode()
+        writer.close()
+        assert response.startswith("HTTP/1.0 200 OK") and "\nlifecycle_mqtt_connected 1.0\n" in response
+        with pytest.raises(MetricsListenError, match=rf"^metrics.listen: cannot listen on 127.0.0.1:{port}: "):
+            await MetricsServer(m.registry, host="127.0.0.1", port=port).start()
+    finally:
+        await server.close()
