@@ -16,6 +16,7 @@ from lifecycle import cli
 from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.config import Config, ConfigError, load_config
 from lifecycle.engine import RenewalDue, RenewRoutine, ResetRoutine
+from lifecycle.errors import MetricsListenError
 from lifecycle.logging import configure_logging, get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
@@ -85,6 +86,9 @@ def run_service(
     try:
         asyncio.run(main())
     except StoreError as exc:
+        print(f"lifecycle: {exc}", file=sys.stderr)
+        return 1
+    except MetricsListenError as exc:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return 1
     except BridgeFailedError as exc:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,11 @@ def save_fired(path: Path, fired: Fired) -> None:
 class CertWatch:
     """The background task: checks at every state change and whenever something falls due."""
 
-    def __init__(self, *, pki: PkiConfig, paths: HostPaths, engine: Engine, bus: Bus) -> None:
+    def __init__(
+        self, *, pki: PkiConfig, paths: HostPaths, engine: Engine, bus: Bus,
+        on_scan: Callable[[Scan], None] | None = None,
+    ) -> None:
+        self._on_scan = on_scan  # told every scan (the metrics' expiry per file)
         self._pki = pki
         self._paths = paths
         self._engine = engine
@@ -171,6 +176,8 @@ class CertWatch:
         if self._engine.state in (State.RENEWING, State.RESETTING):
             return self._pki.check_interval_s  # files in flux; the end of the job is a state change
         scan = await asyncio.to_thread(scan_certs, self._paths)
+        if self._on_scan is not None:
+            self._on_scan(scan)
         now = time.time()
         earliest, renew_at = scan.earliest, scan.renew_at(self._pki.renew_before_days)
         status = CertsStatus(earliest.not_after, earliest.file, renew_at) if earliest else None

@@ -197,6 +197,16 @@ class AddonsConfig:
         }
 
 
+METRICS_DEFAULT_LISTEN = ("127.0.0.1", 9464)  # 9464: the port Prometheus' registry lists for this exporter kind
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (`GET /metrics`); None: off, the default (no port opened, nothing imported)."""
+
+    listen: tuple[str, int] | None = None  # (IP literal, port)
+
+
 @dataclass(frozen=True)
 class ExposuresConfig:
     # What the host answers LoadBalancer Services on: written to their status.loadBalancer.ingress (EXTERNAL-IP)
@@ -217,6 +227,7 @@ class Config:
     readiness: ReadinessConfig = field(default_factory=ReadinessConfig)
     addons: AddonsConfig = field(default_factory=AddonsConfig)
     exposures: ExposuresConfig = field(default_factory=ExposuresConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def with_overrides(
         self, *, root: Path | None = None, node_name: str | None = None, broker: str | None = None
@@ -477,6 +488,38 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
     return cfg
 
 
+def parse_listen(value: str, key: str) -> tuple[str, int]:
+    """`host:port` with an IP literal (`[v6]:port` for IPv6) or `localhost`: an address the service binds to as
+    given, never a name resolved at start (which could silently pick a public interface)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(f"{key}: expected host:port (e.g. 127.0.0.1:9464 or [::1]:9464), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{key}: an IPv6 address goes in brackets ([::1]:9464), got {value!r}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: {host!r} is not an IP address (or localhost), in {value!r}") from None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: port must be 1..65535, got {port}")
+    return host, port
+
+
+def _load_metrics(t: _Table) -> MetricsConfig:
+    enabled = t.get("enabled", bool, None)
+    listen_text = t.get("listen", str, None)
+    t.finish()
+    if enabled is False or (enabled is None and listen_text is None):
+        return MetricsConfig()
+    listen = parse_listen(listen_text, t.key("listen")) if listen_text is not None else METRICS_DEFAULT_LISTEN
+    return MetricsConfig(listen=listen)
+
+
 def load_client_config(path: Path) -> tuple[MqttConfig, str]:
     """What a client (the CLI, a host backend) needs: `[mqtt]` (checked as for the service) and `node.name`.
     Other tables are ignored, so a host-side file needs no more than these two, and the service's file works too."""
@@ -570,10 +613,11 @@ def load_config(path: Path) -> Config:
     et = top.table("exposures")
     exposures = ExposuresConfig(host=_ingress_host(et, "host", ExposuresConfig.host))
     et.finish()
+    metrics = _load_metrics(top.table("metrics"))
     top.finish()
     return Config(
         node_name=name, root=root, log_level=log_level, mqtt=mqtt, kubernetes=kubernetes, pki=pki,
-        docker=docker, steps=steps, readiness=readiness, addons=addons, exposures=exposures,
+        docker=docker, steps=steps, readiness=readiness, addons=addons, exposures=exposures, metrics=metrics,
     )
 
 

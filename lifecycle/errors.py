@@ -80,3 +80,8 @@ class RequestError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class MetricsListenError(Exception):
+    """The configured metrics address cannot be listened on (in use, not an address of this host): the start
+    fails with it, as with a bad config, rather than running without the metrics the operator asked for."""

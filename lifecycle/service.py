@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lifecycle.adapters.mqtt import MqttBridge
-from lifecycle.bus import Bus
-from lifecycle.certwatch import CertWatch
+from lifecycle.bus import Bus, Subscription
+from lifecycle.certwatch import CertWatch, Scan
 from lifecycle.config import Config
 from lifecycle.credentials import kubeconfig_reply
 from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRoutine
@@ -26,6 +26,9 @@ from lifecycle.ports import Ports
 from lifecycle.protocol import Action, Reply, Request, Topics
 from lifecycle.step import Step
 from lifecycle.store import Store
+
+if TYPE_CHECKING:
+    from lifecycle.adapters.metrics_http import MetricsServer
 
 DRAIN_TIMEOUT_S = 5.0
 
@@ -98,6 +101,51 @@ class RequestHandler:
                      note=accepted.note)
 
 
+class _Metrics:
+    """The metrics and their endpoint (`[metrics]`, docs/metrics.md); prometheus_client and aiohttp's server are
+    imported only when configured."""
+
+    def __init__(self, config: Config, bus: Bus) -> None:
+        from lifecycle import metrics
+
+        self._module = metrics
+        self._config = config
+        self._sub = bus.subscribe("metrics")  # before the engine starts: it sees the first status
+        self._metrics: metrics.Metrics | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: MetricsServer | None = None
+
+    async def start(self, *, bridge: MqttBridge, outbox: Subscription, ports: Ports) -> None:
+        from lifecycle.adapters.metrics_http import MetricsServer
+
+        m = self._module
+        live = m.LiveSources(mqtt_connected=bridge.connected.is_set, mqtt_connects=lambda: bridge.connects,
+                             queued_events=outbox.__len__, kubelet_restarts=lambda: ports.kubelet.restarts)
+        self._metrics = m.Metrics(live)
+        assert self._config.metrics.listen is not None
+        host, port = self._config.metrics.listen
+        server = MetricsServer(self._metrics.registry, host=host, port=port)
+        await server.start()
+        self._server = server
+        self._tasks.append(asyncio.create_task(m.run_sink(self._metrics, self._sub), name="lifecycle-metrics-sink"))
+        get_logger("lifecycle.metrics").info("metrics endpoint listening", url=f"http://{host}:{port}/metrics")
+
+    def on_reply(self, action: str, reply: Reply) -> None:
+        if self._metrics is not None:
+            self._metrics.request_answered(action, reply)
+
+    def on_scan(self, scan: Scan) -> None:
+        if self._metrics is not None:
+            self._metrics.certificates(scan.certs)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.close()
+
+
 async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
     drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
@@ -109,7 +157,7 @@ async def serve(
     store = state_file(paths)
     store.lock()
     durable = Outbox(paths.state_dir)
-    stack = contextlib.ExitStack()  # the fsync task is cancelled whichever way serve() ends
+    stack = contextlib.AsyncExitStack()  # the fsync task and the metrics end whichever way serve() ends
     try:
         bus = Bus()
         outbox = bus.subscribe("mqtt")
@@ -117,7 +165,9 @@ async def serve(
             bus.publish(event)
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
                         renew=renew, renewal_due=renewal_due, outbox=durable)
-        certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus)
+        metrics = _Metrics(config, bus) if config.metrics.listen is not None else None
+        certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus,
+                          on_scan=metrics.on_scan if metrics is not None else None)
         exposures = None
         if ports.services is not None:
             exposures = ExposureWatch(engine=engine, bus=bus, services=ports.services, kubeconfig=paths.admin_conf,
@@ -126,9 +176,13 @@ async def serve(
             config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,
             status=engine.status, handle=RequestHandler(engine).handle,
             client_id=config.mqtt.client_id or f"lifecycle-{config.node_name}", durable=durable,
+            on_reply=metrics.on_reply if metrics is not None else None,
         )
         syncer = asyncio.create_task(durable.run(), name="lifecycle-outbox-fsync")
         stack.callback(syncer.cancel)
+        if metrics is not None:  # before the bridge: a port in use stops the start, before `online` is said
+            await metrics.start(bridge=bridge, outbox=outbox, ports=ports)
+            stack.push_async_callback(metrics.close)
         async with bridge:
             log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
             await engine.start()
@@ -149,6 +203,6 @@ async def serve(
             raise BridgeFailedError(f"the MQTT bridge failed: {type(failure).__name__}: {failure}") from failure
         log.info("stopped", state=engine.state.value)
     finally:
-        stack.close()
+        await stack.aclose()
         durable.close()
         store.unlock()

@@ -34,6 +34,8 @@ from lifecycle.protocol import (
 )
 
 RequestHandler = Callable[[Request], Awaitable[Reply]]
+# Told of every request answered: its action ("invalid" when it could not be parsed) and the reply (metrics).
+ReplyObserver = Callable[[str, Reply], None]
 
 
 def _shown_topic(topic: str | None) -> str:
@@ -52,6 +54,7 @@ class MqttBridge:
     def __init__(
         self, *, config: MqttConfig, topics: Topics, outbox: Subscription, status: Callable[[], Status],
         handle: RequestHandler, client_id: str, durable: Outbox | None = None,
+        on_reply: ReplyObserver | None = None,
     ) -> None:
         self._config = config
         self._durable = durable
@@ -60,7 +63,9 @@ class MqttBridge:
         self._status = status
         self._handle = handle
         self._log = get_logger("lifecycle.mqtt", broker=config.broker, client_id=client_id)
+        self._on_reply = on_reply
         self.connected = asyncio.Event()
+        self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
         self._client = self._make_client(client_id)
 
@@ -141,6 +146,7 @@ class MqttBridge:
             await client.publish(self._topics.availability, b"online", qos=1, retain=True)
             await client.publish(self._topics.status, dumps(self._status().to_json()), qos=1, retain=True)
             self.connected.set()
+            self.connects += 1
             self._log.info("connected", undelivered=len(self._outbox))
             try:
                 async with asyncio.TaskGroup() as group:
@@ -211,8 +217,10 @@ class MqttBridge:
         props = message.properties
         response_topic: str | None = getattr(props, "ResponseTopic", None)
         correlation: bytes | None = getattr(props, "CorrelationData", None)
+        action = "invalid"
         try:
             request = parse_request(payload)  # checks the size limit before anything else
+            action = request.action.value
             self._check_reply_topics(response_topic, request)
         except BadRequestError as exc:
             reply_to = exc.reply_to
@@ -224,6 +232,8 @@ class MqttBridge:
         else:
             reply_to = request.reply_to
             reply = await self._handle(request)
+        if self._on_reply is not None:
+            self._on_reply(action, reply)
         # Replies go only where `reply_topic_problem` allows: never onto status/events/availability/requests (a
         # kubeconfig carries the admin key), never to a topic the broker would disconnect the service for.
         target = next((t for t in (response_topic, reply_to)
