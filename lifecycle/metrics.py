@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from lifecycle.bus import BusItem, Subscription
 from lifecycle.certwatch import CertInfo
+from lifecycle.exposures import ExposureSet
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.protocol import EventType, Reply, Status
@@ -90,6 +91,8 @@ class Metrics:
     def observe(self, item: BusItem) -> None:
         if isinstance(item, Status):
             self._set_state(item.state)
+            return
+        if isinstance(item, ExposureSet):  # the exposures message: no metric of its own yet
             return
         data = item.data
         if item.type == EventType.STATE_CHANGED:
