@@ -65,7 +65,10 @@ def real_ports(config: Config) -> Ports:
     return Ports(
         docker=DockerEngine(config.docker.host),
         commands=SubprocessRunner(),
-        kubelet=ProcessKubeletSupervisor(pid_file=paths.state_dir / "kubelet.pid", log=get_logger("lifecycle.kubelet")),
+        kubelet=ProcessKubeletSupervisor(
+            pid_file=paths.state_dir / "kubelet.pid", log=get_logger("lifecycle.kubelet"),
+            log_rotation=(config.kubernetes.kubelet_log_max_bytes, config.kubernetes.kubelet_log_files),
+        ),
         kube=KubernetesApiFactory(),
     )
 

@@ -97,6 +97,9 @@ def test_every_key_of_the_deploy_config_is_commented() -> None:
         ('[kubernetes]\nbinaries = []', "kubernetes.binaries"),
         ('[addons]\nstorage_provisioner_image = "rancher/local-path-provisioner"', "addons.storage_provisioner_image"),
         ('[addons]\nstorage_helper_image = ""', "addons.storage_helper_image"),
+        ("[kubernetes]\nkubelet_log_max_bytes = 1000", "kubernetes.kubelet_log_max_bytes"),  # under 64 KiB
+        ('[kubernetes]\nkubelet_log_max_bytes = "10MiB"', "kubernetes.kubelet_log_max_bytes"),
+        ("[kubernetes]\nkubelet_log_files = 0", "kubernetes.kubelet_log_files"),
     ],
 )
 def test_a_bad_value_names_its_key(tmp_path: Path, snippet: str, key: str) -> None:
