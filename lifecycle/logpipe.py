@@ -27,16 +27,23 @@ class RotatingFile:
         self._path = path
         self._max_bytes = max_bytes
         self._files = files
-        self._fd = self._open()
+        self._fd: int | None = self._open()
 
     def _open(self) -> int:
         return os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
+    def _current(self) -> int:
+        if self._fd is None:  # a rotation or an open failed before (disk full, ...): try again now
+            self._fd = self._open()
+        return self._fd
+
     def _size(self) -> int:
-        return os.fstat(self._fd).st_size
+        return os.fstat(self._current()).st_size
 
     def _rotate(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._files == 1:
             Path(self._path).unlink()
         else:
@@ -51,18 +58,20 @@ class RotatingFile:
         while data:
             room = self._max_bytes - self._size()
             if len(data) <= room:
-                _write_all(self._fd, data)
+                _write_all(self._current(), data)
                 return
             cut = data.rfind(b"\n", 0, room) + 1  # the lines that fit; 0 when not even one does
             if cut == 0 and self._size() == 0:
                 cut = room  # one line longer than a whole file: split it
             if cut:
-                _write_all(self._fd, data[:cut])
+                _write_all(self._current(), data[:cut])
                 data = data[cut:]
             self._rotate()
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -80,13 +89,22 @@ def copy(source_fd: int, out: RotatingFile) -> None:
         pending += chunk
         end = pending.rfind(b"\n") + 1
         if end:
-            out.write_lines(pending[:end])
+            _write(out, pending[:end])
             pending = pending[end:]
         if len(pending) >= READ_CHUNK_BYTES:  # a line with no end in sight: write what we have
-            out.write_lines(pending)
+            _write(out, pending)
             pending = b""
     if pending:
-        out.write_lines(pending)
+        _write(out, pending)
+
+
+def _write(out: RotatingFile, data: bytes) -> None:
+    # A full disk drops these lines, said on stderr (the service's journal), and the writer reads on: dying would
+    # close the pipe, and the kubelet would die of SIGPIPE at its next line.
+    try:
+        out.write_lines(data)
+    except OSError as exc:
+        print(f"lifecycle logpipe: dropped {len(data)} bytes of kubelet output: {exc}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

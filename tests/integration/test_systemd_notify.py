@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
 import socket
 import statistics
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,13 +18,12 @@ from pathlib import Path
 
 import pytest
 from lifecycle_fakes import eventually, write_config
-from lifecycle_mqtt import ServiceProcess, probe, retained, start_service_process, unique_prefix
+from lifecycle_mqtt import PrivateBroker, ServiceProcess, probe, retained, start_service_process, unique_prefix
 
-from lifecycle.__main__ import STALL_LOOP_ENV
 from lifecycle.protocol import Topics
-from lifecycle.sdnotify import Notifier
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
+STALL_LOOP_ENV = "LIFECYCLE_FAULT_STALL_LOOP_S"  # lifecycle/__main__.py: SIGUSR1 then blocks the loop
 
 
 @pytest.fixture(autouse=True)
@@ -78,11 +75,11 @@ async def notify_socket(path: Path) -> AsyncIterator[Heard]:
         sock.close()
 
 
-def _start(tmp_path: Path, prefix: str, node: str, env: dict[str, str]) -> ServiceProcess:
+def _start(tmp_path: Path, prefix: str, node: str, env: dict[str, str], *, port: int = 1883) -> ServiceProcess:
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
     config = write_config(tmp_path / "lifecycle.toml", root=root, node=node, prefix=prefix,
-                          broker="mqtt://127.0.0.1:1883")
+                          broker=f"mqtt://127.0.0.1:{port}")
     return start_service_process(config, root=root, node=node, log_path=tmp_path / "service.log", env_extra=env)
 
 
@@ -142,32 +139,23 @@ async def test_watchdog_pings_at_half_the_timeout_and_stop_while_the_loop_is_sta
             svc.wait()
 
 
-async def test_abstract_socket_names_are_used_and_a_foreign_watchdog_pid_is_ignored() -> None:
-    name = f"lifecycle-test-{uuid.uuid4().hex[:8]}"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(b"\0" + name.encode())
-    sock.settimeout(2)
-    env = {"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1),
-           "OTHER": "kept"}
-    try:
-        notifier = Notifier.from_environ(env)
-        assert env == {"OTHER": "kept"}, "the variables are not passed on to the kubelet and kubeadm"
-        assert notifier.watchdog_interval_s is None, "WATCHDOG_PID names another process"
-        notifier.notify("READY=1")
-        assert sock.recv(100) == b"READY=1"
-        notifier.close()
-        mine = Notifier.from_environ({"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "30000000",
-                                      "WATCHDOG_PID": str(os.getpid())})
-        assert mine.watchdog_interval_s == 15.0
-        mine.close()
-    finally:
-        sock.close()
-
-
-def test_without_notify_socket_nothing_is_sent_and_nothing_fails() -> None:
-    notifier = Notifier.from_environ({"WATCHDOG_USEC": "30000000"})
-    assert not notifier.enabled and notifier.watchdog_interval_s is None
-    notifier.notify("READY=1")  # no socket: a no-op
-    broken = Notifier.from_environ({"NOTIFY_SOCKET": "/nonexistent/notify.sock"})
-    broken.notify("READY=1")  # systemd gone: logged, not raised
-    broken.close()
+async def test_no_ready_while_the_broker_is_down_and_ready_once_online_is_retained(tmp_path: Path) -> None:
+    prefix, node = unique_prefix("sdlate"), "late"
+    (tmp_path / "mosquitto").mkdir()
+    broker = PrivateBroker(tmp_path / "mosquitto", PrivateBroker.anonymous)  # not started yet
+    async with notify_socket(tmp_path / "notify.sock") as heard:
+        svc = _start(tmp_path, prefix, node, {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                              "WATCHDOG_USEC": str(WATCHDOG_USEC)}, port=broker.port)
+        try:
+            await eventually(lambda: len(heard.lines("WATCHDOG=1")) >= 3, timeout_s=10)  # up, loop running
+            await eventually(lambda: any(m.startswith("STATUS=idle") for _, m in heard.messages))  # state loaded
+            assert "READY=1" not in [m for _, m in heard.messages], "READY=1 before the broker was reachable"
+            broker.start()
+            started_at = time.monotonic()
+            ready_at = await heard.wait_for("READY=1", timeout_s=15)
+            assert ready_at > started_at
+            assert await retained(Topics(prefix, node).availability, port=broker.port) == b"online"
+        finally:
+            svc.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(svc.wait, 10)
+            broker.stop()
