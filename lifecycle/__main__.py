@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from lifecycle import cli
@@ -20,12 +21,35 @@ from lifecycle.errors import MetricsListenError
 from lifecycle.logging import configure_logging, get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
+from lifecycle.sdnotify import Notifier
 from lifecycle.service import BridgeFailedError, serve
 from lifecycle.step import Step
 from lifecycle.store import StoreError
 
 EXIT_FORCED = 1  # a second SIGTERM/SIGINT: exit at once, the broker publishes the `offline` will
 EXIT_BRIDGE_FAILED = 3  # the request loop died of a bug: a restart (systemd's Restart=on-failure) revives it
+# Fault knob for tests (docs/real-vm.md, "Fault knob"): when set, SIGUSR1 blocks the event loop for that many
+# seconds, as a stuck callback would, so a test can see the systemd watchdog pings stop. Unset in production: then
+# SIGUSR1 keeps its default action and nothing here runs.
+STALL_LOOP_ENV = "LIFECYCLE_FAULT_STALL_LOOP_S"
+
+
+def install_stall_knob(loop: asyncio.AbstractEventLoop) -> None:
+    raw = os.environ.pop(STALL_LOOP_ENV, None)  # popped: the kubelet and kubeadm never see it
+    if raw is None:
+        return
+    log = get_logger("lifecycle.main")
+    try:
+        stall_s = float(raw)
+    except ValueError:
+        log.warning("fault knob ignored: not a number of seconds", variable=STALL_LOOP_ENV, value=raw)
+        return
+
+    def stall() -> None:
+        log.warning("fault knob: stalling the event loop", stall_s=stall_s)
+        time.sleep(stall_s)  # on the loop on purpose: this is the fault
+
+    loop.add_signal_handler(signal.SIGUSR1, stall)
 
 
 def real_ports(config: Config) -> Ports:
@@ -43,7 +67,10 @@ def real_ports(config: Config) -> Ports:
     return Ports(
         docker=DockerEngine(config.docker.host),
         commands=SubprocessRunner(),
-        kubelet=ProcessKubeletSupervisor(pid_file=paths.state_dir / "kubelet.pid", log=get_logger("lifecycle.kubelet")),
+        kubelet=ProcessKubeletSupervisor(
+            pid_file=paths.state_dir / "kubelet.pid", log=get_logger("lifecycle.kubelet"),
+            log_rotation=(config.kubernetes.kubelet_log_max_bytes, config.kubernetes.kubelet_log_files),
+        ),
         kube=kube,
         services=kube,
     )
@@ -74,13 +101,18 @@ def run_service(
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        install_stall_knob(loop)
+        notifier = Notifier.from_environ()  # before any child process: they must not inherit NOTIFY_SOCKET
+        if notifier.enabled:
+            log.info("systemd notify socket found", watchdog_interval_s=notifier.watchdog_interval_s)
         ports = ports_factory(config)
         try:
             if on_start is not None:  # before any job: clean-ups of what a killed service left
                 await on_start(config, ports)
             await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew,
-                        renewal_due=renewal_due)
+                        renewal_due=renewal_due, notifier=notifier)
         finally:
+            notifier.close()
             await ports.docker.close()  # the kubelet is left running on purpose
 
     try:

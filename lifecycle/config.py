@@ -89,6 +89,10 @@ class KubernetesConfig:
     )
     binaries: tuple[str, ...] = DEFAULT_BINARIES  # absolute paths in the image, installed at the same path
     binary_max_bytes: int = 512 * 1024 * 1024
+    # The kubelet's log (<root>/var/log/lifecycle/kubelet.log) rotates at this size, keeping this many files in all
+    # (kubelet.log, .1, .2): at most 30 MiB on disk by default.
+    kubelet_log_max_bytes: int = 10 * 1024 * 1024
+    kubelet_log_files: int = 3
     versions: dict[str, VersionImages] = field(default_factory=dict)
     addon_images: tuple[str, ...] = ()  # full references, pulled with the rest
     node_ip: str = "127.0.0.1"  # "": detect at install time (a file without the key); see lifecycle.step.node_ip_of
@@ -308,6 +312,16 @@ def _positive(t: _Table, name: str, default: float, *, allow_zero: bool = False)
     return value
 
 
+KUBELET_LOG_MIN_BYTES = 64 * 1024  # below this, a burst of kubelet lines would rotate the log several times a second
+
+
+def _int_between(t: _Table, name: str, default: int, *, low: int, high: int) -> int:
+    value = int(t.get(name, int, default))
+    if not low <= value <= high:
+        raise ConfigError(f"{t.key(name)}: must be an integer in {low}..{high}, got {value}")
+    return value
+
+
 def _port(t: _Table, name: str, default: int) -> int:
     value = int(t.get(name, int, default))
     if not 0 <= value <= 65535:
@@ -466,6 +480,9 @@ def _load_kubernetes(t: _Table) -> KubernetesConfig:
         binaries_image=_binaries_image(t, versions, d.binaries_image),
         binaries=_image_paths(t, "binaries", d.binaries),
         binary_max_bytes=int(_positive(t, "binary_max_bytes", d.binary_max_bytes)),
+        kubelet_log_max_bytes=_int_between(t, "kubelet_log_max_bytes", d.kubelet_log_max_bytes,
+                                           low=KUBELET_LOG_MIN_BYTES, high=2**40),
+        kubelet_log_files=_int_between(t, "kubelet_log_files", d.kubelet_log_files, low=1, high=100),
         versions=versions,
         addon_images=_str_list(t, "addon_images", d.addon_images),
         node_ip=node_ip,

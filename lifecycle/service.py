@@ -24,6 +24,7 @@ from lifecycle.paths import HostPaths
 from lifecycle.pki_bundle_disk import bundle_prepare
 from lifecycle.ports import Ports
 from lifecycle.protocol import Action, Reply, Request, Topics
+from lifecycle.sdnotify import Notifier
 from lifecycle.step import Step
 from lifecycle.store import Store
 
@@ -56,6 +57,13 @@ async def _until_stop_or_bridge_failure(stop: asyncio.Event, bridge: MqttBridge)
     while isinstance(failure, BaseExceptionGroup):  # the TaskGroup's wrapping: name the bug itself
         failure = failure.exceptions[0]
     return failure
+
+
+async def _ready_once_online(sd: Notifier, bridge: MqttBridge) -> None:
+    """READY=1 once the saved state is loaded (the caller has started the engine) and the bridge is connected:
+    it sets `connected` only after the broker acknowledged the retained `online`."""
+    await bridge.connected.wait()
+    sd.notify("READY=1")
 
 
 class RequestHandler:
@@ -149,18 +157,28 @@ class _Metrics:
 async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
     drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
-    renewal_due: RenewalDue | None = None,
+    renewal_due: RenewalDue | None = None, notifier: Notifier | None = None,
 ) -> None:
-    """Run the service until `stop` is set (the caller owns signals; tests set it themselves)."""
+    """Run the service until `stop` is set (the caller owns signals; tests set it themselves). With a `notifier`,
+    systemd hears READY=1 once the saved state is loaded and `online` is on the broker, STATUS= on each change,
+    WATCHDOG=1 from this loop and STOPPING=1 when the shutdown begins."""
+    sd = notifier or Notifier(address=None, watchdog_usec=None)
     log = get_logger("lifecycle.service", node=config.node_name)
     paths = HostPaths(config.root)
     store = state_file(paths)
     store.lock()
     durable = Outbox(paths.state_dir)
-    stack = contextlib.AsyncExitStack()  # the fsync task and the metrics end whichever way serve() ends
+    stack = contextlib.AsyncExitStack()  # the fsync, systemd and metrics tasks end whichever way serve() ends
     try:
+        # The watchdog runs from the first moment: a start that hangs (before READY=1) is caught as well.
+        watchdog = asyncio.create_task(sd.watchdog(), name="lifecycle-sd-watchdog")
+        stack.callback(watchdog.cancel)
         bus = Bus()
         outbox = bus.subscribe("mqtt")
+        if sd.enabled:
+            reporter = asyncio.create_task(sd.report_status(bus.subscribe("systemd", max_items=100)),
+                                           name="lifecycle-sd-status")
+            stack.callback(reporter.cancel)
         for event in durable.open():  # state changes a crash kept from the broker go out first, in order
             bus.publish(event)
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
@@ -186,10 +204,13 @@ async def serve(
         async with bridge:
             log.info("started", root=str(config.root), state=engine.state.value, broker=config.mqtt.broker)
             await engine.start()
+            ready = asyncio.create_task(_ready_once_online(sd, bridge), name="lifecycle-sd-ready")
+            stack.callback(ready.cancel)
             watches = {asyncio.create_task(certs.run(), name="lifecycle-certs-watch")}
             if exposures is not None:
                 watches.add(asyncio.create_task(exposures.run(), name="lifecycle-exposures-watch"))
             failure = await _until_stop_or_bridge_failure(stop, bridge)
+            sd.notify("STOPPING=1")
             log.info("stopping", state=engine.state.value)
             for watch in watches:
                 watch.cancel()

@@ -196,8 +196,9 @@ class ServiceProcess:
         return self.proc.wait(timeout=timeout_s)
 
 
-def start_service_process(config_path: Path, *, root: Path, node: str, log_path: Path) -> ServiceProcess:
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
+def start_service_process(config_path: Path, *, root: Path, node: str, log_path: Path,
+                          env_extra: dict[str, str] | None = None) -> ServiceProcess:
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}", **(env_extra or {}))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, str(FAKE_SERVICE), "--config", str(config_path), "--root", str(root), "--node", node],

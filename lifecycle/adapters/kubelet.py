@@ -12,12 +12,13 @@ import contextlib
 import json
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lifecycle import hostprocs
+from lifecycle import hostprocs, logpipe
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,10 @@ class ProcessKubeletSupervisor:
         min_backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
         stable_after_s: float = 60.0,
+        log_rotation: tuple[int, int] | None = None,
     ) -> None:
         self._pid_file = pid_file
+        self._log_rotation = log_rotation  # (max bytes per file, files): through lifecycle/logpipe.py
         self._log = log
         self._min_backoff_s = min_backoff_s
         self._max_backoff_s = max_backoff_s
@@ -144,7 +147,7 @@ class ProcessKubeletSupervisor:
 
     async def _spawn(self, argv: list[str], *, log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        log_fd = await self._log_writer(log_path)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -154,7 +157,7 @@ class ProcessKubeletSupervisor:
                 start_new_session=True,  # not in our process group: a crash or ^C of the service spares it
             )
         finally:
-            os.close(log_fd)
+            os.close(log_fd)  # the kubelet holds the only write end: the service keeps no fd per restart
         record = _Record(
             pid=proc.pid,
             start_ticks=_start_ticks(proc.pid) or 0,
@@ -165,6 +168,27 @@ class ProcessKubeletSupervisor:
         _write_record(self._pid_file, record)
         self._record, self._proc = record, proc
         self._log.info("started kubelet", pid=proc.pid, log_path=str(log_path))
+
+    async def _log_writer(self, log_path: Path) -> int:
+        """The fd the kubelet writes its output to: the write end of a pipe into lifecycle/logpipe.py, which
+        rotates `log_path` by size (why a process of its own: see there); without rotation, the file itself."""
+        if self._log_rotation is None:
+            return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        max_bytes, files = self._log_rotation
+        read_fd, write_fd = os.pipe()
+        try:
+            # Its own session, as the kubelet's: it outlives the service with the kubelet and ends at the pipe's EOF
+            # (the kubelet gone). -I: stdlib only, whatever the environment says.
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-I", logpipe.__file__, "--path", str(log_path), "--max-bytes", str(max_bytes),
+                "--files", str(files), stdin=read_fd, stdout=asyncio.subprocess.DEVNULL, start_new_session=True,
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        return write_fd
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()

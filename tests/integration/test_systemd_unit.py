@@ -91,3 +91,23 @@ def test_the_unit_pulls_in_docker_and_cri_dockerd_and_orders_after_them() -> Non
     # on it would restart the service in the middle of its own install.
     binding = deps.get("Requires", set()) | deps.get("BindsTo", set()) | deps.get("PartOf", set())
     assert "cri-docker.service" not in binding
+
+
+def _service_keys(text: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    section = ""
+    for line in (raw.strip() for raw in text.splitlines()):
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            keys[key] = value
+    return keys
+
+
+def test_the_unit_waits_for_ready_and_watches_the_loop() -> None:
+    """Issue 11, part 3: READY=1 from the service itself, and a watchdog that a stalled loop trips."""
+    keys = _service_keys(UNIT.read_text())
+    assert keys["Type"] == "notify" and keys["NotifyAccess"] == "main"
+    assert keys["WatchdogSec"] == "30"  # the service pings every WATCHDOG_USEC / 2 = 15 s
+    assert keys["Restart"] in {"on-failure", "always", "on-watchdog"}  # a watchdog timeout gets a restart

@@ -102,6 +102,9 @@ def test_every_key_of_the_deploy_config_is_commented() -> None:
         ('[exposures]\nhost = "Local_Host"', "exposures.host"),
         ('[exposures]\nhost = ""', "exposures.host"),
         ('[exposures]\nhosts = "localhost"', "exposures.hosts"),
+        ("[kubernetes]\nkubelet_log_max_bytes = 1000", "kubernetes.kubelet_log_max_bytes"),  # under 64 KiB
+        ('[kubernetes]\nkubelet_log_max_bytes = "10MiB"', "kubernetes.kubelet_log_max_bytes"),
+        ("[kubernetes]\nkubelet_log_files = 0", "kubernetes.kubelet_log_files"),
     ],
 )
 def test_a_bad_value_names_its_key(tmp_path: Path, snippet: str, key: str) -> None:
