@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import signal
@@ -47,7 +46,6 @@ STOP_GRACE_S = 5.0
 PROBE_PERIOD_MAX_S = 2.0
 MOUNTS_ENV = "SIMNODE_MOUNTS"  # JSON {mountPath: host directory}: how the program finds its volumes
 PORTS_ENV = "SIMNODE_PORTS"  # JSON {"<containerPort>": host port}: where the program listens
-STATE_REAL_PATH = "/var/lib/kubelet/simnode/state.json"  # apisync.py keeps API pod pids here
 
 
 def runs_process(c: ContainerSim) -> bool:
@@ -344,27 +342,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def stop_workload_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
-    """Stop the API pods' processes recorded under `root` (kubeadm reset removes every container)."""
-    try:
-        state = json.loads(root.path(STATE_REAL_PATH).read_text())
-    except (OSError, ValueError):
-        return 0
-    victims: list[int] = []
-    for pod in ((state.get("api_pods") or {}) if isinstance(state, dict) else {}).values():
-        for cname, cont in (pod.get("containers") or {}).items():
-            pid = cont.get("pid")
-            mark = runtime.marker(str(pod.get("namespace")), str(pod.get("name")), str(cname))
-            if isinstance(pid, int) and runtime.is_ours(pid, root, mark):
-                runtime.signal_group(pid, signal.SIGTERM)
-                victims.append(pid)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(runtime.pid_running(p) for p in victims):
-        time.sleep(0.05)
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            if runtime.pid_running(pid):
-                runtime.signal_group(pid, signal.SIGKILL)
-    return len(victims)
