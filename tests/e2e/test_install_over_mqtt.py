@@ -19,6 +19,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,15 +262,21 @@ def private_images(sim_images: SimImages) -> Iterator[PrivateImages]:
                *sim_images.addons.values()]
     refs = [ref.replace(f"{sim_images.repo}/", f"{repo}/", 1) for ref in sources]
     env = dict(os.environ, DOCKER_BUILDKIT="0")
-    with tempfile.TemporaryDirectory() as tmp:
-        context = Path(tmp)
-        for source, ref in zip(sources, refs, strict=True):
-            (context / "nonce").write_bytes(os.urandom(256 * 1024))
-            (context / "Dockerfile").write_text(f"FROM {source}\nCOPY nonce /e2e-nonce\n")
-            subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True,
-                           env=env)
-            subprocess.run(["docker", "push", ref], check=True, capture_output=True)
-            subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+
+    def build_push_forget(source: str, ref: str, context: Path) -> None:
+        context.mkdir()
+        (context / "nonce").write_bytes(os.urandom(256 * 1024))
+        (context / "Dockerfile").write_text(f"FROM {source}\nCOPY nonce /e2e-nonce\n")
+        subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True, env=env)
+        subprocess.run(["docker", "push", ref], check=True, capture_output=True)
+        subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+
+    # A few at a time: each docker command mostly waits for the engine or the registry (~1 s per image in turn).
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(build_push_forget, source, ref, Path(tmp) / str(i))
+                   for i, (source, ref) in enumerate(zip(sources, refs, strict=True))]
+        for future in futures:
+            future.result()
     yield PrivateImages(repo=repo, refs=refs)
     for ref in refs:
         subprocess.run(["docker", "rmi", "-f", ref], check=False, capture_output=True)
