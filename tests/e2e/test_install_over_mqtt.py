@@ -219,11 +219,12 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
         base = tmp_path / name
         base.mkdir()
         config_path = base / "lifecycle.toml"
-        text = config_text if config_text is not None else _in_sim_namespace(SIM_CONFIG.read_text())
+        text = config_text if config_text is not None else SIM_CONFIG.read_text()
         # Relative paths in the config (the addon manifests) are relative to the file: keep them pointing home.
         text = text.replace('"../deploy/addons"', f'"{REPO / "deploy" / "addons"}"')
-        # The images this checkout built ($SIM_NAMESPACE), so the node runs this checkout's simnode.
-        config_path.write_text(text.replace('image_repository = "127.0.0.1:5000"',
+        # The images this checkout built ($SIM_NAMESPACE), so the node runs this checkout's simnode; a config that
+        # names a repository of its own (private_images, a proxy) keeps it. One rewrite, whatever the text's origin.
+        config_path.write_text(text.replace(f'image_repository = "{REGISTRY}"',
                                             f'image_repository = "{sim_images.repo}"'))
         node = Node(name=name, root=base / "root", config_path=config_path, log_path=base / "service.log")
         node.root.mkdir()
