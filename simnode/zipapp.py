@@ -63,14 +63,23 @@ json.dump(out, sys.stdout)
 """
 
 
+# (interpreter, archive name, source) -> pyc: the versions' zipapps differ in one module, a session builds several.
+_compiled: dict[tuple[str, str, bytes], bytes] = {}
+
+
 def compile_sources(sources: dict[str, bytes], *, python: str) -> dict[str, bytes]:
     """archive name of the .pyc -> its bytes, for every .py in `sources`, compiled by `python`."""
-    text = {name: data.decode() for name, data in sources.items() if name.endswith(".py")}
-    done = subprocess.run([python, "-I", "-S", "-c", _COMPILE_PY], input=json.dumps(text), capture_output=True,
-                          text=True, check=False, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"compiling the simnode package with {python} failed: {done.stderr.strip()}")
-    return {name: bytes.fromhex(data) for name, data in json.loads(done.stdout).items()}
+    wanted = {name: data for name, data in sources.items() if name.endswith(".py")}
+    missing = {name: data.decode() for name, data in wanted.items() if (python, name, data) not in _compiled}
+    if missing:
+        done = subprocess.run([python, "-I", "-S", "-c", _COMPILE_PY], input=json.dumps(missing),
+                              capture_output=True, text=True, check=False, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling the simnode package with {python} failed: {done.stderr.strip()}")
+        for pyc_name, data in json.loads(done.stdout).items():
+            name = pyc_name[:-1]
+            _compiled[(python, name, wanted[name])] = bytes.fromhex(data)
+    return {name + "c": _compiled[(python, name, data)] for name, data in wanted.items()}
 
 
 def build_module(kubernetes_version: str) -> bytes:
