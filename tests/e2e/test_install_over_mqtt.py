@@ -35,6 +35,7 @@ LIFECYCLE = REPO / ".venv" / "bin" / "lifecycle"
 INSTALL_CHAIN = ["idle", "preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness",
                  "addons", "running"]
 KEEPALIVE_S = 10  # simnode/lifecycle.toml
+PROBE_RESEND_S = 0.1
 
 
 class Subscriber:
@@ -81,7 +82,9 @@ class Subscriber:
             probe = ["mosquitto_pub", "-V", "mqttv5", "-q", "1", "-t", self.probe_topic, "-m", '{"probe": true}']
             subprocess.run(probe, check=False, capture_output=True, timeout=timeout_s)
             with self._cond:
-                if self._cond.wait_for(lambda: self._probed, timeout=0.5):
+                # A probe sent before the SUBSCRIBE took effect is lost: send another soon (it usually is live
+                # within ~50 ms, and every request and subscription of a test waits here).
+                if self._cond.wait_for(lambda: self._probed, timeout=PROBE_RESEND_S):
                     return
             if time.monotonic() > deadline:
                 self.close()
