@@ -68,8 +68,7 @@ def confirm(ask: Callable[[str], str], out: Callable[[str], None]) -> None:
 def stop_static_pods(root: NodeRoot, out: Callable[[str], None]) -> None:
     # The kubelet belongs to whoever runs the node (no init system to stop it), so reset stops the pod
     # processes the kubelet started, after their manifests are gone so it does not restart them.
-    from simnode.kubelet.runtime import stop_pod_processes
-    from simnode.kubelet.workloads import stop_workload_processes
+    from simnode.kubelet.runtime import stop_pod_processes, stop_workload_processes
 
     stopped = stop_pod_processes(root, grace_s=5.0) + stop_workload_processes(root, grace_s=5.0)
     out(f"[reset] Stopped {stopped} pod container process(es) started by the kubelet")

@@ -26,6 +26,7 @@ log = logging.getLogger("kubelet.runtime")
 RECORD_REAL_PATH = "/var/lib/kubelet/simnode/pods.json"
 POD_ENV = "SIMNODE_POD"  # "<ns>/<name>/<container>": how a process is recognised as one of ours
 TOOLS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd")
+API_STATE_REAL_PATH = "/var/lib/kubelet/simnode/state.json"  # apisync.py keeps API pod pids here
 
 
 def record_path(root: NodeRoot) -> Path:
@@ -183,4 +184,29 @@ def stop_pod_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
             signal_group(pid, signal.SIGKILL)
     if record_path(root).exists():
         save_records(root, {})
+    return len(victims)
+
+
+def stop_workload_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
+    """Stop the API pods' processes (simnode/kubelet/workloads.py) recorded under `root` (kubeadm reset removes
+    every container). Here, not next to the code that starts them, so that kubeadm reset does not import aiohttp."""
+    try:
+        state = json.loads(root.path(API_STATE_REAL_PATH).read_text())
+    except (OSError, ValueError):
+        return 0
+    victims: list[int] = []
+    for pod in ((state.get("api_pods") or {}) if isinstance(state, dict) else {}).values():
+        for cname, cont in (pod.get("containers") or {}).items():
+            pid = cont.get("pid")
+            mark = marker(str(pod.get("namespace")), str(pod.get("name")), str(cname))
+            if isinstance(pid, int) and is_ours(pid, root, mark):
+                signal_group(pid, signal.SIGTERM)
+                victims.append(pid)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(pid_running(p) for p in victims):
+        time.sleep(0.05)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            if pid_running(pid):
+                signal_group(pid, signal.SIGKILL)
     return len(victims)

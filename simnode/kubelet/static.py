@@ -16,20 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import yaml
 
 from simnode.faults import Faults
 from simnode.kubelet import runtime
 from simnode.kubelet.docker import DockerRuntime, refresh_images
-from simnode.kubelet.pods import ContainerSim, PodSim, containers_from_spec, qos_class, readiness_probe
+from simnode.kubelet.pods import ContainerSim, PodSim, containers_from_spec, qos_class
+from simnode.kubelet.probes import HttpProber, container_port
 from simnode.kubelet.sandbox import SandboxGate
 from simnode.paths import NodeRoot
 
 log = logging.getLogger("kubelet.static")
 
 STOP_GRACE_S = 5.0
-PROBE_PERIOD_MAX_S = 2.0  # probes run at most this far apart (real default 10 s) to keep tests quick
 
 
 class ManifestError(Exception):
@@ -148,9 +147,7 @@ class StaticPods:
         self.records = runtime.load_records(root)
         self.host_ip = "127.0.0.1"
         self._parsed: dict[Path, tuple[tuple[int, int], dict[str, Any] | None]] = {}
-        self._probing: set[tuple[str, str]] = set()
-        self._probe_tasks: set[asyncio.Task[None]] = set()
-        self._http: aiohttp.ClientSession | None = None
+        self.prober = HttpProber(self._probe_url)
 
     def scan(self) -> tuple[dict[str, tuple[Path, dict[str, Any]]], set[Path]]:
         """Parse the manifest directory: pod key -> (file, manifest); plus files that failed to parse."""
@@ -202,7 +199,7 @@ class StaticPods:
                 # Recorded before the next await: a SIGTERM there ends the tick, and a process started but
                 # never recorded would be adopted by no kubelet.
                 self._save()
-            self._probe(sp.sim, now)
+            self.prober.start_due(sp.sim, now, key=sp.sim.key)
         self.runner.reap()
         changed |= any(sp.sim.times_changed for sp in self.pods.values())
         if changed:
@@ -292,48 +289,13 @@ class StaticPods:
         }
         runtime.save_records(self.root, self.records)
 
-    def _probe(self, sim: PodSim, now: float) -> None:
-        for c in sim.containers:
-            probe = readiness_probe(c)
-            if probe is None or c.pid is None or now < c.probe_next or (sim.key, c.name) in self._probing:
-                continue
-            period_s = min(float(probe.get("periodSeconds") or 10), PROBE_PERIOD_MAX_S)
-            c.probe_next = now + period_s
-            self._probing.add((sim.key, c.name))
-            task = asyncio.create_task(self._run_probe(sim, c, probe), name=f"probe {sim.key}/{c.name}")
-            self._probe_tasks.add(task)
-            task.add_done_callback(self._probe_tasks.discard)
-
-    async def _run_probe(self, sim: PodSim, c: ContainerSim, probe: dict[str, Any]) -> None:
-        try:
-            c.probe_ok = await self._http_get_ok(sim, c, probe)
-        finally:
-            self._probing.discard((sim.key, c.name))
-
-    async def _http_get_ok(self, sim: PodSim, c: ContainerSim, probe: dict[str, Any]) -> bool:
-        get = probe["httpGet"]
-        port = get.get("port")
-        if isinstance(port, str) and not port.isdigit():
-            named = [p.get("containerPort") for p in c.spec.get("ports") or [] if p.get("name") == port]
-            port = named[0] if named else None
+    def _probe_url(self, sim: PodSim, c: ContainerSim, get: dict[str, Any]) -> str | None:
+        port = container_port(c, get.get("port"))
         if port is None:
-            return False
+            return None
         scheme = str(get.get("scheme") or "HTTP").lower()
         host = get.get("host") or (self.host_ip if sim.host_network else sim.ip) or "127.0.0.1"
-        url = f"{scheme}://{host}:{port}{get.get('path') or '/'}"
-        timeout_s = min(float(probe.get("timeoutSeconds") or 1), PROBE_PERIOD_MAX_S)
-        if self._http is None or self._http.closed:
-            # Like the real kubelet, probes do not verify the serving certificate.
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False))
-        try:
-            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                await resp.read()
-                return 200 <= resp.status < 400
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+        return f"{scheme}://{host}:{port}{get.get('path') or '/'}"
 
     async def close(self) -> None:
-        for task in list(self._probe_tasks):
-            task.cancel()
-        if self._http is not None:
-            await self._http.close()
+        await self.prober.close()

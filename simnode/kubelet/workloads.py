@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import signal
@@ -28,12 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import yaml
 
 from simnode.kubeclient import ApiError, KubeClient
 from simnode.kubelet import runtime
-from simnode.kubelet.pods import ContainerSim, PodSim, readiness_probe
+from simnode.kubelet.pods import ContainerSim, PodSim
+from simnode.kubelet.probes import HttpProber, container_port
 from simnode.launch import tool_command
 from simnode.paths import ROOT_ENV, NodeRoot
 
@@ -44,10 +43,8 @@ WORKLOAD_PROGRAMS = ("local-path-provisioner",)
 SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_EXPIRATION_S = 3607  # what the kubelet asks for (kube-api-access volumes: 3607 s)
 STOP_GRACE_S = 5.0
-PROBE_PERIOD_MAX_S = 2.0
 MOUNTS_ENV = "SIMNODE_MOUNTS"  # JSON {mountPath: host directory}: how the program finds its volumes
 PORTS_ENV = "SIMNODE_PORTS"  # JSON {"<containerPort>": host port}: where the program listens
-STATE_REAL_PATH = "/var/lib/kubelet/simnode/state.json"  # apisync.py keeps API pod pids here
 
 
 def runs_process(c: ContainerSim) -> bool:
@@ -106,9 +103,8 @@ class WorkloadRunner:
         self.env: dict[str, dict[str, str]] = {}  # pod uid -> environment of its process containers
         self.tokens: dict[str, float] = {}  # pod uid -> when its token should be refreshed
         self.errors: dict[str, str] = {}  # pod uid -> why its volumes could not be set up
-        self._probing: set[tuple[str, str]] = set()
-        self._tasks: set[asyncio.Future[None]] = set()  # probes and stops in flight
-        self._http: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Future[None]] = set()  # stops in flight
+        self.prober = HttpProber(self._probe_url)
 
     def pod_dir(self, uid: str) -> Path:
         return self.root.path(f"/var/lib/kubelet/pods/{uid}")
@@ -278,47 +274,18 @@ class WorkloadRunner:
     # -- readiness probes --
 
     def probe(self, sim: PodSim, now: float) -> None:
-        for c in sim.containers:
-            probe = readiness_probe(c)
-            if probe is None or c.pid is None or now < c.probe_next or (sim.uid, c.name) in self._probing:
-                continue
-            c.probe_next = now + min(float(probe.get("periodSeconds") or 10), PROBE_PERIOD_MAX_S)
-            self._probing.add((sim.uid, c.name))
-            task = asyncio.create_task(self._probe(sim, c, probe), name=f"probe {sim.key}/{c.name}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self.prober.start_due(sim, now, key=sim.uid)
 
-    async def _probe(self, sim: PodSim, c: ContainerSim, probe: dict[str, Any]) -> None:
-        try:
-            c.probe_ok = await self._http_get_ok(sim, c, probe["httpGet"], probe)
-        finally:
-            self._probing.discard((sim.uid, c.name))
-
-    async def _http_get_ok(self, sim: PodSim, c: ContainerSim, get: dict[str, Any], probe: dict[str, Any]) -> bool:
-        port = get.get("port")
-        if isinstance(port, str) and not port.isdigit():
-            named = [p.get("containerPort") for p in c.spec.get("ports") or [] if p.get("name") == port]
-            port = named[0] if named else None
-        env = self.env.get(sim.uid) or {}
-        host_port = json.loads(env.get(PORTS_ENV, "{}")).get(str(port))
-        if host_port is None:
-            return False
-        url = f"http://127.0.0.1:{host_port}{get.get('path') or '/'}"
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession()
-        timeout_s = min(float(probe.get("timeoutSeconds") or 1), PROBE_PERIOD_MAX_S)
-        try:
-            async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                await resp.read()
-                return 200 <= resp.status < 400
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+    def _probe_url(self, sim: PodSim, c: ContainerSim, get: dict[str, Any]) -> str | None:
+        """The probe's port is the container's: find the host port its process was given."""
+        port = container_port(c, get.get("port"))
+        host_port = json.loads((self.env.get(sim.uid) or {}).get(PORTS_ENV, "{}")).get(str(port))
+        return None if host_port is None else f"http://127.0.0.1:{host_port}{get.get('path') or '/'}"
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._http is not None:
-            await self._http.close()
+        await self.prober.close()
 
 
 def _env_value(entry: dict[str, Any], pod: PodSim) -> str:
@@ -344,27 +311,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def stop_workload_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
-    """Stop the API pods' processes recorded under `root` (kubeadm reset removes every container)."""
-    try:
-        state = json.loads(root.path(STATE_REAL_PATH).read_text())
-    except (OSError, ValueError):
-        return 0
-    victims: list[int] = []
-    for pod in ((state.get("api_pods") or {}) if isinstance(state, dict) else {}).values():
-        for cname, cont in (pod.get("containers") or {}).items():
-            pid = cont.get("pid")
-            mark = runtime.marker(str(pod.get("namespace")), str(pod.get("name")), str(cname))
-            if isinstance(pid, int) and runtime.is_ours(pid, root, mark):
-                runtime.signal_group(pid, signal.SIGTERM)
-                victims.append(pid)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(runtime.pid_running(p) for p in victims):
-        time.sleep(0.05)
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            if runtime.pid_running(pid):
-                runtime.signal_group(pid, signal.SIGKILL)
-    return len(victims)

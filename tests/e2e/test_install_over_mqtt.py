@@ -19,6 +19,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ LIFECYCLE = REPO / ".venv" / "bin" / "lifecycle"
 INSTALL_CHAIN = ["idle", "preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness",
                  "addons", "running"]
 KEEPALIVE_S = 10  # simnode/lifecycle.toml
+PROBE_RESEND_S = 0.1
 
 
 class Subscriber:
@@ -80,7 +82,9 @@ class Subscriber:
             probe = ["mosquitto_pub", "-V", "mqttv5", "-q", "1", "-t", self.probe_topic, "-m", '{"probe": true}']
             subprocess.run(probe, check=False, capture_output=True, timeout=timeout_s)
             with self._cond:
-                if self._cond.wait_for(lambda: self._probed, timeout=0.5):
+                # A probe sent before the SUBSCRIBE took effect is lost: send another soon (it usually is live
+                # within ~50 ms, and every request and subscription of a test waits here).
+                if self._cond.wait_for(lambda: self._probed, timeout=PROBE_RESEND_S):
                     return
             if time.monotonic() > deadline:
                 self.close()
@@ -218,11 +222,12 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
         base = tmp_path / name
         base.mkdir()
         config_path = base / "lifecycle.toml"
-        text = config_text if config_text is not None else _in_sim_namespace(SIM_CONFIG.read_text())
+        text = config_text if config_text is not None else SIM_CONFIG.read_text()
         # Relative paths in the config (the addon manifests) are relative to the file: keep them pointing home.
         text = text.replace('"../deploy/addons"', f'"{REPO / "deploy" / "addons"}"')
-        # The images this checkout built ($SIM_NAMESPACE), so the node runs this checkout's simnode.
-        config_path.write_text(text.replace('image_repository = "127.0.0.1:5000"',
+        # The images this checkout built ($SIM_NAMESPACE), so the node runs this checkout's simnode; a config that
+        # names a repository of its own (private_images, a proxy) keeps it. One rewrite, whatever the text's origin.
+        config_path.write_text(text.replace(f'image_repository = "{REGISTRY}"',
                                             f'image_repository = "{sim_images.repo}"'))
         node = Node(name=name, root=base / "root", config_path=config_path, log_path=base / "service.log")
         node.root.mkdir()
@@ -261,15 +266,21 @@ def private_images(sim_images: SimImages) -> Iterator[PrivateImages]:
                *sim_images.addons.values()]
     refs = [ref.replace(f"{sim_images.repo}/", f"{repo}/", 1) for ref in sources]
     env = dict(os.environ, DOCKER_BUILDKIT="0")
-    with tempfile.TemporaryDirectory() as tmp:
-        context = Path(tmp)
-        for source, ref in zip(sources, refs, strict=True):
-            (context / "nonce").write_bytes(os.urandom(256 * 1024))
-            (context / "Dockerfile").write_text(f"FROM {source}\nCOPY nonce /e2e-nonce\n")
-            subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True,
-                           env=env)
-            subprocess.run(["docker", "push", ref], check=True, capture_output=True)
-            subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+
+    def build_push_forget(source: str, ref: str, context: Path) -> None:
+        context.mkdir()
+        (context / "nonce").write_bytes(os.urandom(256 * 1024))
+        (context / "Dockerfile").write_text(f"FROM {source}\nCOPY nonce /e2e-nonce\n")
+        subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True, env=env)
+        subprocess.run(["docker", "push", ref], check=True, capture_output=True)
+        subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+
+    # A few at a time: each docker command mostly waits for the engine or the registry (~1 s per image in turn).
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(build_push_forget, source, ref, Path(tmp) / str(i))
+                   for i, (source, ref) in enumerate(zip(sources, refs, strict=True))]
+        for future in futures:
+            future.result()
     yield PrivateImages(repo=repo, refs=refs)
     for ref in refs:
         subprocess.run(["docker", "rmi", "-f", ref], check=False, capture_output=True)

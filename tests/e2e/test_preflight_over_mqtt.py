@@ -4,25 +4,11 @@ before anything is written; once the machine is fixed the next install gets past
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
+from machine_view import break_prerequisites, tree
 from test_install_over_mqtt import SIM_CONFIG, Node, _wait_state, make_node, payload  # noqa: F401 (a fixture)
-
-SERVICE_OWN = ("var/lib/lifecycle", "var/log/lifecycle")
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every path under the root but the service's own state: path -> sha256 / "dir"."""
-    out: dict[str, str] = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        if rel.startswith(SERVICE_OWN) or any(own.startswith(rel + "/") for own in SERVICE_OWN):
-            continue
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "other"
-    return out
 
 
 def test_unmet_prerequisites_are_reported_together_before_anything_is_written(
@@ -34,11 +20,7 @@ def test_unmet_prerequisites_are_reported_together_before_anything_is_written(
         port = int(held.getsockname()[1])
         node = make_node(config_text=SIM_CONFIG.read_text().replace("api_port = 0 ", f"api_port = {port} ", 1))
         root = node.root
-        swaps = (root / "proc/swaps").read_text()
-        (root / "proc/swaps").write_text(swaps + "/swapfile  file  1048572  0  -2\n")
-        (root / "proc/sys/net/ipv4/ip_forward").write_text("0\n")
-        conntrack = (root / "usr/sbin/conntrack").read_bytes()
-        (root / "usr/sbin/conntrack").unlink()
+        broken = break_prerequisites(root)
         before = tree(root)
         node.start_service()
         events = node.subscribe("events")
@@ -56,10 +38,7 @@ def test_unmet_prerequisites_are_reported_together_before_anything_is_written(
         assert status["error"]["code"] == "prerequisites" and status["step"] == 1
         assert tree(root) == before  # no certificate, kubeconfig, binary or hosts line
     # Fixed: swap off, forwarding on, conntrack back, the port free. The next install gets past preflight.
-    (root / "proc/swaps").write_text(swaps)
-    (root / "proc/sys/net/ipv4/ip_forward").write_text("1\n")
-    (root / "usr/sbin/conntrack").write_bytes(conntrack)
-    (root / "usr/sbin/conntrack").chmod(0o755)
+    broken.repair()
     assert payload(node.request({"id": "req-pre-2", "action": "install"}, correlation="pre-2"))["ok"] is True
     reached = _wait_state(events, "images", timeout_s=60, request_id="req-pre-2")
     assert reached["data"]["to"] == "images", reached

@@ -5,7 +5,6 @@ runs the real preflight step (the later steps are test steps)."""
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lifecycle_fakes import FakeStep, drain_events, fake_reset, make_config, null_ports
+from machine_view import break_prerequisites, tree
 from stepkit import ProgressLog, make_ctx, with_k8s
 from stepkit import make_config as step_config
 
@@ -31,19 +31,6 @@ from lifecycle.service import state_file
 from lifecycle.step import Step, StepContext
 from simnode.host import VM_ADDRESS, prepare_host
 from states.preflight import Preflight
-
-SERVICE_OWN = ("var/lib/lifecycle", "var/log/lifecycle")  # the service's own state, written by the engine
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file and directory under the root but the service's own state: path -> sha256 / "dir"."""
-    out: dict[str, str] = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        if rel.startswith(SERVICE_OWN) or any(own.startswith(rel + "/") for own in SERVICE_OWN):
-            continue
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "other"
-    return out
 
 
 @pytest.fixture
@@ -75,16 +62,10 @@ def preflight_ctx(config: Config, *, api_port: int) -> tuple[StepContext, Progre
                                         etcd_metrics_port=free_port())), progress
 
 
-def break_machine(root: Path) -> None:
-    (root / "proc/swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n/swapfile  file  1048572  0  -2\n")
-    (root / "proc/sys/net/ipv4/ip_forward").write_text("0\n")
-    (root / "usr/sbin/conntrack").unlink()
-
-
 async def test_every_unmet_prerequisite_is_reported_at_once_and_nothing_is_written(
     machine: Path, held_port: int
 ) -> None:
-    break_machine(machine)
+    break_prerequisites(machine)
     (machine / "sys/devices/system/cpu/online").write_text("0\n")
     (machine / "proc/meminfo").write_text("MemTotal:        1048576 kB\n")
     (machine / "var/lib/etcd/member").mkdir(parents=True)
@@ -205,7 +186,7 @@ async def test_engine_detects_the_node_ip_when_unset_and_keeps_it_with_the_insta
 async def test_engine_fails_in_preflight_with_every_problem_then_resumes_once_fixed(
     machine: Path, held_port: int
 ) -> None:
-    break_machine(machine)
+    broken = break_prerequisites(machine)
     before = tree(machine)
     engine, _ = engine_for(machine, node_ip="192.168.65.3", api_port=held_port)
     await engine.install(request_id="r1", version=None)
@@ -218,9 +199,7 @@ async def test_engine_fails_in_preflight_with_every_problem_then_resumes_once_fi
     assert tree(machine) == before
     await engine.shutdown()
     # The machine is fixed and the address left to detection: the next install starts over and gets through.
-    prepare_host(machine)
-    (machine / "proc/swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n")
-    (machine / "proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    broken.repair()
     engine, _ = engine_for(machine, node_ip="", api_port=0, endpoint_name="localhost")
     await engine.install(request_id="r2", version=None)
     await engine.wait_job()
