@@ -54,6 +54,7 @@ class ContainerSim:
     image_next_check: float = 0.0
     image_failed_at: float = 0.0
     image_error: str = ""
+    image_reason: str = ""  # ErrImageNeverPull stays as it is; other failures alternate with ImagePullBackOff
     created_at: float | None = None
     pid: int | None = None
     restart_count: int = 0
@@ -76,7 +77,8 @@ class ContainerSim:
             if key in record:
                 setattr(self, key, record[key])
 
-    def image_missing(self, now: float, error: str) -> None:
+    def image_missing(self, now: float, error: str, *, reason: str = "") -> None:
+        self.image_reason = reason
         self.image_id = None
         self.image_failures += 1
         self.image_failed_at = now
@@ -84,6 +86,8 @@ class ContainerSim:
         self.image_next_check = now + min(2.0 ** (self.image_failures - 1), IMAGE_BACKOFF_MAX_S)
 
     def image_error_reason(self, now: float) -> str:
+        if self.image_reason:
+            return self.image_reason
         return "ErrImagePull" if now - self.image_failed_at < ERR_IMAGE_PULL_SHOWN_S else "ImagePullBackOff"
 
 
@@ -251,6 +255,8 @@ def container_status(pod: PodSim, c: ContainerSim, now: float, faults: Faults) -
         state = {"waiting": {"reason": reason}}
         if c.image_failures:
             state["waiting"]["message"] = c.image_error
+            if reason == "ImagePullBackOff" and c.image_error.startswith("Failed to pull image"):
+                state["waiting"]["message"] = f'Back-off pulling image "{c.image}"'  # image_manager.go
     elif c.backoff_until is not None:
         wait_s = max(1, round(c.backoff_until - now))
         state = {"waiting": {"reason": "CrashLoopBackOff",
