@@ -1,8 +1,8 @@
 """API pods' containers run from their images in the Docker Engine, as cri-dockerd runs them for a real kubelet.
 
-Which containers: those of API pods that neither workloads.py runs as a process (node programs, ConfigMap
-scripts) nor are the simulated node's padding stand-ins (an image labelled `simnode.image` with no Entrypoint
-and no Cmd, e.g. coredns: those stay simulated). Everything else, a user's `docker build` included, runs.
+Which containers: those of API pods that workloads.py does not run as a process (node programs, ConfigMap
+scripts) and whose image has a program (an Entrypoint or a Cmd). Images without one are the simulated node's
+padding stand-ins (coredns, ...) and stay simulated. Everything else, a user's `docker build` included, runs.
 
 How, following kubernetes/kubernetes pkg/kubelet/kuberuntime/kuberuntime_container.go (generateContainerConfig:
 `command, args := kubecontainer.ExpandContainerCommandAndArgs(container, envs)`, with `$(VAR)` expanded from the
@@ -97,9 +97,9 @@ class EngineRunner:
             if status != 200 or not isinstance(body, dict):
                 continue
             config = body.get("Config") or {}
-            stand_in = "simnode.image" in (config.get("Labels") or {}) and not config.get("Entrypoint") \
-                and not config.get("Cmd")
-            self.kinds[c.image_id] = not stand_in
+            # No Entrypoint and no Cmd: nothing an engine could run ("no command specified"); the node's padding
+            # images and the tests' scratch images are such stand-ins, simulated as before.
+            self.kinds[c.image_id] = bool(config.get("Entrypoint") or config.get("Cmd"))
 
     def pid_of(self, uid: str) -> int | None:
         """The pid whose network namespace is the pod's (its first running container), for the kube-proxy."""
