@@ -6,11 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from conftest import SimImages
+from test_kubelet_support import (
+    CONTROL_PLANE_IMAGES,
+    Cluster,
+    pod_is_ready,
+    running_cluster,
+    scratch_images,
+    wait_for,
+    waiting_reason,
+)
+
+from simnode import versions as v
+from simnode.httpimage import http_echo_tree
 from simnode.kubelet.docker import DockerRuntime, refresh_images
 from simnode.kubelet.engine import EngineRunner, expand
 from simnode.kubelet.pods import ContainerSim, PodSim, containers_from_spec
@@ -92,3 +109,64 @@ def test_pull_policy_on_a_locally_built_image(docker_host: str) -> None:
         asyncio.run(run())
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], env=env, check=False, capture_output=True)
+
+
+# --- on a running simulated control plane: restarts, adoption across a kubelet restart, removal ---------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, sim_images: SimImages) -> Iterator[Cluster]:
+    with scratch_images(CONTROL_PLANE_IMAGES) as images, running_cluster(
+        tmp_path_factory.mktemp("kubelet-engine") / "node", images
+    ) as c:
+        try:
+            yield c
+        finally:
+            leftovers = subprocess.run(["docker", "ps", "-aq", f"--filter=label=io.simnode.root={c.root}"],
+                                       capture_output=True, text=True, check=False).stdout.split()
+            if leftovers:
+                subprocess.run(["docker", "rm", "-f", *leftovers], check=False, capture_output=True)
+
+
+def _engine(cluster: Cluster, pod: str) -> list[tuple[str, str, str]]:
+    """(container id, attempt label, state) of the pod's containers in the engine."""
+    out = subprocess.run(["docker", "ps", "-a", f"--filter=label=io.simnode.root={cluster.root}",
+                          f"--filter=label=io.kubernetes.pod.name={pod}", "--format",
+                          '{{.ID}} {{.Label "annotation.io.kubernetes.container.restartCount"}} {{.State}}'],
+                         capture_output=True, text=True, check=True).stdout
+    return sorted(tuple(line.split()) for line in out.splitlines() if line.strip())  # type: ignore[misc]
+
+
+def _pod_body(name: str, image: str, **container: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"nodeName": "node1", "containers": [{"name": "main", "image": image, **container}]}}
+
+
+def test_command_exit_is_a_restart_and_a_kubelet_restart_adopts_running_containers(
+    cluster: Cluster, sim_images: SimImages
+) -> None:
+    image = v.http_echo_image(sim_images.repo)
+    python = http_echo_tree()[2][0]
+    cluster.apply(_pod_body("exits", image, command=[python, "-S", "-c", "raise SystemExit(3)"]))
+    cluster.apply(_pod_body("steady", image, env=[{"name": "PORT", "value": "18181"}]))
+    try:
+        pod = cluster.wait_pod("exits", lambda p: waiting_reason(p) == "CrashLoopBackOff", namespace="default",
+                               timeout_s=30, what="the command's exit seen as a crash")
+        last = pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
+        assert last["exitCode"] == 3, last
+        assert len(_engine(cluster, "exits")) == 1, "the previous attempt's container is replaced, not kept"
+
+        cluster.wait_pod("steady", pod_is_ready, namespace="default", timeout_s=30, what="steady Ready")
+        [(cid, attempt, state)] = _engine(cluster, "steady")
+        assert (attempt, state) == ("0", "running")
+        cluster.stop_kubelet(signal.SIGTERM)
+        cluster.start_kubelet()
+        wait_for(lambda: cluster.kubelet_log.read_text().count("registered at") >= 2, timeout_s=20,
+                 what="the new kubelet's API session")
+        time.sleep(3)  # a few sync passes and one engine sweep
+        pod = cluster.wait_pod("steady", pod_is_ready, namespace="default", what="steady still Ready")
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+        assert _engine(cluster, "steady") == [(cid, "0", "running")], "adopted, not restarted or duplicated"
+    finally:
+        cluster.kubectl("delete", "pod", "exits", "steady", "--wait=false")
+    wait_for(lambda: not _engine(cluster, "steady") and not _engine(cluster, "exits"), timeout_s=20,
+             what="containers removed with their pods")
