@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -32,7 +33,7 @@ import aiodocker
 import aiohttp
 
 from simnode import versions as v
-from simnode.httpimage import http_echo_tree
+from simnode.httpimage import ImageToolError, http_echo_tree
 from simnode.zipapp import PACKAGE_DIR, build_zipapp
 
 DEFAULT_REGISTRY = "127.0.0.1:5000"
@@ -158,7 +159,10 @@ def plan_images(
             specs.setdefault(ref, ImageSpec(name=name, ref=ref, pad_size_bytes=pad_size_bytes(name, pad_scale)))
     for name, ref in v.addon_images(repo).items():
         specs.setdefault(ref, ImageSpec(name=name, ref=ref, pad_size_bytes=pad_size_bytes(name, pad_scale)))
-    files, plain, cmd = http_echo_tree()
+    try:
+        files, plain, cmd = http_echo_tree()
+    except (ImageToolError, OSError, subprocess.CalledProcessError) as exc:
+        raise ImageBuildError(f"{v.http_echo_image(repo)}: {exc}") from exc
     ref = v.http_echo_image(repo)
     specs[ref] = ImageSpec(name=v.HTTP_ECHO_IMAGE, ref=ref, pad_size_bytes=pad_size_bytes(v.HTTP_ECHO_IMAGE, pad_scale),
                            files=files, plain=plain, cmd=cmd)

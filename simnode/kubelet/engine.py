@@ -113,6 +113,7 @@ class EngineRunner:
     def start(self, pod: PodSim, c: ContainerSim) -> None:
         key = (pod.uid, c.name)
         self.state[key] = EngineContainer()
+        c.runtime_id = None
         self._spawn(self._start(pod, c, key), f"start {pod.key}/{c.name}")
 
     def stop(self, pod: PodSim, c: ContainerSim) -> None:
@@ -191,7 +192,7 @@ class EngineRunner:
                 status, body = await self.docker.call("POST", f"/containers/create?name={quote(name)}",
                                                       body=self._config(pod, c, self._network(pod, key)))
             _check(status == 201 and isinstance(body, dict), "create", body)
-            st.id = str(body["Id"])
+            st.id = c.runtime_id = str(body["Id"])
             status, body = await self.docker.call("POST", f"/containers/{st.id}/start", timeout_s=30)
             _check(status in (204, 304), "start", body)
             status, body = await self.docker.call("GET", f"/containers/{st.id}/json")
@@ -259,6 +260,7 @@ class EngineRunner:
             st = self.state.get(key)
             if st is None:  # a container a previous kubelet started: adopt it
                 st = self.state[key] = EngineContainer(id=str(item["Id"]), starting=False)
+                c.runtime_id = st.id
             if st.starting or st.exit_code is not None:
                 continue
             status, body = await self.docker.call("GET", f"/containers/{st.id}/json")

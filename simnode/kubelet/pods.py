@@ -65,9 +65,10 @@ class ContainerSim:
     probe_next: float = 0.0
     probed: bool = False  # set for containers that run a real process: only they can answer probes
     terminated: dict[str, Any] | None = None  # exited for good (restartPolicy Never/OnFailure)
+    runtime_id: str | None = None  # the engine's container id, for containers run in the engine (engine.py)
 
     PERSISTED = ("image_id", "created_at", "pid", "restart_count", "crash_streak", "backoff_until",
-                 "last_terminated", "terminated")
+                 "last_terminated", "terminated", "runtime_id")
 
     def to_record(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.PERSISTED}
@@ -240,6 +241,8 @@ class PodSim:
 
 
 def container_id(pod: PodSim, c: ContainerSim) -> str:
+    if c.runtime_id:
+        return "docker://" + c.runtime_id
     seed = f"{pod.uid}/{c.name}/{c.restart_count}".encode()
     return "docker://" + hashlib.sha256(seed).hexdigest()
 

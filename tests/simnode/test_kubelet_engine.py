@@ -129,7 +129,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, sim_images: SimImages) -> 
 
 def _engine(cluster: Cluster, pod: str) -> list[tuple[str, str, str]]:
     """(container id, attempt label, state) of the pod's containers in the engine."""
-    out = subprocess.run(["docker", "ps", "-a", f"--filter=label=io.simnode.root={cluster.root}",
+    out = subprocess.run(["docker", "ps", "-a", "--no-trunc", f"--filter=label=io.simnode.root={cluster.root}",
                           f"--filter=label=io.kubernetes.pod.name={pod}", "--format",
                           '{{.ID}} {{.Label "annotation.io.kubernetes.container.restartCount"}} {{.State}}'],
                          capture_output=True, text=True, check=True).stdout
@@ -165,6 +165,7 @@ def test_command_exit_is_a_restart_and_a_kubelet_restart_adopts_running_containe
         time.sleep(3)  # a few sync passes and one engine sweep
         pod = cluster.wait_pod("steady", pod_is_ready, namespace="default", what="steady still Ready")
         assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
+        assert pod["status"]["containerStatuses"][0]["containerID"] == f"docker://{cid}"
         assert _engine(cluster, "steady") == [(cid, "0", "running")], "adopted, not restarted or duplicated"
     finally:
         cluster.kubectl("delete", "pod", "exits", "steady", "--wait=false")
