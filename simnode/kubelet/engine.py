@@ -82,6 +82,7 @@ class EngineRunner:
         self.kinds: dict[str, bool] = {}  # image id -> runs in the engine (False: a padding stand-in)
         self.state: dict[tuple[str, str], EngineContainer] = {}  # (pod uid, container) -> what the engine has
         self._tasks: set[asyncio.Task[None]] = set()
+        self._removing: set[str] = set()  # container ids being swept
         self._last_sweep = 0.0
         self._recorded = False
 
@@ -112,9 +113,9 @@ class EngineRunner:
 
     def start(self, pod: PodSim, c: ContainerSim) -> None:
         key = (pod.uid, c.name)
-        self.state[key] = EngineContainer()
+        st = self.state[key] = EngineContainer()
         c.runtime_id = None
-        self._spawn(self._start(pod, c, key), f"start {pod.key}/{c.name}")
+        self._spawn(self._start(pod, c, key, st), f"start {pod.key}/{c.name}")
 
     def stop(self, pod: PodSim, c: ContainerSim) -> None:
         st = self.state.pop((pod.uid, c.name), None)
@@ -179,8 +180,7 @@ class EngineRunner:
                 return f"container:{st.id}"
         return "none"
 
-    async def _start(self, pod: PodSim, c: ContainerSim, key: tuple[str, str]) -> None:
-        st = self.state[key]
+    async def _start(self, pod: PodSim, c: ContainerSim, key: tuple[str, str], st: EngineContainer) -> None:
         name = container_name(pod, c)
         try:
             await self._record_socket()
@@ -205,6 +205,12 @@ class EngineRunner:
             st.exit_code = 128  # kuberuntime: RunContainerError, then back-off like any failed start
         finally:
             st.starting = False
+
+    async def _sweep(self, cid: str) -> None:
+        try:
+            await self._remove(cid, grace_s=0)
+        finally:
+            self._removing.discard(cid)
 
     async def _remove_previous(self, uid: str, container: str) -> None:
         for item in await self._list():
@@ -250,8 +256,11 @@ class EngineRunner:
             c = next((x for x in sim.containers if x.name == name), None) if sim is not None else None
             attempt = labels.get("annotation.io.kubernetes.container.restartCount")
             if sim is None or c is None:
-                log.info("removing container %s of a pod that is gone (%s)", str(item["Id"])[:12], uid)
-                self._spawn(self._remove(str(item["Id"]), grace_s=0), f"sweep {uid}/{name}")
+                cid = str(item["Id"])
+                if cid not in self._removing:
+                    log.info("removing container %s of a pod that is gone (%s)", cid[:12], uid)
+                    self._removing.add(cid)
+                    self._spawn(self._sweep(cid), f"sweep {uid}/{name}")
                 continue
             if attempt != str(c.restart_count) or c.created_at is None:
                 continue
@@ -273,6 +282,8 @@ class EngineRunner:
         for key, st in list(self.state.items()):
             if key not in seen and key not in starting_before and not st.starting and st.exit_code is None:
                 st.exit_code = 1  # removed behind the kubelet's back
+        for key in [k for k in self.state if k[0] not in pods]:
+            del self.state[key]  # pods gone without a stop (deleted at once): their containers are swept above
         # Adopted pods whose container is not there at all: let the pod see an exit and restart it.
         for uid, sim in pods.items():
             for c in sim.containers:

@@ -5,10 +5,12 @@ engine (image_manager.go). The whole path (kubectl, node port, curl) is tests/e2
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,8 +139,47 @@ def _engine(cluster: Cluster, pod: str) -> list[tuple[str, str, str]]:
 
 
 def _pod_body(name: str, image: str, **container: Any) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default",
+                                                            "labels": {"app": "echo"}},
             "spec": {"nodeName": "node1", "containers": [{"name": "main", "image": image, **container}]}}
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode()).strip()
+
+
+def _answers(url: str, tries: int) -> set[str]:
+    out = set()
+    for _ in range(tries):
+        with contextlib.suppress(OSError):
+            out.add(_get(url))
+    return out
+
+
+def test_two_pods_on_one_containerport_answer_round_robin_on_the_node_port(
+    cluster: Cluster, sim_images: SimImages
+) -> None:
+    """Each pod has a network namespace of its own, so both listen on 8080; the kube-proxy stand-in forwards
+    the node port to each in turn. A pod that is not Ready gets no traffic."""
+    image = v.http_echo_image(sim_images.repo)
+    port = {"ports": [{"containerPort": 8080}]}
+    for name in ("echo-a", "echo-b"):
+        cluster.apply(_pod_body(name, image, **port))
+    cluster.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+                   "spec": {"type": "NodePort", "selector": {"app": "echo"}, "ports": [{"port": 80,
+                                                                                         "targetPort": 8080}]}})
+    try:
+        for name in ("echo-a", "echo-b"):
+            cluster.wait_pod(name, pod_is_ready, namespace="default", timeout_s=30, what=f"{name} Ready")
+        node_port = cluster.get("svc", "echo")["spec"]["ports"][0]["nodePort"]
+        url = f"http://127.0.0.1:{node_port}/"
+        wait_for(lambda: _answers(url, 4) == {"echo-a", "echo-b"}, timeout_s=20, what="answers from both pods")
+        cluster.kubectl("delete", "pod", "echo-b", "--wait=false")
+        wait_for(lambda: _answers(url, 4) == {"echo-a"}, timeout_s=20, what="only the remaining pod answers")
+    finally:
+        cluster.kubectl("delete", "svc", "echo", "--wait=false")
+        cluster.kubectl("delete", "pod", "echo-a", "echo-b", "--wait=false", "--ignore-not-found")
 
 
 def test_command_exit_is_a_restart_and_a_kubelet_restart_adopts_running_containers(

@@ -18,13 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import test_install_over_mqtt as install_e2e
 from conftest import SimImages
-from test_install_over_mqtt import Node, _wait_state, payload
+from faultlib import Node, _wait_state, make_node, payload
 
 from simnode import versions as v
 
-make_node = install_e2e.make_node  # the fixture: a service of its own on a fresh root, killed in teardown
+__all__ = ["make_node"]  # the fixture, used by name
 
 
 def _until(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
