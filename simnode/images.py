@@ -3,7 +3,8 @@
 Per Kubernetes version: the binaries image, tagged as Docker Desktop tags it
 (`<repo>/desktop-kubernetes:kubernetes-<v>-cni-<v>-critools-<v>-cri-dockerd-<v>-1-debian`): a Debian-like tree with
 the tools as zipapps in /usr/bin and CNI plugin stand-ins in /opt/cni/bin among many other files and links;
-and the component images. The addon images once. Each image carries `/pad`, deterministic incompressible bytes
+and the component images. The addon images once, and the tests' HTTP server image (simnode/httpimage.py).
+Each image carries `/pad`, deterministic incompressible bytes
 sized like the real image times a scale. Leaves images in the engine and tags in the registry; temp contexts
 are removed.
 """
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -31,6 +33,7 @@ import aiodocker
 import aiohttp
 
 from simnode import versions as v
+from simnode.httpimage import ImageToolError, http_echo_tree
 from simnode.zipapp import PACKAGE_DIR, build_zipapp
 
 DEFAULT_REGISTRY = "127.0.0.1:5000"
@@ -156,6 +159,13 @@ def plan_images(
             specs.setdefault(ref, ImageSpec(name=name, ref=ref, pad_size_bytes=pad_size_bytes(name, pad_scale)))
     for name, ref in v.addon_images(repo).items():
         specs.setdefault(ref, ImageSpec(name=name, ref=ref, pad_size_bytes=pad_size_bytes(name, pad_scale)))
+    try:
+        files, plain, cmd = http_echo_tree()
+    except (ImageToolError, OSError, subprocess.CalledProcessError) as exc:
+        raise ImageBuildError(f"{v.http_echo_image(repo)}: {exc}") from exc
+    ref = v.http_echo_image(repo)
+    specs[ref] = ImageSpec(name=v.HTTP_ECHO_IMAGE, ref=ref, pad_size_bytes=pad_size_bytes(v.HTTP_ECHO_IMAGE, pad_scale),
+                           files=files, plain=plain, cmd=cmd)
     return list(specs.values())
 
 

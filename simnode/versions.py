@@ -48,6 +48,7 @@ ADDON_IMAGES: dict[str, tuple[str, str]] = {
 
 # Share of the ~190 MB compressed total each component has in real releases; the builder multiplies
 # by its padding parameter.
+HTTP_ECHO_IMAGE = "http-echo"
 REALISTIC_SIZES_BYTES: dict[str, int] = {
     "kube-apiserver": 28_000_000,
     "kube-controller-manager": 26_000_000,
@@ -58,6 +59,7 @@ REALISTIC_SIZES_BYTES: dict[str, int] = {
     "pause": 320_000,
     "local-path-provisioner": 19_000_000,  # docker.io/rancher/local-path-provisioner:v0.0.37, linux/amd64
     "busybox": 2_200_000,
+    HTTP_ECHO_IMAGE: 0,  # a real program (simnode/httpimage.py), no padding beyond the minimum
     BINARIES_IMAGE: 150_000_000,
 }
 
@@ -74,6 +76,11 @@ def component_images(repo: str, version: str) -> dict[str, str]:
         "coredns": f"{repo}/coredns:{v.coredns}",
         "pause": f"{repo}/pause:{v.pause}",
     }
+
+
+def http_echo_image(repo: str) -> str:
+    """The tests' HTTP server image (simnode/httpimage.py), run from the engine by the simulated kubelet."""
+    return f"{repo}/simnode/{HTTP_ECHO_IMAGE}:1"
 
 
 def addon_images(repo: str) -> dict[str, str]:

@@ -68,10 +68,15 @@ def confirm(ask: Callable[[str], str], out: Callable[[str], None]) -> None:
 def stop_static_pods(root: NodeRoot, out: Callable[[str], None]) -> None:
     # The kubelet belongs to whoever runs the node (no init system to stop it), so reset stops the pod
     # processes the kubelet started, after their manifests are gone so it does not restart them.
+    from simnode.kubelet.engine import remove_all
     from simnode.kubelet.runtime import stop_pod_processes, stop_workload_processes
 
     stopped = stop_pod_processes(root, grace_s=5.0) + stop_workload_processes(root, grace_s=5.0)
     out(f"[reset] Stopped {stopped} pod container process(es) started by the kubelet")
+    # cleanupnode.go removes the kubelet's containers through the CRI (RemoveContainers): here, the engine's.
+    removed = remove_all(root)
+    if removed:
+        out(f"[reset] Removed {removed} pod container(s) from the Docker Engine")
 
 
 def reset(root: NodeRoot, *, cert_dir: str | None, force: bool, ask: Callable[[str], str],

@@ -23,6 +23,7 @@ from simnode.kubelet.cni import CniPlugin
 from simnode.kubelet.config import Settings
 from simnode.kubelet.docker import DockerRuntime, RuntimeUnavailable
 from simnode.kubelet.node import NodeAgent, default_node_ip, node_name_from_cert
+from simnode.kubelet.proxy import KubeProxy
 from simnode.kubelet.static import StaticPods
 from simnode.launch import build_version
 
@@ -238,8 +239,11 @@ class Kubelet:
                 group.create_task(sync.pods.run(), name="kubelet pod informer")
                 group.create_task(self.heartbeat_loop(agent), name="kubelet heartbeat")
                 group.create_task(self.sync_loop(sync, bootstrap), name="kubelet pod sync")
+                proxy = KubeProxy(client, lambda: agent.node_ip, sync.engine.pid_of)
+                group.create_task(proxy.run(), name="kube-proxy")
         finally:
             await sync.runner.close()
+            await sync.engine.close()
 
     async def heartbeat_loop(self, agent: NodeAgent) -> None:
         while True:

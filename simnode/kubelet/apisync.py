@@ -16,9 +16,10 @@ from typing import Any
 from simnode.controllers.informer import Informer, Obj, obj_key
 from simnode.faults import Faults
 from simnode.kubeclient import ApiError, KubeClient
-from simnode.kubelet.docker import DockerRuntime, refresh_images
+from simnode.kubelet.docker import DockerRuntime, RuntimeUnavailable, refresh_images
+from simnode.kubelet.engine import EngineRunner
 from simnode.kubelet.node import NodeAgent
-from simnode.kubelet.pods import PodSim, containers_from_spec, qos_class, rfc3339
+from simnode.kubelet.pods import ContainerSim, PodSim, containers_from_spec, qos_class, rfc3339
 from simnode.kubelet.runtime import write_json_atomic
 from simnode.kubelet.static import StaticPod, StaticPods
 from simnode.kubelet.workloads import WorkloadRunner
@@ -81,6 +82,9 @@ class PodSync:
         self.api_pods: dict[str, PodSim] = {}
         # Containers of API pods: simulated, except programs the node has (workloads.py) which run as processes.
         self.runner = WorkloadRunner(root, client, kubeconfig=kubeconfig)
+        # ... and containers whose image has a program run from it in the Docker Engine (engine.py).
+        self.engine = EngineRunner(root, docker)
+        self.pod_runner = PodRunner(self.runner, self.engine)
         self._sent: dict[str, tuple[dict[str, Any], float]] = {}  # pod uid -> (status, when)
         self._last_write: dict[str, float] = {}  # throttles creates/deletes that keep failing
         self._dirty = False  # API pod state changed since the last save
@@ -126,6 +130,10 @@ class PodSync:
         self._errors = {k: e for k, e in self._errors.items() if k in wanted or self.pods.get(k) is not None}
         stale_before = time.monotonic() - 60 * RETRY_WRITE_S
         self._last_write = {k: t for k, t in self._last_write.items() if t > stale_before}
+        try:
+            await self.engine.refresh(self.api_pods, time.monotonic())
+        except RuntimeUnavailable as exc:
+            log.debug("engine containers: %s", exc)
         if changed or self._dirty or any(sim.times_changed for sim in self.api_pods.values()):
             self._save()
 
@@ -221,20 +229,21 @@ class PodSync:
         if meta.get("deletionTimestamp"):
             sim = self.api_pods.pop(uid, None)
             if sim is not None:
-                sim.stop(self.runner)
+                sim.stop(self.pod_runner)
             await self._delete(pod, "terminating pod")
             return
         if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return
         sim = self.api_pods.get(uid) or self._new_api_pod(pod)
         if await self.static.sandbox.admit(sim, faults):
-            self._dirty |= await refresh_images(self.docker, sim.containers, time.time())
+            self._dirty |= await refresh_images(self.docker, sim.containers, time.time(), pull_policy=True)
+            await self.engine.classify(sim)
         now = time.time()
         if self._network_blocks(sim):
             await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))
             return
         if await self.runner.prepare(pod, sim):
-            self._dirty |= sim.advance(now, faults, self.runner)
+            self._dirty |= sim.advance(now, faults, self.pod_runner)
             self.runner.probe(sim, now)
         await self._post_status(pod, sim.status(now, faults, host_ip=self.node_ip))
 
@@ -300,3 +309,29 @@ class PodSync:
         }
         self.state["node"] = {"name": self.agent.name, "uid": self.agent.uid}
         write_json_atomic(self.root.path(STATE_REAL_PATH), self.state)
+
+
+class PodRunner:
+    """The Runner (pods.py) for API pods: node programs and scripts as processes (workloads.py), containers
+    with a program in their image in the engine (engine.py); the rest (padding stand-ins) simulated."""
+
+    def __init__(self, workloads: WorkloadRunner, engine: EngineRunner) -> None:
+        self.workloads = workloads
+        self.engine = engine
+
+    def start(self, pod: PodSim, c: ContainerSim) -> None:
+        if not self.workloads.runs(pod, c) and self.engine.runs(pod, c):
+            self.engine.start(pod, c)
+        else:
+            self.workloads.start(pod, c)
+
+    def stop(self, pod: PodSim, c: ContainerSim) -> None:
+        if not self.workloads.runs(pod, c) and self.engine.runs(pod, c):
+            self.engine.stop(pod, c)
+        else:
+            self.workloads.stop(pod, c)
+
+    def exit_code(self, pod: PodSim, c: ContainerSim) -> int | None:
+        if not self.workloads.runs(pod, c) and self.engine.runs(pod, c):
+            return self.engine.exit_code(pod, c)
+        return self.workloads.exit_code(pod, c)

@@ -1,10 +1,12 @@
 """The container runtime as the kubelet sees it: the Docker Engine API over its unix socket (as
-cri-dockerd does). Only read here: version and image presence. Writes nothing.
+cri-dockerd does): version, image presence and pulls, and (engine.py) the containers of API pods.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -43,6 +45,37 @@ class DockerRuntime:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise RuntimeUnavailable(f"container runtime at unix://{self.socket_path}: {exc}") from exc
 
+    async def call(self, method: str, path: str, *, body: Any = None, timeout_s: float | None = None
+                   ) -> tuple[int, Any]:
+        """One Engine API request; (status, JSON body or text). Raises RuntimeUnavailable."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        try:
+            async with self._http().request(method, f"http://docker{path}", json=body, timeout=timeout) as resp:
+                text = await resp.text()
+                try:
+                    return resp.status, json.loads(text) if text else None
+                except ValueError:
+                    return resp.status, text
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise RuntimeUnavailable(f"container runtime at unix://{self.socket_path}: {exc}") from exc
+
+    async def pull(self, ref: str, *, timeout_s: float = 120.0) -> str | None:
+        """`docker pull ref`: None when it worked, else the engine's error (it streams errors in a 200)."""
+        name, tag = split_tag(ref)
+        status, body = await self.call("POST", f"/images/create?fromImage={quote(name, safe='')}&tag={quote(tag)}",
+                                       timeout_s=timeout_s)
+        if status != 200:
+            return str(body.get("message") if isinstance(body, dict) else body).strip()
+        text = body if isinstance(body, str) else json.dumps(body)
+        for line in text.splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict) and item.get("error"):
+                return str(item["error"]).strip()
+        return None
+
     async def version(self) -> str:
         """`docker://<engine version>`, the form nodeInfo.containerRuntimeVersion takes."""
         status, body = await self._get("/version")
@@ -68,12 +101,31 @@ class DockerRuntime:
         return str(body.get("Id", ""))
 
 
-async def refresh_images(runtime: DockerRuntime, containers: list[ContainerSim], now: float) -> bool:
+def split_tag(ref: str) -> tuple[str, str]:
+    """"host:5000/a/b:tag" -> ("host:5000/a/b", "tag"); no tag means latest (a digest stays in the name)."""
+    if "@" in ref:
+        return ref, ""
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        return ref, "latest"
+    return name, tag
+
+
+async def refresh_images(runtime: DockerRuntime, containers: list[ContainerSim], now: float, *,
+                         pull_policy: bool = False) -> bool:
     """Check the image of every container still waiting for one (respecting its back-off).
-    True if some container's image state changed."""
+    True if some container's image state changed. With `pull_policy` (API pods), each container's
+    imagePullPolicy applies as in kubernetes/kubernetes pkg/kubelet/images/image_manager.go EnsureImageExists:
+    Never uses only a present image (else ErrImageNeverPull, `Container image "<image>" is not present with pull
+    policy of Never`); IfNotPresent pulls only when absent; Always pulls every time a container starts, so an
+    image no registry has fails with ErrImagePull (`Failed to pull image "<image>": <engine error>`), then
+    ImagePullBackOff (`Back-off pulling image "<image>"`)."""
     changed = False
     for c in containers:
         if c.image_id is not None or now < c.image_next_check:
+            continue
+        if pull_policy:
+            changed |= await _ensure_image(runtime, c, now)
             continue
         try:
             image_id = await runtime.image_id(c.image)
@@ -91,3 +143,28 @@ async def refresh_images(runtime: DockerRuntime, containers: list[ContainerSim],
             c.image_id = image_id
         changed = True
     return changed
+
+
+async def _ensure_image(runtime: DockerRuntime, c: ContainerSim, now: float) -> bool:
+    policy = str(c.spec.get("imagePullPolicy") or "IfNotPresent")
+    try:
+        present = await runtime.image_id(c.image)
+        if policy == "Never" and present is None:
+            c.image_missing(now, f'Container image "{c.image}" is not present with pull policy of Never',
+                            reason="ErrImageNeverPull")
+            return True
+        if policy == "Always" or present is None:
+            error = await runtime.pull(c.image)
+            if error is not None:
+                c.image_missing(now, f'Failed to pull image "{c.image}": {error}')
+                return True
+            present = await runtime.image_id(c.image)
+    except RuntimeUnavailable as exc:
+        c.image_missing(now, f'Failed to pull image "{c.image}": {exc}')
+        return True
+    if present is None:
+        c.image_missing(now, f'Failed to pull image "{c.image}": not present after the pull')
+        return True
+    c.image_id = present
+    c.image_reason = ""
+    return True

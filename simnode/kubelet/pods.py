@@ -54,6 +54,7 @@ class ContainerSim:
     image_next_check: float = 0.0
     image_failed_at: float = 0.0
     image_error: str = ""
+    image_reason: str = ""  # ErrImageNeverPull stays as it is; other failures alternate with ImagePullBackOff
     created_at: float | None = None
     pid: int | None = None
     restart_count: int = 0
@@ -64,9 +65,10 @@ class ContainerSim:
     probe_next: float = 0.0
     probed: bool = False  # set for containers that run a real process: only they can answer probes
     terminated: dict[str, Any] | None = None  # exited for good (restartPolicy Never/OnFailure)
+    runtime_id: str | None = None  # the engine's container id, for containers run in the engine (engine.py)
 
     PERSISTED = ("image_id", "created_at", "pid", "restart_count", "crash_streak", "backoff_until",
-                 "last_terminated", "terminated")
+                 "last_terminated", "terminated", "runtime_id")
 
     def to_record(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.PERSISTED}
@@ -76,7 +78,8 @@ class ContainerSim:
             if key in record:
                 setattr(self, key, record[key])
 
-    def image_missing(self, now: float, error: str) -> None:
+    def image_missing(self, now: float, error: str, *, reason: str = "") -> None:
+        self.image_reason = reason
         self.image_id = None
         self.image_failures += 1
         self.image_failed_at = now
@@ -84,6 +87,8 @@ class ContainerSim:
         self.image_next_check = now + min(2.0 ** (self.image_failures - 1), IMAGE_BACKOFF_MAX_S)
 
     def image_error_reason(self, now: float) -> str:
+        if self.image_reason:
+            return self.image_reason
         return "ErrImagePull" if now - self.image_failed_at < ERR_IMAGE_PULL_SHOWN_S else "ImagePullBackOff"
 
 
@@ -236,6 +241,8 @@ class PodSim:
 
 
 def container_id(pod: PodSim, c: ContainerSim) -> str:
+    if c.runtime_id:
+        return "docker://" + c.runtime_id
     seed = f"{pod.uid}/{c.name}/{c.restart_count}".encode()
     return "docker://" + hashlib.sha256(seed).hexdigest()
 
@@ -251,6 +258,8 @@ def container_status(pod: PodSim, c: ContainerSim, now: float, faults: Faults) -
         state = {"waiting": {"reason": reason}}
         if c.image_failures:
             state["waiting"]["message"] = c.image_error
+            if reason == "ImagePullBackOff" and c.image_error.startswith("Failed to pull image"):
+                state["waiting"]["message"] = f'Back-off pulling image "{c.image}"'  # image_manager.go
     elif c.backoff_until is not None:
         wait_s = max(1, round(c.backoff_until - now))
         state = {"waiting": {"reason": "CrashLoopBackOff",
