@@ -145,3 +145,62 @@ def test_pods_run_in_the_engine_answer_on_a_node_port_and_local_images_follow_th
         if leftovers:
             subprocess.run(["docker", "rm", "-f", *leftovers], check=False, capture_output=True)
         subprocess.run(["docker", "rmi", "-f", tag], check=False, capture_output=True)
+
+
+def test_a_load_balancer_service_answers_on_localhost_through_lifecycle_forward(
+    make_node: Callable[..., Node], sim_images: SimImages
+) -> None:
+    """Issue 9's first check end to end: a Deployment exposed as a LoadBalancer Service is listed in the retained
+    `exposures` within 2 s, shows `localhost` as EXTERNAL-IP, and answers on 127.0.0.1:<port> through `lifecycle
+    forward` with the pod's name (from both pods once scaled to 2); deleting the Service closes the port."""
+    from test_exposures_over_mqtt import LIFECYCLE, exposures_of, free_tcp_port, wait_external_ip
+
+    node = make_node()
+    node.start_service()
+    events = node.subscribe("events")
+    assert payload(node.request({"id": "lb-1", "action": "install"}, correlation="lb-1"))["ok"] is True
+    last = _wait_state(events, "running", timeout_s=120, request_id="lb-1")
+    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    exposures = node.subscribe("exposures")
+    node.kubectl("create", "deployment", "web", f"--image={v.http_echo_image(sim_images.repo)}", "--port=8080")
+    [first] = _running(node, "app=web", 1)
+
+    port = free_tcp_port()  # 8080 may be taken on a shared machine
+    forward_log = node.log_path.with_name("forward.log")
+    with open(forward_log, "wb") as out:
+        forward = subprocess.Popen([str(LIFECYCLE), "forward", "--config", str(node.config_path), "--node", node.name],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        exposed_at = time.monotonic()
+        node.kubectl("expose", "deployment", "web", "--type=LoadBalancer", f"--port={port}", "--target-port=8080")
+        listed = exposures.wait_for(lambda m: any(e["port"] == port for e in payload(m)["exposures"]), timeout_s=5)
+        took_s = time.monotonic() - exposed_at
+        assert took_s < 2.0, f"the exposure took {took_s:.2f} s"
+        [entry] = exposures_of(listed)
+        assert (entry["service"], entry["protocol"], entry["conflict"]) == ("web", "TCP", None)
+        wait_external_ip(node, "web", "localhost", timeout_s=2)
+
+        url = f"http://127.0.0.1:{port}/"
+        assert _until("an answer through lifecycle forward", lambda: _get(url)) == first, forward_log.read_text()
+        node.kubectl("scale", "deployment", "web", "--replicas=2")
+        both = _running(node, "app=web", 2)
+        _until("answers from both replicas through lifecycle forward",
+               lambda: set(both) <= {_get(url) for _ in range(6)})
+
+        node.kubectl("delete", "svc", "web")
+        exposures.wait_for(lambda m: payload(m)["exposures"] == [], timeout_s=5)
+
+        def closed() -> bool:
+            try:
+                _get(url)
+            except OSError:
+                return True
+            return False
+        _until("the host port closed", closed, timeout_s=5)
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+        node.kubectl("delete", "deployment", "web", "--ignore-not-found")
+        leftovers = _docker("ps", "-aq", f"--filter=label=io.simnode.root={node.root}").split()
+        if leftovers:
+            subprocess.run(["docker", "rm", "-f", *leftovers], check=False, capture_output=True)
