@@ -24,7 +24,7 @@ from lifecycle.pki import rooted_reader
 from lifecycle.step import StepContext
 from lifecycle.tls import load_client_certificate
 from states.kubeadm import fail_at
-from states.kubelet import healthz
+from states.kubelet import healthz, os_error_text
 
 POLL_INTERVAL_S = 0.5
 REPORT_EVERY_S = 5.0  # while waiting, say what the last answer was: a stuck wait looks different from a slow one
@@ -113,7 +113,7 @@ class _ApiEndpoint:
         except ssl.SSLError as exc:
             return False, f"TLS: {exc.reason or exc}"
         except OSError as exc:
-            return False, exc.strerror or str(exc)
+            return False, os_error_text(exc)
         finally:
             if writer is not None:
                 writer.close()
