@@ -4,6 +4,7 @@ a corrupt file ignored, writes that never leave half a file; one slow event per 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import structlog
 from lifecycle_fakes import drain_events, fake_plan, fake_reset, make_config, null_ports, steer
 
 from lifecycle.bus import Bus
+from lifecycle.cli_render import Renderer
 from lifecycle.durations import StepDurations
 from lifecycle.engine import Engine
 from lifecycle.paths import HostPaths
@@ -98,3 +100,22 @@ async def test_a_step_slower_than_its_history_emits_one_slow_event_and_the_statu
     assert engine.status().slow is None  # the next state change cleared it
     assert len(history.runs("images")) == 4 and history.runs("images")[-1] >= 0.4
     assert set(engine.status().usual_s) == {step.name for step in fake_plan()}
+
+
+def test_status_and_watch_lines_show_usual_and_slow_durations() -> None:
+    out = io.StringIO()
+    render = Renderer(json_output=False, stream=out)
+    base = {"node": "n1", "since": "2026-12-03T15:00:00.000Z", "request_id": "r1", "kubernetes_version": "v1.31.4",
+            "steps": 9, "error": None, "certs": None, "config_drift": [], "usual_s": {"images": 3.2, "readiness": 21.0}}
+    render.status({**base, "state": "readiness", "step": 8,
+                   "slow": {"state": "readiness", "elapsed_s": 48.2, "usual_s": 21.0, "runs": 10}})
+    render.status({**base, "state": "running", "step": None, "slow": None})
+    render.event({"type": "lifecycle.step.slow",
+                  "data": {"state": "readiness", "message": "readiness: 48 s, usually 21 s"}})
+    assert out.getvalue().splitlines() == [
+        "node n1: readiness step 8/9 (v1.31.4) since 2026-12-03T15:00:00.000Z, usually 21 s, request r1",
+        "  slow: readiness had run 48 s, usually 21 s (median of its last 10 runs)",
+        "node n1: running (v1.31.4) since 2026-12-03T15:00:00.000Z, request r1",
+        "  steps usually take: images 3.2 s, readiness 21 s",
+        "    slower than usual: readiness: 48 s, usually 21 s",
+    ]
