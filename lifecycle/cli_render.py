@@ -110,8 +110,18 @@ class Renderer:
         version = f" ({status['kubernetes_version']})" if status.get("kubernetes_version") else ""
         step = f" step {status['step']}/{status['steps']}" if status.get("step") else ""
         request = f", request {status['request_id']}" if status.get("request_id") else ""
-        self._line(f"node {status.get('node')}: {status.get('state')}{step}{version} since {status.get('since')}"
-                   f"{request}")
+        usual = status.get("usual_s") or {}
+        state = status.get("state")
+        usually = f", usually {usual[state]:g} s" if state in _INSTALL_STATES and state in usual else ""
+        self._line(f"node {status.get('node')}: {state}{step}{version} since {status.get('since')}"
+                   f"{usually}{request}")
+        slow = status.get("slow")
+        if slow:
+            self._line(f"  slow: {slow.get('state')} had run {slow.get('elapsed_s', 0):.0f} s, usually "
+                       f"{slow.get('usual_s', 0):g} s (median of its last {slow.get('runs')} runs)")
+        if usual and state not in _INSTALL_STATES:
+            listed = ", ".join(f"{name} {usual[name]:g} s" for name in _INSTALL_STATES if name in usual)
+            self._line(f"  steps usually take: {listed}")
         if status.get("error"):
             self._print_error(status["error"])
         certs = status.get("certs")
@@ -139,6 +149,8 @@ class Renderer:
             err = data.get("error") or {}
             self._line(f"    retrying {data.get('state')} in {data.get('delay_s', 0):g} s "
                        f"(attempt {data.get('attempt')} of {1 + int(data.get('retries') or 0)}): {err.get('message')}")
+        elif kind == "lifecycle.step.slow":
+            self._line(f"    slower than usual: {data.get('message')}")
         elif kind == "lifecycle.step.failed":
             self._last_error = data.get("error")
         elif kind == "lifecycle.certs.expiring":

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from lifecycle.bus import Bus
 from lifecycle.config import Config, StepPolicy
 from lifecycle.drift import Change, apply, compare, pending, read_installed, reset_required_message
+from lifecycle.durations import StepDurations
 from lifecycle.errors import PermanentError, RequestError, StepError
 from lifecycle.exposures import CLEARED, Exposure
 from lifecycle.exposurestate import Change as ExposureChange
@@ -80,7 +81,7 @@ class Engine:
     def __init__(
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
         store: Store, bus: Bus, renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
-        outbox: Outbox | None = None,
+        outbox: Outbox | None = None, durations: StepDurations | None = None,
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
@@ -112,6 +113,10 @@ class Engine:
         self._stopping = False
         self._exposures = PublishedExposures(paths.state_dir / "exposures.json", host=config.exposures.host)
         self._exposures_cleared = False  # the empty retained message went out since this start
+        # The last successful runs of each step, and the running step's `lifecycle.step.slow` data once it
+        # outlasted them (in the status until the next state change).
+        self._durations = durations or StepDurations(paths.state_dir / "durations.json")
+        self._slow: dict[str, Any] | None = None
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -135,6 +140,7 @@ class Engine:
             request_id=snap.request_id, kubernetes_version=snap.cluster.kubernetes_version if snap.cluster else None,
             step=snap.step, steps=len(self._plan), error=snap.error, certs=self._certs,
             config_drift=tuple(change.to_json() for change in self._drift), state_seq=snap.state_seq,
+            usual_s=self._durations.all_usual_s(), slow=self._slow,
         )
 
     async def start(self) -> None:
@@ -406,9 +412,11 @@ class Engine:
                 if await self._quietly_done(step, request_id, cluster):
                     continue
                 quiet_until = 0
-            if self._snap.state != step.name:
+            # A step resumed after a restart ran partly before it: its duration here is not a whole run's.
+            whole_run = self._snap.state != step.name
+            if whole_run:
                 self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=cluster)
-            await self._run_step(step, index, request_id, cluster)
+            await self._run_step(step, index, request_id, cluster, record=whole_run)
         if self.state != State.RUNNING:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
 
@@ -421,7 +429,36 @@ class Engine:
             ctx.log.info("quiet check failed; running the step", error=f"{type(exc).__name__}: {exc}")
             return False
 
-    async def _run_step(self, step: Step, index: int, request_id: str | None, cluster: ClusterParams) -> None:
+    async def _run_step(
+        self, step: Step, index: int, request_id: str | None, cluster: ClusterParams, *, record: bool = False,
+    ) -> None:
+        started_s = asyncio.get_running_loop().time()
+        slow_after_s = self._durations.slow_after_s(step.name)
+        watch = None if slow_after_s is None else asyncio.create_task(
+            self._say_when_slow(step.name, request_id, started_s=started_s, after_s=slow_after_s),
+            name=f"step-{step.name}-slow-watch")
+        try:
+            ran = await self._run_step_timed(step, index, request_id, cluster)
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if record and ran:
+            self._durations.record(step.name, asyncio.get_running_loop().time() - started_s)
+
+    async def _say_when_slow(self, state: str, request_id: str | None, *, started_s: float, after_s: float) -> None:
+        """One `lifecycle.step.slow` once the step outlasted its usual duration; the status carries it too."""
+        await asyncio.sleep(after_s)
+        elapsed_s = round(asyncio.get_running_loop().time() - started_s, 1)
+        usual_s = self._durations.usual_s(state)
+        runs = len(self._durations.runs(state))
+        self._slow = {"state": state, "elapsed_s": elapsed_s, "usual_s": usual_s, "runs": runs}
+        self._log.warning("step slower than usual", state=state, elapsed_s=elapsed_s, usual_s=usual_s)
+        self._emit(EventType.STEP_SLOW, {"request_id": request_id, **self._slow,
+                                         "message": f"{state}: {elapsed_s:.0f} s, usually {usual_s:g} s"})
+        self._bus.publish(self.status())
+
+    async def _run_step_timed(self, step: Step, index: int, request_id: str | None, cluster: ClusterParams) -> bool:
+        """The step under its deadline and retry policy: True when it ran and worked, False when already done."""
         if step.name == State.CERTS.value:
             await self._renew_instead(index, request_id, cluster)
         policy = self._policy(step)
@@ -432,7 +469,7 @@ class Engine:
             async with timer:
                 if await self._in_task(step.is_done(ctx), name=f"step-{step.name}-is-done"):
                     self._emit_progress(State(step.name), request_id, "already done")
-                    return
+                    return False
                 while True:
                     attempts += 1
                     try:
@@ -444,7 +481,7 @@ class Engine:
                     else:
                         break
                 await self._check_outcome(step, ctx)
-                return
+                return True
         except TimeoutError as exc:
             if timer.expired():
                 error = ErrorInfo.safe(
@@ -651,6 +688,7 @@ class Engine:
         seq, state_seq = prev.seq + 1, prev.state_seq + 1
         snap = Snapshot(state=dest.value, since=now, seq=seq, request_id=request_id, cluster=cluster, step=step,
                         error=error, state_seq=state_seq)
+        self._slow = None  # said of the state being left
         duration_s = round(max(0.0, now - prev.since), 3)
         event = Event(type=EventType.STATE_CHANGED, seq=seq, time_s=now, data={
             "seq": seq, "state_seq": state_seq, "request_id": request_id, "from": prev.state, "to": dest.value,

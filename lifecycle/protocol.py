@@ -49,6 +49,7 @@ class EventType(StrEnum):
     STEP_PROGRESS = "lifecycle.step.progress"
     STEP_RETRYING = "lifecycle.step.retrying"
     STEP_FAILED = "lifecycle.step.failed"
+    STEP_SLOW = "lifecycle.step.slow"
     CERTS_EXPIRING = "lifecycle.certs.expiring"
     CERTS_RENEWED = "lifecycle.certs.renewed"
     EXPOSURE_ADDED = "lifecycle.exposure.added"
@@ -356,6 +357,10 @@ class Status:
     # The `state_seq` of the state change that led here (0 before the first), so that a host that subscribes late
     # can tell which `lifecycle.state.changed` this status reflects.
     state_seq: int = 0
+    # Median seconds of each step's last successful runs (steps never run are absent), and, while the current
+    # step runs longer than usual, what `lifecycle.step.slow` said: {state, elapsed_s, usual_s, runs}.
+    usual_s: dict[str, float] = field(default_factory=dict)
+    slow: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -371,6 +376,8 @@ class Status:
             "error": self.error.to_json() if self.error else None,
             "certs": self.certs.to_json() if self.certs else None,
             "config_drift": [dict(item) for item in self.config_drift],
+            "usual_s": dict(self.usual_s),
+            "slow": dict(self.slow) if self.slow is not None else None,
         }
 
 

@@ -24,9 +24,10 @@ from lifecycle.pki import rooted_reader
 from lifecycle.step import StepContext
 from lifecycle.tls import load_client_certificate
 from states.kubeadm import fail_at
-from states.kubelet import healthz
+from states.kubelet import healthz, os_error_text
 
 POLL_INTERVAL_S = 0.5
+REPORT_EVERY_S = 5.0  # while waiting, say what the last answer was: a stuck wait looks different from a slow one
 PROBE_TIMEOUT_S = 2.0
 _ANSWER_MAX_BYTES = 65536
 # Versions before lifecycle.tls wrote admin.conf's key for a moment to a 0700 dir of this name in the state dir.
@@ -51,15 +52,21 @@ async def _wait_until_ok(ctx: StepContext, *, what: str, code: str, probe: Probe
     give_up_at = fail_at(ctx)
     started = loop.time()
     last = "not asked yet"
+    tries = 0
+    report_at = started + REPORT_EVERY_S
     ctx.progress(f"waiting for {what}")
     while True:
         left_s = give_up_at - loop.time()
         if left_s <= 0:
             break
         ok, last = await probe(max(0.1, min(PROBE_TIMEOUT_S, left_s)))
+        tries += 1
         if ok:
             ctx.progress(f"{what} answered ok after {loop.time() - started:.1f}s")
             return
+        if loop.time() >= report_at:
+            report_at = loop.time() + REPORT_EVERY_S
+            ctx.progress(f"still waiting for {what}: {last} ({tries} tries in {loop.time() - started:.0f} s)")
         await asyncio.sleep(max(0.0, min(POLL_INTERVAL_S, give_up_at - loop.time())))
     raise TemporaryError(
         f"{what} did not answer ok within {loop.time() - started:.0f}s (last: {last})",
@@ -106,7 +113,7 @@ class _ApiEndpoint:
         except ssl.SSLError as exc:
             return False, f"TLS: {exc.reason or exc}"
         except OSError as exc:
-            return False, exc.strerror or str(exc)
+            return False, os_error_text(exc)
         finally:
             if writer is not None:
                 writer.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 from pathlib import Path
 
@@ -122,12 +123,17 @@ async def healthz(port: int, *, timeout_s: float = _HEALTHZ_TIMEOUT_S) -> tuple[
     except TimeoutError:
         return False, f"no answer within {timeout_s:.1f}s"
     except OSError as exc:
-        return False, exc.strerror or str(exc)
+        return False, os_error_text(exc)
     status_line = answer.split(b"\r\n", 1)[0].decode(errors="replace")
     parts = status_line.split(" ", 2)
     if len(parts) >= 2 and parts[1] == "200":
         return True, "ok"
     return False, f"answered {status_line!r}" if status_line else "closed without answering"
+
+
+def os_error_text(exc: OSError) -> str:
+    """`connection refused` rather than asyncio's `Connect call failed ('127.0.0.1', 10248)` (its strerror)."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def _tail(log_path: Path) -> str:

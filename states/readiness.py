@@ -39,6 +39,7 @@ HOPELESS_REASONS = frozenset({
 _WATCH_MAX_S = 30.0
 _API_RETRY_S = 0.5
 _NODE_POLL_S = 1.0  # the kubelet posts a change of its Ready condition at once (simulated) or within 10 s (real)
+REPORT_EVERY_S = 5.0  # while pods do not change, say what is still missing: stuck reads differently from slow
 
 
 class Readiness:
@@ -86,13 +87,16 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
     api_error: str | None = None
     node_seen: list[str | None] = [None]  # the last NotReady reason reported, so each is reported once
     ctx.progress(f"waiting for {', '.join(components)} to be Ready", current=0, total=len(components))
+    last_api_error: list[str | None] = [None]
+    reporter = asyncio.create_task(_report_waiting(ctx, components=components, unmet=unmet, node=node_seen,
+                                                   api_error=last_api_error), name="readiness-report-waiting")
     try:
         async with asyncio.timeout_at(give_up_at), ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
             while True:
                 try:
                     await _report_node(ctx, api=api, seen=node_seen)
                     await _watch_until_ready(ctx, api=api, components=components, unmet=unmet)
-                    api_error = None
+                    api_error = last_api_error[0] = None
                     if not unmet:
                         # Pods already running stay Ready on a node that lost its pod network: ask the node too.
                         await _report_node(ctx, api=api, seen=node_seen)
@@ -100,14 +104,41 @@ async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) 
                             return
                         await asyncio.sleep(min(_NODE_POLL_S, max(0.0, give_up_at - loop.time())))
                 except KubeApiError as exc:
-                    api_error = exc.message
+                    api_error = last_api_error[0] = exc.message
                     await asyncio.sleep(min(_API_RETRY_S, max(0.0, give_up_at - loop.time())))
     except TimeoutError:
         pass
     except KubeApiError as exc:  # the kubeconfig itself is unusable
         raise PermanentError(f"cannot reach the API: {exc.message}", code="not_ready") from exc
+    finally:
+        reporter.cancel()
     last = await _last_node_problem(ctx)
     raise not_ready_error(unmet, api_error=api_error, node=node_seen[0] if last is None else last or None)
+
+
+async def _report_waiting(
+    ctx: StepContext, *, components: tuple[str, ...], unmet: Mapping[str, str], node: list[str | None],
+    api_error: list[str | None],
+) -> None:
+    """Every few seconds while components are missing: `waiting for 2 of 4 components: coredns (0/2 ready
+    (Pending)), kube-proxy (no pod)`, with the node's problem or the last API error when there is one."""
+    while True:
+        await asyncio.sleep(REPORT_EVERY_S)
+        if not unmet:
+            continue
+        ctx.progress(waiting_text(components, unmet, node=node[0], api_error=api_error[0]),
+                     current=len(components) - len(unmet), total=len(components))
+
+
+def waiting_text(components: Sequence[str], unmet: Mapping[str, str], *, node: str | None,
+                 api_error: str | None) -> str:
+    missing = ", ".join(f"{component} ({why})" for component, why in unmet.items())
+    text = f"waiting for {len(unmet)} of {len(components)} components: {missing}"
+    if node:
+        text += f"; {node}"
+    if api_error:
+        text += f"; last API error: {api_error}"
+    return text
 
 
 async def _report_node(ctx: StepContext, *, api: KubeApi, seen: list[str | None]) -> None:

@@ -321,6 +321,12 @@ def test_renew_certs_request_renews_on_demand_and_is_refused_when_nothing_runs(
     assert shown.returncode == 0, shown
     assert f"certificates: the first expires {status['certs']['earliest_expiry']} ({status['certs']['file']})" \
         in shown.stdout, shown.stdout
+    # ... and how long each install step usually takes on this node (issue #11: durations that mean something).
+    usual = status["usual_s"]
+    assert {"certs", "kubeadm", "readiness"} <= set(usual) and usual["readiness"] > 0, usual
+    [line] = [line for line in shown.stdout.splitlines() if line.startswith("  steps usually take: ")]
+    assert f"certs {usual['certs']:g} s" in line and f"readiness {usual['readiness']:g} s" in line, shown.stdout
+    assert status["slow"] is None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ from referencing import Registry, Resource
 
 from lifecycle.bus import Bus
 from lifecycle.config import StepPolicy
+from lifecycle.durations import StepDurations
 from lifecycle.engine import Engine
 from lifecycle.exposures import ExposureSet
 from lifecycle.exposurestate import exposures_from_services
@@ -101,7 +102,7 @@ def test_wire_shapes() -> None:
     status = Status(node="n1", state="failed", since=0.0, seq=9, request_id="r", kubernetes_version="v1.31.4",
                     step=2, steps=7, error=ErrorInfo("x", "y", details={"a": 1}))
     assert set(status.to_json()) == {"node", "state", "since", "seq", "request_id", "kubernetes_version", "step",
-                                     "steps", "error", "certs", "config_drift", "state_seq"}
+                                     "steps", "error", "certs", "config_drift", "state_seq", "usual_s", "slow"}
     assert status.to_json()["error"] == {"code": "x", "message": "y", "retryable": False, "details": {"a": 1}}
     reply = Reply(id=None, ok=False, state="idle", error=("malformed_json", "bad"))
     assert reply.to_json() == {"id": None, "ok": False, "state": "idle",
@@ -134,10 +135,13 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
     bus = Bus()
     sub = bus.subscribe("schemas")
     config = make_config(tmp_path, images=StepPolicy(timeout_s=5, retries=1, retry_delay_s=0))
+    durations = StepDurations(tmp_path / "durations.json", slow_min_s=0.0)
+    durations.record("binaries", 0.01)  # then it takes 0.1 s: lifecycle.step.slow, and `slow` in the status
     engine = Engine(config=config, paths=HostPaths(tmp_path), ports=null_ports(), plan=fake_plan(), reset=fake_reset,
-                    store=state_file(HostPaths(tmp_path)), bus=bus, renew=_fake_renew)
+                    store=state_file(HostPaths(tmp_path)), bus=bus, renew=_fake_renew, durations=durations)
     handler = RequestHandler(engine)
     steer(tmp_path, "images", fail="temporary", fail_times=1, progress=2)
+    steer(tmp_path, "binaries", run_s=0.1)
     steer(tmp_path, "kubeadm", fail="command")
     replies = [await handler.handle(Request(id="r1", action=Action.INSTALL, kubernetes_version="v1.32.1"))]
     await engine.wait_job()
@@ -169,6 +173,7 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
         v["event"].validate(event)
     for status in statuses:
         v["status"].validate(status)
+    assert any(status["slow"] for status in statuses) and statuses[-1]["usual_s"]
     exposures = [i.to_json() for i in items if isinstance(i, ExposureSet)]
     assert [len(e["exposures"]) for e in exposures] == [2, 1]
     for message in exposures:
