@@ -48,27 +48,34 @@ REDACTED = "[redacted]"
 _BOOTSTRAP_TOKEN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9]{6}\.[a-z0-9]{16}(?![a-z0-9])")
 # A JWT (service-account tokens): base64url header, payload, signature; a header always starts `{"` -> `eyJ`.
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*")
-# A field whose name says it is secret (JSON, YAML, env, --flag=value), its value up to a delimiter. The key may be
-# quoted, also as escaped JSON inside JSON (a log line quoting a document).
+# A field whose name says it is secret (JSON, YAML, env, --flag=value), its value up to a delimiter; the key may be
+# quoted, also as escaped JSON inside JSON (a log line quoting a document). The pattern starts with the secret word
+# itself (what comes before it in the name stays as it is): a leading `[\w.-]*` would backtrack over every long
+# word of a log, and a regex holds the GIL, so a slow one stalls the service's loop even from a thread.
 _SECRET_FIELD_RE = re.compile(
-    r"""(?i)((?:\\?["'])?[A-Za-z0-9_.-]*(?:password|passwd|token|secret|key-data|key_data)"""
-    r"""(?:\\?["'])?[ \t]*[:=][ \t]*)"""
-    r"""(\\?"(?:[^"\\]|\\.)*?\\?"|'[^']*'|[^\s,}\]]+)"""
+    r"""(?i)((?:password|passwd|token|secret|key[-_]data)[A-Za-z0-9_.-]{0,64}(?:\\?["'])?[ \t]*[:=][ \t]*)"""
+    r"""(\\?"(?:[^"\\\n]|\\.){0,4096}?\\?"|'[^'\n]{0,4096}'|[^\s,}\]]{1,4096})"""
 )
 
 
+def _field(match: re.Match[str]) -> str:
+    value = match.group(2)
+    quote = '\\"' if value.startswith('\\"') else '"' if value.startswith('"') else ""
+    return f"{match.group(1)}{quote}{REDACTED}{quote}"
+
+
+def _redact_line(line: str) -> str:
+    line = _JWT_RE.sub(REDACTED, line)
+    line = _BOOTSTRAP_TOKEN_RE.sub(REDACTED, line)
+    return _SECRET_FIELD_RE.sub(_field, line)
+
+
 def redact(text: str) -> str:
-    """`text` without PEM private keys, bootstrap tokens, JWTs or the values of password/token/secret fields."""
-    text = scrub(text)
-    text = _JWT_RE.sub(REDACTED, text)
-    text = _BOOTSTRAP_TOKEN_RE.sub(REDACTED, text)
+    """`text` without PEM private keys, bootstrap tokens, JWTs or the values of password/token/secret fields.
 
-    def field(match: re.Match[str]) -> str:
-        value = match.group(2)
-        quote = '\\"' if value.startswith('\\"') else '"' if value.startswith('"') else ""
-        return f"{match.group(1)}{quote}{REDACTED}{quote}"
-
-    return _SECRET_FIELD_RE.sub(field, text)
+    Line by line after the PEM blocks are gone: a regex call holds the GIL, and many short calls let the event
+    loop run between them while this works in a thread."""
+    return "\n".join(_redact_line(line) for line in scrub(text).split("\n"))
 
 
 # ---- chunks ---------------------------------------------------------------------------------------------
