@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     kubeconfig.add_argument("--use", action="store_true",
                             help="with --merge: make its context the current one (a file without one gets it anyway)")
     kubeconfig.set_defaults(output="text")
+    diagnose = client("diagnose", "collect logs, state, config (credentials removed) and cluster status for a bug "
+                      "report into a .tar.gz", output=False)
+    diagnose.add_argument("-o", "--output-file", dest="bundle_file", type=Path, metavar="FILE", required=True,
+                          help="write the bundle to FILE (mode 0600)")
+    diagnose.set_defaults(output="text")
     forward = client("forward", "open a host port for each LoadBalancer Service port the node exposes, forwarding "
                      "to the node (runs until interrupted)", output=False)
     forward.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
@@ -211,6 +216,8 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
         # retained `online` (published once it has subscribed), within the same --timeout.
         await client.wait_online(timeout_s=args.timeout)
         correlation = await client.send(body, timeout_s=args.timeout)
+        if args.command == "diagnose":
+            return await receive_bundle(client, correlation, args.bundle_file, timeout_s=args.timeout, out=out)
         reply = await _await_reply(client, correlation, timeout_s=max(0.5, deadline - loop.time()))
         if reply is None:
             why = _why_silent(client.available)
@@ -259,6 +266,55 @@ def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:
         return EXIT_FAILED
     out.error(f"wrote the admin kubeconfig to {path} (mode 0600)")  # stderr: stdout stays clean for scripts
     return EXIT_OK
+
+
+async def receive_bundle(client: ServiceClient, correlation: bytes, path: Path, *, timeout_s: float,
+                         out: Renderer) -> int:
+    """Gather the chunks of a `diagnose` reply, check them against their sha256, write the `.tar.gz` (0600).
+
+    Collecting takes the service a while (the API is asked with its own deadlines): wait at least 60 s."""
+    from lifecycle.diagnose import missing_chunks, reassemble
+
+    chunks: dict[int, dict[str, Any]] = {}
+    wait_s = max(timeout_s, 60.0)
+    while missing_chunks(chunks) != 0:
+        reply = await _await_reply(client, correlation, timeout_s=wait_s)
+        if reply is None:
+            got = f" (got {len(chunks)} chunk(s))" if chunks else _why_silent(client.available)
+            out.error(f"no complete diagnostics from node {client.topics.node} within {wait_s:g} s{got}")
+            return EXIT_UNREACHABLE
+        part = reply.get("chunk")
+        if not reply.get("ok") or not isinstance(part, dict):
+            out.reply(reply)
+            return EXIT_FAILED
+        chunks[int(part.get("index", -1))] = part
+    try:
+        bundle = reassemble(chunks.values())
+    except ValueError as exc:
+        out.error(f"the diagnostics bundle is damaged: {exc}")
+        return EXIT_FAILED
+    try:
+        write_private(path, bundle)
+    except OSError as exc:
+        out.error(f"cannot write {path}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    out.error(f"wrote the diagnostics of node {client.topics.node} to {path} ({len(bundle)} bytes, "
+              f"{len(chunks)} chunk(s), sha256 checked, mode 0600)")
+    return EXIT_OK
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path`, mode 0600 from the start, replaced atomically."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        Path(temp).replace(path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def merge_kubeconfig(text: str, path: Path, *, use: bool, out: Renderer) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import deque
 from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any, TextIO
@@ -19,6 +20,9 @@ from lifecycle.protocol import scrub
 
 _SECRET_FIELD_PARTS = ("password", "private_key", "secret", "token", "key_pem", "client_key")
 _PEM_MARKERS = ("PRIVATE KEY-----", "PRIVATE KEY -----")
+# The service logs to stderr only (the journal on a systemd host): the last lines are also kept here, already
+# redacted, for `lifecycle diagnose` (lifecycle.diagnose), which cannot read the journal.
+RECENT_LOG_LINES: deque[str] = deque(maxlen=2000)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -42,6 +46,13 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
         elif _contains_key_material(value):
             event_dict[name] = "[redacted: private key material]"
     return event_dict
+
+
+def _keep_recent(_logger: Any, _method: str, line: Any) -> Any:
+    """After the renderer: keep the rendered line for `diagnose`, pass it on unchanged."""
+    if isinstance(line, str):
+        RECENT_LOG_LINES.append(line)
+    return line
 
 
 class ScrubbingFormatter(logging.Formatter):
@@ -83,6 +94,7 @@ def configure_logging(level: str = "info", *, stream: TextIO | None = None) -> N
             structlog.processors.format_exc_info,
             redact_secrets,  # after format_exc_info: a traceback may quote a key, too
             structlog.processors.JSONRenderer(),
+            _keep_recent,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),

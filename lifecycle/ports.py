@@ -69,6 +69,9 @@ class ContainerEngine(Protocol):
     async def cgroup_driver(self) -> str:
         """The engine's cgroup driver (`docker info` CgroupDriver): "systemd" or "cgroupfs"."""
 
+    async def info(self) -> dict[str, Any]:
+        """`docker info` as the engine answers it (for `lifecycle diagnose`)."""
+
     async def close(self) -> None: ...
 
 
@@ -128,6 +131,9 @@ class KubeApi(Protocol):
     """
 
     async def list_pods(self, namespace: str) -> list[dict[str, Any]]: ...
+
+    async def list_events(self) -> list[dict[str, Any]]:
+        """Events of every namespace (what `lifecycle diagnose` reports)."""
 
     def watch_pods(self, namespace: str, *, timeout_s: float) -> AsyncGenerator[dict[str, Any], None]:
         """Yields watch events ({"type", "object"}) until `timeout_s` passes or the server ends the watch.

@@ -42,6 +42,7 @@ class Action(StrEnum):
     CANCEL = "cancel"
     KUBECONFIG = "kubeconfig"
     RENEW_CERTS = "renew-certs"
+    DIAGNOSE = "diagnose"
 
 
 class EventType(StrEnum):
@@ -392,6 +393,9 @@ class Reply:
     status: Status | None = None  # for `status`
     kubeconfig: str | None = field(default=None, repr=False)  # for `kubeconfig`: YAML holding the admin key
     message_expiry_s: int | None = None  # MQTT 5 message expiry of the reply (not in the payload)
+    # `diagnose`: the bundle's chunks (lifecycle.diagnose.chunk); the reply goes out once per chunk, with it as
+    # `chunk`.
+    chunks: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

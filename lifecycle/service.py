@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lifecycle.adapters.mqtt import MqttBridge
@@ -14,10 +14,11 @@ from lifecycle.bus import Bus, Subscription
 from lifecycle.certwatch import CertWatch, Scan
 from lifecycle.config import Config
 from lifecycle.credentials import kubeconfig_reply
+from lifecycle.diagnose import RecentEvents, diagnose_reply
 from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRoutine
 from lifecycle.errors import RequestError
 from lifecycle.exposewatch import ExposureWatch
-from lifecycle.logging import get_logger
+from lifecycle.logging import RECENT_LOG_LINES, get_logger
 from lifecycle.machine import State
 from lifecycle.outbox import Outbox
 from lifecycle.paths import HostPaths
@@ -69,8 +70,9 @@ async def _ready_once_online(sd: Notifier, bridge: MqttBridge) -> None:
 class RequestHandler:
     """Turns a parsed request into an engine call and the engine's answer (or refusal) into a reply."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, diagnose: Callable[[Request], Awaitable[Reply]] | None = None) -> None:
         self._engine = engine
+        self._diagnose = diagnose
         self._log = get_logger("lifecycle.requests")
 
     async def handle(self, request: Request) -> Reply:
@@ -86,6 +88,11 @@ class RequestHandler:
             if request.action == Action.KUBECONFIG:
                 return await kubeconfig_reply(request, status=engine.status(), config=engine.config,
                                               paths=engine.paths)
+            if request.action == Action.DIAGNOSE:  # read-only: in any state, beside whatever job runs
+                if self._diagnose is not None:
+                    return await self._diagnose(request)
+                return Reply(id=request.id, ok=False, state=engine.state.value,
+                             error=("unsupported", "this service was started without diagnostics"))
             if request.action == Action.INSTALL:
                 prepare = None
                 if request.pki is not None:  # checked before the engine sees the request
@@ -175,6 +182,9 @@ async def serve(
         stack.callback(watchdog.cancel)
         bus = Bus()
         outbox = bus.subscribe("mqtt")
+        recent = RecentEvents(bus.subscribe("diagnostics"))
+        recorder = asyncio.create_task(recent.run(), name="lifecycle-recent-events")
+        stack.callback(recorder.cancel)
         if sd.enabled:
             reporter = asyncio.create_task(sd.report_status(bus.subscribe("systemd", max_items=100)),
                                            name="lifecycle-sd-status")
@@ -190,9 +200,16 @@ async def serve(
         if ports.services is not None:
             exposures = ExposureWatch(engine=engine, bus=bus, services=ports.services, kubeconfig=paths.admin_conf,
                                       host=config.exposures.host)
+        topics = Topics(config.mqtt.prefix, config.node_name)
+
+        async def diagnose(request: Request) -> Reply:
+            return await diagnose_reply(request, config=engine.config, paths=paths, ports=ports,
+                                        status=engine.status(), events=recent.events, log_lines=RECENT_LOG_LINES,
+                                        source=topics.source)
+
         bridge = MqttBridge(
-            config=config.mqtt, topics=Topics(config.mqtt.prefix, config.node_name), outbox=outbox,
-            status=engine.status, handle=RequestHandler(engine).handle,
+            config=config.mqtt, topics=topics, outbox=outbox,
+            status=engine.status, handle=RequestHandler(engine, diagnose=diagnose).handle,
             client_id=config.mqtt.client_id or f"lifecycle-{config.node_name}", durable=durable,
             on_reply=metrics.on_reply if metrics is not None else None,
         )

@@ -222,6 +222,15 @@ class DockerEngine:
             raise EngineError(f"docker info reports cgroup driver {driver!r}; the kubelet needs systemd or cgroupfs")
         return str(driver)
 
+    async def info(self) -> dict[str, Any]:
+        try:
+            info = dict(await self._client().system.info())
+        except DockerError as exc:
+            raise self._error(exc, "docker info") from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, "docker info") from exc
+        return info
+
     async def remove_containers(self, labels: Mapping[str, str]) -> list[str]:
         if not labels:
             raise ValueError("remove_containers needs at least one label: it would remove every container")

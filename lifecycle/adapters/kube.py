@@ -153,6 +153,10 @@ class _KubeClient:
         answer = await self._call("GET", f"/api/v1/namespaces/{namespace}/pods")
         return list(answer.get("items") or [])
 
+    async def list_events(self) -> list[dict[str, Any]]:
+        answer = await self._call("GET", "/api/v1/events")
+        return list(answer.get("items") or [])
+
     async def watch_pods(self, namespace: str, *, timeout_s: float) -> AsyncGenerator[dict[str, Any], None]:
         from kubernetes_asyncio import client, watch
         from kubernetes_asyncio.client.exceptions import ApiException

@@ -265,8 +265,12 @@ class MqttBridge:
             props.CorrelationData = correlation
         if reply.message_expiry_s is not None:  # a reply carrying credentials must not wait long for its reader
             props.MessageExpiryInterval = reply.message_expiry_s
+        body = reply.to_json()
+        # One message per chunk of a large payload (`diagnose`), each a whole reply; QoS 1 keeps their order.
+        payloads = [dumps({**body, "chunk": part}) for part in reply.chunks] if reply.chunks else [dumps(body)]
         try:
-            await client.publish(topic, dumps(reply.to_json()), qos=1, properties=props)
+            for payload in payloads:
+                await client.publish(topic, payload, qos=1, properties=props)
         except aiomqtt.MqttError as exc:  # the requester will time out and ask again; the action stands
             self._log.warning("could not send a reply", topic=topic, error=str(exc))
         except (ValueError, TypeError) as exc:  # a topic or property paho cannot encode: no reply is possible

@@ -7,12 +7,15 @@ Each test runs a service of its own on a fresh root and node name; whatever it s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import REGISTRY, SIM_REPO, SimImages
 
 from simnode.host import prepare_host
@@ -397,10 +401,42 @@ def test_install_over_mqtt_reaches_running_with_every_state_announced(
     assert time.monotonic() - killed_at <= KEEPALIVE_S * 1.5 + 2
 
 
+MQTT_PASSWORD = "e2e-mqtt-password-7f3a"  # the shared broker takes anonymous clients: any password connects
+
+
+def diagnose(node: Node, out: Path) -> dict[str, str]:
+    """`lifecycle diagnose -o out` against the node; the bundle's members by name (below its top folder), after
+    checking that it is 0600 and that no private key of the node, bootstrap token, JWT or the MQTT password is in
+    it (issue 11, part 5)."""
+    done = subprocess.run([str(LIFECYCLE), "diagnose", "--config", str(node.config_path), "--node", node.name,
+                           "-o", str(out)], capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    with tarfile.open(out) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode()  # type: ignore[union-attr]
+                   for m in tar.getmembers() if m.isfile()}
+    everything = "\n".join(members.values())
+    pki = node.root / "etc/kubernetes/pki"
+    for key in (pki / "ca.key", pki / "sa.key", pki / "apiserver.key"):
+        if key.is_file():  # the base64 body of the key, line by line (a line of it alone would be a leak)
+            for line in key.read_text().splitlines()[1:-1]:
+                assert line not in everything, f"{key.name} leaked into the bundle"
+    admin = node.root / "etc/kubernetes/admin.conf"
+    if admin.is_file():
+        admin_key = yaml.safe_load(admin.read_text())["users"][0]["user"]["client-key-data"]
+        assert admin_key not in everything and base64.b64decode(admin_key).decode().splitlines()[1] not in everything
+    assert "PRIVATE KEY-----" not in everything and MQTT_PASSWORD not in everything
+    assert not re.search(r"(?<![a-z0-9])[a-z0-9]{6}\.[a-z0-9]{16}(?![a-z0-9])", everything), "bootstrap token"
+    assert not re.search(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.", everything), "a JWT"
+    return members
+
+
 def test_kubeadm_failure_ends_in_failed_with_its_message_and_a_new_install_resumes(
-    make_node: Callable[..., Node],
+    make_node: Callable[..., Node], tmp_path: Path,
 ) -> None:
-    node = make_node()
+    # With an MQTT password in the config: the diagnostics bundles below must not carry it.
+    node = make_node(config_text=_in_sim_namespace(SIM_CONFIG.read_text()).replace(
+        "[mqtt]\n", f'[mqtt]\nusername = "e2e"\npassword = "{MQTT_PASSWORD}"\n', 1))
     node.write_faults({"kubeadm_fail": {"phase": "control-plane", "message": "simulated disk full"}})
     node.start_service()
     events = node.subscribe("events")
@@ -414,6 +450,11 @@ def test_kubeadm_failure_ends_in_failed_with_its_message_and_a_new_install_resum
     status = payload(node.retained("status", lambda m: payload(m)["state"] == "failed", timeout_s=10))
     assert "simulated disk full" in status["error"]["message"]
 
+    # Diagnostics of the failed node: they hold the error, kubeadm's words included.
+    members = diagnose(node, tmp_path / "failed.tar.gz")
+    assert "simulated disk full" in members["status.json"] and json.loads(members["status.json"])["state"] == "failed"
+    assert "lifecycle.step.failed" in members["events.json"] and "simulated disk full" in members["service.log"]
+
     node.write_faults(None)
     assert payload(node.request({"id": "second", "action": "install"}, correlation="c2"))["ok"] is True
     last = _wait_state(events, "running", timeout_s=240, request_id="second")
@@ -422,6 +463,15 @@ def test_kubeadm_failure_ends_in_failed_with_its_message_and_a_new_install_resum
     assert resumed[0]["from"] == "failed"
     # The resume did not go back through certs/images/binaries: those were done.
     assert not {"certs", "images", "binaries"} & {c["to"] for c in resumed}
+
+    # Diagnostics of the running node: every part, the cluster's through its API.
+    members = diagnose(node, tmp_path / "running.tar.gz")
+    assert {"MANIFEST.json", "status.json", "events.json", "config.json", "versions.json", "service.log",
+            "kubelet.log", "state/state.json", "docker-info.json", "host.json", "cluster/node.json",
+            "cluster/pods-kube-system.json", "cluster/events.json"} <= set(members), sorted(members)
+    assert json.loads(members["versions.json"])["kubernetes_version"] == "v1.31.4"
+    assert "kube-apiserver" in members["cluster/pods-kube-system.json"] and members["kubelet.log"].strip()
+    assert "MemTotal" in members["host.json"] and "ServerVersion" in members["docker-info.json"]
 
 
 def _big_image(name: str, size_mb: int) -> str:
