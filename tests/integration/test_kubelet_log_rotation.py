@@ -33,6 +33,14 @@ while True:
 """
 
 
+def _log_text(path: Path) -> str:
+    """The current file, or "" in the instant between a rotation's rename and the new file (as any reader sees)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def _own_fds() -> list[str]:
     targets = []
     for fd in Path("/proc/self/fd").iterdir():
@@ -60,7 +68,7 @@ async def test_a_fast_kubelet_leaves_at_most_n_files_of_at_most_the_size_newest_
     kubelet.chmod(0o755)
     log_path = tmp_path / "log" / "kubelet.log"
     await supervisor.start([str(kubelet)], log_path=log_path)
-    await eventually(lambda: log_path.exists() and log_path.read_text().endswith("done\n"), timeout_s=10)
+    await eventually(lambda: _log_text(log_path).endswith("done\n"), timeout_s=10)
 
     kept = sorted(log_path.parent.iterdir())
     assert [p.name for p in kept] == ["kubelet.log", "kubelet.log.1", "kubelet.log.2"]
@@ -83,12 +91,12 @@ async def test_kubelet_restarts_leave_the_services_fds_as_they_were(
     kubelet.chmod(0o755)
     log_path = tmp_path / "log" / "kubelet.log"
     await supervisor.start([str(kubelet)], log_path=log_path)
-    await eventually(lambda: log_path.exists() and log_path.read_text().count("up") == 1, timeout_s=10)
+    await eventually(lambda: _log_text(log_path).count("up") == 1, timeout_s=10)
     before = len(_own_fds())
     for restart in range(1, 4):
         pid = int(json.loads((tmp_path / "kubelet.pid").read_text())["pid"])
         os.kill(pid, signal.SIGKILL)
-        await eventually(lambda r=restart: supervisor.restarts == r and log_path.read_text().count("up") == r + 1,
+        await eventually(lambda r=restart: supervisor.restarts == r and _log_text(log_path).count("up") == r + 1,
                          timeout_s=10)
     await asyncio.sleep(0.2)  # the finished log writers are reaped
     assert len(_own_fds()) <= before, (before, _own_fds())
