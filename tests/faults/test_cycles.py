@@ -50,7 +50,7 @@ def _parent(entry: Path) -> int:
 
 def _settled(pid: int, *, fds_at_most: int | None, threads_at_most: int | None) -> dict[str, int]:
     """The figures once idle connections and worker threads have gone, waiting up to SETTLE_S for the counts to
-    fall to the bounds (as tests/e2e/test_kube_credentials.py does for descriptors)."""
+    fall to the bounds (as tests/faults/test_kube_credentials.py does for descriptors)."""
     deadline = time.monotonic() + SETTLE_S
     figures = _figures(pid)
     while time.monotonic() < deadline and (

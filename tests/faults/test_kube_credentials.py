@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import faultlib  # noqa: F401 (puts tests/e2e on sys.path first)
 import pytest
 import test_install_over_mqtt as install_e2e
 import yaml

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import faultlib  # noqa: F401 (puts tests/e2e on sys.path first)
 import test_install_over_mqtt as install_e2e
 import yaml
 from cryptography import x509
