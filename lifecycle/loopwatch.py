@@ -1,0 +1,108 @@
+"""Loop monitor: tells the operator when something holds the event loop (no event, reply or keepalive goes out
+meanwhile).
+
+Two parts, by cost:
+- `heartbeat()`, always on: a task that sleeps `interval_s` and logs "event loop late" when it wakes up more than
+  `late_s` after it asked to. It costs nothing (4 wake-ups a second) but cannot say which callback was at fault.
+- `watch_callbacks()`, only when `LIFECYCLE_LOOP_BUDGET_MS` is set (tests, or an operator hunting a stall): every
+  callback the loop runs is timed, and one over the budget is logged naming it (the task and the line its
+  coroutine stopped at, i.e. the first `await` after the blocking code). asyncio's own debug mode does the timing
+  too, but also tracks the origin of every coroutine and task, which costs too much to leave on in production.
+
+A callback over the budget is "loop blocked" when it spent more than the budget on the CPU (time.thread_time):
+that is the callback's own fault (an import, key generation, YAML, hashing). When only its wall time is over the
+budget it is "loop slow": on a loaded machine the OS may deschedule the loop thread for 50 ms or more, or the
+GIL may be held by a worker thread, without the callback being at fault; the voluntary context switches
+(getrusage) are logged with it so that a blocking system call (an fsync, a sleep) can still be told apart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lifecycle.logging import get_logger
+
+LOOP_BUDGET_ENV = "LIFECYCLE_LOOP_BUDGET_MS"
+HEARTBEAT_INTERVAL_S = 0.25
+HEARTBEAT_LATE_S = 0.5  # late by this much: worth a line in any log (a keepalive or a reply waited that long)
+
+
+async def heartbeat(*, interval_s: float = HEARTBEAT_INTERVAL_S, late_s: float = HEARTBEAT_LATE_S) -> None:
+    """Log whenever the loop wakes this task up more than `late_s` late; until cancelled."""
+    log = get_logger("lifecycle.loopwatch")
+    loop = asyncio.get_running_loop()
+    while True:
+        due_s = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        late_by_s = loop.time() - due_s
+        if late_by_s > late_s:
+            log.warning("event loop late", late_ms=round(late_by_s * 1000))
+
+
+def budget_from_environ() -> float | None:
+    """The callback budget in seconds from `LIFECYCLE_LOOP_BUDGET_MS`; None when unset (or not a number)."""
+    raw = os.environ.pop(LOOP_BUDGET_ENV, None)  # popped: child processes (kubelet, kubeadm) never see it
+    if raw is None:
+        return None
+    try:
+        budget_ms = float(raw)
+    except ValueError:
+        get_logger("lifecycle.loopwatch").warning("ignored: not a number of milliseconds", variable=LOOP_BUDGET_ENV,
+                                                  value=raw)
+        return None
+    return budget_ms / 1000 if budget_ms > 0 else None
+
+
+def describe(handle: asyncio.Handle) -> str:
+    """Name a callback: for a task step, the task's name and where its coroutine is now suspended."""
+    callback: Any = getattr(handle, "_callback", None)
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro: Any = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        code = getattr(coro, "cr_code", None)
+        if frame is not None:
+            where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        else:  # it returned in that callback: name the coroutine function's file and line instead
+            where = f"{code.co_filename}:{code.co_firstlineno} (returned)" if code is not None else "(returned)"
+        return f"task {task.get_name()!r} {getattr(coro, '__qualname__', coro)!r} at {where}"
+    return repr(getattr(callback, "__qualname__", None) or callback)
+
+
+# Told of each callback over the budget: "loop blocked" or "loop slow", and the figures (see the module doc).
+SlowCallbackReport = Callable[[str, dict[str, Any]], None]
+
+
+def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None) -> Callable[[], None]:
+    """Time every callback of every event loop in this process against `budget_s` (see the module doc); report
+    the slow ones to `report` (default: a warning log line). Returns the function that stops the timing."""
+    log = get_logger("lifecycle.loopwatch")
+    original_run = asyncio.Handle._run
+
+    def log_it(message: str, fields: dict[str, Any]) -> None:
+        log.warning(message, **fields)
+
+    tell = report or log_it
+
+    def timed_run(handle: asyncio.Handle) -> None:
+        wall_start_s, cpu_start_s = time.perf_counter(), time.thread_time()
+        voluntary_start = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        original_run(handle)
+        wall_s = time.perf_counter() - wall_start_s
+        if wall_s <= budget_s:
+            return
+        cpu_s = time.thread_time() - cpu_start_s
+        switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - voluntary_start
+        tell("loop blocked" if cpu_s > budget_s else "loop slow", {
+            "callback": describe(handle), "wall_ms": round(wall_s * 1000, 1), "cpu_ms": round(cpu_s * 1000, 1),
+            "voluntary_switches": switches, "budget_ms": round(budget_s * 1000)})
+
+    def stop() -> None:
+        asyncio.Handle._run = original_run  # type: ignore[method-assign]
+
+    asyncio.Handle._run = timed_run  # type: ignore[method-assign,assignment]
+    return stop
