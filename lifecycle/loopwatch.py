@@ -57,19 +57,36 @@ def budget_from_environ() -> float | None:
     return budget_ms / 1000 if budget_ms > 0 else None
 
 
-def describe(handle: asyncio.Handle) -> str:
-    """Name a callback: for a task step, the task's name and where its coroutine is now suspended."""
-    callback: Any = getattr(handle, "_callback", None)
-    task = getattr(callback, "__self__", None)
-    if isinstance(task, asyncio.Task):
+def _innermost(coro: Any) -> str | None:
+    """Where a coroutine is suspended, following `await` down to the innermost coroutine of ours or a library's."""
+    where = None
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        frame = coro.cr_frame
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        coro = getattr(coro, "cr_await", None)
+    return where
+
+
+def _task_of(handle: asyncio.Handle) -> asyncio.Task[Any] | None:
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)
+    return task if isinstance(task, asyncio.Task) else None
+
+
+def describe(handle: asyncio.Handle, *, started_at: str | None = None) -> str:
+    """Name a callback: for a task step, the task's name, where its coroutine resumed (`started_at`, the start of
+    the blocking code) and where it is suspended now (the first `await` after it)."""
+    task = _task_of(handle)
+    if task is not None:
         coro: Any = task.get_coro()
-        frame = getattr(coro, "cr_frame", None)
-        code = getattr(coro, "cr_code", None)
-        if frame is not None:
-            where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        else:  # it returned in that callback: name the coroutine function's file and line instead
-            where = f"{code.co_filename}:{code.co_firstlineno} (returned)" if code is not None else "(returned)"
-        return f"task {task.get_name()!r} {getattr(coro, '__qualname__', coro)!r} at {where}"
+        now = _innermost(coro)
+        if now is None:  # it returned in that callback: name the coroutine function instead
+            code = getattr(coro, "cr_code", None)
+            now = f"{code.co_filename}:{code.co_firstlineno} (returned)" if code is not None else "(returned)"
+        span = f"from {started_at} to {now}" if started_at is not None else f"at {now}"
+        return f"task {task.get_name()!r} {getattr(coro, '__qualname__', coro)!r} {span}"
+    callback: Any = getattr(handle, "_callback", None)
+    if callback is None:  # cancelled meanwhile (a timer): the handle's own description is all there is
+        return repr(handle)
     return repr(getattr(callback, "__qualname__", None) or callback)
 
 
@@ -89,6 +106,8 @@ def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None
     tell = report or log_it
 
     def timed_run(handle: asyncio.Handle) -> None:
+        task = _task_of(handle)
+        started_at = _innermost(task.get_coro()) if task is not None else None  # a few attribute reads
         wall_start_s, cpu_start_s = time.perf_counter(), time.thread_time()
         voluntary_start = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
         original_run(handle)
@@ -98,7 +117,8 @@ def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None
         cpu_s = time.thread_time() - cpu_start_s
         switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - voluntary_start
         tell("loop blocked" if cpu_s > budget_s else "loop slow", {
-            "callback": describe(handle), "wall_ms": round(wall_s * 1000, 1), "cpu_ms": round(cpu_s * 1000, 1),
+            "callback": describe(handle, started_at=started_at), "wall_ms": round(wall_s * 1000, 1),
+            "cpu_ms": round(cpu_s * 1000, 1),
             "voluntary_switches": switches, "budget_ms": round(budget_s * 1000)})
 
     def stop() -> None:

@@ -76,6 +76,8 @@ class MqttBridge:
         self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
         self._client = self._make_client(client_id)
+        # aiomqtt warns past this many publishes awaiting their PUBACK: the window, plus replies and status.
+        self._client.pending_calls_threshold = max_inflight + 10
 
     def _make_client(self, client_id: str) -> aiomqtt.Client:
         connect_properties = mqtt_properties(PacketTypes.CONNECT)
