@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -112,6 +113,9 @@ def run_service(
         if notifier.enabled:
             log.info("systemd notify socket found", watchdog_interval_s=notifier.watchdog_interval_s)
         ports = ports_factory(config)
+        # What the start imported and built lives as long as the process: kept out of the garbage collector's
+        # full collections, which would otherwise walk it all on the loop (lifecycle.loopwatch, issue 11).
+        gc.freeze()
         try:
             if on_start is not None:  # before any job: clean-ups of what a killed service left
                 await on_start(config, ports)

@@ -18,6 +18,7 @@ GIL may be held by a worker thread, without the callback being at fault; the vol
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import resource
 import time
@@ -104,11 +105,20 @@ def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None
         log.warning(message, **fields)
 
     tell = report or log_it
+    gc_s = [0.0, 0.0]  # total seconds in the garbage collector, start of the current collection
+
+    def gc_timer(phase: str, info: dict[str, Any]) -> None:  # a long collection is not the callback's own code
+        if phase == "start":
+            gc_s[1] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - gc_s[1]
+
+    gc.callbacks.append(gc_timer)
 
     def timed_run(handle: asyncio.Handle) -> None:
         task = _task_of(handle)
         started_at = _innermost(task.get_coro()) if task is not None else None  # a few attribute reads
-        wall_start_s, cpu_start_s = time.perf_counter(), time.thread_time()
+        wall_start_s, cpu_start_s, gc_start_s = time.perf_counter(), time.thread_time(), gc_s[0]
         voluntary_start = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
         original_run(handle)
         wall_s = time.perf_counter() - wall_start_s
@@ -118,10 +128,11 @@ def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None
         switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - voluntary_start
         tell("loop blocked" if cpu_s > budget_s else "loop slow", {
             "callback": describe(handle, started_at=started_at), "wall_ms": round(wall_s * 1000, 1),
-            "cpu_ms": round(cpu_s * 1000, 1),
+            "cpu_ms": round(cpu_s * 1000, 1), "gc_ms": round((gc_s[0] - gc_start_s) * 1000, 1),
             "voluntary_switches": switches, "budget_ms": round(budget_s * 1000)})
 
     def stop() -> None:
+        gc.callbacks.remove(gc_timer)
         asyncio.Handle._run = original_run  # type: ignore[method-assign]
 
     asyncio.Handle._run = timed_run  # type: ignore[method-assign,assignment]
