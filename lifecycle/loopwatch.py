@@ -21,8 +21,12 @@ import asyncio
 import gc
 import os
 import resource
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lifecycle.logging import get_logger
@@ -114,13 +118,30 @@ def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None
             gc_s[0] += time.perf_counter() - gc_s[1]
 
     gc.callbacks.append(gc_timer)
+    # A sampler thread: while a callback runs past the budget, where the loop thread is (its innermost frames),
+    # taken once per slow callback; that names the blocking code itself, not only the awaits around it.
+    running: dict[str, Any] = {"since_s": None, "thread": None, "stack": None}
+    stopped = threading.Event()
+
+    def sample() -> None:
+        while not stopped.wait(budget_s / 2):
+            since_s, thread_id = running["since_s"], running["thread"]
+            if since_s is None or running["stack"] is not None or time.perf_counter() - since_s < budget_s:
+                continue
+            frame = sys._current_frames().get(thread_id)
+            stack = traceback.extract_stack(frame, limit=None)[-6:] if frame is not None else []
+            running["stack"] = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+
+    threading.Thread(target=sample, name="loopwatch-sampler", daemon=True).start()
 
     def timed_run(handle: asyncio.Handle) -> None:
         task = _task_of(handle)
         started_at = _innermost(task.get_coro()) if task is not None else None  # a few attribute reads
         wall_start_s, cpu_start_s, gc_start_s = time.perf_counter(), time.thread_time(), gc_s[0]
+        running.update(since_s=wall_start_s, thread=threading.get_ident(), stack=None)
         voluntary_start = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
         original_run(handle)
+        running["since_s"] = None
         wall_s = time.perf_counter() - wall_start_s
         if wall_s <= budget_s:
             return
@@ -129,9 +150,10 @@ def watch_callbacks(budget_s: float, *, report: SlowCallbackReport | None = None
         tell("loop blocked" if cpu_s > budget_s else "loop slow", {
             "callback": describe(handle, started_at=started_at), "wall_ms": round(wall_s * 1000, 1),
             "cpu_ms": round(cpu_s * 1000, 1), "gc_ms": round((gc_s[0] - gc_start_s) * 1000, 1),
-            "voluntary_switches": switches, "budget_ms": round(budget_s * 1000)})
+            "voluntary_switches": switches, "sampled_stack": running["stack"], "budget_ms": round(budget_s * 1000)})
 
     def stop() -> None:
+        stopped.set()
         gc.callbacks.remove(gc_timer)
         asyncio.Handle._run = original_run  # type: ignore[method-assign]
 

@@ -131,6 +131,33 @@ async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
         yield api_client
 
 
+class _Deserializer:
+    """The connection's ApiClient, for a Watch to deserialize with, which the Watch's close() leaves open."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._api_client = api_client
+
+    def deserialize(self, *, response: Any, response_type: str) -> Any:
+        return self._api_client.deserialize(response=response, response_type=response_type)
+
+    async def close(self) -> None:
+        return None
+
+
+def _plain_watch(watch_class: Any, api_client: Any) -> Any:
+    """A kubernetes_asyncio Watch with return_type "object" (events stay plain dicts: V1Pod models are slow and
+    unused) that does not build an ApiClient of its own: `Watch.__init__` (kubernetes_asyncio/watch/watch.py)
+    calls `ApiClient()`, whose `ssl.create_default_context()` loads the system CA store, 30-60 ms of CPU on the
+    event loop at every watch (lifecycle.loopwatch caught it). Sets the attributes that `__init__` sets."""
+    watcher = watch_class.__new__(watch_class)
+    watcher._raw_return_type = "object"
+    watcher._stop = False
+    watcher._api_client = _Deserializer(api_client)
+    watcher.resource_version = None
+    watcher.resp = None
+    return watcher
+
+
 def remove_legacy_key_dirs() -> list[Path]:
     """Temp dirs holding a client key that a killed older version left behind (only this user's): removed."""
     removed: list[Path] = []
@@ -165,8 +192,7 @@ class _KubeClient:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         core = client.CoreV1Api(self._api)
-        # return_type "object": events stay plain dicts (building V1Pod models is slow and unused).
-        watcher = watch.Watch(return_type="object")
+        watcher = _plain_watch(watch.Watch, self._api)
         try:
             stream = watcher.stream(
                 core.list_namespaced_pod,
