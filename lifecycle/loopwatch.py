@@ -5,9 +5,11 @@ Two parts, by cost:
 - `heartbeat()`, always on: a task that sleeps `interval_s` and logs "event loop late" when it wakes up more than
   `late_s` after it asked to. It costs nothing (4 wake-ups a second) but cannot say which callback was at fault.
 - `watch_callbacks()`, only when `LIFECYCLE_LOOP_BUDGET_MS` is set (tests, or an operator hunting a stall): every
-  callback the loop runs is timed, and one over the budget is logged naming it (the task and the line its
-  coroutine stopped at, i.e. the first `await` after the blocking code). asyncio's own debug mode does the timing
-  too, but also tracks the origin of every coroutine and task, which costs too much to leave on in production.
+  callback the loop runs is timed, and one over the budget is logged naming it: the task, the lines its coroutine
+  resumed at and stopped at, the loop thread's stack sampled by a thread while the callback was over the budget
+  (the blocking code itself), and the time spent in the garbage collector meanwhile. asyncio's own debug mode
+  does the timing too, but also tracks the origin of every coroutine and task, which costs too much to leave on
+  in production; this costs a few microseconds per callback and one thread waking every budget/2.
 
 A callback over the budget is "loop blocked" when it spent more than the budget on the CPU (time.thread_time):
 that is the callback's own fault (an import, key generation, YAML, hashing). When only its wall time is over the

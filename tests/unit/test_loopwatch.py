@@ -37,7 +37,8 @@ async def test_a_cpu_bound_callback_is_reported_as_blocked_with_its_task_name() 
     by_task = {fields["callback"].split("'")[1]: (message, fields) for message, fields in reports}
     assert by_task["the-hog"][0] == "loop blocked"
     assert by_task["the-hog"][1]["cpu_ms"] >= 50
-    assert "test_loopwatch.py" in by_task["the-hog"][1]["callback"]  # where the coroutine stopped: the culprit
+    assert "test_loopwatch.py" in by_task["the-hog"][1]["callback"]  # where the coroutine resumed and stopped
+    assert "_spin" in by_task["the-hog"][1]["sampled_stack"]  # the blocking code itself, sampled while it ran
     assert by_task["the-sleeper"][0] == "loop slow"
     assert "unwatched" not in by_task
 
