@@ -183,7 +183,7 @@ async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool)
         raise PermanentError(f"{kubeadm} is missing (the binaries state copies it)", code="kubeadm_missing")
     argv = [str(kubeadm), *args]
     # A kubeadm started by a service that was killed runs on in its own session: never two at once.
-    orphans = hostprocs.running_program(kubeadm)
+    orphans = await asyncio.to_thread(hostprocs.running_program, kubeadm)  # a /proc scan: off the loop
     if orphans:
         ctx.progress(f"ending a kubeadm left running by an earlier run: {hostprocs.describe_all(orphans)}")
         await hostprocs.end_processes(orphans, grace_s=_ORPHAN_GRACE_S)
