@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from lifecycle.config import Config, ConfigError, load_config
 from lifecycle.engine import RenewalDue, RenewRoutine, ResetRoutine
 from lifecycle.errors import MetricsListenError
 from lifecycle.logging import configure_logging, get_logger
+from lifecycle.loopwatch import budget_from_environ, heartbeat, watch_callbacks
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.sdnotify import Notifier
@@ -102,16 +104,25 @@ def run_service(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
         install_stall_knob(loop)
+        budget_s = budget_from_environ()
+        if budget_s is not None:
+            watch_callbacks(budget_s)
+            log.info("timing every event loop callback", budget_ms=round(budget_s * 1000))
+        beat = asyncio.create_task(heartbeat(), name="lifecycle-loop-heartbeat")
         notifier = Notifier.from_environ()  # before any child process: they must not inherit NOTIFY_SOCKET
         if notifier.enabled:
             log.info("systemd notify socket found", watchdog_interval_s=notifier.watchdog_interval_s)
         ports = ports_factory(config)
+        # What the start imported and built lives as long as the process: kept out of the garbage collector's
+        # full collections, which would otherwise walk it all on the loop (lifecycle.loopwatch, issue 11).
+        gc.freeze()
         try:
             if on_start is not None:  # before any job: clean-ups of what a killed service left
                 await on_start(config, ports)
             await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew,
                         renewal_due=renewal_due, notifier=notifier)
         finally:
+            beat.cancel()
             notifier.close()
             await ports.docker.close()  # the kubelet is left running on purpose
 

@@ -59,6 +59,14 @@ class Subscription:
             self._emptied.set()
         return item
 
+    def requeue(self, items: list[BusItem]) -> None:
+        """Put items taken earlier back at the front, in their order (they were sent but not acknowledged)."""
+        if not items:
+            return
+        self._items.extendleft(reversed(items))
+        self._changed.set()
+        self._emptied.clear()
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -64,7 +64,9 @@ class Addons:
 
     async def is_done(self, ctx: StepContext) -> bool:
         try:
-            objects = load_manifests(ctx.config.addons.manifests_dir, placeholders=placeholders(ctx))
+            # In a thread: YAML of any size is parsed off the event loop (issue 11: nothing blocks the loop).
+            objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
+                                              placeholders=placeholders(ctx))
         except PermanentError:
             return False  # run reports what is wrong with them
         if not ctx.paths.admin_conf.is_file():
@@ -80,7 +82,8 @@ class Addons:
         return True
 
     async def run(self, ctx: StepContext) -> None:
-        objects = load_manifests(ctx.config.addons.manifests_dir, placeholders=placeholders(ctx))
+        objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
+                                          placeholders=placeholders(ctx))
         try:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
                 for index, obj in enumerate(objects, start=1):

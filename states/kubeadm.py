@@ -108,7 +108,7 @@ class Kubeadm:
             await run_kubeadm(ctx, args, retryable=True)
         if _sha256(paths.kubeadm_config) != config_sha256:
             raise TemporaryError(f"{paths.kubeadm_config} changed while kubeadm ran", code="config_changed")
-        _write_stamp(ctx, config_sha256=config_sha256, config_text=config_text)
+        await asyncio.to_thread(_write_stamp, ctx, config_sha256=config_sha256, config_text=config_text)
 
     async def before_retry(self, ctx: StepContext) -> None:
         if _read_stamp_doc(ctx.paths) is not None:
@@ -151,7 +151,7 @@ async def _reconfigure(ctx: StepContext) -> None:
         await _rewrite_kubelet_config(ctx, current)
     if changed:
         ctx.progress(f"kubeadm config changes taken without kubeadm: {', '.join(changed)}")
-    _write_stamp(ctx, config_sha256=hashlib.sha256(data).hexdigest(), config_text=current)
+    await asyncio.to_thread(_write_stamp, ctx, config_sha256=hashlib.sha256(data).hexdigest(), config_text=current)
 
 
 async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None:
@@ -159,7 +159,7 @@ async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None
     write config.yaml from the new KubeletConfiguration (kubeadm's defaults in the file kept)."""
     path = ctx.paths.kubelet_config
     try:
-        current = yaml.safe_load(path.read_text())
+        current = await asyncio.to_thread(lambda: yaml.safe_load(path.read_text()))  # off the loop: YAML
     except (OSError, yaml.YAMLError) as exc:
         raise PermanentError(f"{path}: cannot read the kubelet's config: {exc}", code="kubelet_config_invalid") from exc
     if not isinstance(current, dict):
@@ -167,7 +167,8 @@ async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None
     merged = merge_kubelet_config(current, kubelet_document(kubeadm_config))
     ctx.progress("stopping the kubelet to restart it on its new configuration")
     await ctx.ports.kubelet.stop()
-    write_atomic(path, yaml.safe_dump(merged, sort_keys=True).encode(), path.stat().st_mode & 0o777)
+    text: str = await asyncio.to_thread(lambda: yaml.safe_dump(merged, sort_keys=True))
+    await asyncio.to_thread(write_atomic, path, text.encode(), path.stat().st_mode & 0o777)  # fsyncs
     ctx.progress(f"rewrote {path.name} for the kubelet")
 
 
@@ -182,7 +183,7 @@ async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool)
         raise PermanentError(f"{kubeadm} is missing (the binaries state copies it)", code="kubeadm_missing")
     argv = [str(kubeadm), *args]
     # A kubeadm started by a service that was killed runs on in its own session: never two at once.
-    orphans = hostprocs.running_program(kubeadm)
+    orphans = await asyncio.to_thread(hostprocs.running_program, kubeadm)  # a /proc scan: off the loop
     if orphans:
         ctx.progress(f"ending a kubeadm left running by an earlier run: {hostprocs.describe_all(orphans)}")
         await hostprocs.end_processes(orphans, grace_s=_ORPHAN_GRACE_S)

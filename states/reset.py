@@ -79,7 +79,7 @@ async def _end_what_still_runs(ctx: StepContext) -> None:
     """kubeadm reset stops only the containers the runtime knows of; a process it missed (or a kubelet or
     kubeadm a killed service left without a record) would run on under an `idle` node."""
     ctx.progress("checking that nothing of the node still runs", current=4, total=4)
-    strays = hostprocs.processes_under(ctx.paths.root)
+    strays = await asyncio.to_thread(hostprocs.processes_under, ctx.paths.root)  # a /proc scan: off the loop
     if not strays:
         return
     ctx.progress(f"ending processes still running from the node: {hostprocs.describe_all(strays)}")

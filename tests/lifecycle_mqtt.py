@@ -163,6 +163,13 @@ async def probe(
         try:
             yield p
         finally:
+            # paho acknowledged what sits in aiomqtt's queue: the broker will not send it again to this session,
+            # so record it before leaving (a burst of events published in flight lands there at once).
+            queued: asyncio.Queue[aiomqtt.Message] = client._queue  # aiomqtt exposes no size
+            for _ in range(100):
+                if queued.empty():
+                    break
+                await asyncio.sleep(0.01)
             recorder.cancel()
             await asyncio.gather(recorder, return_exceptions=True)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import os
 import shutil
 import ssl
+import sys
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -63,7 +65,7 @@ class KubernetesApiFactory:
     @contextlib.asynccontextmanager
     async def connect(self, kubeconfig: Path) -> AsyncIterator[KubeApi]:
         await _import_kubernetes_asyncio()
-        content = _read_kubeconfig(kubeconfig)
+        content = await asyncio.to_thread(_read_kubeconfig, kubeconfig)  # YAML: off the loop
         async with _api_client(content) as api_client:
             yield _KubeClient(api_client, request_timeout_s=self._request_timeout_s)
 
@@ -78,8 +80,13 @@ class KubernetesApiFactory:
 async def _import_kubernetes_asyncio() -> None:
     """Off the event loop: the first import takes about a second; later ones find the modules loaded."""
     def load() -> None:
+        if "kubernetes_asyncio.client" in sys.modules:
+            return
         for module in ("kubernetes_asyncio.client", "kubernetes_asyncio.watch", "aiohttp"):
             importlib.import_module(module)
+        # The import leaves ~1 M objects that live as long as the process: out of the collector's sight, or a
+        # full collection walks them all, ~200 ms on the loop at a random moment (seen by lifecycle.loopwatch).
+        gc.freeze()
 
     await asyncio.to_thread(load)
 
@@ -124,6 +131,33 @@ async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
         yield api_client
 
 
+class _Deserializer:
+    """The connection's ApiClient, for a Watch to deserialize with, which the Watch's close() leaves open."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._api_client = api_client
+
+    def deserialize(self, *, response: Any, response_type: str) -> Any:
+        return self._api_client.deserialize(response=response, response_type=response_type)
+
+    async def close(self) -> None:
+        return None
+
+
+def _plain_watch(watch_class: Any, api_client: Any) -> Any:
+    """A kubernetes_asyncio Watch with return_type "object" (events stay plain dicts: V1Pod models are slow and
+    unused) that does not build an ApiClient of its own: `Watch.__init__` (kubernetes_asyncio/watch/watch.py)
+    calls `ApiClient()`, whose `ssl.create_default_context()` loads the system CA store, 30-60 ms of CPU on the
+    event loop at every watch (lifecycle.loopwatch caught it). Sets the attributes that `__init__` sets."""
+    watcher = watch_class.__new__(watch_class)
+    watcher._raw_return_type = "object"
+    watcher._stop = False
+    watcher._api_client = _Deserializer(api_client)
+    watcher.resource_version = None
+    watcher.resp = None
+    return watcher
+
+
 def remove_legacy_key_dirs() -> list[Path]:
     """Temp dirs holding a client key that a killed older version left behind (only this user's): removed."""
     removed: list[Path] = []
@@ -162,8 +196,7 @@ class _KubeClient:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         core = client.CoreV1Api(self._api)
-        # return_type "object": events stay plain dicts (building V1Pod models is slow and unused).
-        watcher = watch.Watch(return_type="object")
+        watcher = _plain_watch(watch.Watch, self._api)
         try:
             stream = watcher.stream(
                 core.list_namespaced_pod,

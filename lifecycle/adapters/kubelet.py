@@ -123,7 +123,8 @@ class ProcessKubeletSupervisor:
     async def _adopt_unrecorded(self, argv: list[str], *, log_path: Path) -> bool:
         """Adopt a kubelet running exactly `argv` without a pid file (the service was killed between spawn and
         record), so a restart never starts a second kubelet."""
-        for proc in hostprocs.running_program(Path(argv[0])):
+        # A /proc scan: in a thread, it reads a few files per process (issue 11: nothing blocks the loop).
+        for proc in await asyncio.to_thread(hostprocs.running_program, Path(argv[0])):
             # A script's interpreter comes first in the kernel's cmdline: compare the tail. Other processes of
             # the same binary (the simulated node's static pods are one) have other arguments.
             if list(proc.cmdline[-len(argv):]) != argv:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -34,6 +35,8 @@ from lifecycle.protocol import (
 )
 
 RequestHandler = Callable[[Request], Awaitable[Reply]]
+# QoS 1 publishes of the outbox awaiting their PUBACK at once: paho's own default window (max_inflight_messages).
+MAX_INFLIGHT = 20
 # Told of every request answered: its action ("invalid" when it could not be parsed) and the reply (metrics).
 ReplyObserver = Callable[[str, Reply], None]
 
@@ -54,7 +57,7 @@ class MqttBridge:
     def __init__(
         self, *, config: MqttConfig, topics: Topics, outbox: Subscription, status: Callable[[], Status],
         handle: RequestHandler, client_id: str, durable: Outbox | None = None,
-        on_reply: ReplyObserver | None = None,
+        on_reply: ReplyObserver | None = None, max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         self._config = config
         self._durable = durable
@@ -64,10 +67,17 @@ class MqttBridge:
         self._handle = handle
         self._log = get_logger("lifecycle.mqtt", broker=config.broker, client_id=client_id)
         self._on_reply = on_reply
+        self._max_inflight = max_inflight
+        # Taken from the outbox and published, PUBACK not yet seen (oldest first); `_idle` when there are none.
+        self._inflight: deque[tuple[BusItem, asyncio.Future[None]]] = deque()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.connected = asyncio.Event()
         self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
         self._client = self._make_client(client_id)
+        # aiomqtt warns past this many publishes awaiting their PUBACK: the window, plus replies and status.
+        self._client.pending_calls_threshold = max_inflight + 10
 
     def _make_client(self, client_id: str) -> aiomqtt.Client:
         connect_properties = mqtt_properties(PacketTypes.CONNECT)
@@ -111,10 +121,11 @@ class MqttBridge:
             try:
                 async with asyncio.timeout(drain_timeout_s):
                     await self._outbox.drained()
+                    await self._idle.wait()  # and acknowledged
                     await self._client.publish(self._topics.availability, b"offline", qos=1, retain=True)
             except (TimeoutError, aiomqtt.MqttError) as exc:
                 self._log.warning("could not deliver everything before disconnecting", error=str(exc),
-                                  undelivered=len(self._outbox))
+                                  undelivered=len(self._outbox) + len(self._inflight))
         await self._stop_run_task()  # leaving the client's context sends DISCONNECT: the broker drops the will
 
     @property
@@ -164,22 +175,53 @@ class MqttBridge:
                 raise
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
-        while True:
-            await self._outbox.wait()
-            item = self._outbox.peek()
-            if item is None:
-                continue
-            durable = self._durable if is_durable(item) else None
-            if durable is not None:
-                assert isinstance(item, Event)
-                await durable.on_disk(item.seq)  # never on the wire before it is on disk
-            topic, payload, retain = self._encode(item)
-            await client.publish(topic, payload, qos=1, retain=retain)  # QoS 1: returns at the broker's PUBACK
-            if durable is not None:
-                assert isinstance(item, Event)
-                durable.acknowledged(item.seq)
-            if self._outbox.peek() is item:  # removed only once the broker has it (it may have been dropped)
-                self._outbox.pop()
+        """Publish the outbox with up to `max_inflight` QoS 1 publishes awaiting their PUBACK: one broker round
+        trip per event would make a burst of events wait in line (issue 11). Order holds: paho sends in the order
+        of `publish` calls and the broker acknowledges QoS 1 in order (MQTT 5, 4.6); acknowledgements are taken
+        oldest first, so `Outbox.acknowledged` still sees increasing seqs. What is in flight when the connection
+        drops goes back to the front of the outbox and is published again after the reconnect (as before: QoS 1,
+        a repeat is possible, a loss is not)."""
+        inflight = self._inflight
+        try:
+            while True:
+                while len(inflight) < self._max_inflight and (item := self._outbox.peek()) is not None:
+                    if isinstance(item, Event) and self._durable is not None and is_durable(item):
+                        await self._durable.on_disk(item.seq)  # never on the wire before it is on disk
+                        if self._outbox.peek() is not item:
+                            continue  # the outbox changed meanwhile: look again
+                    self._outbox.pop()
+                    topic, payload, retain = self._encode(item)
+                    # A task per publish: its first step hands the message to paho, in creation order.
+                    sent = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
+                    inflight.append((item, sent))
+                    self._idle.clear()
+                if not inflight:
+                    await self._outbox.wait()
+                    continue
+                oldest = inflight[0][1]
+                if not oldest.done():
+                    waiting: list[asyncio.Future[None]] = [oldest]
+                    more: asyncio.Future[None] | None = None
+                    if len(inflight) < self._max_inflight:
+                        more = asyncio.ensure_future(self._outbox.wait())
+                        waiting.append(more)
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if more is not None:
+                        more.cancel()
+                while inflight and inflight[0][1].done():
+                    item, published = inflight[0]
+                    published.result()  # an MqttError ends the session: the finally puts it back in the outbox
+                    inflight.popleft()
+                    if isinstance(item, Event) and self._durable is not None and is_durable(item):
+                        self._durable.acknowledged(item.seq)
+                if not inflight:
+                    self._idle.set()
+        finally:
+            for _, publishing in inflight:
+                publishing.cancel()
+            self._outbox.requeue([item for item, _ in inflight])
+            inflight.clear()
+            self._idle.set()
 
     def _encode(self, item: BusItem) -> tuple[str, bytes, bool]:
         if isinstance(item, Event):

@@ -36,6 +36,8 @@ from simnode.host import prepare_host
 REPO = Path(__file__).resolve().parents[2]
 SIM_CONFIG = REPO / "simnode" / "lifecycle.toml"
 LIFECYCLE = REPO / ".venv" / "bin" / "lifecycle"
+# Budget of one event loop callback on the CPU (issue 11): over it, the service logs "loop blocked" naming it.
+LOOP_BUDGET_MS = 50
 INSTALL_CHAIN = ["idle", "preflight", "certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness",
                  "addons", "running"]
 KEEPALIVE_S = 10  # simnode/lifecycle.toml
@@ -141,6 +143,9 @@ class Node:
                 [str(LIFECYCLE), "serve", "--config", str(self.config_path), "--root", str(self.root),
                  "--node", self.name],
                 stdout=log, stderr=subprocess.STDOUT,
+                # Every callback timed against 50 ms (lifecycle.loopwatch): the fixture's teardown fails the test
+                # when one held the loop on the CPU that long, so every e2e test checks the loop at no extra time.
+                env=dict(os.environ, LIFECYCLE_LOOP_BUDGET_MS=str(LOOP_BUDGET_MS)),
             )
         self.retained("availability", lambda m: payload(m) == "online", timeout_s=30)
 
@@ -250,6 +255,9 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
         # Clear the retained messages this node left on the shared broker.
         for leaf in ("status", "availability", "exposures"):
             subprocess.run(["mosquitto_pub", "-t", node.topic(leaf), "-r", "-n"], check=False)
+    blocked = [line for node in nodes if node.log_path.exists()
+               for line in node.log_path.read_text(errors="replace").splitlines() if '"loop blocked"' in line]
+    assert not blocked, "callbacks held the event loop:\n" + "\n".join(blocked)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import pytest
 from lifecycle_fakes import eventually, steer
 from lifecycle_mqtt import PrivateBroker, probe, service_config, service_in_process, unique_prefix
 
+from lifecycle.adapters.mqtt import MAX_INFLIGHT
 from lifecycle.config import STEP_NAMES
 
 
@@ -49,7 +50,10 @@ async def test_events_during_a_broker_outage_are_delivered_in_order_after_reconn
     seqs = [e["data"]["seq"] for e in p.events() + p2.events()]
     unique = sorted(set(seqs))
     assert unique == list(range(1, unique[-1] + 1)), "no gaps"
-    assert seqs == sorted(seqs), "delivered in order (a resend after the outage may repeat one)"
+    # A resend after the outage may repeat what was in flight (up to the bridge's window): first deliveries only.
+    first = [seq for index, seq in enumerate(seqs) if seq not in seqs[:index]]
+    assert first == sorted(first), "delivered in order"
+    assert len(seqs) - len(first) <= MAX_INFLIGHT, "only what was in flight is repeated"
     during = [e for e in p2.events() if stopped_at <= _epoch(e["time"]) <= restarted_at]
     assert len(during) >= 10, "most of the install happened while the broker was down"
     assert status.json()["seq"] == unique[-1]
