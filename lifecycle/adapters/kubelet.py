@@ -163,7 +163,7 @@ class ProcessKubeletSupervisor:
             pid=proc.pid,
             start_ticks=_start_ticks(proc.pid) or 0,
             argv=argv,
-            cmdline=_cmdline(proc.pid) or argv,
+            cmdline=await _settled_cmdline(proc.pid) or argv,
             log_path=str(log_path),
         )
         _write_record(self._pid_file, record)
@@ -239,6 +239,19 @@ def _cmdline(pid: int) -> list[str] | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part] or None
+
+
+async def _settled_cmdline(pid: int, *, timeout_s: float = 2.0) -> list[str] | None:
+    """The command line of a child just spawned, once the kernel has written it. create_subprocess_exec returns
+    when the child's exec has dropped the old memory (vfork's wake-up and the close-on-exec of Python's error pipe
+    both happen in the kernel's begin_new_exec), before the new argv is laid out (create_elf_tables): a read in
+    between finds /proc/<pid>/cmdline empty. Recording the configured argv instead made the supervisor take a
+    live kubelet for gone and start a second one (seen under load)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (cmdline := _cmdline(pid)) is None and _start_ticks(pid) is not None and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    return cmdline
 
 
 def _alive(record: _Record) -> bool:

@@ -212,3 +212,32 @@ async def _until(condition: object, *, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(0.05)
+
+
+async def test_a_command_line_read_inside_the_exec_window_still_keeps_one_kubelet(
+    kubelet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after create_subprocess_exec returns, the kernel may not have laid out the new argv yet
+    (/proc/<pid>/cmdline reads empty: seen under load, once per few installs). The supervisor must record the
+    real command line, not take the live kubelet for gone and start a second one."""
+    from lifecycle.adapters import kubelet as adapter
+
+    real = adapter._cmdline
+    empty_reads = {"left": 3}
+
+    def racy(pid: int) -> list[str] | None:
+        if empty_reads["left"] > 0 and pid != os.getpid():
+            empty_reads["left"] -= 1
+            return None  # as in the exec window
+        return real(pid)
+
+    monkeypatch.setattr(adapter, "_cmdline", racy)
+    sup = ProcessKubeletSupervisor(pid_file=tmp_path / "kubelet.pid", log=LOG, min_backoff_s=0.05)
+    try:
+        await sup.start([str(kubelet)], log_path=tmp_path / "log" / "kubelet.log")
+        record = json.loads((tmp_path / "kubelet.pid").read_text())
+        assert record["cmdline"] == real(record["pid"])
+        await asyncio.sleep(1.0)  # the supervisor's check runs at once; a restart would follow its 0.05 s backoff
+        assert sup.restarts == 0 and _pids_running(kubelet) == [record["pid"]]
+    finally:
+        await sup.stop(timeout_s=2)
