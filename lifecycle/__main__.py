@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from lifecycle import cli
 from lifecycle.adapters.mqtt_credentials import load_credentials
 from lifecycle.config import Config, ConfigError, load_config
-from lifecycle.engine import RenewalDue, RenewRoutine, ResetRoutine
+from lifecycle.engine import RenewalDue, RenewRoutine, ResetRoutine, StopRoutine
 from lifecycle.errors import MetricsListenError
 from lifecycle.logging import configure_logging, get_logger
 from lifecycle.loopwatch import budget_from_environ, heartbeat, watch_callbacks
@@ -85,7 +85,7 @@ def load_serve_config(args: argparse.Namespace) -> Config:
 def run_service(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports],
     renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
-    on_start: Callable[[Config, Ports], Awaitable[None]] | None = None,
+    on_start: Callable[[Config, Ports], Awaitable[None]] | None = None, stop_node: StopRoutine | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (a clean, staged shutdown); a second signal forces the exit."""
 
@@ -120,7 +120,7 @@ def run_service(
             if on_start is not None:  # before any job: clean-ups of what a killed service left
                 await on_start(config, ports)
             await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew,
-                        renewal_due=renewal_due, notifier=notifier)
+                        renewal_due=renewal_due, notifier=notifier, stop_node=stop_node)
         finally:
             beat.cancel()
             notifier.close()
@@ -152,9 +152,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from states.binaries import remove_leftover_copies
     from states.renewing import renew, renewal_due
     from states.reset import reset
+    from states.stopping import stop_node
 
     return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports, renew=renew,
-                       renewal_due=renewal_due, on_start=remove_leftover_copies)
+                       renewal_due=renewal_due, on_start=remove_leftover_copies, stop_node=stop_node)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.adapters.mqtt_credentials import Credentials, load_credentials
 from lifecycle.cli_render import Renderer
 from lifecycle.config import Config, ConfigError, MqttConfig, load_client_config
-from lifecycle.protocol import EventType, Topics, dumps
+from lifecycle.protocol import STOPPED_MESSAGE, EventType, Topics, dumps
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the service refused the request, or the install/reset being watched failed
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")
     reset.add_argument("--no-wait", dest="watch", action="store_false", help="return once the reset is accepted")
     client("cancel", "stop a running install (state failed, code cancelled; install resumes it)")
+    stop = client("stop", "stop the kubelet and every pod, keep everything else (state stopped; start resumes)")
+    stop.add_argument("--no-wait", dest="watch", action="store_false", help="return once the stop is accepted")
+    start = client("start", "bring a stopped cluster back to running (no pull, no kubeadm)")
+    start.add_argument("--no-wait", dest="watch", action="store_false", help="return once the start is accepted")
     renew = client("renew-certs", "re-issue leaf certificates and kubeconfigs from the same CAs (no reset)")
     renew.add_argument("--no-wait", dest="watch", action="store_false", help="return once the renewal is accepted")
     kubeconfig = client("kubeconfig", "fetch the admin kubeconfig (it holds the admin key)", output=False)
@@ -232,7 +236,9 @@ async def request(args: argparse.Namespace, target: Target, out: Renderer) -> in
             return EXIT_FAILED
         if not watch:
             return EXIT_OK
-        goal = "idle" if args.command == "reset" else "running"
+        goal = {"reset": "idle", "stop": "stopped"}.get(args.command, "running")
+        if reply.get("note") in ("already stopped", "already running") and args.command in ("stop", "start"):
+            return EXIT_OK  # nothing to follow
         if reply.get("state") == goal and args.command == "install":
             return EXIT_OK  # nothing to follow: already running
         return await _follow(client, reply.get("request_id"), goal=goal, timeout_s=args.timeout, out=out)
@@ -364,7 +370,7 @@ async def _await_reply(client: ServiceClient, correlation: bytes, *, timeout_s: 
 
 
 # Where a watched job ends when it does not reach its goal: an install that failed or was reset away, a failed reset.
-_END_STATES = {"running": ("failed", "resetting", "idle"), "idle": ("failed",)}
+_END_STATES = {"running": ("failed", "resetting", "idle"), "idle": ("failed",), "stopped": ("failed", "resetting")}
 
 
 async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, timeout_s: float, out: Renderer) -> int:
@@ -386,6 +392,10 @@ async def _follow(client: ServiceClient, request_id: str | None, *, goal: str, t
             continue
         out.event(event)
         failed_on_the_way |= event.get("type") == EventType.STEP_FAILED
+        if (goal == "stopped" and event.get("type") == EventType.STEP_PROGRESS
+                and data.get("message") == STOPPED_MESSAGE):  # the state changed first; this ends the stop
+            out.done(goal)
+            return EXIT_OK
         if event.get("type") == EventType.STATE_CHANGED:
             if data.get("to") == goal and not failed_on_the_way:
                 out.done(goal)

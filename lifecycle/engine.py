@@ -27,7 +27,7 @@ from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
 from lifecycle.outbox import Outbox, is_durable
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
-from lifecycle.protocol import Action, CertsStatus, ErrorInfo, Event, EventType, Status
+from lifecycle.protocol import STOPPED_MESSAGE, Action, CertsStatus, ErrorInfo, Event, EventType, Status
 from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext, node_ip_of
 from lifecycle.store import Snapshot, Store
 
@@ -41,6 +41,9 @@ RenewRoutine = Callable[[StepContext], Coroutine[Any, Any, list[str]]]  # states
 RENEW_TIMEOUT_S = 180.0
 # states.renewing.renewal_due: the leaves the certs step would re-issue on a node that has a cluster ([]: none).
 RenewalDue = Callable[[StepContext], Coroutine[Any, Any, list[str]]]
+# states.stopping.stop_node: ends the kubelet and the pods of the node, keeps everything else.
+StopRoutine = Callable[[StepContext], Coroutine[Any, Any, None]]
+STOP_NODE_TIMEOUT_S = 120.0
 STOP_RETRY_S = 5.0  # a step that ignores its cancellation is cancelled again this often
 
 
@@ -54,7 +57,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "install" or "reset"
+    kind: str  # "install", "reset", "renew", "stop" or "start"
     request_id: str | None
     cluster: ClusterParams | None
     task: asyncio.Task[None]
@@ -81,7 +84,7 @@ class Engine:
     def __init__(
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
         store: Store, bus: Bus, renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
-        outbox: Outbox | None = None, durations: StepDurations | None = None,
+        outbox: Outbox | None = None, durations: StepDurations | None = None, stop_node: StopRoutine | None = None,
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
@@ -95,6 +98,7 @@ class Engine:
         self._ports = ports
         self._plan = list(plan)
         self._reset = reset
+        self._stop_node = stop_node
         self._renew = renew
         self._renewal_due = renewal_due
         self._certs: CertsStatus | None = None  # what the certificate watch last reported
@@ -160,6 +164,10 @@ class Engine:
         elif state == State.RESETTING:
             self._emit_progress(state, snap.request_id, "resuming the reset after a restart")
             self._start_job("reset", snap.request_id, snap.cluster, lambda: self._reset_job(snap.request_id))
+        elif state == State.STOPPED and self._stop_node is not None:
+            # Stays stopped: the stop is made again (a kill may have cut it short), nothing is started.
+            self._emit_progress(state, snap.request_id, "making sure the node is stopped after a restart")
+            self._start_job("stop", snap.request_id, snap.cluster, lambda: self._stop_node_job(snap.request_id))
         elif state == State.RUNNING and snap.cluster is not None:
             # Quietly: no event unless some step's outcome no longer holds (a kubelet that died with the host).
             self._start_install(snap.request_id, snap.cluster, first=0, quiet_until=len(self._plan))
@@ -173,6 +181,9 @@ class Engine:
             job = self._job
             if job is not None and job.kind == "reset":
                 raise RequestError("busy", "a reset is in progress; request the install once it finished")
+            if job is not None and job.kind in ("stop", "start"):
+                doing = "stopped" if job.kind == "stop" else "started"
+                raise RequestError("busy", f"the cluster is being {doing}; try again once that finished")
             if job is not None and job.kind == "renew":
                 raise RequestError("busy", "certificates are being renewed; request the install once that finished")
             current = job.cluster if job is not None else self._snap.cluster
@@ -195,6 +206,8 @@ class Engine:
                                 "already installing")
             if self.state == State.RUNNING:
                 return Accepted(self._snap.request_id, "already running")
+            if self.state == State.STOPPED:
+                raise RequestError("stopped", "the cluster is stopped; request a start to bring it back")
             if self.state == State.FAILED:
                 # Steps before the one that failed are checked quietly; the walk re-enters the failed one.
                 quiet_until = (self._snap.step - 1) if self._snap.step else 0
@@ -222,6 +235,48 @@ class Engine:
             self._start_job("reset", request_id, self._snap.cluster, lambda: self._reset_job(request_id))
             return Accepted(request_id, "reset started")
 
+    async def stop(self, *, request_id: str) -> Accepted:
+        """Stop the kubelet and every pod of a running cluster, keep everything else (state stopped)."""
+        async with self._lock:
+            self._check_accepting()
+            job = self._job
+            if job is not None and job.kind == "stop":
+                return Accepted(job.request_id, "already stopping")
+            if self._stop_node is None:
+                raise RequestError("not_supported", "this service was started without stop and start")
+            if self.state == State.STOPPED:
+                return Accepted(self._snap.request_id, "already stopped")
+            if self.state == State.IDLE:
+                raise RequestError("not_installed", "nothing to stop: no cluster is installed")
+            if job is not None or self.state != State.RUNNING:
+                doing = f"a {job.kind} runs" if job is not None else "the install failed"
+                raise RequestError("busy", f"cannot stop in state {self.state} ({doing}); a stop needs `running`")
+            self._transition(State.STOPPED, step=None, request_id=request_id, cluster=self._snap.cluster)
+            self._start_job("stop", request_id, self._snap.cluster, lambda: self._stop_node_job(request_id))
+            return Accepted(request_id, "stop started")
+
+    async def start_cluster(self, *, request_id: str) -> Accepted:
+        """Bring a stopped cluster back: the install from the kubelet step on (no pull, extraction or kubeadm)."""
+        async with self._lock:
+            self._check_accepting()
+            job = self._job
+            if job is not None and job.kind == "start":
+                return Accepted(job.request_id, "already starting")
+            if self.state == State.RUNNING and (job is None or job.kind == "install"):
+                return Accepted(self._snap.request_id, "already running")
+            if self.state == State.STOPPED and job is not None:
+                raise RequestError("busy", "the cluster is still being stopped; request the start once it is")
+            if self.state != State.STOPPED or self._snap.cluster is None:
+                if job is not None:
+                    raise RequestError("busy", f"{job.kind} in progress in state {self.state}")
+                hint = "request an install" if self.state in (State.IDLE, State.FAILED) else "wait for it"
+                raise RequestError("not_stopped", f"only a stopped cluster is started, not one in {self.state}; {hint}")
+            cluster = self._snap.cluster
+            first = INSTALL_STATES.index(State.KUBELET)
+            self._start_job("start", request_id, cluster,
+                            lambda: self._walk(request_id, cluster, first=first, quiet_until=0))
+            return Accepted(request_id, "start started")
+
     async def renew_certs(self, *, request_id: str) -> Accepted:
         """Re-issue leaf certificates and kubeconfigs from the same CAs on a running cluster (state renewing)."""
         async with self._lock:
@@ -234,7 +289,8 @@ class Engine:
             if self.state != State.RUNNING:
                 raise RequestError("not_running", f"certificates are renewed on a running cluster, not in {self.state}")
             if job is not None:
-                raise RequestError("busy", "the cluster is being re-checked after a restart; try again shortly")
+                doing = "started" if job.kind == "start" else "re-checked"
+                raise RequestError("busy", f"the cluster is being {doing}; try again shortly")
             self._transition(State.RENEWING, step=None, request_id=request_id, cluster=self._snap.cluster)
             self._start_job("renew", request_id, self._snap.cluster, lambda: self._renew_job(request_id))
             return Accepted(request_id, "renewal started")
@@ -290,6 +346,8 @@ class Engine:
                 # it would leave `running` claimed by a node whose processes may be gone. Once it finds a step not
                 # done it enters that step's state, and a cancel then stops the repair like any install.
                 return Accepted(self._snap.request_id, "nothing to cancel")
+            if job.kind == "stop":
+                raise RequestError("not_cancellable", "a stop cannot be cancelled; request a start once it finished")
             if job.kind == "reset" or self.state not in PREEMPTS[Action.CANCEL]:
                 raise RequestError("not_cancellable", f"a {job.kind} in state {self.state} cannot be cancelled")
             await self._stop_job()
@@ -546,6 +604,29 @@ class Engine:
             self._transition(State.IDLE, step=None, request_id=request_id, cluster=None)
             return
         self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
+
+    async def _stop_node_job(self, request_id: str | None) -> None:
+        """In state stopped: end the node's processes. What could not be ended fails the state (a stopped node
+        with a kubelet still running would claim what it is not)."""
+        assert self._stop_node is not None
+        cluster = self._snap.cluster or self._resolve_cluster(None)
+        ctx = self._context(State.STOPPED.value, request_id, cluster, STOP_NODE_TIMEOUT_S)
+        timer = asyncio.timeout_at(ctx.deadline)
+        try:
+            async with timer:
+                await self._in_task(self._stop_node(ctx), name="stop-node")
+        except TimeoutError as exc:
+            error = (ErrorInfo.safe("deadline_exceeded", f"stop did not finish within {STOP_NODE_TIMEOUT_S:g} s",
+                                    details={"step": "stopped", "timeout_s": STOP_NODE_TIMEOUT_S})
+                     if timer.expired() else self._internal(ctx, exc, 1))
+        except StepError as exc:
+            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
+        except Exception as exc:
+            error = self._internal(ctx, exc, 1)
+        else:
+            self._emit_progress(State.STOPPED, request_id, STOPPED_MESSAGE)
+            return
+        self._fail(State.STOPPED, request_id, self._snap.cluster, error, step=None)
 
     async def _renew_job(self, request_id: str | None) -> None:
         cluster = self._snap.cluster or self._resolve_cluster(None)

@@ -31,6 +31,7 @@ class State(StrEnum):
     FAILED = "failed"
     RESETTING = "resetting"
     RENEWING = "renewing"
+    STOPPED = "stopped"
 
 
 INSTALL_STATES: tuple[State, ...] = tuple(State(name) for name in STEP_NAMES)
@@ -51,6 +52,13 @@ _EDGES: list[tuple[str, list[State], State]] = [
     ("renewed", [State.RENEWING], State.RUNNING),
     ("fail", [State.RENEWING], State.FAILED),
     ("reset", [State.RENEWING], State.RESETTING),
+    # Stop and start (docs/protocol.md "Stop and start"): a stopped node keeps everything but its processes; a
+    # start re-enters the install at the kubelet, so images, binaries and kubeadm are never walked again. A stop
+    # that could not end every process is a failure (an install then re-checks the whole node).
+    ("stop", [State.RUNNING], State.STOPPED),
+    ("start", [State.STOPPED], State.KUBELET),
+    ("fail", [State.STOPPED], State.FAILED),
+    ("reset", [State.STOPPED], State.RESETTING),
 ]
 
 # Which request interrupts the job running in which state. An install job also runs in idle and failed (before
@@ -58,14 +66,18 @@ _EDGES: list[tuple[str, list[State], State]] = [
 # would undo its work anyway) and cancel stops it; nothing interrupts a reset, which must not leave a
 # half-cleaned node. A reset also interrupts a renewal (it removes the certificates anyway); cancel does not, so
 # that a renewal never stops between writing the files and restarting what uses them.
+# A reset also interrupts a stop (it stops everything too); nothing else does, so that a stop is never left half
+# done by a request (a start waits for it: `busy`).
 _INSTALL_JOB_STATES = frozenset(INSTALL_STATES) | {State.IDLE, State.FAILED, State.RUNNING}
 PREEMPTS: dict[Action, frozenset[State]] = {
-    Action.RESET: _INSTALL_JOB_STATES | {State.RENEWING},
+    Action.RESET: _INSTALL_JOB_STATES | {State.RENEWING, State.STOPPED},
     Action.CANCEL: _INSTALL_JOB_STATES,
     Action.INSTALL: frozenset(),
     Action.STATUS: frozenset(),
     Action.RENEW_CERTS: frozenset(),
     Action.KUBECONFIG: frozenset(),
+    Action.STOP: frozenset(),
+    Action.START: frozenset(),
 }
 
 

@@ -26,8 +26,10 @@ from lifecycle.protocol import EventType, Reply, Status
 
 # Steps take from milliseconds (a step already done) to many minutes (pulling images on a slow line).
 STEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-# States a job passes through whose time in the state is a step's (or a whole reset's, renewal's) duration.
-_TIMED_STATES = frozenset(s.value for s in State) - {State.IDLE.value, State.RUNNING.value, State.FAILED.value}
+# States a job passes through whose time in the state is a step's (or a whole reset's, renewal's) duration; a node
+# rests in idle, running, failed and stopped for as long as its user wants.
+_TIMED_STATES = frozenset(s.value for s in State) - {State.IDLE.value, State.RUNNING.value, State.FAILED.value,
+                                                     State.STOPPED.value}
 
 
 @dataclass(frozen=True)

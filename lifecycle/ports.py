@@ -58,6 +58,10 @@ class ContainerEngine(Protocol):
     async def remove_containers(self, labels: Mapping[str, str]) -> list[str]:
         """Remove every container (any state) carrying all of `labels`; return the ids removed."""
 
+    async def stop_containers(self, label_filters: Sequence[str], *, timeout_s: int = 10) -> list[str]:
+        """Stop (`docker stop -t timeout_s`) every running container matching all of `label_filters` (the
+        engine's `label` filter: `key` or `key=value`); return the ids stopped. The containers are kept."""
+
     def archive(self, container_id: str, path: str) -> AsyncIterator[bytes]:
         """Stream the uncompressed tar of `path` inside the container as it arrives."""
 

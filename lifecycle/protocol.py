@@ -43,6 +43,13 @@ class Action(StrEnum):
     KUBECONFIG = "kubeconfig"
     RENEW_CERTS = "renew-certs"
     DIAGNOSE = "diagnose"
+    STOP = "stop"
+    START = "start"
+
+
+# The `lifecycle.step.progress` message that ends a stop: its change to `stopped` comes first, before the processes
+# are ended (a stop cut short by a kill is then made again by the next start, which stays stopped).
+STOPPED_MESSAGE = "stopped: no process of the node runs"
 
 
 class EventType(StrEnum):

@@ -15,7 +15,7 @@ from lifecycle.certwatch import CertWatch, Scan
 from lifecycle.config import Config
 from lifecycle.credentials import kubeconfig_reply
 from lifecycle.diagnose import RecentEvents, diagnose_reply
-from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRoutine
+from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRoutine, StopRoutine
 from lifecycle.errors import RequestError
 from lifecycle.exposewatch import ExposureWatch
 from lifecycle.logging import RECENT_LOG_LINES, get_logger
@@ -103,6 +103,10 @@ class RequestHandler:
                 accepted = await engine.reset(request_id=request.id)
             elif request.action == Action.RENEW_CERTS:
                 accepted = await engine.renew_certs(request_id=request.id)
+            elif request.action == Action.STOP:
+                accepted = await engine.stop(request_id=request.id)
+            elif request.action == Action.START:
+                accepted = await engine.start_cluster(request_id=request.id)
             else:
                 accepted = await engine.cancel(request_id=request.id)
         except RequestError as exc:
@@ -164,7 +168,7 @@ class _Metrics:
 async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
     drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
-    renewal_due: RenewalDue | None = None, notifier: Notifier | None = None,
+    renewal_due: RenewalDue | None = None, notifier: Notifier | None = None, stop_node: StopRoutine | None = None,
 ) -> None:
     """Run the service until `stop` is set (the caller owns signals; tests set it themselves). With a `notifier`,
     systemd hears READY=1 once the saved state is loaded and `online` is on the broker, STATUS= on each change,
@@ -192,7 +196,7 @@ async def serve(
         for event in durable.open():  # state changes a crash kept from the broker go out first, in order
             bus.publish(event)
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
-                        renew=renew, renewal_due=renewal_due, outbox=durable)
+                        renew=renew, renewal_due=renewal_due, outbox=durable, stop_node=stop_node)
         metrics = _Metrics(config, bus) if config.metrics.listen is not None else None
         certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus,
                           on_scan=metrics.on_scan if metrics is not None else None)

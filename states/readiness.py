@@ -67,6 +67,11 @@ class Readiness:
 
     async def run(self, ctx: StepContext) -> None:
         await wait_control_plane(ctx)
+        if await api_phases_applied(ctx):
+            # A start after a stop (or a repair): the cluster's objects are kept in etcd; kubeadm is not run again.
+            ctx.progress("kubeadm's API phases already applied (kubeadm-config, coredns, kube-proxy in the API)")
+            await wait_for_components(ctx, components=ctx.config.readiness.components)
+            return
         for index, phase in enumerate(API_PHASES, start=1):
             ctx.progress(f"kubeadm init phase {' '.join(phase)}", current=index, total=len(API_PHASES))
             # These phases create-or-update through the API: repeating them is safe.
@@ -76,6 +81,19 @@ class Readiness:
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None
+
+
+async def api_phases_applied(ctx: StepContext) -> bool:
+    """Whether what the API phases make is in the API: the kubeadm-config ConfigMap (upload-config, the first)
+    and the objects of `addon all`, the last (kubernetes cmd/kubeadm/app/cmd/phases/init/addons.go runs coredns,
+    then kube-proxy): the phases run in order, so their last outcomes imply the earlier ones."""
+    try:
+        async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+            return (await api.get("v1", "ConfigMap", "kubeadm-config", NAMESPACE) is not None
+                    and await api.get("apps/v1", "Deployment", "coredns", NAMESPACE) is not None
+                    and await api.get("apps/v1", "DaemonSet", "kube-proxy", NAMESPACE) is not None)
+    except KubeApiError:
+        return False  # the phases are run and report what is wrong
 
 
 async def wait_for_components(ctx: StepContext, *, components: tuple[str, ...]) -> None:

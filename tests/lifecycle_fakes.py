@@ -151,6 +151,19 @@ async def fake_reset(ctx: StepContext) -> None:
         done.unlink()
 
 
+async def fake_stop_node(ctx: StepContext) -> None:
+    """The stop routine of the fakes: the kubelet and readiness steps no longer hold, the rest does."""
+    root = ctx.paths.root
+    b = Behaviour.read(root, "stop")
+    _append(root, "stop")
+    ctx.progress("stopping the kubelet")
+    await asyncio.sleep(b.run_s)
+    if b.fail:
+        raise PermanentError("stop failed on purpose", code="fake_stop_failed")
+    for name in ("kubelet", "readiness"):
+        (fake_dir(root) / f"{name}.done").unlink(missing_ok=True)
+
+
 class _NullDocker:
     """The only port the service itself touches is `docker.close()` at exit; fake steps use none. The real certs
     step, used with fake steps after it, asks for the engine's cgroup driver."""
@@ -257,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_serve_config(args)
     configure_logging(config.log_level)
-    return run_service(config, plan=fake_plan(), reset=fake_reset, ports_factory=null_ports)
+    return run_service(config, plan=fake_plan(), reset=fake_reset, ports_factory=null_ports, stop_node=fake_stop_node)
 
 
 if __name__ == "__main__":

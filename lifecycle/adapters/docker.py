@@ -6,7 +6,7 @@ Leaves pulled images in the engine; the containers it creates are never started 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -245,6 +245,28 @@ class DockerEngine:
         for container_id in removed:
             await self.remove_container(container_id)
         return removed
+
+    async def stop_containers(self, label_filters: Sequence[str], *, timeout_s: int = 10) -> list[str]:
+        if not label_filters:
+            raise ValueError("stop_containers needs at least one label filter: it would stop every container")
+        filters = json.dumps({"label": list(label_filters), "status": ["running"]})
+        try:
+            found = await self._client()._query_json("containers/json", params={"filters": filters})
+        except DockerError as exc:
+            raise self._error(exc, "listing containers by label") from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, "listing containers by label") from exc
+        stopped = [str(c["Id"]) for c in found if isinstance(c, dict) and "Id" in c]
+        for container_id in stopped:
+            try:
+                await self._client()._query_json(f"containers/{container_id}/stop", "POST",
+                                                 params={"t": str(timeout_s)}, timeout=timeout_s + 30)
+            except DockerError as exc:
+                if exc.status not in (304, 404):  # already stopped or gone is what we wanted
+                    raise self._error(exc, f"stopping container {container_id[:12]}") from exc
+            except aiohttp.ClientError as exc:
+                raise self._connection_error(exc, f"stopping container {container_id[:12]}") from exc
+        return stopped
 
     async def remove_container(self, container_id: str) -> None:
         try:

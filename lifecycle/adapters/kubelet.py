@@ -249,7 +249,7 @@ async def _settled_cmdline(pid: int, *, timeout_s: float = 2.0) -> list[str] | N
     live kubelet for gone and start a second one (seen under load)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while (cmdline := _cmdline(pid)) is None and _start_ticks(pid) is not None and loop.time() < deadline:
+    while (cmdline := _cmdline(pid)) is None and _start_ticks(pid) is not None and loop.time() < deadline:  # noqa: ASYNC110 (no event to wait on: the kernel's state, polled)
         await asyncio.sleep(0.005)
     return cmdline
 

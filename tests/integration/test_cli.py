@@ -141,3 +141,19 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     served = lifecycle("serve", "--config", str(bad), "--root", str(tmp_path / "root"))
     assert served.returncode == 2 and "mqtt.broker: expected mqtt://host" in served.stderr
     assert not (tmp_path / "root").exists()
+
+
+def test_stop_and_start_wait_for_their_end_and_say_what_is_refused(node: Node) -> None:
+    """`lifecycle stop` / `start` (issue 10 part 2): each waits for its end; a refusal exits 1 with its code."""
+    refused = lifecycle("stop", *node.flags)
+    assert refused.returncode == 1 and "not_installed" in refused.stderr
+    assert lifecycle("install", "--watch", *node.flags).returncode == 0
+    stopped = lifecycle("stop", *node.flags)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.rstrip().splitlines()[-1].startswith("done: stopped after ")
+    assert json.loads(lifecycle("status", "-o", "json", *node.flags).stdout)["state"] == "stopped"
+    assert "already stopped" in lifecycle("stop", *node.flags).stdout
+    started = lifecycle("start", *node.flags)
+    assert started.returncode == 0, started.stderr
+    assert "kubelet" in started.stdout and "images" not in started.stdout
+    assert started.stdout.rstrip().splitlines()[-1].startswith("done: running after ")
