@@ -46,7 +46,8 @@ test: venv services sim-images lint
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing"; fi; exit $$rc
 
 # test-faults: the long runs that drive the real service from outside through faults (SIGKILL at every step
-# boundary, install->reset cycles with resource counts), kept out of `make test`'s 20 minutes (tests/faults/).
+# boundary and inside steps, broker/registry/engine faults, conflicting requests, install->reset cycles with resource
+# counts, hostile images, pods and exposures), kept out of `make test`'s 20 minutes (tests/faults/).
 .PHONY: test-faults
 # FAULT_CYCLES: install->reset cycles of tests/faults/test_cycles.py (the file alone runs 5).
 FAULT_CYCLES ?= 25
