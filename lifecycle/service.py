@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from lifecycle.store import Store
 
 if TYPE_CHECKING:
     from lifecycle.adapters.metrics_http import MetricsServer
+    from lifecycle.metrics import Metrics
 
 DRAIN_TIMEOUT_S = 5.0
 
@@ -125,19 +127,20 @@ class _Metrics:
     imported only when configured."""
 
     def __init__(self, config: Config, bus: Bus) -> None:
-        from lifecycle import metrics
-
-        self._module = metrics
         self._config = config
         self._sub = bus.subscribe("metrics")  # before the engine starts: it sees the first status
-        self._metrics: metrics.Metrics | None = None
+        self._metrics: Metrics | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: MetricsServer | None = None
 
     async def start(self, *, bridge: MqttBridge, outbox: Subscription, ports: Ports) -> None:
+        # prometheus_client and aiohttp's server cost ~80 ms of CPU to import: in a thread, not on the loop (the
+        # loop check of the e2e tests caught it here).
+        await asyncio.to_thread(importlib.import_module, "lifecycle.adapters.metrics_http")
+        await asyncio.to_thread(importlib.import_module, "lifecycle.metrics")
+        from lifecycle import metrics as m
         from lifecycle.adapters.metrics_http import MetricsServer
 
-        m = self._module
         live = m.LiveSources(mqtt_connected=bridge.connected.is_set, mqtt_connects=lambda: bridge.connects,
                              queued_events=outbox.__len__, kubelet_restarts=lambda: ports.kubelet.restarts)
         self._metrics = m.Metrics(live)
