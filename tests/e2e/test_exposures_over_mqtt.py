@@ -55,11 +55,13 @@ def wait_external_ip(node: Node, name: str, wanted: str, *, timeout_s: float) ->
 
 
 class NodePortStandIn:
-    """A TCP listener where the node takes a Service's traffic (127.0.0.1:<nodePort> on the simulated node): it
-    answers every connection with one line naming itself. The pod behind a real node port is a later part."""
+    """A TCP listener on a free port standing in for a Service's backend, the Service's only endpoint (an
+    Endpoints object of its own: no pod needed): the simulated node's kube-proxy stand-in forwards the node port to
+    it. It answers every connection with one line naming itself. Pods behind a node port: tests/faults."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_server(("127.0.0.1", port))
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -111,11 +113,17 @@ def test_load_balancer_service_is_exposed_forwarded_marked_conflicting_and_remov
         assert payload(listed)["seq"] > payload(first)["seq"]
         wait_external_ip(node, "web", "localhost", timeout_s=2)
 
-        # Through `lifecycle forward` to a listener standing in at the node port (8080 may be taken on this shared
-        # machine: the forwarded Service gets a free port of its own).
+        # Through `lifecycle forward` and the node port to a listener standing in as the Service's endpoint (8080
+        # may be taken on this shared machine: the forwarded Service gets a free port of its own).
         host_port = free_tcp_port()
-        node.kubectl("create", "service", "loadbalancer", "fwd", f"--tcp={host_port}:80")
-        stand_in = NodePortStandIn(node_ports(node)["fwd"])
+        stand_in = NodePortStandIn()
+        manifest = {"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fwd"},  # no selector: its own Endpoints
+             "spec": {"type": "LoadBalancer", "ports": [{"port": host_port, "targetPort": stand_in.port}]}},
+            {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"name": "fwd"},
+             "subsets": [{"addresses": [{"ip": "127.0.0.1"}], "ports": [{"port": stand_in.port}]}]}]}
+        subprocess.run(["kubectl", "--kubeconfig", str(node.root / "etc/kubernetes/admin.conf"), "apply", "-f", "-"],
+                       input=json.dumps(manifest), text=True, capture_output=True, check=True, timeout=60)
         try:
             deadline = time.monotonic() + 5
             while True:

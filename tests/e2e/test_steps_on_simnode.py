@@ -325,7 +325,11 @@ async def test_readiness_names_the_kubelet_or_the_api_server_that_does_not_answe
     assert error.message.startswith(f"the API server ({readyz_url}, admin.conf's credentials) did not answer ok")
     assert "500" in error.message and "[-]etcd-readiness failed: reason withheld" in error.message, error.message
     assert error.details["last"] in error.message
-    assert node.messages("readiness")[-1] == f"waiting for the API server ({readyz_url}, admin.conf's credentials)"
+    # The wait says what it waits for, then every 5 s that it still waits, with the last answer and the tries.
+    api_messages = [m for m in node.messages("readiness") if "the API server" in m]
+    assert api_messages[0] == f"waiting for the API server ({readyz_url}, admin.conf's credentials)"
+    assert all(m.startswith(f"still waiting for the API server ({readyz_url}") and " tries in " in m
+               for m in api_messages[1:]), api_messages
     assert not list(node.paths.state_dir.glob("readyz-credentials-*"))  # admin.conf's key left no copy
 async def test_the_node_is_ready_only_with_the_pod_network_and_readiness_names_it(
     sim_images: SimImages, make_node: Callable[..., Node]
