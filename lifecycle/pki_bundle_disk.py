@@ -28,6 +28,7 @@ from lifecycle.pki import CERT_MODE, KEY_MODE
 from lifecycle.pki_bundle import PkiBundle, load_bundle
 from lifecycle.pki_specs import PkiParams
 from lifecycle.pki_x509 import load_cert, load_key, same_cert
+from lifecycle.step import finish_in_thread
 
 STAGING_PREFIX = ".pki-bundle-"  # temp dirs next to the PKI dir (same filesystem: the swap is a rename)
 DIR_MODE = 0o755
@@ -167,7 +168,7 @@ async def bundle_prepare(raw: dict[str, Any], *, config: Config, paths: HostPath
         why = await asyncio.to_thread(cluster_on_pki, state, step, paths)
         if why is not None:
             raise RequestError("reset_required", f"the bundle is not the PKI in place, and {why}: reset first")
-        await asyncio.to_thread(write_bundle, bundle, paths.pki_dir)
+        await finish_in_thread(write_bundle, bundle, paths.pki_dir)
         log.info("pki bundle written", files=bundle.names(), pki_dir=str(paths.pki_dir))
 
     return prepare

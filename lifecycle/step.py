@@ -6,13 +6,16 @@ reports progress through `ctx.progress` and raises `lifecycle.errors` errors; th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from lifecycle.config import Config
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,16 @@ class Step(Protocol):
 
 
 StepFactory = Callable[[], list[Step]]
+
+
+async def finish_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
+    """`fn(*args)` in a thread, awaited to its end even when the awaiting step is cancelled: a thread cannot be
+    stopped, and one that goes on writing files after its step was cancelled races whoever cancelled it (a reset
+    removing the pki directory met a temp file the certs step's thread renamed away meanwhile). The cancellation
+    still propagates, once the thread is done."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.gather(work, return_exceptions=True)
+        raise

@@ -26,7 +26,7 @@ from lifecycle.imagescan import LayerLinks, layer_links
 from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import EngineError, Ports
-from lifecycle.step import StepContext
+from lifecycle.step import StepContext, finish_in_thread
 from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, Link, extract_source
 
 RECORD_NAME = "binaries.json"
@@ -78,7 +78,7 @@ class Binaries:
                 entry, held_at[source.name] = await _copy_following_links(ctx, container, source)
                 extracted.append(entry)
             _refuse_layer_entries(held_at, await scan)
-            await asyncio.to_thread(_install, extracted)
+            await finish_in_thread(_install, extracted)
         finally:
             scan.cancel()
             await asyncio.gather(scan, return_exceptions=True)
@@ -89,7 +89,7 @@ class Binaries:
             "image_id": image_id,
             "files": {e.name: {"sha256": e.sha256, "size_bytes": e.size_bytes} for e in extracted},
         }
-        await asyncio.to_thread(_write_record, ctx.paths.state_dir / RECORD_NAME, record)
+        await finish_in_thread(_write_record, ctx.paths.state_dir / RECORD_NAME, record)
         total = sum(e.size_bytes for e in extracted)
         ctx.progress(f"installed {', '.join(e.name for e in extracted)}", current=total, total=total, unit="bytes")
 

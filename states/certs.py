@@ -6,6 +6,7 @@ the kubeadm config is exactly what would be written.
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from lifecycle.pki import (
     write_files,
 )
 from lifecycle.ports import EngineError
-from lifecycle.step import StepContext
+from lifecycle.step import StepContext, finish_in_thread
 
 KUBEADM_CONFIG_MODE = 0o644
 
@@ -53,9 +54,10 @@ class Certs:
         kubeadm_config = await _kubeadm_config(ctx)
         planned = await asyncio.to_thread(_plan, ctx, _params(ctx))
         config_changed = await asyncio.to_thread(_read_or_none, paths.kubeadm_config) != kubeadm_config
-        await asyncio.to_thread(write_files, planned, pki_dir=paths.pki_dir, kubeconfig_dir=paths.kubernetes_dir)
+        await finish_in_thread(functools.partial(write_files, planned, pki_dir=paths.pki_dir,
+                                                 kubeconfig_dir=paths.kubernetes_dir))
         if config_changed:
-            await asyncio.to_thread(write_atomic, paths.kubeadm_config, kubeadm_config, KUBEADM_CONFIG_MODE)
+            await finish_in_thread(write_atomic, paths.kubeadm_config, kubeadm_config, KUBEADM_CONFIG_MODE)
         for index, item in enumerate(planned, start=1):
             ctx.progress(f"wrote {item.name}: {item.reason}", current=index, total=len(planned), unit="files")
         if not planned:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 
 from lifecycle import hostprocs
 from lifecycle.errors import PermanentError, StepError, TemporaryError
@@ -51,7 +52,7 @@ async def reset(ctx: StepContext) -> None:
     ctx.progress("removing generated files", current=3, total=4)
     removed: list[str] = []
     if paths.pki_dir.exists():
-        shutil.rmtree(paths.pki_dir)
+        shutil.rmtree(paths.pki_dir, onerror=_gone_is_fine)
         removed.append(str(paths.pki_dir))
     for name in (*KUBECONFIG_NAMES, *_EXTRA_KUBECONFIGS):
         if paths.kubeconfig(name).exists():
@@ -117,3 +118,11 @@ async def _remove_copy_containers(ctx: StepContext) -> None:
     if removed:
         ctx.progress(f"removed {len(removed)} binaries copy container(s) left in the engine: "
                      f"{', '.join(dict.fromkeys(c[:12] for c in removed))}")
+
+
+def _gone_is_fine(
+    function: Callable[..., object], path: str, exc_info: tuple[type[BaseException], BaseException, object],
+) -> None:
+    """rmtree's error hook: a file that vanished meanwhile is what removing wanted; anything else is raised."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
