@@ -147,8 +147,17 @@ class Driver:
         self.missed: list[str] = []  # armed states the install passed before the batch could be sent
         self._armed: list[tuple[str, list[Request]]] = []
         self._unanswered: set[str] = set()  # sent and not yet answered: a batch waits for the one before
+        # The state last announced while the next batch was armed for it but waited for answers: the batch goes
+        # out with the last answer unless another change came first. Replies and events are on different topics
+        # and come in either order (docs/protocol.md), so the change into the state a batch's own request made
+        # (`renewing` -> `resetting` by a reset) often arrives before that batch's last reply.
+        self._entered: str | None = None
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
+        # What reached the driver, in arrival order (ms since start, what): a timeout quotes the tail, as the order
+        # of replies and state changes across topics is what decides when a batch goes out.
+        self.arrivals: list[tuple[float, str]] = []
+        self._start_s = time.monotonic()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_args: self._subscribed.set()
@@ -164,7 +173,8 @@ class Driver:
         self.client.disconnect()
 
     def send(self, *requests: Request) -> None:
-        self._unanswered |= {request["id"] for request in requests}
+        with self._cond:  # the callback thread reads it (the condition's lock is reentrant: `_fire` sends too)
+            self._unanswered |= {request["id"] for request in requests}
         for request in requests:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = f"{self.reply_topic}/{request['id']}"
@@ -172,16 +182,18 @@ class Driver:
             self.client.publish(self.node.topic("requests"), json.dumps(request), qos=1, properties=props)
 
     def arm(self, state: str, requests: list[Request]) -> None:
-        """Send `requests` when the service announces `state` (the next change into it once every request sent
-        before is answered, so that two batches never mix). Batches fire in the order armed; one whose state the
-        walk passed meanwhile is dropped and named in `missed`."""
+        """Send `requests` when the service announces `state`, once every request sent before is answered (so that
+        two batches never mix): at the change into it, or at the last answer if that comes after the change and
+        no other change came between, else at the next change into it (a resumed install re-enters it). Batches
+        fire in the order armed; one whose state the walk passed meanwhile is dropped and named in `missed`."""
         with self._cond:
             self._armed.append((state, requests))
 
     def reply(self, request_id: str, *, timeout_s: float = 20) -> dict[str, Any]:
         with self._cond:
             if not self._cond.wait_for(lambda: request_id in self.replies, timeout=timeout_s):
-                raise AssertionError(f"no reply to {request_id} within {timeout_s} s; changes: {self.tos()}")
+                raise AssertionError(f"no reply to {request_id} within {timeout_s} s; changes: {self.tos()}; "
+                                     f"unanswered: {sorted(self._unanswered)}; last arrivals: {self.arrivals[-16:]}")
             return self.replies[request_id]
 
     def tos(self) -> list[str]:
@@ -209,20 +221,29 @@ class Driver:
         body = json.loads(message.payload)
         with self._cond:
             if message.topic.startswith(self.reply_topic):
+                self._arrived(f"reply {message.topic.rsplit('/', 1)[1]}")
                 self.replies[message.topic.rsplit("/", 1)[1]] = body
                 self._unanswered.discard(message.topic.rsplit("/", 1)[1])
+                if not self._unanswered and self._entered is not None:
+                    self._fire(self._entered)  # the state was announced before this last answer
             elif body.get("type") == "lifecycle.state.changed" and all(
                     c["state_seq"] != body["data"]["state_seq"] for c in self.changes):  # a restart re-publishes
                 self.changes.append(body["data"])
+                self._arrived(f"change {body['data']['from']} -> {body['data']['to']}")
                 self._fire(body["data"]["to"])
             self._cond.notify_all()
 
+    def _arrived(self, what: str) -> None:
+        self.arrivals.append((round((time.monotonic() - self._start_s) * 1000, 1), what))
+
     def _fire(self, state: str) -> None:
+        self._entered = None  # called for every change: the one it waited on, if any, is over
         while self._armed:
             target, requests = self._armed[0]
             if target == state:
                 if self._unanswered:
-                    return  # a later change into it (a resumed install re-enters it) may fire it
+                    self._entered = state  # the last answer fires it if no other change comes first
+                    return
                 self._armed.pop(0)
                 self.send(*requests)
                 return

@@ -142,6 +142,7 @@ def test_every_request_in_every_install_state_then_running_renewing_resetting_id
     d.arm("resetting", _asks("resetting", "status", "install", "cancel", "renew", "kubeconfig", "reset"))
     d.send(*_asks("running", "renew"))
     _ok(d.reply("running-renew"), note="renewal started", request_id="running-renew")
+    assert d.reply("running-renew")["state"] == "renewing"
     assert d.reply("renewing-status")["status"]["state"] == "renewing"
     _refused(d.reply("renewing-install"), "busy")
     _refused(d.reply("renewing-other"), "busy")
@@ -158,6 +159,10 @@ def test_every_request_in_every_install_state_then_running_renewing_resetting_id
     _refused(d.reply("resetting-kubeconfig"), "not_ready")
     _ok(d.reply("resetting-reset"), note="already resetting", request_id="renewing-reset1")
     d.wait_state("idle", after=running)
+    # Every state change reached the driver once, in order (the bridge publishes up to 20 at once; the driver
+    # stayed connected throughout): the walk above is the service's whole walk.
+    seqs = [c["state_seq"] for c in d.changes]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (seqs, d.tos())
     _assert_clean(node, d)
     d.send(*_asks("end", "status"))
     assert d.reply("end-status")["status"]["state"] == "idle"
