@@ -68,6 +68,8 @@ def exposure_text(kind: str, data: dict[str, Any]) -> str:
         return f"  exposed {what} -> {target}" + (f" (not forwarded: {conflict})" if conflict else "")
     if kind == "removed":
         return f"  no longer exposed: {what}"
+    if kind == "skipped":
+        return f"  not exposed: {what}: {data.get('reason')}"
     return f"  conflict on {what}: {conflict}" if conflict else f"  conflict resolved: {what} is forwarded"
 
 

@@ -20,7 +20,7 @@ from lifecycle.durations import StepDurations
 from lifecycle.errors import PermanentError, RequestError, StepError
 from lifecycle.exposures import CLEARED, Exposure
 from lifecycle.exposurestate import Change as ExposureChange
-from lifecycle.exposurestate import PublishedExposures
+from lifecycle.exposurestate import PublishedExposures, SkippedPort
 from lifecycle.logging import get_logger
 from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
 from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
@@ -316,6 +316,14 @@ class Engine:
         self._emit_exposure_changes(found)
         if message is not None:
             self._bus.publish(message)
+
+    def report_skipped_ports(self, skipped: Sequence[SkippedPort]) -> None:
+        """From the exposure watch: LoadBalancer ports the host cannot be given (SCTP, no node port), newly seen.
+        An event and a warning each, so that a Service left `<pending>` says why."""
+        for port in skipped:
+            self._log.warning("exposure skipped", exposure=f"{port.namespace}/{port.service}", port=port.port,
+                              protocol=port.protocol, reason=port.reason)
+            self._emit(EventType.EXPOSURE_SKIPPED, {"request_id": None, **port.to_json()})
 
     def clear_exposures(self) -> None:
         """Nothing is exposed any more (the cluster is being reset): `removed` for each, the message cleared."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from lifecycle.bus import Bus
 from lifecycle.engine import Engine
-from lifecycle.exposurestate import exposures_from_services, is_load_balancer
+from lifecycle.exposurestate import SkippedPort, exposures_from_services, is_load_balancer, skipped_ports
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.ports import KubeApiError, ServicesApi, ServicesApiFactory
@@ -44,6 +44,7 @@ class ExposureWatch:
         self._changes = bus.subscribe("exposure-watch", max_items=1000)
         self._log = get_logger("lifecycle.exposewatch")
         self._listed = False  # the current connection listed once (then a failure retries at once)
+        self._skipped: frozenset[SkippedPort] = frozenset()  # reported by this process: each is told once
 
     async def run(self) -> None:
         follower: asyncio.Task[None] | None = None
@@ -118,6 +119,9 @@ class ExposureWatch:
             return
         exposures = exposures_from_services(services.values(), node_ip=node_ip)
         self._engine.report_exposures(exposures)
+        skipped = skipped_ports(services.values())
+        self._engine.report_skipped_ports([s for s in skipped if s not in self._skipped])
+        self._skipped = frozenset(skipped)
         # EXTERNAL-IP: the host name for a Service the host forwards at least one port of; none (kubectl shows
         # <pending>) for one whose every port is in conflict, since the host forwards none of them.
         forwarded = {(e.namespace, e.service) for e in exposures if e.conflict is None}

@@ -23,6 +23,46 @@ def is_load_balancer(service: Mapping[str, Any]) -> bool:
     return (service.get("spec") or {}).get("type") == LOAD_BALANCER
 
 
+@dataclass(frozen=True)
+class SkippedPort:
+    """A port of a LoadBalancer Service that the host cannot be given, and why (event
+    `lifecycle.exposure.skipped`): without it a user would see `<pending>` under EXTERNAL-IP and no reason."""
+
+    namespace: str
+    service: str
+    port: int
+    protocol: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "service": self.service, "port": self.port, "protocol": self.protocol,
+                "reason": self.reason}
+
+
+def skipped_ports(services: Iterable[Mapping[str, Any]]) -> tuple[SkippedPort, ...]:
+    """The LoadBalancer ports `exposures_from_services` leaves out, each with the reason it is left out."""
+    out: list[SkippedPort] = []
+    for svc in services:
+        if not is_load_balancer(svc):
+            continue
+        meta = svc.get("metadata") or {}
+        for port in (svc.get("spec") or {}).get("ports") or []:
+            reason = _unforwardable(port)
+            if reason is not None:
+                out.append(SkippedPort(str(meta.get("namespace", "default")), str(meta.get("name")),
+                                       int(port.get("port") or 0), str(port.get("protocol", "TCP")), reason))
+    return tuple(out)
+
+
+def _unforwardable(port: Mapping[str, Any]) -> str | None:
+    protocol = port.get("protocol", "TCP")
+    if protocol not in PROTOCOLS:
+        return f"{protocol} cannot be forwarded by a host listener (TCP and UDP only)"
+    if not isinstance(port.get("nodePort"), int):
+        return "no node port (spec.allocateLoadBalancerNodePorts is false): nothing on the node to forward to"
+    return None
+
+
 def exposures_from_services(services: Iterable[Mapping[str, Any]], *, node_ip: str) -> tuple[Exposure, ...]:
     """One entry per port of each LoadBalancer Service that has a node port, in a stable order; a (protocol,
     port) asked for by more than one Service is a conflict on every entry asking for it."""
@@ -32,11 +72,9 @@ def exposures_from_services(services: Iterable[Mapping[str, Any]], *, node_ip: s
             continue
         meta = svc.get("metadata") or {}
         for port in (svc.get("spec") or {}).get("ports") or []:
-            protocol = port.get("protocol", "TCP")
-            # No node port (spec.allocateLoadBalancerNodePorts: false) leaves nothing on the node to forward to;
-            # SCTP is not something a host listener can take.
-            if protocol not in PROTOCOLS or not isinstance(port.get("nodePort"), int):
+            if _unforwardable(port) is not None:  # reported by `skipped_ports`
                 continue
+            protocol = port.get("protocol", "TCP")
             found.append(Exposure(namespace=str(meta.get("namespace", "default")), service=str(meta.get("name")),
                                   port=int(port["port"]), protocol=_protocol(protocol), node_ip=node_ip,
                                   node_port=int(port["nodePort"])))

@@ -63,6 +63,7 @@ class EventType(StrEnum):
     EXPOSURE_ADDED = "lifecycle.exposure.added"
     EXPOSURE_REMOVED = "lifecycle.exposure.removed"
     EXPOSURE_CONFLICT = "lifecycle.exposure.conflict"
+    EXPOSURE_SKIPPED = "lifecycle.exposure.skipped"
 
 
 @dataclass(frozen=True)

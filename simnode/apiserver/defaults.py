@@ -88,6 +88,13 @@ def _service(obj: Obj) -> None:
                 p.setdefault("targetPort", p["port"])
     if spec["type"] in ("NodePort", "LoadBalancer"):
         spec.setdefault("externalTrafficPolicy", "Cluster")
+    # kubernetes pkg/apis/core/v1/defaults.go, SetDefaults_Service: a LoadBalancer without
+    # allocateLoadBalancerNodePorts gets `true`; pkg/registry/core/service/strategy.go, dropTypeDependentFields:
+    # the field goes when the Service stops being a LoadBalancer.
+    if spec["type"] == "LoadBalancer":
+        spec.setdefault("allocateLoadBalancerNodePorts", True)
+    else:
+        spec.pop("allocateLoadBalancerNodePorts", None)
 
 
 def apply_defaults(rt: ResourceType, obj: Obj) -> None:

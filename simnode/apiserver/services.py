@@ -104,15 +104,41 @@ class Allocator:
         raise invalid(SERVICES, me[1], [("spec.clusterIPs", "Internal error: range is full")])
 
     def _node_ports(self, spec: dict[str, Any], old_spec: dict[str, Any], me: tuple[str, str]) -> None:
+        """kubernetes pkg/registry/core/service/storage/alloc.go, initNodePorts/updateNodePorts: a port without a
+        nodePort gets one only when `shouldAllocateNodePorts` (NodePort, or a LoadBalancer whose
+        allocateLoadBalancerNodePorts is not false: "Don't allocate new ports, but do respect specific
+        requests"); a requested nodePort the Service did not hold is allocated or refused, field
+        spec.ports[i].nodePort, with the port allocator's message. storage.go, patchAllocatedValues: a port sent
+        without its nodePort on an update keeps the one it had."""
         used = self._used_ports(me)
+        held = {p.get("nodePort") for p in old_spec.get("ports") or [] if isinstance(p, dict) and p.get("nodePort")}
         old_ports = {(p.get("port"), p.get("protocol", "TCP")): p.get("nodePort") for p in old_spec.get("ports") or []}
-        for p in spec.get("ports") or []:
-            if not isinstance(p, dict) or p.get("nodePort"):
+        allocate = spec.get("type") == "NodePort" or spec.get("allocateLoadBalancerNodePorts") is not False
+        for i, p in enumerate(spec.get("ports") or []):
+            if not isinstance(p, dict):
+                continue
+            requested = p.get("nodePort")
+            if requested:
+                if requested not in held:
+                    self._check_node_port(requested, used, me, i)
+                used.add(requested)
                 continue
             previous = old_ports.get((p.get("port"), p.get("protocol", "TCP")))
             if previous:
                 p["nodePort"] = previous
                 continue
-            free = [n for n in range(*NODE_PORT_RANGE) if n not in used]
+            if not allocate:
+                continue
+            free = [n for n in range(NODE_PORT_RANGE[0], NODE_PORT_RANGE[1] + 1) if n not in used]
             p["nodePort"] = random.choice(free)
             used.add(p["nodePort"])
+
+    def _check_node_port(self, port: Any, used: set[int], me: tuple[str, str], index: int) -> None:
+        """pkg/registry/core/service/portallocator: ErrNotInRange / ErrAllocated, as the apiserver words them."""
+        where = f"spec.ports[{index}].nodePort"
+        if not isinstance(port, int) or not NODE_PORT_RANGE[0] <= port <= NODE_PORT_RANGE[1]:
+            why = (f"provided port is not in the valid range. The range of valid ports is "
+                   f"{NODE_PORT_RANGE[0]}-{NODE_PORT_RANGE[1]}")
+            raise invalid(SERVICES, me[1], [(where, f"Invalid value: {port}: {why}")])
+        if port in used:
+            raise invalid(SERVICES, me[1], [(where, f"Invalid value: {port}: provided port is already allocated")])

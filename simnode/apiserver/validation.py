@@ -135,9 +135,47 @@ def validate(rt: ResourceType, obj: dict[str, Any]) -> None:
             causes.append(("spec.template.metadata.labels", f"Invalid value: {labels!r}: {why}"))
         causes += _pod_spec(rt, name, template.get("spec"), "spec.template.spec")
     elif rt.kind == "Service":
-        causes = _load_balancer_status(obj.get("status"))
+        causes = _service_ports(obj.get("spec")) + _load_balancer_status(obj.get("status"))
     if causes:
         raise invalid(rt, name, causes)
+
+
+def _service_ports(spec: Any) -> list[tuple[str, str]]:
+    """kubernetes pkg/apis/core/validation/validation.go, ValidateService: with more than one port each needs a
+    name (validateServicePort: `requireName && len(sp.Name) == 0` -> Required), a name is a DNS-1123 label and
+    unique in the Service (`allNames.Has(sp.Name)` -> Duplicate); "Check for duplicate Ports, considering
+    (protocol,port) pairs" and "Check for duplicate NodePorts, considering (protocol,port) pairs" -> Duplicate.
+    (The real message prints the Go struct of the duplicate key; the field paths are the real ones.)"""
+    ports = spec.get("ports") if isinstance(spec, dict) else None
+    if not isinstance(ports, list):
+        return []
+    causes: list[tuple[str, str]] = []
+    names: set[str] = set()
+    keys: set[tuple[str, Any]] = set()
+    node_ports: set[tuple[str, Any]] = set()
+    for i, p in enumerate(ports):
+        where = f"spec.ports[{i}]"
+        if not isinstance(p, dict):
+            causes.append((where, "Invalid value: expected an object"))
+            continue
+        name = str(p.get("name") or "")
+        if not name and len(ports) > 1:
+            causes.append((f"{where}.name", "Required value"))
+        elif name:
+            if len(name) > 63 or not _LABEL_RE.match(name):
+                causes.append((f"{where}.name", f'Invalid value: "{name}": {_LABEL_MSG}'))
+            if name in names:
+                causes.append((f"{where}.name", f'Duplicate value: "{name}"'))
+            names.add(name)
+        protocol = str(p.get("protocol") or "TCP")
+        if (protocol, p.get("port")) in keys:
+            causes.append((where, f'Duplicate value: {{"protocol":"{protocol}","port":{p.get("port")}}}'))
+        keys.add((protocol, p.get("port")))
+        if p.get("nodePort"):
+            if (protocol, p["nodePort"]) in node_ports:
+                causes.append((f"{where}.nodePort", f"Duplicate value: {p['nodePort']}"))
+            node_ports.add((protocol, p["nodePort"]))
+    return causes
 
 
 def _load_balancer_status(status: Any) -> list[tuple[str, str]]:

@@ -247,6 +247,46 @@ def test_service_status_subresource_sets_load_balancer_ingress_as_the_real_apise
     assert k("get", "svc", "lb-status", "--no-headers").stdout.split()[3] == "192.0.2.7"
 
 
+def test_service_ports_are_validated_and_node_ports_allocated_as_the_real_apiserver(
+    apiserver: ApiServer, tmp_path: Path
+) -> None:
+    """ValidateService (port names required with several ports, unique, no (protocol, port) twice), the
+    allocator (allocateLoadBalancerNodePorts: false allocates none; a requested node port taken or out of range
+    is refused), as simnode/apiserver/validation.py and services.py cite. Each refusal creates nothing."""
+    k = apiserver.kubectl
+
+    def svc(name: str, ports: list[dict[str, object]], **spec: object) -> str:
+        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                "spec": {"type": "LoadBalancer", "ports": ports, **spec}}
+        return write(tmp_path, f"{name}.json", json.dumps(body))
+
+    k("create", "-f", svc("lb-no-alloc", [{"port": 81}], allocateLoadBalancerNodePorts=False))
+    spec = get_json(apiserver, "svc", "lb-no-alloc")["spec"]
+    assert "nodePort" not in spec["ports"][0] and spec["allocateLoadBalancerNodePorts"] is False  # type: ignore
+    assert k("get", "svc", "lb-no-alloc", "--no-headers").stdout.split()[4] == "81/TCP"
+    k("create", "-f", svc("lb-default", [{"port": 82}]))
+    spec = get_json(apiserver, "svc", "lb-default")["spec"]
+    assert spec["allocateLoadBalancerNodePorts"] is True  # type: ignore[index]
+    taken = spec["ports"][0]["nodePort"]  # type: ignore[index]
+    refusals = {
+        "lb-unnamed": ([{"port": 83}, {"port": 84}], "spec.ports[0].name: Required value"),
+        "lb-dup-name": ([{"name": "a", "port": 83}, {"name": "a", "port": 84}],
+                        'spec.ports[1].name: Duplicate value: "a"'),
+        "lb-dup-port": ([{"name": "a", "port": 83}, {"name": "b", "port": 83}], "spec.ports[1]: Duplicate value"),
+        "lb-taken": ([{"port": 85, "nodePort": taken}],
+                     f"spec.ports[0].nodePort: Invalid value: {taken}: provided port is already allocated"),
+        "lb-range": ([{"port": 86, "nodePort": 8080}], "spec.ports[0].nodePort: Invalid value: 8080: provided port "
+                     "is not in the valid range. The range of valid ports is 30000-32767"),
+    }
+    for name, (ports, message) in refusals.items():
+        bad = k("create", "-f", svc(name, ports), check=False)
+        assert bad.returncode != 0 and message in bad.stderr, (name, bad.stderr)
+        assert k("get", "svc", name, check=False).returncode != 0, name
+    # The same port number over TCP and UDP is two ports, as for DNS.
+    k("create", "-f", svc("lb-dns", [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                     {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]))
+
+
 def test_pod_tables_look_real(apiserver: ApiServer, tmp_path: Path) -> None:
     k = apiserver.kubectl
     k("create", "namespace", "tables")

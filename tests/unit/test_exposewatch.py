@@ -19,7 +19,7 @@ from lifecycle.cli_render import exposure_text
 from lifecycle.engine import Engine
 from lifecycle.exposewatch import ExposureWatch
 from lifecycle.exposures import Exposure, ExposureSet
-from lifecycle.exposurestate import PublishedExposures, changes, exposures_from_services
+from lifecycle.exposurestate import PublishedExposures, changes, exposures_from_services, skipped_ports
 from lifecycle.machine import State
 from lifecycle.paths import HostPaths
 from lifecycle.ports import KubeApiError, ServicesApi
@@ -47,6 +47,20 @@ def test_a_port_two_services_ask_for_is_a_conflict_on_both_and_other_kinds_are_l
     assert found["default/web"].conflict == "TCP port 8080 is also asked for by apps/other"
     assert found["apps/other"].conflict == "TCP port 8080 is also asked for by default/web"
     assert found["default/dns"] == Exposure("default", "dns", 53, "UDP", NODE_IP, 30053)
+
+
+def test_each_port_left_out_is_named_with_its_reason() -> None:
+    services = [lb("web", 8080, 31000), lb("sctp", 9, 30009, protocol="SCTP"),
+                {"metadata": {"namespace": "apps", "name": "no-node-port"}, "spec": {
+                    "type": "LoadBalancer", "allocateLoadBalancerNodePorts": False, "ports": [{"port": 81}]}},
+                {"metadata": {"namespace": "default", "name": "plain"}, "spec": {"type": "ClusterIP", "ports": [
+                    {"port": 80, "protocol": "SCTP"}]}}]
+    skipped = skipped_ports(services)
+    assert [(s.namespace, s.service, s.port, s.protocol) for s in skipped] == [
+        ("default", "sctp", 9, "SCTP"), ("apps", "no-node-port", 81, "TCP")]
+    assert "TCP and UDP only" in skipped[0].reason
+    assert "allocateLoadBalancerNodePorts" in skipped[1].reason
+    assert exposure_text("skipped", skipped[0].to_json()).startswith("  not exposed: default/sctp port 9/SCTP: ")
 
 
 def test_changes_name_what_appeared_left_and_whose_conflict_moved() -> None:
@@ -187,3 +201,40 @@ def test_lifecycle_watch_prints_one_line_per_exposure_event() -> None:
     assert exposure_text("added", conflicted).endswith("(not forwarded: TCP port 8080 is also asked for by apps/other)")
     assert exposure_text("conflict", conflicted) == (
         "  conflict on default/web port 8080/TCP: TCP port 8080 is also asked for by apps/other")
+
+
+async def test_a_port_that_cannot_be_forwarded_is_told_once_as_skipped(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config = replace(config, kubernetes=replace(config.kubernetes, node_ip=NODE_IP))
+    bus = Bus()
+    items = bus.subscribe("test")
+    engine = Engine(config=config, paths=HostPaths(tmp_path), ports=null_ports(), plan=fake_plan(), reset=fake_reset,
+                    store=state_file(HostPaths(tmp_path)), bus=bus)
+    api = ScriptedServices([lb("sctp", 9, 30009, protocol="SCTP")])
+    watch = ExposureWatch(engine=engine, bus=bus, services=ScriptedFactory(api), kubeconfig=tmp_path / "admin.conf",
+                          host="localhost")
+    task = asyncio.create_task(watch.run(), name="exposure-watch-under-test")
+
+    seen: list[dict[str, Any]] = []
+
+    def skipped() -> list[dict[str, Any]]:
+        while len(items):
+            item = items.pop()
+            if isinstance(item, Event) and item.type == EventType.EXPOSURE_SKIPPED:
+                seen.append(item.data)
+        return seen
+
+    try:
+        await engine.install(request_id="up", version=None)
+        await engine.wait_job()
+        await eventually(lambda: len(skipped()) == 1)
+        assert {k: skipped()[0][k] for k in ("namespace", "service", "port", "protocol")} == {
+            "namespace": "default", "service": "sctp", "port": 9, "protocol": "SCTP"}
+        api.services["web"] = lb("web", 8080, 31000)
+        await api.pushed.put({"type": "ADDED", "object": api.services["web"]})
+        await eventually(lambda: api.ingress.get("web") == [{"hostname": "localhost"}])
+        assert len(skipped()) == 1  # told once, not at every change of another Service
+        assert "sctp" not in api.ingress  # nothing forwarded: EXTERNAL-IP stays <pending>
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

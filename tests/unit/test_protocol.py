@@ -16,7 +16,7 @@ from lifecycle.config import StepPolicy
 from lifecycle.durations import StepDurations
 from lifecycle.engine import Engine
 from lifecycle.exposures import ExposureSet
-from lifecycle.exposurestate import exposures_from_services
+from lifecycle.exposurestate import exposures_from_services, skipped_ports
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -157,6 +157,8 @@ async def test_every_message_the_service_produces_matches_the_documented_schemas
         {"port": 8080, "protocol": "TCP", "nodePort": node_port}]}} for name, node_port in (("a", 31000), ("b", 31001))]
     engine.report_exposures(exposures_from_services(lb, node_ip="192.0.2.10"))  # added, conflict
     engine.report_exposures(exposures_from_services(lb[:1], node_ip="192.0.2.10"))  # removed, conflict resolved
+    engine.report_skipped_ports(skipped_ports([{"metadata": {"namespace": "default", "name": "s"}, "spec": {
+        "type": "LoadBalancer", "ports": [{"port": 9, "protocol": "SCTP", "nodePort": 31002}]}}]))
     for action in (Action.STATUS, Action.CANCEL, Action.INSTALL, Action.RESET):
         replies.append(await handler.handle(Request(id=f"x-{action}", action=action, kubernetes_version=None)))
     replies.append(await handler.handle(Request(id="bad", action=Action.INSTALL, kubernetes_version="v1.99.1")))
