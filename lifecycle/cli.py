@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.adapters.mqtt_credentials import Credentials, load_credentials
+from lifecycle.atomicfile import replace_file
 from lifecycle.cli_render import Renderer
 from lifecycle.config import Config, ConfigError, MqttConfig, load_client_config
 from lifecycle.protocol import STOPPED_MESSAGE, EventType, Topics, dumps
@@ -261,12 +261,7 @@ def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:
         sys.stdout.write(text)
         return EXIT_OK
     try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temp).replace(path)
+        replace_file(path, text.encode())
     except OSError as exc:
         out.error(f"cannot write {path}: {exc.strerror or exc}")
         return EXIT_FAILED
@@ -300,27 +295,13 @@ async def receive_bundle(client: ServiceClient, correlation: bytes, path: Path, 
         out.error(f"the diagnostics bundle is damaged: {exc}")
         return EXIT_FAILED
     try:
-        write_private(path, bundle)
+        replace_file(path, bundle)
     except OSError as exc:
         out.error(f"cannot write {path}: {exc.strerror or exc}")
         return EXIT_FAILED
     out.error(f"wrote the diagnostics of node {client.topics.node} to {path} ({len(bundle)} bytes, "
               f"{len(chunks)} chunk(s), sha256 checked, mode 0600)")
     return EXIT_OK
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path`, mode 0600 from the start, replaced atomically."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temp).replace(path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def merge_kubeconfig(text: str, path: Path, *, use: bool, out: Renderer) -> int:
