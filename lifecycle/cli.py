@@ -120,6 +120,15 @@ class Target:
     topics: Topics
     credentials: Credentials
 
+    def client(self, *, role: str, timeout_s: float) -> aiomqtt.Client:
+        """A fresh MQTT 5 client of this broker (clean session, an id of its own: `lifecycle-<role>-...`)."""
+        return aiomqtt.Client(
+            self.mqtt.host, self.mqtt.port, identifier=f"lifecycle-{role}-{uuid.uuid4().hex[:12]}",
+            username=self.credentials.username, password=self.credentials.password,
+            protocol=aiomqtt.ProtocolVersion.V5, tls_context=self.credentials.tls, keepalive=self.mqtt.keepalive_s,
+            timeout=timeout_s,
+        )
+
 
 def target_from_args(args: argparse.Namespace) -> Target:
     mqtt, node = MqttConfig(), "docker-desktop"
@@ -187,12 +196,7 @@ def _text(payload: Any) -> str:
 
 @asynccontextmanager
 async def connect(target: Target, *, events: bool, timeout_s: float) -> AsyncIterator[ServiceClient]:
-    async with aiomqtt.Client(
-        target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-cli-{uuid.uuid4().hex[:12]}",
-        username=target.credentials.username, password=target.credentials.password,
-        protocol=aiomqtt.ProtocolVersion.V5, tls_context=target.credentials.tls, keepalive=target.mqtt.keepalive_s,
-        timeout=timeout_s,
-    ) as raw:
+    async with target.client(role="cli", timeout_s=timeout_s) as raw:
         client = ServiceClient(raw, target)
         await raw.subscribe(client.reply_topic, qos=1)
         await raw.subscribe(target.topics.availability, qos=1)
