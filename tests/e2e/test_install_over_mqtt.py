@@ -156,6 +156,16 @@ class Node:
             )
         self.retained("availability", lambda m: payload(m) == "online", timeout_s=30)
 
+    def install_until_running(self, request_id: str, *, timeout_s: float = 120) -> Subscriber:
+        """Start the service and install: returns the events subscriber (subscribed before the request) once the
+        install reached `running`."""
+        self.start_service()
+        events = self.subscribe("events")
+        assert payload(self.request({"id": request_id, "action": "install"}, correlation=request_id))["ok"] is True
+        last = _wait_state(events, "running", timeout_s=timeout_s, request_id=request_id)
+        assert last["data"]["to"] == "running", self.log_path.read_text()[-3000:]
+        return events
+
     def kill_service(self) -> None:
         assert self.service is not None
         self.service.send_signal(signal.SIGKILL)
