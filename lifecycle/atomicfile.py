@@ -20,3 +20,9 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """`replace_file` into a directory made first if need be (the node's files: PKI, configs, state)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, data, mode=mode)

@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.bus import Bus
 from lifecycle.config import PkiConfig
 from lifecycle.engine import Engine
@@ -23,7 +24,7 @@ from lifecycle.kubefiles import parse_kubeconfig
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.paths import KUBECONFIG_NAMES, HostPaths
-from lifecycle.pki import rooted_reader, write_atomic
+from lifecycle.pki import rooted_reader
 from lifecycle.pki_specs import CA_NAMES
 from lifecycle.pki_x509 import load_cert
 from lifecycle.protocol import CertsStatus, iso_time

@@ -1,5 +1,5 @@
 """The kubeadm PKI and kubeconfigs on disk: which files to keep, which to (re)issue (`plan_pki`, pure: all
-generation happens before anything is written), checks (`validate_pki`, `earliest_expiry`), and atomic writes.
+generation happens before anything is written), checks (`validate_pki`, `earliest_expiry`), and their writing.
 Key material never appears in a message, a log line or a repr.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from lifecycle.atomicfile import replace_file
+from lifecycle.atomicfile import write_atomic
 from lifecycle.kubefiles import KubeconfigSpec, parse_kubeconfig, render_kubeconfig
 from lifecycle.paths import KUBECONFIG_NAMES
 from lifecycle.pki_specs import CERT_NAMES, CertSpec, PkiParams, cert_specs, kubeconfig_specs
@@ -303,12 +303,6 @@ def earliest_expiry(directory: Path) -> tuple[Path, datetime] | None:
         return None
     when, path = min(found)
     return path, when
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """`replace_file` into a directory made first if need be."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_file(path, data, mode=mode)
 
 
 def write_files(planned: list[PlannedFile], *, pki_dir: Path, kubeconfig_dir: Path) -> list[Path]:
