@@ -14,7 +14,7 @@ import structlog
 
 from lifecycle.exposures import ExposureSet
 from lifecycle.outbox import is_durable
-from lifecycle.protocol import Event, Status
+from lifecycle.protocol import Event, EventType, Status
 
 BusItem = Event | Status | ExposureSet  # ExposureSet: the retained exposures message (seq None: clear it)
 _log = structlog.get_logger("lifecycle.bus")
@@ -79,6 +79,17 @@ class Subscription:
     async def drained(self) -> None:
         """Return once every buffered item has been taken."""
         await self._emptied.wait()
+
+    async def state_changed(self) -> None:
+        """Take items until a state change was among them (the watchers wake on those and need nothing else)."""
+        while True:
+            await self.wait()
+            changed = False
+            while self._items:
+                item = self.pop()
+                changed |= isinstance(item, Event) and item.type == EventType.STATE_CHANGED
+            if changed:
+                return
 
 
 class Bus:

@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.bus import Bus
 from lifecycle.config import PkiConfig
 from lifecycle.engine import Engine
@@ -23,10 +24,10 @@ from lifecycle.kubefiles import parse_kubeconfig
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.paths import KUBECONFIG_NAMES, HostPaths
-from lifecycle.pki import rooted_reader, write_atomic
+from lifecycle.pki import rooted_reader
 from lifecycle.pki_specs import CA_NAMES
 from lifecycle.pki_x509 import load_cert
-from lifecycle.protocol import CertsStatus, Event, EventType, iso_time
+from lifecycle.protocol import CertsStatus, iso_time
 from lifecycle.renewal import client_files
 
 DAY_S = 86400.0
@@ -169,7 +170,9 @@ class CertWatch:
             except Exception:  # a bug here must not end expiry checks for the life of the service
                 self._log.exception("certificate check failed")
                 wait_s = min(self._pki.check_interval_s, 60.0)
-            await self._state_change(timeout_s=wait_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._changes.state_changed()
 
     async def check(self) -> float:
         """One pass; returns how long to wait before the next one (a state change cuts it short)."""
@@ -219,15 +222,3 @@ class CertWatch:
             return _BUSY_RETRY_S
         self._log.info("automatic renewal started", request_id=request_id, due=iso_time(renew_at))
         return None
-
-    async def _state_change(self, *, timeout_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    await self._changes.wait()
-                    changed = False
-                    while len(self._changes):
-                        item = self._changes.pop()
-                        changed |= isinstance(item, Event) and item.type == EventType.STATE_CHANGED
-                    if changed:
-                        return

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.adapters.mqtt_credentials import Credentials, load_credentials
+from lifecycle.atomicfile import replace_file
 from lifecycle.cli_render import Renderer
 from lifecycle.config import Config, ConfigError, MqttConfig, load_client_config
 from lifecycle.protocol import STOPPED_MESSAGE, EventType, Topics, dumps
@@ -120,6 +120,15 @@ class Target:
     topics: Topics
     credentials: Credentials
 
+    def client(self, *, role: str, timeout_s: float) -> aiomqtt.Client:
+        """A fresh MQTT 5 client of this broker (clean session, an id of its own: `lifecycle-<role>-...`)."""
+        return aiomqtt.Client(
+            self.mqtt.host, self.mqtt.port, identifier=f"lifecycle-{role}-{uuid.uuid4().hex[:12]}",
+            username=self.credentials.username, password=self.credentials.password,
+            protocol=aiomqtt.ProtocolVersion.V5, tls_context=self.credentials.tls, keepalive=self.mqtt.keepalive_s,
+            timeout=timeout_s,
+        )
+
 
 def target_from_args(args: argparse.Namespace) -> Target:
     mqtt, node = MqttConfig(), "docker-desktop"
@@ -187,12 +196,7 @@ def _text(payload: Any) -> str:
 
 @asynccontextmanager
 async def connect(target: Target, *, events: bool, timeout_s: float) -> AsyncIterator[ServiceClient]:
-    async with aiomqtt.Client(
-        target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-cli-{uuid.uuid4().hex[:12]}",
-        username=target.credentials.username, password=target.credentials.password,
-        protocol=aiomqtt.ProtocolVersion.V5, tls_context=target.credentials.tls, keepalive=target.mqtt.keepalive_s,
-        timeout=timeout_s,
-    ) as raw:
+    async with target.client(role="cli", timeout_s=timeout_s) as raw:
         client = ServiceClient(raw, target)
         await raw.subscribe(client.reply_topic, qos=1)
         await raw.subscribe(target.topics.availability, qos=1)
@@ -261,12 +265,7 @@ def save_kubeconfig(text: str, path: Path | None, out: Renderer) -> int:
         sys.stdout.write(text)
         return EXIT_OK
     try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temp).replace(path)
+        replace_file(path, text.encode())
     except OSError as exc:
         out.error(f"cannot write {path}: {exc.strerror or exc}")
         return EXIT_FAILED
@@ -300,27 +299,13 @@ async def receive_bundle(client: ServiceClient, correlation: bytes, path: Path, 
         out.error(f"the diagnostics bundle is damaged: {exc}")
         return EXIT_FAILED
     try:
-        write_private(path, bundle)
+        replace_file(path, bundle)
     except OSError as exc:
         out.error(f"cannot write {path}: {exc.strerror or exc}")
         return EXIT_FAILED
     out.error(f"wrote the diagnostics of node {client.topics.node} to {path} ({len(bundle)} bytes, "
               f"{len(chunks)} chunk(s), sha256 checked, mode 0600)")
     return EXIT_OK
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path`, mode 0600 from the start, replaced atomically."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temp).replace(path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def merge_kubeconfig(text: str, path: Path, *, use: bool, out: Renderer) -> int:

@@ -595,23 +595,13 @@ class Engine:
     async def _reset_job(self, request_id: str | None) -> None:
         cluster = self._snap.cluster or self._resolve_cluster(None)
         ctx = self._context(State.RESETTING.value, request_id, cluster, RESET_TIMEOUT_S)
-        timer = asyncio.timeout_at(ctx.deadline)
-        try:
-            async with timer:
-                await self._in_task(self._reset(ctx), name="reset")
-        except TimeoutError as exc:
-            error = (ErrorInfo.safe("deadline_exceeded", f"reset did not finish within {RESET_TIMEOUT_S:g} s",
-                               details={"step": "resetting", "timeout_s": RESET_TIMEOUT_S})
-                     if timer.expired() else self._internal(ctx, exc, 1))
-        except StepError as exc:
-            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
-        except Exception as exc:
-            error = self._internal(ctx, exc, 1)
-        else:
-            self._follow_config(None)  # nothing installed any more: the next install takes the file as it is
-            self._transition(State.IDLE, step=None, request_id=request_id, cluster=None)
+        error = await self._routine(ctx, self._reset(ctx), task="reset", what="reset", step="resetting",
+                                    timeout_s=RESET_TIMEOUT_S)
+        if isinstance(error, ErrorInfo):
+            self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
             return
-        self._fail(State.RESETTING, request_id, self._snap.cluster, error, step=None)
+        self._follow_config(None)  # nothing installed any more: the next install takes the file as it is
+        self._transition(State.IDLE, step=None, request_id=request_id, cluster=None)
 
     async def _stop_node_job(self, request_id: str | None) -> None:
         """In state stopped: end the node's processes. What could not be ended fails the state (a stopped node
@@ -619,22 +609,12 @@ class Engine:
         assert self._stop_node is not None
         cluster = self._snap.cluster or self._resolve_cluster(None)
         ctx = self._context(State.STOPPED.value, request_id, cluster, STOP_NODE_TIMEOUT_S)
-        timer = asyncio.timeout_at(ctx.deadline)
-        try:
-            async with timer:
-                await self._in_task(self._stop_node(ctx), name="stop-node")
-        except TimeoutError as exc:
-            error = (ErrorInfo.safe("deadline_exceeded", f"stop did not finish within {STOP_NODE_TIMEOUT_S:g} s",
-                                    details={"step": "stopped", "timeout_s": STOP_NODE_TIMEOUT_S})
-                     if timer.expired() else self._internal(ctx, exc, 1))
-        except StepError as exc:
-            error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
-        except Exception as exc:
-            error = self._internal(ctx, exc, 1)
-        else:
-            self._emit_progress(State.STOPPED, request_id, STOPPED_MESSAGE)
+        error = await self._routine(ctx, self._stop_node(ctx), task="stop-node", what="stop", step="stopped",
+                                    timeout_s=STOP_NODE_TIMEOUT_S)
+        if isinstance(error, ErrorInfo):
+            self._fail(State.STOPPED, request_id, self._snap.cluster, error, step=None)
             return
-        self._fail(State.STOPPED, request_id, self._snap.cluster, error, step=None)
+        self._emit_progress(State.STOPPED, request_id, STOPPED_MESSAGE)
 
     async def _renew_job(self, request_id: str | None) -> None:
         cluster = self._snap.cluster or self._resolve_cluster(None)
@@ -681,20 +661,30 @@ class Engine:
     async def _renewal(self, ctx: StepContext) -> ErrorInfo | None:
         """The renewal routine under its own deadline; `lifecycle.certs.renewed` when it worked, else the error."""
         assert self._renew is not None
+        files = await self._routine(ctx, self._renew(ctx), task="renew-certs", what="renewal", step="renewing",
+                                    timeout_s=RENEW_TIMEOUT_S)
+        if isinstance(files, ErrorInfo):
+            return files
+        self._emit(EventType.CERTS_RENEWED, {"request_id": ctx.request_id, "files": files})
+        return None
+
+    async def _routine(self, ctx: StepContext, work: Coroutine[Any, Any, T], *, task: str, what: str, step: str,
+                       timeout_s: float) -> T | ErrorInfo:
+        """A job's routine (reset, stop, renewal) as a named task under `ctx`'s deadline: its result, or what it
+        raised as the error the job reports (the deadline's own expiry as `deadline_exceeded`)."""
         timer = asyncio.timeout_at(ctx.deadline)
         try:
             async with timer:
-                files = await self._in_task(self._renew(ctx), name="renew-certs")
+                return await self._in_task(work, name=task)
         except TimeoutError as exc:
-            return (ErrorInfo.safe("deadline_exceeded", f"renewal did not finish within {RENEW_TIMEOUT_S:g} s",
-                                   details={"step": "renewing", "timeout_s": RENEW_TIMEOUT_S})
-                    if timer.expired() else self._internal(ctx, exc, 1))
+            if not timer.expired():
+                return self._internal(ctx, exc, 1)
+            return ErrorInfo.safe("deadline_exceeded", f"{what} did not finish within {timeout_s:g} s",
+                                  details={"step": step, "timeout_s": timeout_s})
         except StepError as exc:
             return ErrorInfo.safe(exc.code, exc.message, exc.retryable, dict(exc.details))
         except Exception as exc:
             return self._internal(ctx, exc, 1)
-        self._emit(EventType.CERTS_RENEWED, {"request_id": ctx.request_id, "files": files})
-        return None
 
     async def _in_task(self, work: Coroutine[Any, Any, T], *, name: str) -> T:
         """Run step code as its own named task. Cancelling the caller cancels it and waits for its cleanup."""

@@ -18,7 +18,6 @@ from lifecycle.exposurestate import SkippedPort, exposures_from_services, is_loa
 from lifecycle.logging import get_logger
 from lifecycle.machine import State
 from lifecycle.ports import KubeApiError, ServicesApi, ServicesApiFactory
-from lifecycle.protocol import Event, EventType
 
 WATCH_S = 300.0  # one watch request; the server may end it sooner, then the next starts at its last version
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0  # after an error: list again, backing off while it keeps failing
@@ -58,7 +57,7 @@ class ExposureWatch:
                     follower = None
                 if state in _CLEAR_STATES:
                     self._engine.clear_exposures()
-                await self._state_change()
+                await self._changes.state_changed()
         finally:
             if follower is not None:
                 await _stopped(follower)
@@ -147,16 +146,6 @@ class ExposureWatch:
             else:
                 self._log.info("load balancer ingress set", service=f"{key[0]}/{key[1]}",
                                ingress=self._host if wanted else None)
-
-    async def _state_change(self) -> None:
-        while True:
-            await self._changes.wait()
-            changed = False
-            while len(self._changes):
-                item = self._changes.pop()
-                changed |= isinstance(item, Event) and item.type == EventType.STATE_CHANGED
-            if changed:
-                return
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:

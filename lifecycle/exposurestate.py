@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.exposures import PROTOCOLS, Exposure, ExposureSet, IpProtocol, parse_exposures
-from lifecycle.pki import write_atomic
 from lifecycle.protocol import dumps
 
 LOAD_BALANCER = "LoadBalancer"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import signal
-import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, cast
@@ -348,12 +347,7 @@ async def follow(target: Target, forwarder: Forwarder, *, say: Say, timeout_s: f
     topic, delay_s = target.topics.exposures, RECONNECT_MIN_S
     while True:
         try:
-            async with aiomqtt.Client(
-                target.mqtt.host, target.mqtt.port, identifier=f"lifecycle-forward-{uuid.uuid4().hex[:12]}",
-                username=target.credentials.username, password=target.credentials.password,
-                protocol=aiomqtt.ProtocolVersion.V5, tls_context=target.credentials.tls,
-                keepalive=target.mqtt.keepalive_s, timeout=timeout_s,
-            ) as client:
+            async with target.client(role="forward", timeout_s=timeout_s) as client:
                 await client.subscribe(topic, qos=1)
                 say(f"watching {topic} on {target.mqtt.broker}")
                 delay_s = RECONNECT_MIN_S

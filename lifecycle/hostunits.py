@@ -14,9 +14,9 @@ import asyncio
 import re
 from pathlib import Path
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import CommandError, PermanentError
 from lifecycle.paths import HostPaths
-from lifecycle.pki import write_atomic
 from lifecycle.step import StepContext
 
 CRI_DOCKER_UNIT = "cri-docker.service"

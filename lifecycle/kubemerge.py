@@ -11,13 +11,14 @@ file is an empty config (`loader.go` `Load`), names in `clusters`/`users`/`conte
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lifecycle.atomicfile import replace_file
 
 BACKUP_SUFFIX = ".lifecycle-backup"  # one backup, the bytes before the last merge
 SECTIONS = (("clusters", "cluster"), ("users", "user"), ("contexts", "context"))
@@ -159,17 +160,8 @@ def merge_into_file(path: Path, fetched: str, *, use: bool) -> MergeResult:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory (mkstemp: mode 0600), fsync, rename, fsync of the directory."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        Path(temp).replace(path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """`replace_file` (mode 0600), then an fsync of the directory, so the rename itself survives a crash."""
+    replace_file(path, data)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

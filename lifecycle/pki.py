@@ -1,5 +1,5 @@
 """The kubeadm PKI and kubeconfigs on disk: which files to keep, which to (re)issue (`plan_pki`, pure: all
-generation happens before anything is written), checks (`validate_pki`, `earliest_expiry`), and atomic writes.
+generation happens before anything is written), checks (`validate_pki`, `earliest_expiry`), and their writing.
 Key material never appears in a message, a log line or a repr.
 """
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.kubefiles import KubeconfigSpec, parse_kubeconfig, render_kubeconfig
 from lifecycle.paths import KUBECONFIG_NAMES
 from lifecycle.pki_specs import CERT_NAMES, CertSpec, PkiParams, cert_specs, kubeconfig_specs
@@ -303,22 +303,6 @@ def earliest_expiry(directory: Path) -> tuple[Path, datetime] | None:
         return None
     when, path = min(found)
     return path, when
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the new one, never a part (key mode set before data)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        Path(temp_name).replace(path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_files(planned: list[PlannedFile], *, pki_dir: Path, kubeconfig_dir: Path) -> list[Path]:

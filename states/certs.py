@@ -10,6 +10,7 @@ import functools
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import PermanentError
 from lifecycle.kubefiles import render_kubeadm_config
 from lifecycle.pki import (
@@ -20,7 +21,6 @@ from lifecycle.pki import (
     read_existing,
     rooted_reader,
     validate_pki,
-    write_atomic,
     write_files,
 )
 from lifecycle.ports import EngineError

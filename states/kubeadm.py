@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from lifecycle import hostprocs
+from lifecycle.atomicfile import write_atomic
 from lifecycle.drift import (
     KUBEADM_STAMP,
     kubeadm_config_changes,
@@ -47,7 +48,6 @@ from lifecycle.drift import (
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.hostunits import mask_kubelet_unit
 from lifecycle.paths import KUBECONFIG_NAMES, HostPaths
-from lifecycle.pki import write_atomic
 from lifecycle.step import StepContext
 
 INIT_PHASES: tuple[tuple[str, ...], ...] = (

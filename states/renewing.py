@@ -14,9 +14,9 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.paths import HostPaths
-from lifecycle.pki import write_atomic
 from lifecycle.pki_specs import PkiParams
 from lifecycle.pki_x509 import load_cert
 from lifecycle.ports import KubeApiError

@@ -28,7 +28,7 @@ STAMP_GLOB = "*.stamp.json"
 # (states/controlplane.py now loads the key from memory).
 _LEFTOVER_GLOBS = ("kubeadm-kubeconfigs-*", "kubeadm-scratch-certs-*", "readyz-credentials-*")
 _EXTRA_KUBECONFIGS = ("bootstrap-kubelet.conf",)
-_STRAY_GRACE_S = 5.0  # kubeadm reset's own grace for a pod process
+_STRAY_GRACE_S = 5.0  # kubeadm reset's own grace for a pod process (the stop's too)
 _ENGINE_RETRY_S = 0.5
 
 
@@ -72,25 +72,27 @@ async def reset(ctx: StepContext) -> None:
         ctx.progress(f"removed {path}")
     if kubeadm_failure is not None:
         raise kubeadm_failure
-    await _end_what_still_runs(ctx)
+    # kubeadm reset stops only the containers the runtime knows of; a process it missed (or a kubelet or kubeadm a
+    # killed service left without a record) would run on under an `idle` node.
+    ctx.progress("checking that nothing of the node still runs", current=4, total=4)
+    await end_what_still_runs(ctx, code="reset_incomplete", saying="ending processes still running from the node")
     await _remove_copy_containers(ctx)
 
 
-async def _end_what_still_runs(ctx: StepContext) -> None:
-    """kubeadm reset stops only the containers the runtime knows of; a process it missed (or a kubelet or
-    kubeadm a killed service left without a record) would run on under an `idle` node."""
-    ctx.progress("checking that nothing of the node still runs", current=4, total=4)
+async def end_what_still_runs(ctx: StepContext, *, code: str, saying: str) -> None:
+    """End every process of the node still running (SIGTERM, SIGKILL after the grace), `saying` what it ends; one
+    that survives SIGKILL fails the step with `code`. Used by the reset and the stop."""
     strays = await asyncio.to_thread(hostprocs.processes_under, ctx.paths.root)  # a /proc scan: off the loop
     if not strays:
         return
-    ctx.progress(f"ending processes still running from the node: {hostprocs.describe_all(strays)}")
+    ctx.progress(f"{saying}: {hostprocs.describe_all(strays)}")
     killed = await hostprocs.end_processes(strays, grace_s=_STRAY_GRACE_S)
     if killed:
         ctx.progress(f"killed (ignored SIGTERM): {hostprocs.describe_all(killed)}")
     survivors = [p for p in strays if hostprocs.is_alive(p)]
     if survivors:
         raise PermanentError(f"processes of the node survived SIGKILL: {hostprocs.describe_all(survivors)}",
-                             code="reset_incomplete")
+                             code=code)
 
 
 async def _remove_copy_containers(ctx: StepContext) -> None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lifecycle import hostprocs
-from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.errors import TemporaryError
 from lifecycle.ports import EngineError
 from lifecycle.step import StepContext
+from states.reset import end_what_still_runs
 
 POD_LABEL = "io.kubernetes.pod.namespace"  # cri-dockerd's label on every container of a pod (see above)
-_STOP_GRACE_S = 5.0  # as the reset's and kubeadm reset's grace for a pod process
 
 
 async def stop_node(ctx: StepContext) -> None:
@@ -43,14 +42,4 @@ async def stop_node(ctx: StepContext) -> None:
             ctx.progress(f"stopped {len(stopped)} pod container(s)")
 
     ctx.progress("ending what still runs of the node", current=3, total=3)
-    running = hostprocs.processes_under(ctx.paths.root)
-    if not running:
-        return
-    ctx.progress(f"ending: {hostprocs.describe_all(running)}")
-    killed = await hostprocs.end_processes(running, grace_s=_STOP_GRACE_S)
-    if killed:
-        ctx.progress(f"killed (ignored SIGTERM): {hostprocs.describe_all(killed)}")
-    survivors = [p for p in running if hostprocs.is_alive(p)]
-    if survivors:
-        raise PermanentError(f"processes of the node survived SIGKILL: {hostprocs.describe_all(survivors)}",
-                             code="stop_incomplete")
+    await end_what_still_runs(ctx, code="stop_incomplete", saying="ending")

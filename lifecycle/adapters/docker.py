@@ -234,14 +234,8 @@ class DockerEngine:
     async def remove_containers(self, labels: Mapping[str, str]) -> list[str]:
         if not labels:
             raise ValueError("remove_containers needs at least one label: it would remove every container")
-        filters = json.dumps({"label": [f"{key}={value}" for key, value in labels.items()]})
-        try:
-            found = await self._client()._query_json("containers/json", params={"all": "1", "filters": filters})
-        except DockerError as exc:
-            raise self._error(exc, "listing containers by label") from exc
-        except aiohttp.ClientError as exc:
-            raise self._connection_error(exc, "listing containers by label") from exc
-        removed = [str(c["Id"]) for c in found if isinstance(c, dict) and "Id" in c]
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        removed = await self._container_ids({"all": "1", "filters": json.dumps(filters)})
         for container_id in removed:
             await self.remove_container(container_id)
         return removed
@@ -249,14 +243,8 @@ class DockerEngine:
     async def stop_containers(self, label_filters: Sequence[str], *, timeout_s: int = 10) -> list[str]:
         if not label_filters:
             raise ValueError("stop_containers needs at least one label filter: it would stop every container")
-        filters = json.dumps({"label": list(label_filters), "status": ["running"]})
-        try:
-            found = await self._client()._query_json("containers/json", params={"filters": filters})
-        except DockerError as exc:
-            raise self._error(exc, "listing containers by label") from exc
-        except aiohttp.ClientError as exc:
-            raise self._connection_error(exc, "listing containers by label") from exc
-        stopped = [str(c["Id"]) for c in found if isinstance(c, dict) and "Id" in c]
+        filters = {"label": list(label_filters), "status": ["running"]}
+        stopped = await self._container_ids({"filters": json.dumps(filters)})
         for container_id in stopped:
             try:
                 await self._client()._query_json(f"containers/{container_id}/stop", "POST",
@@ -267,6 +255,16 @@ class DockerEngine:
             except aiohttp.ClientError as exc:
                 raise self._connection_error(exc, f"stopping container {container_id[:12]}") from exc
         return stopped
+
+    async def _container_ids(self, params: Mapping[str, str]) -> list[str]:
+        """The ids `GET /containers/json` lists with `params` (its `all` and `filters`)."""
+        try:
+            found = await self._client()._query_json("containers/json", params=dict(params))
+        except DockerError as exc:
+            raise self._error(exc, "listing containers by label") from exc
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc, "listing containers by label") from exc
+        return [str(c["Id"]) for c in found if isinstance(c, dict) and "Id" in c]
 
     async def remove_container(self, container_id: str) -> None:
         try:

@@ -176,12 +176,7 @@ def stop_pod_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
             log.info("stopping unrecorded pod process %d", pid)
             signal_group(pid, signal.SIGTERM)
             victims.append(pid)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(pid_running(p) for p in victims):
-        time.sleep(0.05)
-    for pid in victims:
-        if pid_running(pid):
-            signal_group(pid, signal.SIGKILL)
+    _kill_after(victims, grace_s=grace_s)
     if record_path(root).exists():
         save_records(root, {})
     return len(victims)
@@ -202,11 +197,15 @@ def stop_workload_processes(root: NodeRoot, *, grace_s: float = 5.0) -> int:
             if isinstance(pid, int) and is_ours(pid, root, mark):
                 signal_group(pid, signal.SIGTERM)
                 victims.append(pid)
+    _kill_after(victims, grace_s=grace_s)
+    return len(victims)
+
+
+def _kill_after(victims: list[int], *, grace_s: float) -> None:
+    """Give the SIGTERMed `victims` grace_s to go, then SIGKILL the groups of those still running."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(pid_running(p) for p in victims):
         time.sleep(0.05)
     for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            if pid_running(pid):
-                signal_group(pid, signal.SIGKILL)
-    return len(victims)
+        if pid_running(pid):
+            signal_group(pid, signal.SIGKILL)

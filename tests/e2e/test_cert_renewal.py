@@ -223,11 +223,7 @@ def test_short_lived_certificates_warn_then_renew_automatically_while_kubectl_ke
     make_node: Callable[..., Node], record_property: Callable[[str, object], None],
 ) -> None:
     node = make_node(config_text=_short_lived_config())
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "short-1", "action": "install"}, correlation="s1"))["ok"] is True
-    last = _wait_state(events, "running", timeout_s=120, request_id="short-1")
-    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    events = node.install_until_running("short-1")
     node.kubectl("run", "made-before", "--image=127.0.0.1:5000/pause:3.10", "--restart=Never")
     pods = _workload_pods(node)
     before = _serving_cert(node)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from test_install_over_mqtt import LIFECYCLE, Node, _wait_state, make_node, payload
+from test_install_over_mqtt import LIFECYCLE, Node, make_node, payload
 
 from lifecycle.exposures import parse_exposures
 
@@ -21,12 +21,7 @@ __all__ = ["make_node"]
 
 def running_node(make_node: Callable[..., Node]) -> tuple[Node, Any]:
     node = make_node()
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "up", "action": "install"}, correlation="up"))["ok"] is True
-    last = _wait_state(events, "running", timeout_s=240)
-    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
-    return node, events
+    return node, node.install_until_running("up", timeout_s=240)
 
 
 def exposures_of(message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -51,12 +51,18 @@ class Subscriber:
     topics (availability) are read as `%t<TAB>%p` into {"topic", "payload": text}. The constructor returns once
     the subscription is live: it also subscribes to a probe topic of its own and publishes there until a probe
     comes back (one SUBSCRIBE covers every topic), so a test never races the broker. Probes are not recorded.
+    `port`: a broker other than the shared one on 1883; `client_id`: a persistent session (clean start off, an
+    hour of session expiry), so mosquitto_sub reconnects after a broker restart and gets what was queued meanwhile.
     """
 
-    def __init__(self, *topics: str, plain: bool = False, ready_timeout_s: float = 20.0) -> None:
+    def __init__(self, *topics: str, plain: bool = False, ready_timeout_s: float = 20.0, port: int | None = None,
+                 client_id: str | None = None) -> None:
         self.plain = plain
         self.probe_topic = f"e2e/probe/{uuid.uuid4().hex}"
-        argv = ["mosquitto_sub", "-V", "mqttv5", "-q", "1", "-F", "%t\t%p" if plain else "%J"]
+        self._port_args = [] if port is None else ["-p", str(port)]
+        argv = ["mosquitto_sub", "-V", "mqttv5", *self._port_args, "-q", "1", "-F", "%t\t%p" if plain else "%J"]
+        if client_id is not None:
+            argv += ["-i", client_id, "-c", "-x", "3600"]
         for topic in (*topics, self.probe_topic):
             argv += ["-t", topic]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -85,7 +91,8 @@ class Subscriber:
     def _wait_live(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
-            probe = ["mosquitto_pub", "-V", "mqttv5", "-q", "1", "-t", self.probe_topic, "-m", '{"probe": true}']
+            probe = ["mosquitto_pub", "-V", "mqttv5", *self._port_args, "-q", "1", "-t", self.probe_topic,
+                     "-m", '{"probe": true}']
             subprocess.run(probe, check=False, capture_output=True, timeout=timeout_s)
             with self._cond:
                 # A probe sent before the SUBSCRIBE took effect is lost: send another soon (it usually is live
@@ -148,6 +155,16 @@ class Node:
                 env=dict(os.environ, LIFECYCLE_LOOP_BUDGET_MS=str(LOOP_BUDGET_MS)),
             )
         self.retained("availability", lambda m: payload(m) == "online", timeout_s=30)
+
+    def install_until_running(self, request_id: str, *, timeout_s: float = 120) -> Subscriber:
+        """Start the service and install: returns the events subscriber (subscribed before the request) once the
+        install reached `running`."""
+        self.start_service()
+        events = self.subscribe("events")
+        assert payload(self.request({"id": request_id, "action": "install"}, correlation=request_id))["ok"] is True
+        last = _wait_state(events, "running", timeout_s=timeout_s, request_id=request_id)
+        assert last["data"]["to"] == "running", self.log_path.read_text()[-3000:]
+        return events
 
     def kill_service(self) -> None:
         assert self.service is not None

@@ -36,11 +36,7 @@ def test_stop_keeps_the_cluster_and_start_brings_it_back_without_the_install_ste
     make_node: Callable[..., Node],
 ) -> None:
     node = make_node()
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "install-1", "action": "install"}, correlation="c-install"))["ok"] is True
-    last = _wait_state(events, "running", timeout_s=120, request_id="install-1")
-    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    events = node.install_until_running("install-1")
     node.kubectl("create", "configmap", "kept", "--from-literal=answer=42")
 
     reply = payload(node.request({"id": "stop-1", "action": "stop"}, correlation="c-stop"))

@@ -410,37 +410,7 @@ class PortSubscriber(Subscriber):
     """Subscriber on another port, optionally with a persistent session (see PrivateBroker.subscribe)."""
 
     def __init__(self, port: int, *topics: str, client_id: str | None = None, ready_timeout_s: float = 20.0) -> None:
-        import threading
-        import uuid
-
-        self.port = port
-        self.plain = False
-        self.probe_topic = f"e2e/probe/{uuid.uuid4().hex}"
-        argv = ["mosquitto_sub", "-V", "mqttv5", "-p", str(port), "-q", "1", "-F", "%J"]
-        if client_id is not None:
-            argv += ["-i", client_id, "-c", "-x", "3600"]
-        for topic in (*topics, self.probe_topic):
-            argv += ["-t", topic]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        self.messages: list[dict[str, Any]] = []
-        self._probed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        self._wait_live(ready_timeout_s)
-
-    def _wait_live(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            probe = ["mosquitto_pub", "-V", "mqttv5", "-p", str(self.port), "-q", "1", "-t", self.probe_topic,
-                     "-m", '{"probe": true}']
-            subprocess.run(probe, check=False, capture_output=True, timeout=timeout_s)
-            with self._cond:
-                if self._cond.wait_for(lambda: self._probed, timeout=0.5):
-                    return
-            if time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"mosquitto_sub did not get its probe within {timeout_s} s")
+        super().__init__(*topics, ready_timeout_s=ready_timeout_s, port=port, client_id=client_id)
 
 
 class CutProxy:

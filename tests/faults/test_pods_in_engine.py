@@ -90,11 +90,7 @@ def test_pods_run_in_the_engine_answer_on_a_node_port_and_local_images_follow_th
     make_node: Callable[..., Node], sim_images: SimImages, tmp_path: Path
 ) -> None:
     node = make_node()
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "pods-1", "action": "install"}, correlation="pods-1"))["ok"] is True
-    last = _wait_state(events, "running", timeout_s=120, request_id="pods-1")
-    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    events = node.install_until_running("pods-1")
 
     # Part 3: a Deployment's pod runs from its image in the engine, labelled as cri-dockerd labels it.
     image = v.http_echo_image(sim_images.repo)
@@ -156,11 +152,7 @@ def test_a_load_balancer_service_answers_on_localhost_through_lifecycle_forward(
     from test_exposures_over_mqtt import LIFECYCLE, exposures_of, free_tcp_port, wait_external_ip
 
     node = make_node()
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "lb-1", "action": "install"}, correlation="lb-1"))["ok"] is True
-    last = _wait_state(events, "running", timeout_s=120, request_id="lb-1")
-    assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
+    node.install_until_running("lb-1")
     exposures = node.subscribe("exposures")
     node.kubectl("create", "deployment", "web", f"--image={v.http_echo_image(sim_images.repo)}", "--port=8080")
     [first] = _running(node, "app=web", 1)

@@ -26,7 +26,7 @@ from test_cert_renewal import (
     _pids,
     _short_lived_config,
 )
-from test_install_over_mqtt import Node, _wait_state, payload
+from test_install_over_mqtt import Node, payload
 
 make_node = install_e2e.make_node  # the fixture: a service of its own on a fresh root, killed in teardown
 
@@ -67,10 +67,7 @@ def test_service_down_when_renewal_fell_due_renews_on_start_and_restarts_what_re
     make_node: Callable[..., Node], record_property: Callable[[str, object], None],
 ) -> None:
     node = make_node(config_text=_config())
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "down-1", "action": "install"}, correlation="d1"))["ok"] is True
-    assert _wait_state(events, "running", timeout_s=120, request_id="down-1")["data"]["to"] == "running"
+    events = node.install_until_running("down-1")
     node.kill_service()
     pki = node.root / "etc/kubernetes/pki"
     old_end = min(_not_after(pki / "apiserver.crt"), _not_after(node.root / KUBELET_PEM))

@@ -14,10 +14,7 @@ __all__ = ["make_node"]  # the fixture, used by name
 
 def test_kill_after_stop_then_restart_stays_stopped_with_nothing_running(make_node: Callable[..., Node]) -> None:
     node = make_node()
-    node.start_service()
-    events = node.subscribe("events")
-    assert payload(node.request({"id": "install-1", "action": "install"}, correlation="c-install"))["ok"] is True
-    assert _wait_state(events, "running", timeout_s=120, request_id="install-1")["data"]["to"] == "running"
+    events = node.install_until_running("install-1")
     node.kubectl("create", "configmap", "kept", "--from-literal=answer=42")
 
     reply = payload(node.request({"id": "stop-1", "action": "stop"}, correlation="c-stop"))

@@ -51,6 +51,17 @@ def _own_fds() -> list[str]:
     return targets
 
 
+async def _start(supervisor: ProcessKubeletSupervisor, tmp_path: Path, script: str) -> Path:
+    """Start a kubelet that is the Python `script`; returns its log's path."""
+    kubelet = tmp_path / "usr/bin/kubelet"
+    kubelet.parent.mkdir(parents=True)
+    kubelet.write_text(f"#!{sys.executable}\n{script}")
+    kubelet.chmod(0o755)
+    log_path = tmp_path / "log" / "kubelet.log"
+    await supervisor.start([str(kubelet)], log_path=log_path)
+    return log_path
+
+
 @pytest.fixture
 async def supervisor(tmp_path: Path) -> AsyncIterator[ProcessKubeletSupervisor]:
     sup = ProcessKubeletSupervisor(pid_file=tmp_path / "kubelet.pid", log=LOG, min_backoff_s=0.05,
@@ -62,12 +73,7 @@ async def supervisor(tmp_path: Path) -> AsyncIterator[ProcessKubeletSupervisor]:
 async def test_a_fast_kubelet_leaves_at_most_n_files_of_at_most_the_size_newest_lines_current(
     supervisor: ProcessKubeletSupervisor, tmp_path: Path,
 ) -> None:
-    kubelet = tmp_path / "usr/bin/kubelet"
-    kubelet.parent.mkdir(parents=True)
-    kubelet.write_text(f"#!{sys.executable}\n{FAST_KUBELET}")
-    kubelet.chmod(0o755)
-    log_path = tmp_path / "log" / "kubelet.log"
-    await supervisor.start([str(kubelet)], log_path=log_path)
+    log_path = await _start(supervisor, tmp_path, FAST_KUBELET)
     await eventually(lambda: _log_text(log_path).endswith("done\n"), timeout_s=10)
 
     kept = sorted(log_path.parent.iterdir())
@@ -85,12 +91,7 @@ async def test_a_fast_kubelet_leaves_at_most_n_files_of_at_most_the_size_newest_
 async def test_kubelet_restarts_leave_the_services_fds_as_they_were(
     supervisor: ProcessKubeletSupervisor, tmp_path: Path,
 ) -> None:
-    kubelet = tmp_path / "usr/bin/kubelet"
-    kubelet.parent.mkdir(parents=True)
-    kubelet.write_text(f"#!{sys.executable}\nimport time\nprint('up', flush=True)\ntime.sleep(60)\n")
-    kubelet.chmod(0o755)
-    log_path = tmp_path / "log" / "kubelet.log"
-    await supervisor.start([str(kubelet)], log_path=log_path)
+    log_path = await _start(supervisor, tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(60)\n")
     await eventually(lambda: _log_text(log_path).count("up") == 1, timeout_s=10)
     before = len(_own_fds())
     for restart in range(1, 4):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from simnode.host import CRI_DOCKER_UNIT
+from simnode.systemd import parse_unit_text
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "lifecycle.service"
@@ -60,12 +61,8 @@ def _verify(root: Path) -> subprocess.CompletedProcess[str]:
 
 def _dependencies(text: str) -> dict[str, set[str]]:
     deps: dict[str, set[str]] = {}
-    section = ""
-    for line in (raw.strip() for raw in text.splitlines()):
-        if line.startswith("["):
-            section = line
-        elif section == "[Unit]" and "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
+    for section, key, value in parse_unit_text(text):
+        if section == "Unit":
             deps.setdefault(key, set()).update(value.split())
     return deps
 
@@ -94,15 +91,7 @@ def test_the_unit_pulls_in_docker_and_cri_dockerd_and_orders_after_them() -> Non
 
 
 def _service_keys(text: str) -> dict[str, str]:
-    keys: dict[str, str] = {}
-    section = ""
-    for line in (raw.strip() for raw in text.splitlines()):
-        if line.startswith("["):
-            section = line
-        elif section == "[Service]" and "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            keys[key] = value
-    return keys
+    return {key: value for section, key, value in parse_unit_text(text) if section == "Service"}
 
 
 def test_the_unit_waits_for_ready_and_watches_the_loop() -> None:
