@@ -51,9 +51,11 @@ test: venv services sim-images lint
 .PHONY: test-faults
 # FAULT_CYCLES: install->reset cycles of tests/faults/test_cycles.py (the file alone runs 5).
 FAULT_CYCLES ?= 25
+# FAULT_FUZZ: fuzzed requests of tests/faults/test_fuzz_requests.py (the file alone sends 20,000).
+FAULT_FUZZ ?= 100000
 test-faults: SIM_PAD_SCALE = $(TEST_PAD_SCALE)
 test-faults: venv services sim-images
-	SIM_PAD_SCALE=$(SIM_PAD_SCALE) FAULT_CYCLES=$(FAULT_CYCLES) $(PY) -m pytest -q --durations=15 tests/faults $(PYTEST_ARGS)
+	SIM_PAD_SCALE=$(SIM_PAD_SCALE) FAULT_CYCLES=$(FAULT_CYCLES) FAULT_FUZZ=$(FAULT_FUZZ) $(PY) -m pytest -q --durations=15 tests/faults $(PYTEST_ARGS)
 
 # demo: install a cluster on the simulated node through the service, over MQTT (scripts/demo.sh).
 demo: venv services sim-images

@@ -24,6 +24,7 @@ from lifecycle.exposures import ExposureSet
 from lifecycle.logging import get_logger
 from lifecycle.outbox import Outbox, is_durable
 from lifecycle.protocol import (
+    Action,
     BadRequestError,
     Event,
     Reply,
@@ -76,8 +77,9 @@ class MqttBridge:
         self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
         self._client = self._make_client(client_id)
-        # aiomqtt warns past this many publishes awaiting their PUBACK: the window, plus replies and status.
-        self._client.pending_calls_threshold = max_inflight + 10
+        # aiomqtt warns past this many publishes awaiting their PUBACK: the outbox's window and the replies', plus
+        # status.
+        self._client.pending_calls_threshold = 2 * max_inflight + 10
 
     def _make_client(self, client_id: str) -> aiomqtt.Client:
         connect_properties = mqtt_properties(PacketTypes.CONNECT)
@@ -231,14 +233,38 @@ class MqttBridge:
         return self._topics.status, dumps(item.to_json()), True
 
     async def _read_requests(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            if message.retain:
-                # A retained request is stale by definition (an old install must never reinstall a cluster).
-                if message.payload:  # an empty one is the clearing of a retained message
-                    self._log.warning("ignoring a retained request", topic=str(message.topic))
-                    await self._clear_if_secret(client, message)
-                continue
-            await self._on_request(client, message)
+        """Requests are handled one at a time, in order (an install then a cancel mean that order); their replies
+        go out beside the reading, up to `max_inflight` awaiting their PUBACK: waiting for each reply's PUBACK
+        before reading the next request held the service to one broker round trip per request (~50 requests a
+        second on a busy 2-core machine, measured by tests/faults/test_fuzz_requests.py), and a `diagnose`,
+        collecting for seconds, kept every request behind it waiting; it is answered beside them too."""
+        room = asyncio.Semaphore(self._max_inflight)
+        answering: set[asyncio.Task[None]] = set()
+
+        def answered(done: asyncio.Future[None]) -> None:
+            answering.discard(done)
+            room.release()
+            if not done.cancelled() and done.exception() is not None:
+                self._log.error("a reply failed", exc_info=done.exception())
+
+        async def beside(work: Awaitable[None]) -> None:
+            await room.acquire()
+            task = asyncio.ensure_future(work)
+            answering.add(task)
+            task.add_done_callback(answered)
+
+        try:
+            async for message in client.messages:
+                if message.retain:
+                    # A retained request is stale by definition (an old install must never reinstall a cluster).
+                    if message.payload:  # an empty one is the clearing of a retained message
+                        self._log.warning("ignoring a retained request", topic=str(message.topic))
+                        await self._clear_if_secret(client, message)
+                    continue
+                await self._on_request(client, message, beside)
+        finally:
+            for task in answering:  # the session ends: a requester not answered times out and asks again
+                task.cancel()
 
     async def _clear_if_secret(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         """A retained request carrying private keys (a `pki` bundle) is cleared from the broker, so that the keys
@@ -254,7 +280,8 @@ class MqttBridge:
             return
         self._log.warning("cleared a retained request carrying private keys", topic=str(message.topic))
 
-    async def _on_request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    async def _on_request(self, client: aiomqtt.Client, message: aiomqtt.Message,
+                          beside: Callable[[Awaitable[None]], Awaitable[None]]) -> None:
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
         props = message.properties
         response_topic: str | None = getattr(props, "ResponseTopic", None)
@@ -272,8 +299,20 @@ class MqttBridge:
             reply_to = None
             reply = self._rejected(None, "internal", f"{type(exc).__name__} while reading the request")
         else:
+            if request.action == Action.DIAGNOSE:  # read-only, takes seconds: the requests after it go on
+                await beside(self._handle_and_answer(client, request, action, response_topic, correlation))
+                return
             reply_to = request.reply_to
             reply = await self._handle(request)
+        await beside(self._answer(client, action, reply, response_topic, reply_to, correlation))
+
+    async def _handle_and_answer(self, client: aiomqtt.Client, request: Request, action: str,
+                                 response_topic: str | None, correlation: bytes | None) -> None:
+        reply = await self._handle(request)
+        await self._answer(client, action, reply, response_topic, request.reply_to, correlation)
+
+    async def _answer(self, client: aiomqtt.Client, action: str, reply: Reply, response_topic: str | None,
+                      reply_to: str | None, correlation: bytes | None) -> None:
         if self._on_reply is not None:
             self._on_reply(action, reply)
         # Replies go only where `reply_topic_problem` allows: never onto status/events/availability/requests (a

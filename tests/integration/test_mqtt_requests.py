@@ -3,6 +3,7 @@ MQTT 5 response topic with the correlation data or to `reply_to`, refusals with 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import pytest
 from lifecycle_fakes import journal, steer
 from lifecycle_mqtt import probe, retained, service_config, service_in_process, unique_prefix
 
-from lifecycle.protocol import Topics
+from lifecycle.adapters.mqtt import MqttBridge
+from lifecycle.bus import Bus
+from lifecycle.config import MqttConfig
+from lifecycle.protocol import Action, Reply, Request, Status, Topics
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +130,36 @@ async def test_cancel_then_install_resumes_and_reset_preempts(tmp_path: Path) ->
         status = json.loads(await retained(svc.topics.status))
         assert status["state"] == "idle" and status["request_id"] == "z-1"
 
+
+
+async def test_a_slow_diagnose_and_unacknowledged_replies_leave_the_next_requests_answered(tmp_path: Path) -> None:
+    """Requests are handled in order, but a `diagnose` (seconds of collection) is answered beside the requests
+    after it: a `status` sent behind it gets its reply first. Before, the request loop awaited each handler and
+    each reply's PUBACK in turn, and nothing was answered until the diagnose was done."""
+    prefix = unique_prefix("beside")
+    topics = Topics(prefix, "n1")
+    collecting = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def handle(request: Request) -> Reply:
+        if request.action == Action.DIAGNOSE:
+            collecting.set()
+            await finish.wait()
+        return Reply(id=request.id, ok=True, state="idle")
+
+    bridge = MqttBridge(config=MqttConfig(), topics=topics, outbox=Bus().subscribe("mqtt"),
+                        status=lambda: Status(node="n1", state="idle", since=0.0, seq=0, request_id=None,
+                                             kubernetes_version=None, step=None, steps=0, error=None),
+                        handle=handle,
+                        client_id=f"beside-{prefix}")
+    async with bridge, probe(topics) as p:
+        await p.ready()
+        diagnose = await p.send(json.dumps({"id": "d-1", "action": "diagnose"}).encode())
+        await asyncio.wait_for(collecting.wait(), 5)
+        reply = await p.ask({"id": "s-1", "action": "status"}, timeout_s=5)
+        assert reply["id"] == "s-1"
+        assert not any(m.topic == p.reply_topic and m.correlation == diagnose for m in p.seen)  # collecting
+        finish.set()
+        done = await p.wait_for(lambda m: m.topic == p.reply_topic and m.correlation == diagnose, timeout_s=5)
+        assert done.json()["id"] == "d-1"
+        await bridge.close(drain_timeout_s=2)
