@@ -28,7 +28,7 @@ from lifecycle.outbox import Outbox, is_durable
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.protocol import STOPPED_MESSAGE, Action, CertsStatus, ErrorInfo, Event, EventType, Status
-from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext, node_ip_of
+from lifecycle.step import BootCheck, BootEvidence, ClusterParams, ProgressFn, Step, StepContext, node_ip_of
 from lifecycle.store import Snapshot, Store
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "install", "reset", "renew", "stop" or "start"
+    kind: str  # "install", "boot", "reset", "renew", "stop" or "start"
     request_id: str | None
     cluster: ClusterParams | None
     task: asyncio.Task[None]
@@ -170,7 +170,8 @@ class Engine:
             self._start_job("stop", snap.request_id, snap.cluster, lambda: self._stop_node_job(snap.request_id))
         elif state == State.RUNNING and snap.cluster is not None:
             # Quietly: no event unless some step's outcome no longer holds (a kubelet that died with the host).
-            self._start_install(snap.request_id, snap.cluster, first=0, quiet_until=len(self._plan))
+            cluster = snap.cluster
+            self._start_job("boot", snap.request_id, cluster, lambda: self._boot_job(snap.request_id, cluster))
 
     async def install(self, *, request_id: str, version: str | None, prepare: InstallPrepare | None = None) -> Accepted:
         async with self._lock:
@@ -262,7 +263,7 @@ class Engine:
             job = self._job
             if job is not None and job.kind == "start":
                 return Accepted(job.request_id, "already starting")
-            if self.state == State.RUNNING and (job is None or job.kind == "install"):
+            if self.state == State.RUNNING and (job is None or job.kind in ("install", "boot")):
                 return Accepted(self._snap.request_id, "already running")
             if self.state == State.STOPPED and job is not None:
                 raise RequestError("busy", "the cluster is still being stopped; request the start once it is")
@@ -341,10 +342,10 @@ class Engine:
             job = self._job
             if job is None:
                 return Accepted(self._snap.request_id, "nothing to cancel")
-            if job.kind == "install" and self.state == State.RUNNING:
-                # The quiet re-check after a restart: nothing was requested, so there is nothing to cancel; stopping
-                # it would leave `running` claimed by a node whose processes may be gone. Once it finds a step not
-                # done it enters that step's state, and a cancel then stops the repair like any install.
+            if job.kind == "boot":
+                # The boot after a restart: nothing was requested, so there is nothing to cancel; stopping it would
+                # leave `running` claimed by a node whose processes may be gone (or the kubelet half started). Once a
+                # check finds a step not done, the boot becomes a repair (an install job), which a cancel stops.
                 return Accepted(self._snap.request_id, "nothing to cancel")
             if job.kind == "stop":
                 raise RequestError("not_cancellable", "a stop cannot be cancelled; request a start once it finished")
@@ -460,9 +461,12 @@ class Engine:
                 self._log.warning("job ignores cancellation, cancelling again", job=job.task.get_name())
         self._job = None
 
-    async def _walk(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:
+    async def _walk(
+        self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int,
+        note: str | None = None,
+    ) -> None:
         """Enter each step's state and run it; steps below `quiet_until` are only checked, without events,
-        until one of them is found not done."""
+        until one of them is found not done. `note` is said (progress) in the first state the walk enters."""
         for index, step in enumerate(self._plan):
             if index < first:
                 continue
@@ -474,18 +478,104 @@ class Engine:
             whole_run = self._snap.state != step.name
             if whole_run:
                 self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=cluster)
+            if note is not None:
+                self._emit_progress(State(step.name), request_id, note)
+                note = None
             await self._run_step(step, index, request_id, cluster, record=whole_run)
         if self.state != State.RUNNING:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
+
+    async def _boot_job(self, request_id: str | None, cluster: ClusterParams) -> None:
+        """After a restart in `running` (a reboot: every process of the node gone). The steps before the kubelet
+        are checked on their local evidence where they keep some (lifecycle.step.BootEvidence: no registry request,
+        no hashing), the kubelet is started at once and the costly checks run in the background while the node
+        comes up. A step found not holding, before or after, goes the usual repair path, its event saying why."""
+        kubelet_at = INSTALL_STATES.index(State.KUBELET)
+        trusted: list[str] = []
+        deferred: list[Step] = []
+        for index, step in enumerate(self._plan[:kubelet_at]):
+            check = await self._boot_check(step, request_id, cluster)
+            if check != BootCheck.UNKNOWN:
+                trusted.append(step.name)
+                if check == BootCheck.VERIFY_LATER:
+                    deferred.append(step)
+            elif not await self._quietly_done(step, request_id, cluster):
+                self._boot_becomes_repair()
+                await self._walk(request_id, cluster, first=index, quiet_until=0,
+                                 note=f"after a restart: {step.name} no longer holds; repairing from here")
+                return
+        note = "boot fast path: " + (f"{', '.join(trusted)} held on local evidence (no registry request, no "
+                                     "hashing), the rest checked in full; " if trusted else "")
+        if deferred:
+            note += f"the full check of {', '.join(step.name for step in deferred)} runs in the background; "
+        state_seq = self._snap.state_seq
+        verify = asyncio.create_task(self._verify_later(deferred, request_id, cluster), name="boot-verify")
+        failed: _StepFailedError | None = None
+        try:
+            try:
+                await self._walk(request_id, cluster, first=kubelet_at, quiet_until=len(self._plan),
+                                 note=note + "starting the kubelet")
+            except _StepFailedError as exc:
+                failed = exc
+            wrong = await verify
+        finally:
+            verify.cancel()
+            await asyncio.gather(verify, return_exceptions=True)
+        if wrong is None:
+            if failed is not None:
+                raise failed
+            if deferred and self._snap.state_seq != state_seq:
+                self._emit_progress(State.RUNNING, request_id, f"boot: the full check of "
+                                    f"{', '.join(step.name for step in deferred)} held")
+            return
+        self._boot_becomes_repair()  # from running, or from failed when the kubelet tripped over what was wrong
+        await self._walk(request_id, cluster, first=0, quiet_until=len(self._plan),
+                         note=f"boot: the full check found {wrong} no longer holding (the boot fast path trusted "
+                              "its local evidence); repairing from here")
+
+    async def _boot_check(self, step: Step, request_id: str | None, cluster: ClusterParams) -> BootCheck:
+        if not isinstance(step, BootEvidence):
+            return BootCheck.UNKNOWN
+        ctx = self._context(step.name, request_id, cluster, self._policy(step).timeout_s)
+        try:
+            async with asyncio.timeout_at(ctx.deadline):
+                return await self._in_task(step.boot_check(ctx), name=f"step-{step.name}-boot-check")
+        except Exception as exc:  # the full check that follows says what is wrong
+            ctx.log.info("boot check failed; checking in full", error=f"{type(exc).__name__}: {exc}")
+            return BootCheck.UNKNOWN
+
+    async def _verify_later(self, steps: Sequence[Step], request_id: str | None, cluster: ClusterParams) -> str | None:
+        """The full checks the boot deferred, one after the other: the first step that does not hold, else None."""
+        for step in steps:
+            if not await self._quietly_done(step, request_id, cluster):
+                return step.name
+        return None
+
+    def _boot_becomes_repair(self) -> None:
+        """Something was found wrong: from here the job is an install repairing the node, which a cancel stops."""
+        if self._job is not None and self._job.kind == "boot":
+            self._job = replace(self._job, kind="install")
 
     async def _quietly_done(self, step: Step, request_id: str | None, cluster: ClusterParams) -> bool:
         ctx = self._context(step.name, request_id, cluster, self._policy(step).timeout_s)
         try:
             async with asyncio.timeout_at(ctx.deadline):
-                return await self._in_task(step.is_done(ctx), name=f"step-{step.name}-check")
+                done = await self._in_task(step.is_done(ctx), name=f"step-{step.name}-check")
         except Exception as exc:  # the loud pass calls is_done again and classifies the error properly
             ctx.log.info("quiet check failed; running the step", error=f"{type(exc).__name__}: {exc}")
             return False
+        if done:
+            await self._record_evidence(step, ctx)
+        return done
+
+    async def _record_evidence(self, step: Step, ctx: StepContext) -> None:
+        """The full check just held: the step notes the cheap evidence the next boot trusts (lifecycle.boot)."""
+        if not isinstance(step, BootEvidence):
+            return
+        try:
+            await self._in_task(step.record_boot_evidence(ctx), name=f"step-{step.name}-record-evidence")
+        except Exception as exc:  # without it the next boot runs the full check: slower, never wrong
+            ctx.log.warning("could not record boot evidence", error=f"{type(exc).__name__}: {exc}")
 
     async def _run_step(
         self, step: Step, index: int, request_id: str | None, cluster: ClusterParams, *, record: bool = False,
@@ -527,6 +617,7 @@ class Engine:
             async with timer:
                 if await self._in_task(step.is_done(ctx), name=f"step-{step.name}-is-done"):
                     self._emit_progress(State(step.name), request_id, "already done")
+                    await self._record_evidence(step, ctx)
                     return False
                 while True:
                     attempts += 1
@@ -539,6 +630,7 @@ class Engine:
                     else:
                         break
                 await self._check_outcome(step, ctx)
+                await self._record_evidence(step, ctx)
                 return True
         except TimeoutError as exc:
             if timer.expired():
