@@ -202,9 +202,9 @@ class Engine:
                 raise RequestError("reset_required", reset_required_message(self._drift))
             if prepare is not None:
                 await prepare(self.state, self._snap.step)
-            if job is not None:  # in running, the quiet re-check after a restart is the job
+            if job is not None:  # in running (or the states it re-enters), the boot after a restart is the job
                 return Accepted(job.request_id, "already running" if self.state == State.RUNNING else
-                                "already installing")
+                                "already booting" if job.kind == "boot" else "already installing")
             if self.state == State.RUNNING:
                 return Accepted(self._snap.request_id, "already running")
             if self.state == State.STOPPED:
@@ -287,6 +287,8 @@ class Engine:
                 return Accepted(job.request_id, "already renewing")
             if self._renew is None:
                 raise RequestError("not_supported", "this service was started without certificate renewal")
+            if job is not None and job.kind == "boot":  # a renewal due at boot is made by the boot itself
+                raise RequestError("busy", "the node is booting; try again once it is running")
             if self.state != State.RUNNING:
                 raise RequestError("not_running", f"certificates are renewed on a running cluster, not in {self.state}")
             if job is not None:
