@@ -121,6 +121,8 @@ class Engine:
         # outlasted them (in the status until the next state change).
         self._durations = durations or StepDurations(paths.state_dir / "durations.json")
         self._slow: dict[str, Any] | None = None
+        # Set once a boot after a restart has started the kubelet, or has ended (at once when there is no boot).
+        self._past_boot_checks = asyncio.Event()
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -147,6 +149,13 @@ class Engine:
             usual_s=self._durations.all_usual_s(), slow=self._slow,
         )
 
+    async def past_boot_checks(self) -> None:
+        """Returns once the boot after a restart is past its checks (entering `kubelet`, or over), at once when the
+        start made no boot. What the service starts besides the engine (the certificate and exposure watches)
+        waits for this: their first passes (the Kubernetes client's import alone costs a second of CPU) would
+        compete with the boot for the one event loop and delay the kubelet (bench/bench_boot.py)."""
+        await self._past_boot_checks.wait()
+
     async def start(self) -> None:
         """Pick up where the last run stopped: resume an install or a reset, re-check a running cluster."""
         snap, state = self._snap, self.state
@@ -172,6 +181,8 @@ class Engine:
             # Quietly: no event unless some step's outcome no longer holds (a kubelet that died with the host).
             cluster = snap.cluster
             self._start_job("boot", snap.request_id, cluster, lambda: self._boot_job(snap.request_id, cluster))
+            return
+        self._past_boot_checks.set()
 
     async def install(self, *, request_id: str, version: str | None, prepare: InstallPrepare | None = None) -> Accepted:
         async with self._lock:
@@ -465,10 +476,11 @@ class Engine:
 
     async def _walk(
         self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int,
-        note: str | None = None,
+        note: str | None = None, on_enter: Callable[[], None] | None = None,
     ) -> None:
         """Enter each step's state and run it; steps below `quiet_until` are only checked, without events,
-        until one of them is found not done. `note` is said (progress) in the first state the walk enters."""
+        until one of them is found not done. `note` is said (progress) in the first state the walk enters, and
+        `on_enter` called then."""
         for index, step in enumerate(self._plan):
             if index < first:
                 continue
@@ -483,6 +495,9 @@ class Engine:
             if note is not None:
                 self._emit_progress(State(step.name), request_id, note)
                 note = None
+            if on_enter is not None:
+                on_enter()
+                on_enter = None
             await self._run_step(step, index, request_id, cluster, record=whole_run)
         if self.state != State.RUNNING:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
@@ -492,6 +507,12 @@ class Engine:
         are checked on their local evidence where they keep some (lifecycle.step.BootEvidence: no registry request,
         no hashing), the kubelet is started at once and the costly checks run in the background while the node
         comes up. A step found not holding, before or after, goes the usual repair path, its event saying why."""
+        try:
+            await self._boot(request_id, cluster)
+        finally:
+            self._past_boot_checks.set()
+
+    async def _boot(self, request_id: str | None, cluster: ClusterParams) -> None:
         kubelet_at = INSTALL_STATES.index(State.KUBELET)
         trusted: list[str] = []
         deferred: list[Step] = []
@@ -504,7 +525,8 @@ class Engine:
             elif not await self._quietly_done(step, request_id, cluster):
                 self._boot_becomes_repair()
                 await self._walk(request_id, cluster, first=index, quiet_until=0,
-                                 note=f"after a restart: {step.name} no longer holds; repairing from here")
+                                 note=f"after a restart: {step.name} no longer holds; repairing from here",
+                                 on_enter=self._past_boot_checks.set)
                 return
         note = "boot fast path: " + (f"{', '.join(trusted)} held on local evidence (no registry request, no "
                                      "hashing), the rest checked in full; " if trusted else "")
@@ -516,7 +538,7 @@ class Engine:
         try:
             try:
                 await self._walk(request_id, cluster, first=kubelet_at, quiet_until=len(self._plan),
-                                 note=note + "starting the kubelet")
+                                 note=note + "starting the kubelet", on_enter=self._past_boot_checks.set)
             except _StepFailedError as exc:
                 failed = exc
             wrong = await verify
