@@ -528,6 +528,13 @@ class Engine:
                                  note=f"after a restart: {step.name} no longer holds; repairing from here",
                                  on_enter=self._past_boot_checks.set)
                 return
+        preload: list[asyncio.Task[None]] = []
+
+        def entered_kubelet() -> None:
+            self._past_boot_checks.set()
+            # The Kubernetes client's import (a second of CPU) while the kubelet starts, not when readiness asks.
+            preload.append(asyncio.create_task(self._preload_kube_client(), name="boot-preload-kube-client"))
+
         note = "boot fast path: " + (f"{', '.join(trusted)} held on local evidence (no registry request, no "
                                      "hashing), the rest checked in full; " if trusted else "")
         if deferred:
@@ -538,13 +545,14 @@ class Engine:
         try:
             try:
                 await self._walk(request_id, cluster, first=kubelet_at, quiet_until=len(self._plan),
-                                 note=note + "starting the kubelet", on_enter=self._past_boot_checks.set)
+                                 note=note + "starting the kubelet", on_enter=entered_kubelet)
             except _StepFailedError as exc:
                 failed = exc
             wrong = await verify
         finally:
-            verify.cancel()
-            await asyncio.gather(verify, return_exceptions=True)
+            for task in (verify, *preload):
+                task.cancel()
+            await asyncio.gather(verify, *preload, return_exceptions=True)
         if wrong is None:
             if failed is not None:
                 raise failed
@@ -556,6 +564,12 @@ class Engine:
         await self._walk(request_id, cluster, first=0, quiet_until=len(self._plan),
                          note=f"boot: the full check found {wrong} no longer holding (the boot fast path trusted "
                               "its local evidence); repairing from here")
+
+    async def _preload_kube_client(self) -> None:
+        try:
+            await self._ports.kube.preload()
+        except Exception as exc:  # best effort: the readiness step's first connect loads it anyway
+            self._log.info("could not preload the Kubernetes client", error=f"{type(exc).__name__}: {exc}")
 
     async def _boot_check(self, step: Step, request_id: str | None, cluster: ClusterParams) -> BootCheck:
         if not isinstance(step, BootEvidence):
