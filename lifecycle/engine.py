@@ -476,11 +476,11 @@ class Engine:
 
     async def _walk(
         self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int,
-        note: str | None = None, on_enter: Callable[[], None] | None = None,
+        note: str | None = None, on_enter: Callable[[], None] | None = None, trusted: frozenset[str] = frozenset(),
     ) -> None:
         """Enter each step's state and run it; steps below `quiet_until` are only checked, without events,
         until one of them is found not done. `note` is said (progress) in the first state the walk enters, and
-        `on_enter` called then."""
+        `on_enter` called then. Steps named in `trusted` are done on their boot evidence (lifecycle.step)."""
         for index, step in enumerate(self._plan):
             if index < first:
                 continue
@@ -498,7 +498,7 @@ class Engine:
             if on_enter is not None:
                 on_enter()
                 on_enter = None
-            await self._run_step(step, index, request_id, cluster, record=whole_run)
+            await self._run_step(step, index, request_id, cluster, record=whole_run, trusted=step.name in trusted)
         if self.state != State.RUNNING:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
 
@@ -514,19 +514,18 @@ class Engine:
 
     async def _boot(self, request_id: str | None, cluster: ClusterParams) -> None:
         kubelet_at = INSTALL_STATES.index(State.KUBELET)
-        trusted: list[str] = []
-        deferred: list[Step] = []
+        checks = {step.name: await self._boot_check(step, request_id, cluster) for step in self._plan[:kubelet_at]}
+        trusted = [name for name, check in checks.items() if check != BootCheck.UNKNOWN]
+        deferred = [step for step in self._plan if checks.get(step.name) == BootCheck.VERIFY_LATER]
         for index, step in enumerate(self._plan[:kubelet_at]):
-            check = await self._boot_check(step, request_id, cluster)
-            if check != BootCheck.UNKNOWN:
-                trusted.append(step.name)
-                if check == BootCheck.VERIFY_LATER:
-                    deferred.append(step)
-            elif not await self._quietly_done(step, request_id, cluster):
+            if checks[step.name] == BootCheck.UNKNOWN and not await self._quietly_done(step, request_id, cluster):
+                # The usual repair from here; a later step whose evidence is whole (no check left for later) is
+                # taken as done: a renewal due at boot must not make the boot ask the registry.
+                whole = frozenset(name for name, check in checks.items() if check == BootCheck.HOLDS)
                 self._boot_becomes_repair()
                 await self._walk(request_id, cluster, first=index, quiet_until=0,
                                  note=f"after a restart: {step.name} no longer holds; repairing from here",
-                                 on_enter=self._past_boot_checks.set)
+                                 on_enter=self._past_boot_checks.set, trusted=whole)
                 return
         preload: list[asyncio.Task[None]] = []
 
@@ -617,7 +616,11 @@ class Engine:
 
     async def _run_step(
         self, step: Step, index: int, request_id: str | None, cluster: ClusterParams, *, record: bool = False,
+        trusted: bool = False,
     ) -> None:
+        if trusted:
+            self._emit_progress(State(step.name), request_id, "already done (its local evidence held at boot)")
+            return
         started_s = asyncio.get_running_loop().time()
         slow_after_s = self._durations.slow_after_s(step.name)
         watch = None if slow_after_s is None else asyncio.create_task(

@@ -126,3 +126,22 @@ async def test_cancel_during_the_boot_has_nothing_to_cancel_and_the_boot_goes_on
     assert rig.engine.state == State.RUNNING
     assert rig.states(rig.events()) == ["kubelet", "readiness", "addons", "running"]
     await rig.engine.shutdown()
+
+
+async def test_a_repair_at_boot_takes_later_steps_on_their_whole_evidence(tmp_path: Path) -> None:
+    """A renewal due at boot (certs no longer holds) repairs from certs on; images, whose evidence is whole, is not
+    checked in full again (that check asks the registry: a boot needs no network)."""
+    rig = await installed_then_rebooted(tmp_path)
+    evidence(tmp_path, images=BootCheck.HOLDS, binaries=BootCheck.UNKNOWN)
+    (fake_dir(tmp_path) / "certs.done").unlink()
+    steer(tmp_path, "images", check_s=SLOW_CHECK_S)
+    started_s = time.monotonic()
+    await rig.engine.start()
+    await rig.engine.wait_job()
+    assert time.monotonic() - started_s < SLOW_CHECK_S
+    events = rig.events()
+    assert rig.states(events) == ["certs", "images", "binaries", "network", "kubeadm", "kubelet", "readiness",
+                                  "addons", "running"]
+    assert ("images", "already done (its local evidence held at boot)") in progress(events)
+    assert journal(tmp_path)[-1] == "run kubelet 1" and "run certs 1" in journal(tmp_path)
+    await rig.engine.shutdown()
