@@ -28,7 +28,7 @@ from lifecycle.outbox import Outbox, is_durable
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.protocol import STOPPED_MESSAGE, Action, CertsStatus, ErrorInfo, Event, EventType, Status
-from lifecycle.step import ClusterParams, ProgressFn, Step, StepContext, node_ip_of
+from lifecycle.step import BootCheck, BootEvidence, ClusterParams, ProgressFn, Step, StepContext, node_ip_of
 from lifecycle.store import Snapshot, Store
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "install", "reset", "renew", "stop" or "start"
+    kind: str  # "install", "boot", "reset", "renew", "stop" or "start"
     request_id: str | None
     cluster: ClusterParams | None
     task: asyncio.Task[None]
@@ -121,6 +121,8 @@ class Engine:
         # outlasted them (in the status until the next state change).
         self._durations = durations or StepDurations(paths.state_dir / "durations.json")
         self._slow: dict[str, Any] | None = None
+        # Set once a boot after a restart has started the kubelet, or has ended (at once when there is no boot).
+        self._past_boot_checks = asyncio.Event()
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -147,6 +149,13 @@ class Engine:
             usual_s=self._durations.all_usual_s(), slow=self._slow,
         )
 
+    async def past_boot_checks(self) -> None:
+        """Returns once the boot after a restart is past its checks (entering `kubelet`, or over), at once when the
+        start made no boot. What the service starts besides the engine (the certificate and exposure watches)
+        waits for this: their first passes (the Kubernetes client's import alone costs a second of CPU) would
+        compete with the boot for the one event loop and delay the kubelet (bench/bench_boot.py)."""
+        await self._past_boot_checks.wait()
+
     async def start(self) -> None:
         """Pick up where the last run stopped: resume an install or a reset, re-check a running cluster."""
         snap, state = self._snap, self.state
@@ -170,7 +179,10 @@ class Engine:
             self._start_job("stop", snap.request_id, snap.cluster, lambda: self._stop_node_job(snap.request_id))
         elif state == State.RUNNING and snap.cluster is not None:
             # Quietly: no event unless some step's outcome no longer holds (a kubelet that died with the host).
-            self._start_install(snap.request_id, snap.cluster, first=0, quiet_until=len(self._plan))
+            cluster = snap.cluster
+            self._start_job("boot", snap.request_id, cluster, lambda: self._boot_job(snap.request_id, cluster))
+            return
+        self._past_boot_checks.set()
 
     async def install(self, *, request_id: str, version: str | None, prepare: InstallPrepare | None = None) -> Accepted:
         async with self._lock:
@@ -201,9 +213,9 @@ class Engine:
                 raise RequestError("reset_required", reset_required_message(self._drift))
             if prepare is not None:
                 await prepare(self.state, self._snap.step)
-            if job is not None:  # in running, the quiet re-check after a restart is the job
+            if job is not None:  # in running (or the states it re-enters), the boot after a restart is the job
                 return Accepted(job.request_id, "already running" if self.state == State.RUNNING else
-                                "already installing")
+                                "already booting" if job.kind == "boot" else "already installing")
             if self.state == State.RUNNING:
                 return Accepted(self._snap.request_id, "already running")
             if self.state == State.STOPPED:
@@ -262,7 +274,7 @@ class Engine:
             job = self._job
             if job is not None and job.kind == "start":
                 return Accepted(job.request_id, "already starting")
-            if self.state == State.RUNNING and (job is None or job.kind == "install"):
+            if self.state == State.RUNNING and (job is None or job.kind in ("install", "boot")):
                 return Accepted(self._snap.request_id, "already running")
             if self.state == State.STOPPED and job is not None:
                 raise RequestError("busy", "the cluster is still being stopped; request the start once it is")
@@ -286,6 +298,8 @@ class Engine:
                 return Accepted(job.request_id, "already renewing")
             if self._renew is None:
                 raise RequestError("not_supported", "this service was started without certificate renewal")
+            if job is not None and job.kind == "boot":  # a renewal due at boot is made by the boot itself
+                raise RequestError("busy", "the node is booting; try again once it is running")
             if self.state != State.RUNNING:
                 raise RequestError("not_running", f"certificates are renewed on a running cluster, not in {self.state}")
             if job is not None:
@@ -349,10 +363,10 @@ class Engine:
             job = self._job
             if job is None:
                 return Accepted(self._snap.request_id, "nothing to cancel")
-            if job.kind == "install" and self.state == State.RUNNING:
-                # The quiet re-check after a restart: nothing was requested, so there is nothing to cancel; stopping
-                # it would leave `running` claimed by a node whose processes may be gone. Once it finds a step not
-                # done it enters that step's state, and a cancel then stops the repair like any install.
+            if job.kind == "boot":
+                # The boot after a restart: nothing was requested, so there is nothing to cancel; stopping it would
+                # leave `running` claimed by a node whose processes may be gone (or the kubelet half started). Once a
+                # check finds a step not done, the boot becomes a repair (an install job), which a cancel stops.
                 return Accepted(self._snap.request_id, "nothing to cancel")
             if job.kind == "stop":
                 raise RequestError("not_cancellable", "a stop cannot be cancelled; request a start once it finished")
@@ -468,9 +482,13 @@ class Engine:
                 self._log.warning("job ignores cancellation, cancelling again", job=job.task.get_name())
         self._job = None
 
-    async def _walk(self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int) -> None:
+    async def _walk(
+        self, request_id: str | None, cluster: ClusterParams, *, first: int, quiet_until: int,
+        note: str | None = None, on_enter: Callable[[], None] | None = None, trusted: frozenset[str] = frozenset(),
+    ) -> None:
         """Enter each step's state and run it; steps below `quiet_until` are only checked, without events,
-        until one of them is found not done."""
+        until one of them is found not done. `note` is said (progress) in the first state the walk enters, and
+        `on_enter` called then. Steps named in `trusted` are done on their boot evidence (lifecycle.step)."""
         for index, step in enumerate(self._plan):
             if index < first:
                 continue
@@ -482,22 +500,135 @@ class Engine:
             whole_run = self._snap.state != step.name
             if whole_run:
                 self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=cluster)
-            await self._run_step(step, index, request_id, cluster, record=whole_run)
+            if note is not None:
+                self._emit_progress(State(step.name), request_id, note)
+                note = None
+            if on_enter is not None:
+                on_enter()
+                on_enter = None
+            await self._run_step(step, index, request_id, cluster, record=whole_run, trusted=step.name in trusted)
         if self.state != State.RUNNING:
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=cluster)
+
+    async def _boot_job(self, request_id: str | None, cluster: ClusterParams) -> None:
+        """After a restart in `running` (a reboot: every process of the node gone). The steps before the kubelet
+        are checked on their local evidence where they keep some (lifecycle.step.BootEvidence: no registry request,
+        no hashing), the kubelet is started at once and the costly checks run in the background while the node
+        comes up. A step found not holding, before or after, goes the usual repair path, its event saying why."""
+        try:
+            await self._boot(request_id, cluster)
+        finally:
+            self._past_boot_checks.set()
+
+    async def _boot(self, request_id: str | None, cluster: ClusterParams) -> None:
+        kubelet_at = INSTALL_STATES.index(State.KUBELET)
+        checks = {step.name: await self._boot_check(step, request_id, cluster) for step in self._plan[:kubelet_at]}
+        trusted = [name for name, check in checks.items() if check != BootCheck.UNKNOWN]
+        deferred = [step for step in self._plan if checks.get(step.name) == BootCheck.VERIFY_LATER]
+        for index, step in enumerate(self._plan[:kubelet_at]):
+            if checks[step.name] == BootCheck.UNKNOWN and not await self._quietly_done(step, request_id, cluster):
+                # The usual repair from here; a later step whose evidence is whole (no check left for later) is
+                # taken as done: a renewal due at boot must not make the boot ask the registry.
+                whole = frozenset(name for name, check in checks.items() if check == BootCheck.HOLDS)
+                self._boot_becomes_repair()
+                await self._walk(request_id, cluster, first=index, quiet_until=0,
+                                 note=f"after a restart: {step.name} no longer holds; repairing from here",
+                                 on_enter=self._past_boot_checks.set, trusted=whole)
+                return
+        preload: list[asyncio.Task[None]] = []
+
+        def entered_kubelet() -> None:
+            self._past_boot_checks.set()
+            # The Kubernetes client's import (a second of CPU) while the kubelet starts, not when readiness asks.
+            preload.append(asyncio.create_task(self._preload_kube_client(), name="boot-preload-kube-client"))
+
+        note = "boot fast path: " + (f"{', '.join(trusted)} held on local evidence (no registry request, no "
+                                     "hashing), the rest checked in full; " if trusted else "")
+        if deferred:
+            note += f"the full check of {', '.join(step.name for step in deferred)} runs in the background; "
+        state_seq = self._snap.state_seq
+        verify = asyncio.create_task(self._verify_later(deferred, request_id, cluster), name="boot-verify")
+        failed: _StepFailedError | None = None
+        try:
+            try:
+                await self._walk(request_id, cluster, first=kubelet_at, quiet_until=len(self._plan),
+                                 note=note + "starting the kubelet", on_enter=entered_kubelet)
+            except _StepFailedError as exc:
+                failed = exc
+            wrong = await verify
+        finally:
+            for task in (verify, *preload):
+                task.cancel()
+            await asyncio.gather(verify, *preload, return_exceptions=True)
+        if wrong is None:
+            if failed is not None:
+                raise failed
+            if deferred and self._snap.state_seq != state_seq:
+                self._emit_progress(State.RUNNING, request_id, f"boot: the full check of "
+                                    f"{', '.join(step.name for step in deferred)} held")
+            return
+        self._boot_becomes_repair()  # from running, or from failed when the kubelet tripped over what was wrong
+        await self._walk(request_id, cluster, first=0, quiet_until=len(self._plan),
+                         note=f"boot: the full check found {wrong} no longer holding (the boot fast path trusted "
+                              "its local evidence); repairing from here")
+
+    async def _preload_kube_client(self) -> None:
+        try:
+            await self._ports.kube.preload()
+        except Exception as exc:  # best effort: the readiness step's first connect loads it anyway
+            self._log.info("could not preload the Kubernetes client", error=f"{type(exc).__name__}: {exc}")
+
+    async def _boot_check(self, step: Step, request_id: str | None, cluster: ClusterParams) -> BootCheck:
+        if not isinstance(step, BootEvidence):
+            return BootCheck.UNKNOWN
+        ctx = self._context(step.name, request_id, cluster, self._policy(step).timeout_s)
+        try:
+            async with asyncio.timeout_at(ctx.deadline):
+                return await self._in_task(step.boot_check(ctx), name=f"step-{step.name}-boot-check")
+        except Exception as exc:  # the full check that follows says what is wrong
+            ctx.log.info("boot check failed; checking in full", error=f"{type(exc).__name__}: {exc}")
+            return BootCheck.UNKNOWN
+
+    async def _verify_later(self, steps: Sequence[Step], request_id: str | None, cluster: ClusterParams) -> str | None:
+        """The full checks the boot deferred, one after the other: the first step that does not hold, else None."""
+        for step in steps:
+            if not await self._quietly_done(step, request_id, cluster):
+                return step.name
+        return None
+
+    def _boot_becomes_repair(self) -> None:
+        """Something was found wrong: from here the job is an install repairing the node, which a cancel stops."""
+        if self._job is not None and self._job.kind == "boot":
+            self._job = replace(self._job, kind="install")
 
     async def _quietly_done(self, step: Step, request_id: str | None, cluster: ClusterParams) -> bool:
         ctx = self._context(step.name, request_id, cluster, self._policy(step).timeout_s)
         try:
             async with asyncio.timeout_at(ctx.deadline):
-                return await self._in_task(step.is_done(ctx), name=f"step-{step.name}-check")
+                done = await self._in_task(step.is_done(ctx), name=f"step-{step.name}-check")
         except Exception as exc:  # the loud pass calls is_done again and classifies the error properly
             ctx.log.info("quiet check failed; running the step", error=f"{type(exc).__name__}: {exc}")
             return False
+        if done:
+            await self._record_evidence(step, ctx)
+        return done
+
+    async def _record_evidence(self, step: Step, ctx: StepContext) -> None:
+        """The full check just held: the step notes the cheap evidence the next boot trusts (lifecycle.boot)."""
+        if not isinstance(step, BootEvidence):
+            return
+        try:
+            await self._in_task(step.record_boot_evidence(ctx), name=f"step-{step.name}-record-evidence")
+        except Exception as exc:  # without it the next boot runs the full check: slower, never wrong
+            ctx.log.warning("could not record boot evidence", error=f"{type(exc).__name__}: {exc}")
 
     async def _run_step(
         self, step: Step, index: int, request_id: str | None, cluster: ClusterParams, *, record: bool = False,
+        trusted: bool = False,
     ) -> None:
+        if trusted:
+            self._emit_progress(State(step.name), request_id, "already done (its local evidence held at boot)")
+            return
         started_s = asyncio.get_running_loop().time()
         slow_after_s = self._durations.slow_after_s(step.name)
         watch = None if slow_after_s is None else asyncio.create_task(
@@ -535,6 +666,7 @@ class Engine:
             async with timer:
                 if await self._in_task(step.is_done(ctx), name=f"step-{step.name}-is-done"):
                     self._emit_progress(State(step.name), request_id, "already done")
+                    await self._record_evidence(step, ctx)
                     return False
                 while True:
                     attempts += 1
@@ -547,6 +679,7 @@ class Engine:
                     else:
                         break
                 await self._check_outcome(step, ctx)
+                await self._record_evidence(step, ctx)
                 return True
         except TimeoutError as exc:
             if timer.expired():

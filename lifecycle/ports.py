@@ -154,6 +154,9 @@ class KubeApi(Protocol):
 class KubeApiFactory(Protocol):
     def connect(self, kubeconfig: Path) -> AbstractAsyncContextManager[KubeApi]: ...
 
+    async def preload(self) -> None:
+        """Load the client library now (a boot does it while the kubelet starts), not at the first `connect`."""
+
 
 class ServicesApi(Protocol):
     """Services in all namespaces as the exposure watch needs them (lifecycle.exposewatch). Objects are plain

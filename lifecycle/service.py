@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lifecycle.adapters.mqtt import MqttBridge
@@ -60,6 +60,12 @@ async def _until_stop_or_bridge_failure(stop: asyncio.Event, bridge: MqttBridge)
     while isinstance(failure, BaseExceptionGroup):  # the TaskGroup's wrapping: name the bug itself
         failure = failure.exceptions[0]
     return failure
+
+
+async def _after_boot_checks(engine: Engine, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """A watch, started once the boot after a restart is past its checks (Engine.past_boot_checks)."""
+    await engine.past_boot_checks()
+    await run()
 
 
 async def _ready_once_online(sd: Notifier, bridge: MqttBridge) -> None:
@@ -230,9 +236,10 @@ async def serve(
             await engine.start()
             ready = asyncio.create_task(_ready_once_online(sd, bridge), name="lifecycle-sd-ready")
             stack.callback(ready.cancel)
-            watches = {asyncio.create_task(certs.run(), name="lifecycle-certs-watch")}
+            watches = {asyncio.create_task(_after_boot_checks(engine, certs.run), name="lifecycle-certs-watch")}
             if exposures is not None:
-                watches.add(asyncio.create_task(exposures.run(), name="lifecycle-exposures-watch"))
+                watches.add(asyncio.create_task(_after_boot_checks(engine, exposures.run),
+                                                name="lifecycle-exposures-watch"))
             failure = await _until_stop_or_bridge_failure(stop, bridge)
             sd.notify("STOPPING=1")
             log.info("stopping", state=engine.state.value)

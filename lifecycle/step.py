@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from lifecycle.config import Config
 from lifecycle.paths import HostPaths
@@ -86,6 +87,26 @@ class Step(Protocol):
 
     async def before_retry(self, ctx: StepContext) -> None:
         """Undo a failed attempt's partial work so that `run` may start over (most steps: nothing)."""
+
+
+class BootCheck(StrEnum):
+    """What a step's local evidence says at boot (docs/architecture.md "Boot")."""
+
+    HOLDS = "holds"  # the evidence is the whole check: nothing left to verify
+    VERIFY_LATER = "verify_later"  # cheap evidence holds; the full `is_done` runs in the background meanwhile
+    UNKNOWN = "unknown"  # no usable evidence (none recorded, or it no longer matches): the full `is_done` now
+
+
+@runtime_checkable
+class BootEvidence(Protocol):
+    """Optional for a step whose `is_done` is costly (a registry round trip, hashing hundreds of MB). After a
+    reboot the engine asks `boot_check` instead, so the kubelet starts without waiting for either; the evidence is
+    recorded by `record_boot_evidence`, which the engine calls each time the full `is_done` holds. Both only read
+    local files and ask the container engine about local images: never the network."""
+
+    async def boot_check(self, ctx: StepContext) -> BootCheck: ...
+
+    async def record_boot_evidence(self, ctx: StepContext) -> None: ...
 
 
 StepFactory = Callable[[], list[Step]]

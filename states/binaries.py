@@ -2,6 +2,8 @@
 /usr/bin, the CNI plugins in /opt/cni/bin) out of the binaries image, each to the same path under the node root
 (0755), ignoring everything else in the image; recorded in `<state_dir>/binaries.json` (image id, sha256 per
 file). Done when the record's image id is the local id of the binaries image and every file still has its sha256.
+Boot evidence (`<state_dir>/binaries-boot.json`, each file's size and mtime when the full check last held): at
+boot a stat per file and an engine lookup stand in for the hashes, which the engine then checks in the background.
 A file the image holds as a hard link (seen in its layers: the archive API would hand over its partner's content),
 with setuid/setgid/sticky bits or extended attributes (file capabilities; others from the layers) is refused as
 `bad_image`, naming it; so is an image with a `../` entry name anywhere in its layers.
@@ -26,10 +28,11 @@ from lifecycle.imagescan import LayerLinks, layer_links
 from lifecycle.logging import get_logger
 from lifecycle.paths import HostPaths
 from lifecycle.ports import EngineError, Ports
-from lifecycle.step import StepContext, finish_in_thread
+from lifecycle.step import BootCheck, StepContext, finish_in_thread
 from lifecycle.tarstream import ArchiveSource, ChunkPipe, Extracted, Link, extract_source
 
 RECORD_NAME = "binaries.json"
+EVIDENCE_NAME = "binaries-boot.json"
 MAX_LINK_HOPS = 8  # symlinks followed inside the image before giving up (a loop, or a maze)
 PROGRESS_INTERVAL_S = 0.25
 COPY_ROLE = "binaries-copy"
@@ -98,6 +101,29 @@ class Binaries:
 
     def _image(self, ctx: StepContext) -> str:
         return ctx.config.kubernetes.binaries_image_for(ctx.cluster.kubernetes_version)
+
+    async def boot_check(self, ctx: StepContext) -> BootCheck:
+        """Every file has the size and mtime it had when its sha256 was last found right, and the binaries image
+        is still the one copied from: the hashes (seconds for real binaries) wait for the background check."""
+        evidence = _read_record(ctx.paths.state_dir / EVIDENCE_NAME, key="mtime_ns", kind=int)
+        if evidence is None or set(evidence["files"]) != set(ctx.config.kubernetes.binaries):
+            return BootCheck.UNKNOWN
+        try:
+            image_id = await ctx.ports.docker.image_id(self._image(ctx))
+        except EngineError:
+            return BootCheck.UNKNOWN
+        if image_id is None or image_id != evidence["image_id"]:
+            return BootCheck.UNKNOWN
+        stats = await asyncio.to_thread(_stat_files, ctx.paths, list(evidence["files"]))
+        return BootCheck.VERIFY_LATER if stats == evidence["files"] else BootCheck.UNKNOWN
+
+    async def record_boot_evidence(self, ctx: StepContext) -> None:
+        record = _read_record(ctx.paths.state_dir / RECORD_NAME)
+        if record is None:
+            return
+        files = await asyncio.to_thread(_stat_files, ctx.paths, list(record["files"]))
+        evidence = {"image_id": record["image_id"], "files": files}
+        await finish_in_thread(_write_record, ctx.paths.state_dir / EVIDENCE_NAME, evidence)
 
 
 def copy_labels(node_name: str) -> dict[str, str]:
@@ -361,7 +387,19 @@ def _hash_files(paths: HostPaths, names: list[str]) -> dict[str, str | None]:
     return hashes
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def _stat_files(paths: HostPaths, names: list[str]) -> dict[str, dict[str, int] | None]:
+    stats: dict[str, dict[str, int] | None] = {}
+    for name in names:
+        try:
+            st = _dest(paths, name).stat()
+        except OSError:
+            stats[name] = None
+        else:
+            stats[name] = {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return stats
+
+
+def _read_record(path: Path, *, key: str = "sha256", kind: type = str) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -369,7 +407,7 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
         return None
     files = record["files"]
-    if not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in files.values()):
+    if not all(isinstance(e, dict) and isinstance(e.get(key), kind) for e in files.values()):
         return None
     return record
 

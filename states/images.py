@@ -3,23 +3,29 @@ give cri-dockerd the pause image pulled here (lifecycle/hostunits.py). Leaves th
 Done when each is present and, if the registry can be asked, has its current digest among its RepoDigests
 (offline, a local copy counts), and cri-dockerd's drop-in names the pause image. Shortly before the step's
 deadline it gives up naming the images still pulling (a stalled registry), which an install resumes.
+Boot evidence (`<state_dir>/images.json`, each reference's local image id when the step last held): at boot every
+image is looked up by that id in the engine, and the registry is not asked (lifecycle.step.BootEvidence).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.hostunits import configure_cri_dockerd, cri_dockerd_configured
+from lifecycle.pki import write_atomic
 from lifecycle.ports import ContainerEngine, EngineError, PullProgress
-from lifecycle.step import StepContext
+from lifecycle.step import BootCheck, StepContext
 from states.kubeadm import fail_at
 
 PROGRESS_INTERVAL_S = 0.25  # per image: a few lines a second, whatever the engine's rate
 PULL_RETRY_DELAY_S = 2.0
+EVIDENCE_NAME = "images.json"
 T = TypeVar("T")
 
 
@@ -108,6 +114,39 @@ class Images:
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None  # the engine keeps complete layers; nothing to undo
+
+    async def boot_check(self, ctx: StepContext) -> BootCheck:
+        """Each wanted image is in the engine under the id recorded when the step last held: the local copies are
+        those the node ran on, which is all a boot needs (whether a tag moved on in the registry is a question
+        for an install, not for a boot, which must work offline). An engine lookup per image, no registry."""
+        recorded = await asyncio.to_thread(_read_evidence, ctx.paths.state_dir / EVIDENCE_NAME)
+        refs = wanted_images(ctx)
+        if recorded is None or any(ref not in recorded for ref in refs):
+            return BootCheck.UNKNOWN
+        try:
+            ids = await asyncio.gather(*(ctx.ports.docker.image_id(ref) for ref in refs))
+        except EngineError:
+            return BootCheck.UNKNOWN  # the full check says what is wrong
+        if any(image_id != recorded[ref] for ref, image_id in zip(refs, ids, strict=True)):
+            return BootCheck.UNKNOWN
+        return BootCheck.HOLDS if await cri_dockerd_configured(ctx) else BootCheck.UNKNOWN
+
+    async def record_boot_evidence(self, ctx: StepContext) -> None:
+        refs = wanted_images(ctx)
+        ids = await asyncio.gather(*(ctx.ports.docker.image_id(ref) for ref in refs))
+        evidence = {ref: image_id for ref, image_id in zip(refs, ids, strict=True) if image_id is not None}
+        text = json.dumps({"images": evidence}, indent=2, sort_keys=True).encode()
+        await asyncio.to_thread(write_atomic, ctx.paths.state_dir / EVIDENCE_NAME, text, 0o644)
+
+
+def _read_evidence(path: Path) -> dict[str, str] | None:
+    try:
+        images = json.loads(path.read_text()).get("images")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(images, dict) or not all(isinstance(v, str) for v in images.values()):
+        return None
+    return {str(ref): image_id for ref, image_id in images.items()}
 
 
 async def _all(ctx: StepContext, prefix: str, jobs: list[tuple[str, Coroutine[Any, Any, T]]]) -> list[T]:

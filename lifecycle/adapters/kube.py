@@ -69,6 +69,9 @@ class KubernetesApiFactory:
         async with _api_client(content) as api_client:
             yield _KubeClient(api_client, request_timeout_s=self._request_timeout_s)
 
+    async def preload(self) -> None:
+        await _import_kubernetes_asyncio()
+
     @contextlib.asynccontextmanager
     async def connect_services(self, kubeconfig: Path) -> AsyncIterator[ServicesApi]:
         """The same connection as `connect` (one ApiClient, closed on exit), seen as a `ServicesApi`."""

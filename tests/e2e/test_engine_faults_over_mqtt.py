@@ -1,7 +1,7 @@
 """Faults of the node's outside world, seen the way a host backend sees them: the real `lifecycle serve` on the
 simulated node, driven and observed over MQTT. A registry that accepts connections and never answers must end the
 images step with an error naming the images still pulling (issue 8, defect 8); a cancel during the quiet re-check
-after a reboot has nothing to cancel, and the re-check repairs the node (defect 4)."""
+after a reboot has nothing to cancel, and the boot brings the node back (defect 4)."""
 
 from __future__ import annotations
 
@@ -144,8 +144,9 @@ def test_cancel_during_the_recheck_after_a_reboot_has_nothing_to_cancel_and_the_
     make_node: Callable[..., Node],  # noqa: F811 (the fixture imported above)
     sim_images: SimImages,
 ) -> None:
-    """Issue 8 defect 4. The re-check after a restart asks the registry for each image's digest; with the registry
-    stalled there, it is certainly under way, still quiet (`running`), when the cancel arrives."""
+    """Issue 8 defect 4. Since issue 10 part 3 the boot after a restart asks the registry nothing (the registry
+    stalled here would hold up the re-check before): the cancel arrives while the boot is under way, in `running`
+    or already in a state it re-entered to start the kubelet; either way there is nothing to cancel."""
     host, port = REGISTRY.rsplit(":", 1)
     proxy = RegistryProxy((host, int(port)))
     try:
@@ -168,7 +169,8 @@ def test_cancel_during_the_recheck_after_a_reboot_has_nothing_to_cancel_and_the_
         proxy.stall()
         node.start_service()
         reply = payload(node.request({"id": "cancel-1", "action": "cancel"}, correlation="c1"))
-        assert (reply["ok"], reply.get("note"), reply["state"]) == (True, "nothing to cancel", "running"), reply
+        assert (reply["ok"], reply.get("note")) == (True, "nothing to cancel"), reply
+        assert reply["state"] in ("running", "kubelet", "readiness", "addons"), reply
         proxy.release()
 
         def changed_after_restart(m: dict[str, Any]) -> bool:

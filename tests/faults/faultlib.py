@@ -429,6 +429,7 @@ class CutProxy:
         self._listen_unix = listen_unix
         self._rate_bytes_s = rate_bytes_s  # downstream only: a slow registry, so a pull can be caught midway
         self._mode = "forward"
+        self.connections = 0  # accepted since it was made, in every mode: who came asking
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -446,6 +447,7 @@ class CutProxy:
         import asyncio
 
         self._writers.add(writer)
+        self.connections += 1
         try:
             if self._mode != "forward":
                 while await reader.read(65536):

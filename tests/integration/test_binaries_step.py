@@ -28,6 +28,7 @@ from stepkit import (
 from lifecycle.adapters.docker import DockerEngine
 from lifecycle.config import DEFAULT_BINARIES, Config
 from lifecycle.errors import PermanentError, TemporaryError
+from lifecycle.step import BootCheck
 from states.binaries import RECORD_NAME, Binaries, copy_labels, remove_leftover_copies
 
 TOOLS = DEFAULT_BINARIES  # /usr/bin/{kubeadm,kubelet,kubectl,crictl}, /opt/cni/bin/{bridge,host-local,loopback,portmap}
@@ -106,6 +107,34 @@ async def test_a_changed_file_or_a_new_image_is_not_done(
 
     import_image(docker_host, _image(config), binaries_entries(_tools()))  # same tag, new image id
     assert not await step.is_done(ctx)
+
+
+async def test_boot_evidence_is_size_and_mtime_and_the_hashes_still_decide(
+    config: Config, engine: DockerEngine, docker_host: str
+) -> None:
+    """Issue 10 part 3: at boot a stat per file and an engine lookup stand in for the hashes; what they cannot see
+    (the same size and mtime over other bytes) is left to the full check, which the engine runs in the background."""
+    import_image(docker_host, _image(config), binaries_entries(_tools()))
+    ctx, _ = make_ctx(config, docker=engine)
+    step = Binaries()
+    await step.run(ctx)
+    assert await step.boot_check(ctx) == BootCheck.UNKNOWN  # nothing recorded yet: the full check decides
+    await step.record_boot_evidence(ctx)  # the engine does this each time the full check holds
+    assert await step.boot_check(ctx) == BootCheck.VERIFY_LATER
+
+    kubelet = ctx.paths.under("/usr/bin/kubelet")
+    before = kubelet.stat()
+    kubelet.write_bytes(b"X" * before.st_size)  # damaged, same size, mtime put back
+    os.utime(kubelet, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert await step.boot_check(ctx) == BootCheck.VERIFY_LATER
+    assert not await step.is_done(ctx)  # the background check finds it
+
+    os.utime(kubelet)  # a new mtime: the evidence no longer holds
+    assert await step.boot_check(ctx) == BootCheck.UNKNOWN
+    await step.run(ctx)
+    await step.record_boot_evidence(ctx)
+    import_image(docker_host, _image(config), binaries_entries(_tools()))  # same tag, new image id
+    assert await step.boot_check(ctx) == BootCheck.UNKNOWN
 
 
 async def test_symlinks_are_followed_inside_the_image(config: Config, engine: DockerEngine, docker_host: str) -> None:

@@ -5,6 +5,7 @@ permanently for a missing image."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,9 @@ from lifecycle.adapters.docker import DockerEngine
 from lifecycle.config import Config
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.ports import PullProgress
+from lifecycle.step import BootCheck
 from simnode.hostile import Member, Registry, Variant, build_variant
-from states.images import Images, wanted_images
+from states.images import EVIDENCE_NAME, Images, wanted_images
 
 
 class CountingEngine(DockerEngine):
@@ -118,6 +120,33 @@ async def test_images_with_the_registry_digest_are_skipped(registry_images: Conf
         skipped = [m for m in progress.messages() if m.startswith("skipped ")]
         assert len(skipped) == 10
         assert all("registry's digest" in m for m in skipped)
+    finally:
+        await engine.close()
+
+
+class NoRegistryEngine(DockerEngine):
+    """The real adapter, refusing to ask the registry anything."""
+
+    async def registry_digest(self, ref: str) -> str | None:
+        raise AssertionError(f"the registry was asked about {ref}")
+
+
+async def test_boot_evidence_is_the_local_image_ids_and_never_asks_the_registry(
+    registry_images: Config, docker_host: str,
+) -> None:
+    """Issue 10 part 3: at boot each image is looked up in the engine by the id recorded when the step last held."""
+    engine = NoRegistryEngine(docker_host)
+    ctx, _ = make_ctx(registry_images, docker=engine)
+    step = Images()
+    try:
+        assert await step.boot_check(ctx) == BootCheck.UNKNOWN  # nothing recorded: the full check decides
+        await step.record_boot_evidence(ctx)  # the engine does this each time the full check holds
+        assert await step.boot_check(ctx) == BootCheck.HOLDS
+        evidence = ctx.paths.state_dir / EVIDENCE_NAME
+        recorded = json.loads(evidence.read_text())
+        recorded["images"][wanted_images(ctx)[2]] = "sha256:" + "0" * 64  # the engine holds another image now
+        evidence.write_text(json.dumps(recorded))
+        assert await step.boot_check(ctx) == BootCheck.UNKNOWN
     finally:
         await engine.close()
 

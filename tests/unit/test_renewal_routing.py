@@ -130,8 +130,9 @@ async def test_a_restart_in_running_renews_instead_of_rewriting_the_certs(tmp_pa
     assert len(renewed) == 1 and renewed[0]["request_id"] == "i1"
     assert "/var/lib/kubelet/pki/kubelet-client-current.pem" in renewed[0]["files"]
     progress = [e.data["message"] for e in events if e.type == EventType.STEP_PROGRESS and e.data["state"] == "certs"]
-    assert progress[0].startswith("renewing certificates of the running cluster (apiserver.crt, kubelet.conf")
-    assert progress[1:3] == ["renewed apiserver.crt", "already done"]
+    assert progress[0] == "after a restart: certs no longer holds; repairing from here"  # the boot says why
+    assert progress[1].startswith("renewing certificates of the running cluster (apiserver.crt, kubelet.conf")
+    assert progress[2:4] == ["renewed apiserver.crt", "already done"]
     changes = [(e.data["from"], e.data["to"]) for e in events if e.type == EventType.STATE_CHANGED]
     assert changes[0] == ("running", "certs") and changes[-1] == ("addons", "running")
     await engine.shutdown()

@@ -1,0 +1,282 @@
+"""bench_boot: reboot -> `running` through the real service, against the simulated node's own readiness floor.
+
+One node on the simulated node (binaries image at pad scale 1.0 by default, with /pad among the binaries copied:
+150 MB, the size of the real ones), installed once through `lifecycle serve` over Mosquitto. Then, per run, two
+reboots (SIGKILL of the service and of every process under the node root), interleaved:
+- floor: the node's own kubelet started by hand with the service's command line (states.kubelet.kubelet_argv),
+  timed until the API server's /readyz answers 200: what the simulated node needs from kubelet start to API ready;
+- ours: `lifecycle serve` started, timed until /readyz answers 200 (polled the same way) and until the service
+  announces `kubelet` and `running`. `running` also waits for what the readiness and addons steps wait for (the
+  components' pods and the storage addon's pod, restarted by the kubelet, Ready again), which /readyz does not.
+Prints them, the differences and ratios (goal: ours within 1 s of the floor), and for reference the full check
+the boot moved to the background (states.binaries: sha256 of every binary), timed on the same node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from benchlib import REPO_ROOT, machine_note, median
+
+from lifecycle.config import DEFAULT_BINARIES
+from lifecycle.paths import HostPaths
+from simnode.host import prepare_host
+from states.kubelet import kubelet_argv
+
+VERSION = "v1.31.4"
+REGISTRY = os.environ.get("LIFECYCLE_REGISTRY", "127.0.0.1:5000")
+LIFECYCLE = REPO_ROOT / ".venv" / "bin" / "lifecycle"
+INSTALL_TIMEOUT_S = 300.0
+BOOT_TIMEOUT_S = 120.0
+POLL_S = 0.02
+
+
+class Events:
+    """The node's event stream (paho in a thread): every state change, kept in order."""
+
+    def __init__(self, node: str, host: str, port: int) -> None:
+        self.changes: list[dict[str, Any]] = []
+        self.timeline: list[tuple[float, str, str]] = []  # (monotonic, state, what) of every event
+        self._lock = threading.Condition()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-boot-{uuid.uuid4().hex[:8]}")
+        self._client.on_message = self._on_message
+        subscribed = threading.Event()
+        self._client.on_subscribe = lambda *_: subscribed.set()
+        self._client.connect(host, port)
+        self._client.subscribe(f"lifecycle/{node}/events", qos=1)
+        self._client.loop_start()
+        if not subscribed.wait(10):
+            raise SystemExit("bench_boot: no SUBACK from the broker")
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        body = json.loads(message.payload)
+        data = body.get("data") or {}
+        what = f"-> {data.get('to')}" if body.get("type") == "lifecycle.state.changed" else data.get("message", "")
+        self.timeline.append((time.monotonic(), str(data.get("state") or data.get("to")), str(what)))
+        if body.get("type") == "lifecycle.state.changed":
+            with self._lock:
+                self.changes.append({**body["data"], "seen_s": time.monotonic()})
+                self._lock.notify_all()
+
+    def wait_state(self, state: str, *, after_seq: int, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                for change in self.changes:
+                    if change["seq"] > after_seq and change["to"] in (state, "failed"):
+                        if change["to"] != state:
+                            raise SystemExit(f"bench_boot: the node failed: {change}")
+                        return change
+                if not self._lock.wait(max(0.0, deadline - time.monotonic())):
+                    raise SystemExit(f"bench_boot: no {state} within {timeout_s:g} s")
+
+    @property
+    def last_seq(self) -> int:
+        with self._lock:
+            return max((c["seq"] for c in self.changes), default=0)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+class Node:
+    def __init__(self, base: Path, namespace: str, broker: str) -> None:
+        self.name = f"bench-boot-{uuid.uuid4().hex[:8]}"
+        self.root = base / "root"
+        self.root.mkdir()
+        prepare_host(self.root)
+        self.config = base / "lifecycle.toml"
+        text = (REPO_ROOT / "simnode" / "lifecycle.toml").read_text()
+        text = text.replace('"../deploy/addons"', f'"{REPO_ROOT / "deploy" / "addons"}"')
+        binaries = ", ".join(f'"{path}"' for path in (*DEFAULT_BINARIES, "/pad"))  # /pad: what real binaries weigh
+        text = text.replace("\nbinaries_image = ", f"\nbinaries = [{binaries}]\nbinaries_image = ", 1)
+        self.config.write_text(text.replace(f'image_repository = "{REGISTRY}"',
+                                            f'image_repository = "{REGISTRY}/{namespace}"'))
+        self.log = base / "service.log"
+        self.broker = broker
+        self.service: subprocess.Popen[bytes] | None = None
+        self.kubelet: subprocess.Popen[bytes] | None = None
+
+    def start_service(self) -> None:
+        with open(self.log, "ab") as log:
+            self.service = subprocess.Popen(
+                [str(LIFECYCLE), "serve", "--config", str(self.config), "--root", str(self.root), "--node", self.name],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def request_install(self, host: str, port: int) -> None:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-boot-req-{uuid.uuid4().hex[:8]}")
+        client.connect(host, port)
+        client.loop_start()
+        info = client.publish(f"lifecycle/{self.name}/requests", json.dumps({"id": "bench-1", "action": "install"}),
+                              qos=1)
+        info.wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+
+    def reboot(self) -> None:
+        """Every process of the node gone, as after a power cut."""
+        for proc in (self.service, self.kubelet):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.service = self.kubelet = None
+        deadline = time.monotonic() + 15
+        while self._pids_under_root() and time.monotonic() < deadline:
+            for pid in self._pids_under_root():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        if self._pids_under_root():
+            raise SystemExit("bench_boot: processes of the node survived the reboot")
+
+    def _pids_under_root(self) -> list[int]:
+        pids: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if f"{self.root}/".encode() in (entry / "cmdline").read_bytes():
+                        stat = (entry / "stat").read_text()
+                        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                            pids.append(int(entry.name))
+        return pids
+
+    def start_kubelet_by_hand(self) -> None:
+        with open(self.root.parent / "kubelet-by-hand.log", "ab") as log:
+            self.kubelet = subprocess.Popen(kubelet_argv(HostPaths(self.root)), stdout=log, stderr=subprocess.STDOUT)
+
+    def readyz_url(self) -> str:
+        for line in (self.root / "etc/kubernetes/admin.conf").read_text().splitlines():
+            if line.strip().startswith("server:"):
+                return line.split(":", 1)[1].strip() + "/readyz"
+        raise SystemExit("bench_boot: no server in admin.conf")
+
+    def wait_readyz(self, timeout_s: float) -> float:
+        """monotonic time at which /readyz first answered 200 (anonymous: a public path, as upstream)."""
+        url = self.readyz_url()
+        context = ssl.create_default_context(cafile=str(self.root / "etc/kubernetes/pki/ca.crt"))
+        context.check_hostname = False
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(urllib.error.URLError, OSError), \
+                    urllib.request.urlopen(url, timeout=1, context=context) as resp:
+                if resp.status == 200:
+                    return time.monotonic()
+            time.sleep(POLL_S)
+        raise SystemExit(f"bench_boot: {url} not ready within {timeout_s:g} s")
+
+
+def ensure_images(namespace: str, pad_scale: float) -> None:
+    argv = [sys.executable, "-m", "simnode.images", "--pad-scale", str(pad_scale), "--namespace", namespace,
+            "--versions", VERSION]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env={**os.environ, "DOCKER_BUILDKIT": "0"}, capture_output=True,
+                          text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_boot: building the images failed: {proc.stderr.strip()[-2000:]}")
+
+
+def full_binaries_check_s(node: Node) -> float:
+    """What the boot no longer waits for: the binaries step's full `is_done` (sha256 of each file)."""
+    from states.binaries import RECORD_NAME, _hash_files, _read_record
+
+    paths = HostPaths(node.root)
+    record = _read_record(paths.state_dir / RECORD_NAME)
+    assert record is not None
+    start_s = time.perf_counter()
+    asyncio.run(asyncio.to_thread(_hash_files, paths, list(record["files"])))
+    return time.perf_counter() - start_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="reboots measured per variant")
+    parser.add_argument("--pad-scale", type=float, default=1.0, help="size of the simulated binaries (1.0: 150 MB)")
+    parser.add_argument("--namespace", default=os.environ.get("SIM_NAMESPACE", "bench"),
+                        help="registry namespace of the simulated images (this checkout's simnode is built there)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--timeline", action="store_true", help="print the last boot's events, timed")
+    parser.add_argument("--workdir", type=Path, help="keep the node (root, service log) here instead of a temp dir")
+    args = parser.parse_args(argv)
+    print(f"bench_boot: {machine_note()}")
+    ensure_images(args.namespace, args.pad_scale)
+    floors_s: list[float] = []
+    ours_readyz_s: list[float] = []
+    ours_s: list[float] = []
+    to_kubelet_s: list[float] = []
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-boot-")))
+        else:
+            base = args.workdir
+            base.mkdir(parents=True)
+        node = Node(base, args.namespace, f"mqtt://{args.host}:{args.port}")
+        events = Events(node.name, args.host, args.port)
+        try:
+            node.start_service()
+            time.sleep(2)  # online before the request (the service takes requests once subscribed)
+            node.request_install(args.host, args.port)
+            events.wait_state("running", after_seq=0, timeout_s=INSTALL_TIMEOUT_S)
+            for _ in range(args.runs):
+                node.reboot()
+                start_s = time.monotonic()
+                node.start_kubelet_by_hand()
+                floors_s.append(node.wait_readyz(BOOT_TIMEOUT_S) - start_s)
+                node.reboot()
+                seq = events.last_seq
+                start_s = time.monotonic()
+                node.start_service()
+                ours_readyz_s.append(node.wait_readyz(BOOT_TIMEOUT_S) - start_s)
+                running = events.wait_state("running", after_seq=seq, timeout_s=BOOT_TIMEOUT_S)
+                ours_s.append(running["seen_s"] - start_s)
+                kubelet = next((c for c in events.changes if c["seq"] > seq and c["to"] == "kubelet"), None)
+                timeline = [(t - start_s, state, what) for t, state, what in events.timeline if t >= start_s]
+                if kubelet is not None:
+                    to_kubelet_s.append(kubelet["seen_s"] - start_s)
+            hash_s = full_binaries_check_s(node)
+        finally:
+            node.reboot()
+            events.close()
+            for leaf in ("status", "availability", "exposures"):
+                subprocess.run(["mosquitto_pub", "-h", args.host, "-p", str(args.port), "-t",
+                                f"lifecycle/{node.name}/{leaf}", "-r", "-n"], check=False)
+    floor, ours_readyz, ours = median(floors_s), median(ours_readyz_s), median(ours_s)
+    if args.timeline:
+        print("the last boot, seconds after the service was started:")
+        for at_s, state, what in timeline:
+            print(f"  {at_s:6.2f}  {state:10} {what[:100]}")
+    print(f"runs: {args.runs} reboots per variant, binaries image at pad scale {args.pad_scale:g}")
+    print(f"{'':56}{'median':>10}{'min':>10}{'max':>10}")
+    rows = [("floor: kubelet by hand -> /readyz 200", floors_s),
+            ("ours: service start -> kubelet state", to_kubelet_s),
+            ("ours: service start -> /readyz 200", ours_readyz_s),
+            ("ours: service start -> running", ours_s)]
+    for label, values in rows:
+        if values:
+            print(f"{label:56}{median(values):>9.2f}s{min(values):>9.2f}s{max(values):>9.2f}s")
+    print(f"full binaries check moved to the background: {hash_s:.2f} s (sha256 of every binary, in the same process)")
+    print(f"to /readyz: ours - floor {ours_readyz - floor:+.2f} s (goal: under 1 s), ours / floor "
+          f"{ours_readyz / floor:.2f}x")
+    print(f"to running: ours - floor {ours - floor:+.2f} s, ours / floor {ours / floor:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
