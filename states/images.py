@@ -16,9 +16,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.hostunits import configure_cri_dockerd, cri_dockerd_configured
-from lifecycle.pki import write_atomic
 from lifecycle.ports import ContainerEngine, EngineError, PullProgress
 from lifecycle.step import BootCheck, StepContext
 from states.kubeadm import fail_at
