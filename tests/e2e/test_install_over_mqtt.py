@@ -269,6 +269,12 @@ def make_node(tmp_path: Path, sim_images: SimImages) -> Iterator[Callable[..., N
             node.service.kill()
             node.service.wait(timeout=10)
         _kill_processes_under(node.root)
+        # Pod containers the simulated kubelet ran in the engine (simnode/kubelet/engine.py): a test that ends
+        # without a reset would leave them in the shared engine (a real node's would go with its VM).
+        pods = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.simnode.root={node.root}"],
+                              capture_output=True, text=True, check=False).stdout.split()
+        if pods:
+            subprocess.run(["docker", "rm", "-f", *pods], capture_output=True, check=False)
         # Clear the retained messages this node left on the shared broker.
         for leaf in ("status", "availability", "exposures"):
             subprocess.run(["mosquitto_pub", "-t", node.topic(leaf), "-r", "-n"], check=False)
