@@ -60,3 +60,9 @@ def test_the_record_and_the_manifest_version_are_read_back(tmp_path: Path) -> No
         "spec:\n  containers:\n  - command:\n    - kube-apiserver\n"
         "    image: 127.0.0.1:5000/ns/kube-apiserver:v1.32.1\n")
     assert control_plane_version(paths) == "v1.32.1"
+
+
+def test_the_cli_shows_upgrade_steps_as_the_machine_names_them() -> None:
+    from lifecycle import cli_render
+
+    assert tuple(s.value for s in UPGRADE_STATES) == cli_render._UPGRADE_STATES
