@@ -579,6 +579,7 @@ class Engine:
             clear_upgrade(self._paths)
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=old, error=error)
             return
+        clear_upgrade(self._paths)  # `failed` is not resumed as an upgrade: an install repairs on the new version
         self._fail(state, request_id, target, error, step=step_no)
 
     async def _quietly_done(self, step: Step, request_id: str | None, cluster: ClusterParams) -> bool:

@@ -80,6 +80,7 @@ async def test_a_failed_upgrade_says_which_version_the_cluster_is_on(
     status = rig.engine.status()
     assert (status.state, status.kubernetes_version) == (state, version)
     assert status.error is not None and status.error.code == failed["error"]["code"]
+    assert not (tmp_path / "var/lib/lifecycle/upgrade.json").exists()
     await rig.engine.shutdown()
 
 
