@@ -86,6 +86,7 @@ def run_service(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports_factory: Callable[[Config], Ports],
     renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
     on_start: Callable[[Config, Ports], Awaitable[None]] | None = None, stop_node: StopRoutine | None = None,
+    upgrade_plan: Sequence[Step] = (),
 ) -> int:
     """Run until SIGTERM/SIGINT (a clean, staged shutdown); a second signal forces the exit."""
 
@@ -120,7 +121,8 @@ def run_service(
             if on_start is not None:  # before any job: clean-ups of what a killed service left
                 await on_start(config, ports)
             await serve(config, plan=plan, reset=reset, ports=ports, stop=stop, renew=renew,
-                        renewal_due=renewal_due, notifier=notifier, stop_node=stop_node)
+                        renewal_due=renewal_due, notifier=notifier, stop_node=stop_node,
+                        upgrade_plan=upgrade_plan)
         finally:
             beat.cancel()
             notifier.close()
@@ -148,14 +150,15 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"lifecycle: {exc}", file=sys.stderr)
         return cli.EXIT_USAGE
     configure_logging(config.log_level)
-    from states import build_plan
+    from states import build_plan, build_upgrade_plan
     from states.binaries import remove_leftover_copies
     from states.renewing import renew, renewal_due
     from states.reset import reset
     from states.stopping import stop_node
 
     return run_service(config, plan=build_plan(), reset=reset, ports_factory=real_ports, renew=renew,
-                       renewal_due=renewal_due, on_start=remove_leftover_copies, stop_node=stop_node)
+                       renewal_due=renewal_due, on_start=remove_leftover_copies, stop_node=stop_node,
+                       upgrade_plan=build_upgrade_plan())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--pki", dest="pki_dir", type=Path, metavar="DIR",
                          help="send the PKI in DIR (kubeadm's file names: ca.crt, ca.key, front-proxy-ca.*, etcd/ca.*, "
                               "sa.key, sa.pub, optionally leaf pairs); the service checks it before using it")
+    upgrade = client("upgrade", "upgrade the running cluster in place to a configured version (one minor at a time)")
+    upgrade.add_argument("--version", dest="kubernetes_version", required=True,
+                         help="the Kubernetes version to upgrade to, e.g. v1.32.1")
+    upgrade.add_argument("--watch", action="store_true", help="follow the upgrade until running or failed")
     client("status", "print the current state")
     client("watch", "print events until interrupted")
     reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")

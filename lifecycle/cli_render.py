@@ -14,6 +14,8 @@ from lifecycle.config import STEP_NAMES
 BAR_WIDTH = 24
 MESSAGE_WIDTH = 56  # bars of one pull line up below each other (image references are mostly shorter)
 _INSTALL_STATES = STEP_NAMES
+_UPGRADE_STATES = ("upgrade_images", "upgrade_binaries", "upgrade_plan", "upgrade_apply", "upgrade_kubelet",
+                   "upgrade_readiness")  # lifecycle.machine.UPGRADE_STATES (the CLI does not import the machine)
 
 
 def _size(n: float) -> str:
@@ -141,9 +143,10 @@ class Renderer:
         kind, data = event.get("type"), event.get("data") or {}
         if kind == "lifecycle.state.changed":
             left, entered = data.get("from"), data.get("to")
-            if left in _INSTALL_STATES or left in ("resetting", "renewing"):
+            stepped = (*_INSTALL_STATES, *_UPGRADE_STATES)
+            if left in stepped or left in ("resetting", "renewing"):
                 self._line(f"  {left} took {data.get('duration_s', 0):.2f} s")
-            step = f"[{data['step']}/{data['steps']}] " if data.get("step") and entered in _INSTALL_STATES else ""
+            step = f"[{data['step']}/{data['steps']}] " if data.get("step") and entered in stepped else ""
             self._line(f"{step}{entered}")
         elif kind == "lifecycle.step.progress":
             self._board.update(f"{data.get('state')}|{data.get('message')}", f"    {progress_text(data)}")

@@ -22,7 +22,7 @@ from lifecycle.exposures import CLEARED, Exposure
 from lifecycle.exposurestate import Change as ExposureChange
 from lifecycle.exposurestate import PublishedExposures, SkippedPort
 from lifecycle.logging import get_logger
-from lifecycle.machine import INSTALL_STATES, PREEMPTS, State, StateMachine
+from lifecycle.machine import INSTALL_STATES, PREEMPTS, UPGRADE_LAST_UNCHANGED, UPGRADE_STATES, State, StateMachine
 from lifecycle.nodeaddr import NodeAddressError, node_ip_for_install
 from lifecycle.outbox import Outbox, is_durable
 from lifecycle.paths import HostPaths
@@ -30,6 +30,8 @@ from lifecycle.ports import Ports
 from lifecycle.protocol import STOPPED_MESSAGE, Action, CertsStatus, ErrorInfo, Event, EventType, Status
 from lifecycle.step import BootCheck, BootEvidence, ClusterParams, ProgressFn, Step, StepContext, node_ip_of
 from lifecycle.store import Snapshot, Store
+from lifecycle.upgrade import UpgradeRecord, check_upgrade, control_plane_version, read_record, write_record
+from lifecycle.upgrade import clear as clear_upgrade
 
 T = TypeVar("T")
 ResetRoutine = Callable[[StepContext], Coroutine[Any, Any, None]]  # states.reset.reset
@@ -57,7 +59,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "install", "boot", "reset", "renew", "stop" or "start"
+    kind: str  # "install", "boot", "reset", "renew", "stop", "start" or "upgrade"
     request_id: str | None
     cluster: ClusterParams | None
     task: asyncio.Task[None]
@@ -85,10 +87,16 @@ class Engine:
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
         store: Store, bus: Bus, renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
         outbox: Outbox | None = None, durations: StepDurations | None = None, stop_node: StopRoutine | None = None,
+        upgrade_plan: Sequence[Step] = (),
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
             raise ValueError(f"plan steps {names} must be the install states {[s.value for s in INSTALL_STATES]}")
+        upgrade_names = tuple(step.name for step in upgrade_plan)
+        if upgrade_names and upgrade_names != tuple(s.value for s in UPGRADE_STATES):
+            raise ValueError(f"upgrade steps {upgrade_names} must be the upgrade states "
+                             f"{[s.value for s in UPGRADE_STATES]}")
+        self._upgrade_plan = list(upgrade_plan)
         self._config = config
         # What the node runs on: `config` with the keys only a reset applies held at their installed values
         # (lifecycle.drift); those keys are `_drift` and show in the status until a reset.
@@ -144,7 +152,7 @@ class Engine:
         return Status(
             node=self._config.node_name, state=snap.state, since=snap.since, seq=snap.seq,
             request_id=snap.request_id, kubernetes_version=snap.cluster.kubernetes_version if snap.cluster else None,
-            step=snap.step, steps=len(self._plan), error=snap.error, certs=self._certs,
+            step=snap.step, steps=self._steps_in(State(snap.state)), error=snap.error, certs=self._certs,
             config_drift=tuple(change.to_json() for change in self._drift), state_seq=snap.state_seq,
             usual_s=self._durations.all_usual_s(), slow=self._slow,
         )
@@ -170,6 +178,8 @@ class Engine:
         elif state == State.RENEWING and snap.cluster is not None:
             self._emit_progress(state, snap.request_id, "renewing again after a restart")  # every file is re-issued
             self._start_job("renew", snap.request_id, snap.cluster, lambda: self._renew_job(snap.request_id))
+        elif state in UPGRADE_STATES:
+            self._resume_upgrade(state, snap.request_id)
         elif state == State.RESETTING:
             self._emit_progress(state, snap.request_id, "resuming the reset after a restart")
             self._start_job("reset", snap.request_id, snap.cluster, lambda: self._reset_job(snap.request_id))
@@ -198,6 +208,8 @@ class Engine:
                 raise RequestError("busy", f"the cluster is being {doing}; try again once that finished")
             if job is not None and job.kind == "renew":
                 raise RequestError("busy", "certificates are being renewed; request the install once that finished")
+            if job is not None and job.kind == "upgrade":
+                raise RequestError("busy", "the cluster is being upgraded; request the install once that finished")
             current = job.cluster if job is not None else self._snap.cluster
             if version is not None and current is not None and version != current.kubernetes_version:
                 raise RequestError(
@@ -309,6 +321,42 @@ class Engine:
             self._start_job("renew", request_id, self._snap.cluster, lambda: self._renew_job(request_id))
             return Accepted(request_id, "renewal started")
 
+    async def upgrade(self, *, request_id: str, version: str) -> Accepted:
+        """Move a running cluster to `version` in place (docs/protocol.md "Upgrade"); every refusal comes before
+        anything changes."""
+        async with self._lock:
+            self._check_accepting()
+            if not self._upgrade_plan:
+                raise RequestError("not_supported", "this service was started without upgrades")
+            if version not in self._config.kubernetes.versions:
+                known = ", ".join(sorted(self._config.kubernetes.versions))
+                raise RequestError("unsupported_version", f"{version} is not a configured version ({known})")
+            job, state = self._job, self.state
+            if state in UPGRADE_STATES or (job is not None and job.kind == "upgrade"):
+                record = read_record(self._paths)
+                if record is not None and record.to_version == version and job is not None:
+                    return Accepted(job.request_id, "already upgrading")
+                going_to = record.to_version if record is not None else "another version"
+                raise RequestError("busy", f"an upgrade to {going_to} is in progress")
+            if state != State.RUNNING or self._snap.cluster is None:
+                if state in (State.IDLE, State.FAILED, State.STOPPED):
+                    raise RequestError("not_running", f"only a running cluster is upgraded, not one in {state}")
+                raise RequestError("busy", f"cannot upgrade in state {state}; try again once it is running")
+            if job is not None and job.kind != "install":
+                raise RequestError("busy", f"a {job.kind} is in progress; try again once it finished")
+            if self._drift:
+                raise RequestError("reset_required", reset_required_message(self._drift))
+            current = self._snap.cluster
+            check_upgrade(current.kubernetes_version, version)
+            if job is not None:
+                await self._stop_job()  # the quiet re-check after a restart: it only reads, in running
+            record = UpgradeRecord(from_version=current.kubernetes_version, to_version=version)
+            await asyncio.to_thread(write_record, self._paths, record)
+            target = replace(current, kubernetes_version=version)
+            self._start_job("upgrade", request_id, current,
+                            lambda: self._upgrade_walk(request_id, current, target, first=0))
+            return Accepted(request_id, "upgrade started")
+
     def report_certs(self, certs: CertsStatus | None, *, expiring: Sequence[dict[str, Any]] = ()) -> None:
         """From the certificate watch: one `lifecycle.certs.expiring` per item, and the status when `certs` changed."""
         for data in expiring:
@@ -370,6 +418,8 @@ class Engine:
                 return Accepted(self._snap.request_id, "nothing to cancel")
             if job.kind == "stop":
                 raise RequestError("not_cancellable", "a stop cannot be cancelled; request a start once it finished")
+            if job.kind == "upgrade":
+                raise RequestError("not_cancellable", "an upgrade cannot be cancelled (a reset does interrupt it)")
             if job.kind == "reset" or self.state not in PREEMPTS[Action.CANCEL]:
                 raise RequestError("not_cancellable", f"a {job.kind} in state {self.state} cannot be cancelled")
             await self._stop_job()
@@ -601,6 +651,60 @@ class Engine:
         if self._job is not None and self._job.kind == "boot":
             self._job = replace(self._job, kind="install")
 
+    def _resume_upgrade(self, state: State, request_id: str | None) -> None:
+        """After a restart in an upgrade state: the saved record names the target; each step's `is_done` says
+        what already holds, so the walk goes on from the state the kill interrupted."""
+        record = read_record(self._paths)
+        cluster = self._snap.cluster
+        if record is None or cluster is None:
+            error = ErrorInfo.safe("internal", f"restarted in {state} without the upgrade's record "
+                                               f"({self._paths.state_dir / 'upgrade.json'})")
+            self._fail(state, request_id, cluster, error, step=self._snap.step)
+            return
+        old = replace(cluster, kubernetes_version=record.from_version)
+        target = replace(cluster, kubernetes_version=record.to_version)
+        self._emit_progress(state, request_id, f"resuming the upgrade to {record.to_version} after a restart")
+        first = UPGRADE_STATES.index(state)
+        self._start_job("upgrade", request_id, cluster,
+                        lambda: self._upgrade_walk(request_id, old, target, first=first))
+
+    async def _upgrade_walk(self, request_id: str | None, old: ClusterParams, target: ClusterParams, *,
+                            first: int) -> None:
+        """Each upgrade step with the target in its context; the status names the old version until
+        `upgrade_apply` is done (the control plane changed), the new one from then on."""
+        changed_at = UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED)
+        for index, step in enumerate(self._upgrade_plan):
+            if index < first:
+                continue
+            shown = old if index <= changed_at else target
+            whole_run = self._snap.state != step.name
+            if whole_run:
+                self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=shown)
+
+            def failed(state: State, error: ErrorInfo, step_no: int) -> None:
+                self._upgrade_failed(state, error, step_no, request_id=request_id, old=old, target=target)
+
+            await self._run_step(step, index, request_id, target, record=whole_run, on_fail=failed)
+        await asyncio.to_thread(clear_upgrade, self._paths)
+        self._transition(State.RUNNING, step=None, request_id=request_id, cluster=target)
+
+    def _upgrade_failed(self, state: State, error: ErrorInfo, step_no: int, *, request_id: str | None,
+                        old: ClusterParams, target: ClusterParams) -> None:
+        """Before the control plane changed, or rolled back by kubeadm: `running` on the old version, the error in
+        the status. After: `failed` on the new version (an `install` repairs the kubelet or binaries)."""
+        running = control_plane_version(self._paths)
+        if UPGRADE_STATES.index(state) <= UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED) and \
+                running != target.kubernetes_version:
+            self._log.error("upgrade failed; the cluster runs on", state=state.value, code=error.code,
+                            error=error.message, version=old.kubernetes_version)
+            self._emit(EventType.STEP_FAILED, {"request_id": request_id, "state": state.value,
+                                               "error": error.to_json()})
+            clear_upgrade(self._paths)
+            self._transition(State.RUNNING, step=None, request_id=request_id, cluster=old, error=error)
+            return
+        clear_upgrade(self._paths)  # `failed` is not resumed as an upgrade: an install repairs on the new version
+        self._fail(state, request_id, target, error, step=step_no)
+
     async def _quietly_done(self, step: Step, request_id: str | None, cluster: ClusterParams) -> bool:
         ctx = self._context(step.name, request_id, cluster, self._policy(step).timeout_s)
         try:
@@ -625,6 +729,7 @@ class Engine:
     async def _run_step(
         self, step: Step, index: int, request_id: str | None, cluster: ClusterParams, *, record: bool = False,
         trusted: bool = False,
+        on_fail: Callable[[State, ErrorInfo, int], None] | None = None,
     ) -> None:
         if trusted:
             self._emit_progress(State(step.name), request_id, "already done (its local evidence held at boot)")
@@ -635,7 +740,7 @@ class Engine:
             self._say_when_slow(step.name, request_id, started_s=started_s, after_s=slow_after_s),
             name=f"step-{step.name}-slow-watch")
         try:
-            ran = await self._run_step_timed(step, index, request_id, cluster)
+            ran = await self._run_step_timed(step, index, request_id, cluster, on_fail=on_fail)
         finally:
             if watch is not None:
                 watch.cancel()
@@ -654,7 +759,10 @@ class Engine:
                                          "message": f"{state}: {elapsed_s:.0f} s, usually {usual_s:g} s"})
         self._bus.publish(self.status())
 
-    async def _run_step_timed(self, step: Step, index: int, request_id: str | None, cluster: ClusterParams) -> bool:
+    async def _run_step_timed(
+        self, step: Step, index: int, request_id: str | None, cluster: ClusterParams, *,
+        on_fail: Callable[[State, ErrorInfo, int], None] | None = None,
+    ) -> bool:
         """The step under its deadline and retry policy: True when it ran and worked, False when already done."""
         if step.name == State.CERTS.value:
             await self._renew_instead(index, request_id, cluster)
@@ -696,7 +804,10 @@ class Engine:
             error = ErrorInfo.safe(exc.code, exc.message, exc.retryable, details=details)
         except Exception as exc:
             error = self._internal(ctx, exc, attempts)
-        self._fail(State(step.name), request_id, cluster, error, step=index + 1)
+        if on_fail is not None:
+            on_fail(State(step.name), error, index + 1)
+        else:
+            self._fail(State(step.name), request_id, cluster, error, step=index + 1)
         raise _StepFailedError
 
     @staticmethod
@@ -837,6 +948,10 @@ class Engine:
 
     # ---- state, events -----------------------------------------------------------------------------------
 
+    def _steps_in(self, state: State) -> int:
+        """The length of the plan whose step `step` counts: the upgrade's in an upgrade state, else the install's."""
+        return len(self._upgrade_plan) if state in UPGRADE_STATES else len(self._plan)
+
     def _policy(self, step: Step) -> StepPolicy:
         return self._config.steps.get(step.name) or StepPolicy(timeout_s=step.timeout_s, retries=step.retries)
 
@@ -904,7 +1019,7 @@ class Engine:
         duration_s = round(max(0.0, now - prev.since), 3)
         event = Event(type=EventType.STATE_CHANGED, seq=seq, time_s=now, data={
             "seq": seq, "state_seq": state_seq, "request_id": request_id, "from": prev.state, "to": dest.value,
-            "step": step, "steps": len(self._plan), "duration_s": duration_s,
+            "step": step, "steps": self._steps_in(dest), "duration_s": duration_s,
         })
         # The event reaches the outbox before the state file: a kill between the two re-publishes a change the
         # next start then makes again (a repeat a host can see by `from`), never a change no host heard of.

@@ -32,9 +32,24 @@ class State(StrEnum):
     RESETTING = "resetting"
     RENEWING = "renewing"
     STOPPED = "stopped"
+    UPGRADE_IMAGES = "upgrade_images"
+    UPGRADE_BINARIES = "upgrade_binaries"
+    UPGRADE_PLAN = "upgrade_plan"
+    UPGRADE_APPLY = "upgrade_apply"
+    UPGRADE_KUBELET = "upgrade_kubelet"
+    UPGRADE_READINESS = "upgrade_readiness"
 
 
 INSTALL_STATES: tuple[State, ...] = tuple(State(name) for name in STEP_NAMES)
+# The upgrade in place, in the order kubeadm documents for a control-plane node (docs/protocol.md "Upgrade"):
+# the new images and binaries come in while the old version runs; `kubeadm upgrade apply` is the first step that
+# changes the cluster.
+UPGRADE_STATES: tuple[State, ...] = (
+    State.UPGRADE_IMAGES, State.UPGRADE_BINARIES, State.UPGRADE_PLAN, State.UPGRADE_APPLY, State.UPGRADE_KUBELET,
+    State.UPGRADE_READINESS,
+)
+# Up to and including this state a failure leaves the old version running (kubeadm rolls its static pods back).
+UPGRADE_LAST_UNCHANGED = State.UPGRADE_APPLY
 
 # The graph. Each entry: (trigger, sources, destination). Resume and repair may enter any install state: the
 # engine enters the first step whose outcome no longer holds (normally the one that failed).
@@ -59,6 +74,15 @@ _EDGES: list[tuple[str, list[State], State]] = [
     ("start", [State.STOPPED], State.KUBELET),
     ("fail", [State.STOPPED], State.FAILED),
     ("reset", [State.STOPPED], State.RESETTING),
+    # Upgrade in place: from running, step by step, back to running on the new version. A failure before the
+    # control plane changed (or one kubeadm rolled back) returns to running on the old version ("abandon"), with
+    # the error in the status; a failure after it is `failed` on the new version (an install repairs).
+    ("upgrade", [State.RUNNING], UPGRADE_STATES[0]),
+    *[("next", [a], b) for a, b in itertools.pairwise(UPGRADE_STATES)],
+    ("next", [UPGRADE_STATES[-1]], State.RUNNING),
+    ("abandon", list(UPGRADE_STATES[:UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED) + 1]), State.RUNNING),
+    ("fail", list(UPGRADE_STATES), State.FAILED),
+    ("reset", list(UPGRADE_STATES), State.RESETTING),
 ]
 
 # Which request interrupts the job running in which state. An install job also runs in idle and failed (before
@@ -69,8 +93,10 @@ _EDGES: list[tuple[str, list[State], State]] = [
 # A reset also interrupts a stop (it stops everything too); nothing else does, so that a stop is never left half
 # done by a request (a start waits for it: `busy`).
 _INSTALL_JOB_STATES = frozenset(INSTALL_STATES) | {State.IDLE, State.FAILED, State.RUNNING}
+# A reset also interrupts an upgrade (it removes the cluster anyway); cancel does not: an upgrade stopped between
+# `kubeadm upgrade apply` and the kubelet restart would leave a kubelet older than its control plane.
 PREEMPTS: dict[Action, frozenset[State]] = {
-    Action.RESET: _INSTALL_JOB_STATES | {State.RENEWING, State.STOPPED},
+    Action.RESET: _INSTALL_JOB_STATES | {State.RENEWING, State.STOPPED, *UPGRADE_STATES},
     Action.CANCEL: _INSTALL_JOB_STATES,
     Action.INSTALL: frozenset(),
     Action.STATUS: frozenset(),
@@ -78,6 +104,7 @@ PREEMPTS: dict[Action, frozenset[State]] = {
     Action.KUBECONFIG: frozenset(),
     Action.STOP: frozenset(),
     Action.START: frozenset(),
+    Action.UPGRADE: frozenset(),
 }
 
 

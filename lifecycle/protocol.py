@@ -45,6 +45,7 @@ class Action(StrEnum):
     DIAGNOSE = "diagnose"
     STOP = "stop"
     START = "start"
+    UPGRADE = "upgrade"
 
 
 # The `lifecycle.step.progress` message that ends a stop: its change to `stopped` comes first, before the processes
@@ -265,9 +266,12 @@ def _parse_object(raw: object, *, size_bytes: int) -> Request:
         known = ", ".join(a.value for a in Action)
         raise bad("unknown_action", f"unknown action {_shown(action)} (known: {known})")
     version = raw.get("kubernetes_version")
+    if version is None and action == Action.UPGRADE:
+        raise bad("invalid_request", "'upgrade' needs 'kubernetes_version', the version to upgrade to (v1.32.1)")
     if version is not None:
-        if action != Action.INSTALL:
-            raise bad("invalid_request", f"'kubernetes_version' only goes with 'install', not {_shown(action)}")
+        if action not in (Action.INSTALL, Action.UPGRADE):
+            raise bad("invalid_request", f"'kubernetes_version' only goes with 'install' and 'upgrade', not "
+                                         f"{_shown(action)}")
         if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise bad("invalid_request", f"'kubernetes_version' must look like v1.31.4, got {_shown(version)}")
     pki = raw.get("pki")

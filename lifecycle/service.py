@@ -115,6 +115,9 @@ class RequestHandler:
                 accepted = await engine.stop(request_id=request.id)
             elif request.action == Action.START:
                 accepted = await engine.start_cluster(request_id=request.id)
+            elif request.action == Action.UPGRADE:
+                assert request.kubernetes_version is not None  # parse_request requires it for an upgrade
+                accepted = await engine.upgrade(request_id=request.id, version=request.kubernetes_version)
             else:
                 accepted = await engine.cancel(request_id=request.id)
         except RequestError as exc:
@@ -178,6 +181,7 @@ async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
     drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
     renewal_due: RenewalDue | None = None, notifier: Notifier | None = None, stop_node: StopRoutine | None = None,
+    upgrade_plan: Sequence[Step] = (),
 ) -> None:
     """Run the service until `stop` is set (the caller owns signals; tests set it themselves). With a `notifier`,
     systemd hears READY=1 once the saved state is loaded and `online` is on the broker, STATUS= on each change,
@@ -205,7 +209,8 @@ async def serve(
         for event in durable.open():  # state changes a crash kept from the broker go out first, in order
             bus.publish(event)
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
-                        renew=renew, renewal_due=renewal_due, outbox=durable, stop_node=stop_node)
+                        renew=renew, renewal_due=renewal_due, outbox=durable, stop_node=stop_node,
+                    upgrade_plan=upgrade_plan)
         metrics = _Metrics(config, bus) if config.metrics.listen is not None else None
         certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus,
                           on_scan=metrics.on_scan if metrics is not None else None)

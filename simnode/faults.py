@@ -21,7 +21,11 @@ Format (every key optional):
       "kubelet_exit_after_s": null,    # kubelet exits (status 1) this long after it starts
       "kubelet_client_rotation_after_s": null, # kubelet rotates its client certificate this long after it
                                                # starts (instead of at 70-90 % of the certificate's lifetime)
-      "engine_cgroup_driver": null     # "systemd"/"cgroupfs": the driver the simulated runtime sees in `docker info`
+      "engine_cgroup_driver": null,    # "systemd"/"cgroupfs": the driver the simulated runtime sees in `docker info`
+      "apiserver_unhealthy_version": null, # "v1.32.1": a kube-apiserver of that version never passes /readyz
+                                           # (`kubeadm upgrade apply` to it then rolls its static pods back)
+      "kubeadm_upgrade_timeout_s": null    # how long `kubeadm upgrade apply` waits for each upgraded component
+                                           # (upstream's UpgradeManifestTimeout, 5 min; a test shortens it)
     }
 """
 
@@ -62,6 +66,8 @@ class Faults:
     kubelet_exit_after_s: float | None = None
     kubelet_client_rotation_after_s: float | None = None
     engine_cgroup_driver: str | None = None  # what the simulated runtime believes `docker info` says
+    apiserver_unhealthy_version: str | None = None
+    kubeadm_upgrade_timeout_s: float | None = None
 
     def delay_s(self, name: str) -> float:
         return self.delays_s.get(name, DEFAULT_DELAYS_S.get(name, 0.0))
@@ -89,7 +95,8 @@ def load_faults(path: Path) -> Faults:
     if not isinstance(raw, dict):
         raise FaultsFileError(f"{path}: expected a JSON object")
     known = {"delays_s", "kubeadm_fail", "apiserver_never_ready", "crashloop_pods", "kubelet_exit_after_s",
-             "kubelet_client_rotation_after_s", "engine_cgroup_driver"}
+             "kubelet_client_rotation_after_s", "engine_cgroup_driver", "apiserver_unhealthy_version",
+             "kubeadm_upgrade_timeout_s"}
     unknown = set(raw) - known
     if unknown:
         raise FaultsFileError(f"{path}: unknown keys {sorted(unknown)}")
@@ -128,6 +135,10 @@ def load_faults(path: Path) -> Faults:
     cgroup_driver = raw.get("engine_cgroup_driver")
     if cgroup_driver not in (None, "cgroupfs", "systemd"):
         raise FaultsFileError('engine_cgroup_driver: expected "cgroupfs", "systemd" or null')
+    unhealthy_version = raw.get("apiserver_unhealthy_version")
+    if unhealthy_version is not None and not isinstance(unhealthy_version, str):
+        raise FaultsFileError('apiserver_unhealthy_version: expected a version ("v1.32.1") or null')
+    upgrade_timeout = raw.get("kubeadm_upgrade_timeout_s")
     return Faults(
         delays_s=delays,
         kubeadm_fail=fail,
@@ -137,4 +148,7 @@ def load_faults(path: Path) -> Faults:
         kubelet_client_rotation_after_s=None if rotation_after is None
         else _number(rotation_after, "kubelet_client_rotation_after_s"),
         engine_cgroup_driver=cgroup_driver,
+        apiserver_unhealthy_version=unhealthy_version,
+        kubeadm_upgrade_timeout_s=None if upgrade_timeout is None
+        else _number(upgrade_timeout, "kubeadm_upgrade_timeout_s"),
     )

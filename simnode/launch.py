@@ -7,6 +7,7 @@ Inside an image the tools are one zipapp copied under several names; from a sour
 from __future__ import annotations
 
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -29,6 +30,22 @@ def tool_command(tool: str, args: list[str], *, root: NodeRoot) -> tuple[list[st
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
         argv = [sys.executable, "-m", "simnode", *args]
     return argv, env
+
+
+IMAGE_VERSION_ENV = "SIMNODE_IMAGE_VERSION"  # set by the kubelet for a static pod process: its image's tag
+_VERSION_TAG = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+")
+
+
+def image_version(image: str) -> str | None:
+    """The Kubernetes version an image's tag names ("<repo>/kube-apiserver:v1.32.1" -> "v1.32.1"), or None."""
+    tag = image.rpartition(":")[2]
+    return tag if _VERSION_TAG.fullmatch(tag) else None
+
+
+def component_version() -> str:
+    """The version a control-plane component reports: its image's (a static pod process runs from the kubelet's
+    build, but a real container runs the code of the image its manifest names), else this build's."""
+    return image_version(":" + os.environ.get(IMAGE_VERSION_ENV, "")) or build_version()
 
 
 def build_version() -> str:

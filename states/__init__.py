@@ -35,3 +35,28 @@ def build_plan() -> list[Step]:
     ]
     assert tuple(step.name for step in plan) == STEP_ORDER
     return plan
+
+
+UPGRADE_ORDER = ("upgrade_images", "upgrade_binaries", "upgrade_plan", "upgrade_apply", "upgrade_kubelet",
+                 "upgrade_readiness")
+
+
+def build_upgrade_plan() -> list[Step]:
+    """The upgrade in place; each step is handed a context whose cluster names the version upgraded to."""
+    from states.upgrade_apply import UpgradeApply
+    from states.upgrade_binaries import UpgradeBinaries
+    from states.upgrade_images import UpgradeImages
+    from states.upgrade_kubelet import UpgradeKubelet
+    from states.upgrade_plan import UpgradePlan
+    from states.upgrade_readiness import UpgradeReadiness
+
+    plan: list[Step] = [
+        UpgradeImages(),  # the new version's images pulled while the old one runs
+        UpgradeBinaries(),  # its binaries extracted into a staging root, nothing in /usr/bin touched
+        UpgradePlan(),  # `kubeadm upgrade plan <version>` (the new kubeadm) sees a healthy cluster at the old one
+        UpgradeApply(),  # `kubeadm upgrade apply <version> -y`: the control plane (rolled back by kubeadm on failure)
+        UpgradeKubelet(),  # the new binaries in place, the kubelet restarted on them
+        UpgradeReadiness(),  # control plane and kube-system pods Ready on the new version
+    ]
+    assert tuple(step.name for step in plan) == UPGRADE_ORDER
+    return plan

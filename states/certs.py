@@ -41,7 +41,7 @@ class Certs:
             problems = await asyncio.to_thread(
                 validate_pki, paths.pki_dir, params, kubeconfig_dir=paths.kubernetes_dir, root=paths.root
             )
-            wanted_config = await _kubeadm_config(ctx)
+            wanted_config = await kubeadm_config_for(ctx)
         except (ValueError, PermanentError):
             return False  # bad config or an engine that cannot be asked: run() says what is wrong
         if problems:
@@ -51,7 +51,7 @@ class Certs:
 
     async def run(self, ctx: StepContext) -> None:
         paths = ctx.paths
-        kubeadm_config = await _kubeadm_config(ctx)
+        kubeadm_config = await kubeadm_config_for(ctx)
         planned = await asyncio.to_thread(_plan, ctx, _params(ctx))
         config_changed = await asyncio.to_thread(_read_or_none, paths.kubeadm_config) != kubeadm_config
         await finish_in_thread(functools.partial(write_files, planned, pki_dir=paths.pki_dir,
@@ -79,7 +79,7 @@ def _params(ctx: StepContext) -> PkiParams:
     return PkiParams.from_config(ctx.config, api_port=ctx.cluster.api_port, node_ip=ctx.node_ip)
 
 
-async def _kubeadm_config(ctx: StepContext) -> bytes:
+async def kubeadm_config_for(ctx: StepContext) -> bytes:
     """The kubeadm config for the current settings, with the kubelet on the container engine's cgroup driver."""
     try:
         cgroup_driver = await ctx.ports.docker.cgroup_driver()

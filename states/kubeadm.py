@@ -88,7 +88,7 @@ class Kubeadm:
         if not paths.kubeadm_config.is_file():
             raise PermanentError(f"{paths.kubeadm_config} is missing (the certs state writes it)",
                                  code="kubeadm_config_missing")
-        if _read_stamp_doc(paths) is not None:
+        if read_stamp_doc(paths) is not None:
             await _reconfigure(ctx)  # kubeadm made a cluster here: its data is never reset for a config change
             return
         # The stamp goes first: a crash in the middle must not leave an old stamp vouching for new files.
@@ -108,10 +108,10 @@ class Kubeadm:
             await run_kubeadm(ctx, args, retryable=True)
         if _sha256(paths.kubeadm_config) != config_sha256:
             raise TemporaryError(f"{paths.kubeadm_config} changed while kubeadm ran", code="config_changed")
-        await asyncio.to_thread(_write_stamp, ctx, config_sha256=config_sha256, config_text=config_text)
+        await asyncio.to_thread(write_stamp, ctx, config_sha256=config_sha256, config_text=config_text)
 
     async def before_retry(self, ctx: StepContext) -> None:
-        if _read_stamp_doc(ctx.paths) is not None:
+        if read_stamp_doc(ctx.paths) is not None:
             return  # a cluster is there: `_reconfigure` is repeated as it is, nothing is undone
         await ctx.ports.kubelet.stop()
         await reset_keeping_pki(ctx)
@@ -128,7 +128,7 @@ async def _reconfigure(ctx: StepContext) -> None:
         raise PermanentError(f"kubeadm made a cluster here, but {', '.join(missing)} is gone: kubeadm writes it "
                              "again only in a new init, after a reset", code="reset_required",
                              details={"missing": missing})
-    stamp = _read_stamp_doc(paths) or {}
+    stamp = read_stamp_doc(paths) or {}
     applied = stamp.get("kubeadm_config")
     data = paths.kubeadm_config.read_bytes()
     current = data.decode()
@@ -151,7 +151,7 @@ async def _reconfigure(ctx: StepContext) -> None:
         await _rewrite_kubelet_config(ctx, current)
     if changed:
         ctx.progress(f"kubeadm config changes taken without kubeadm: {', '.join(changed)}")
-    await asyncio.to_thread(_write_stamp, ctx, config_sha256=hashlib.sha256(data).hexdigest(), config_text=current)
+    await asyncio.to_thread(write_stamp, ctx, config_sha256=hashlib.sha256(data).hexdigest(), config_text=current)
 
 
 async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None:
@@ -172,11 +172,14 @@ async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None
     ctx.progress(f"rewrote {path.name} for the kubelet")
 
 
-async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool) -> None:
+async def run_kubeadm(
+    ctx: StepContext, args: Sequence[str], *, retryable: bool, lines: list[str] | None = None,
+) -> None:
     """Run `<root>/usr/bin/kubeadm args`: every line to the log, `[phase]` lines as progress.
 
     Fails with kubeadm's own words (`CommandError`), or shortly before the step deadline with the phase and
-    the last lines it printed, rather than being cut off by the engine without a reason.
+    the last lines it printed, rather than being cut off by the engine without a reason. `lines`, when given,
+    receives every (redacted) line for a caller that reads kubeadm's answer.
     """
     kubeadm = ctx.paths.binary("kubeadm")
     if not kubeadm.is_file():
@@ -192,6 +195,8 @@ async def run_kubeadm(ctx: StepContext, args: Sequence[str], *, retryable: bool)
     def on_line(raw: str) -> None:
         line = redact(raw)
         tail.append(line)
+        if lines is not None:
+            lines.append(line)
         ctx.log.info("kubeadm output", line=line)
         if _PHASE_LINE.match(line):
             ctx.progress(line)
@@ -274,7 +279,7 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
-def _read_stamp_doc(paths: HostPaths) -> dict[str, object] | None:
+def read_stamp_doc(paths: HostPaths) -> dict[str, object] | None:
     """The stamp of a finished kubeadm run (kubeadm made a cluster here), or None."""
     try:
         doc = json.loads((paths.state_dir / STAMP_NAME).read_text())
@@ -284,11 +289,11 @@ def _read_stamp_doc(paths: HostPaths) -> dict[str, object] | None:
 
 
 def _read_stamp(paths: HostPaths) -> str | None:
-    value = (_read_stamp_doc(paths) or {}).get("kubeadm_config_sha256")
+    value = (read_stamp_doc(paths) or {}).get("kubeadm_config_sha256")
     return value if isinstance(value, str) else None
 
 
-def _write_stamp(ctx: StepContext, *, config_sha256: str | None, config_text: str) -> None:
+def write_stamp(ctx: StepContext, *, config_sha256: str | None, config_text: str) -> None:
     """The stamp, with what the cluster now runs on: the settings (lifecycle.drift compares them with the
     configuration) and the kubeadm config itself (`_reconfigure` compares it with a new one). No secrets in it."""
     paths = ctx.paths

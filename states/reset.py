@@ -14,7 +14,7 @@ import asyncio
 import shutil
 from collections.abc import Callable
 
-from lifecycle import hostprocs
+from lifecycle import hostprocs, upgrade
 from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.paths import KUBECONFIG_NAMES
 from lifecycle.ports import EngineError
@@ -68,6 +68,11 @@ async def reset(ctx: StepContext) -> None:
         for pattern in _LEFTOVER_GLOBS:
             for leftover in paths.state_dir.glob(pattern):
                 shutil.rmtree(leftover, ignore_errors=True)
+        # An upgrade the reset interrupted: its record and the binaries it staged.
+        upgrade_files = [paths.state_dir / upgrade.RECORD_NAME, paths.state_dir / upgrade.STAGING_DIR]
+        if any(p.exists() for p in upgrade_files):
+            upgrade.clear(paths)
+            removed += [str(p) for p in upgrade_files]
     for path in removed:
         ctx.progress(f"removed {path}")
     if kubeadm_failure is not None:

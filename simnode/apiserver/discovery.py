@@ -14,11 +14,11 @@ from typing import Any
 
 from simnode.apiserver.protowire import field_bytes, field_str
 from simnode.apiserver.resources import ALL_VERBS, ResourceType, group_versions, types_in
-from simnode.launch import build_version
+from simnode.launch import component_version
 
 
 def version_info() -> dict[str, Any]:
-    git_version = build_version()
+    git_version = component_version()
     major, minor = git_version.lstrip("v").split(".")[:2]
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
     return {
@@ -155,7 +155,7 @@ def openapi_v3_doc(gv_path: str) -> dict[str, Any] | None:
         paths[f"/{gv_path}{scope}/{rt.plural}/{{name}}"] = {"patch": _patch_operation(rt)}
     return {
         "openapi": "3.0.0",
-        "info": {"title": "Kubernetes", "version": build_version()},
+        "info": {"title": "Kubernetes", "version": component_version()},
         "paths": paths,
         "components": {"schemas": {}},
     }
@@ -186,5 +186,5 @@ def openapi_v2_protobuf() -> bytes:
                 scope = "/namespaces/{namespace}" if rt.namespaced else ""
                 path = f"/{_gv_path(g, v)}{scope}/{rt.plural}/{{name}}"
                 paths += field_bytes(2, field_str(1, path) + field_bytes(2, field_bytes(8, operation)))
-    info = field_str(1, "Kubernetes") + field_str(2, build_version())
+    info = field_str(1, "Kubernetes") + field_str(2, component_version())
     return field_str(1, "2.0") + field_bytes(2, info) + field_bytes(8, paths)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from simnode.faults import FaultsFileError, load_faults
+from simnode.launch import component_version
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Health:
             return {"etcd-readiness": f"fault knobs unreadable: {exc}"}
         if faults.apiserver_never_ready:
             return {"etcd-readiness": "reason withheld"}
+        if faults.apiserver_unhealthy_version is not None and faults.apiserver_unhealthy_version == component_version():
+            return {"etcd-readiness": f"simulated fault: this {component_version()} kube-apiserver is not healthy"}
         if time.monotonic() - self.listening_at < faults.delay_s("apiserver_ready"):
             return {"poststarthook/rbac/bootstrap-roles": "not finished"}
         return {}

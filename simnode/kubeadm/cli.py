@@ -1,4 +1,4 @@
-"""Command line of the kubeadm stand-in: init (and `init phase ...`), reset, version, upgrade apply.
+"""Command line of the kubeadm stand-in: init (and `init phase ...`), reset, version, upgrade plan/apply.
 
 Flags follow kubeadm's syntax (`--x=y`, `--x y`, `-f`); output goes to stdout as phases run, errors to
 stderr with exit code 1 (or a fault's exit code).
@@ -32,7 +32,8 @@ USAGE = """Usage:
   kubeadm init phase <phase> [<sub-phase>|all] [--config FILE]
   kubeadm reset [-f] [--cert-dir DIR] [--cri-socket unix:///path] [--config FILE]
   kubeadm version [-o short|json|yaml]
-  kubeadm upgrade apply VERSION [-y] [--config FILE]
+  kubeadm upgrade plan [VERSION]
+  kubeadm upgrade apply VERSION [-y] [-f] [--config FILE]
 Global flags: --rootfs DIR (node root, else $SIMNODE_ROOT), -v N"""
 
 
@@ -212,19 +213,28 @@ def cmd_reset(args: Args, root: NodeRoot) -> int:
 
 def cmd_upgrade(args: Args, root: NodeRoot) -> int:
     rest = args.positional[1:]
-    if not rest or rest[0] != "apply":
-        raise KubeadmError('only "kubeadm upgrade apply VERSION" is supported by the simulated node')
-    if len(rest) != 2:
-        raise KubeadmError('"kubeadm upgrade apply" requires exactly one version argument, e.g. v1.32.1')
-    from simnode.kubeadm.upgrade import upgrade_apply  # imports aiohttp: only when upgrading
+    if not rest or rest[0] not in ("apply", "plan"):
+        raise KubeadmError('only "kubeadm upgrade plan [VERSION]" and "kubeadm upgrade apply VERSION" are supported '
+                           "by the simulated node")
+    from simnode.kubeadm.upgrade import upgrade_apply, upgrade_plan  # imports aiohttp: only when upgrading
     from simnode.kubeclient import ApiError
 
     version = build_version()
+    if rest[0] == "plan":
+        if len(rest) > 2:
+            raise KubeadmError('"kubeadm upgrade plan" takes at most one version argument')
+        try:
+            asyncio.run(upgrade_plan(root, rest[1] if len(rest) == 2 else None, version, out=_out))
+        except ApiError as exc:
+            raise KubeadmError(f"[upgrade] FATAL: {exc}") from exc
+        return 0
+    if len(rest) != 2:
+        raise KubeadmError('"kubeadm upgrade apply" requires exactly one version argument, e.g. v1.32.1')
     config = _load(args, root, (rest[1] if rest[1].startswith("v") else f"v{rest[1]}",)) \
         if args.values.get("config") else None
     try:
         asyncio.run(upgrade_apply(root, rest[1], version, yes="yes" in args.flags, config=config, ask=_ask,
-                                  out=_out))
+                                  out=_out, force="force" in args.flags))
     except ApiError as exc:
         raise KubeadmError(f"[upgrade] FATAL: {exc}") from exc
     return 0

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from simnode.kubelet.config import KubeletConfigError, settings
+from simnode.launch import build_version
 from simnode.machine import swaps_lines
 from simnode.paths import NodeRoot, NodeRootError, resolve_root
 
@@ -23,6 +24,11 @@ The node root comes from $SIMNODE_ROOT or the executable's location (<root>/usr/
 
 
 def main(argv: list[str]) -> int:
+    if "--version" in argv or "--version=true" in argv:
+        # kubernetes: staging/src/k8s.io/component-base/version/verflag/verflag.go, PrintAndExitIfRequested:
+        # "Kubernetes <gitVersion>" on stdout, exit 0, before any other flag is looked at.
+        print(f"Kubernetes {build_version()}")
+        return 0
     try:
         root = resolve_root()
         s = settings(argv, root)

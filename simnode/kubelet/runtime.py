@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simnode.launch import tool_command
+from simnode.launch import IMAGE_VERSION_ENV, image_version, tool_command
 from simnode.paths import ROOT_ENV, NodeRoot
 
 log = logging.getLogger("kubelet.runtime")
@@ -108,9 +108,14 @@ def log_path(root: NodeRoot, namespace: str, name: str, container: str) -> Path:
     return root.path(f"/var/log/pods/{namespace}_{name}/{container}.log")
 
 
-def spawn(root: NodeRoot, namespace: str, name: str, container: str, command: list[str]) -> subprocess.Popen[bytes]:
-    """Start `command[0]` (one of TOOLS) from the same build, detached, output to the container log."""
+def spawn(root: NodeRoot, namespace: str, name: str, container: str, command: list[str], *,
+          image: str = "") -> subprocess.Popen[bytes]:
+    """Start `command[0]` (one of TOOLS) from the same build, detached, output to the container log; the version
+    its image's tag names goes along (simnode.launch.component_version)."""
     argv, env = tool_command(command[0], command[1:], root=root)
+    version = image_version(image)
+    if version is not None:
+        env[IMAGE_VERSION_ENV] = version
     env[POD_ENV] = marker(namespace, name, container)
     logfile = log_path(root, namespace, name, container)
     logfile.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,8 @@ class ProcessRunner:
         c.pid = None
         error: OSError | None = None
         try:
-            proc = runtime.spawn(self.root, pod.namespace, pod.name, c.name, c.command)
+            proc = runtime.spawn(self.root, pod.namespace, pod.name, c.name, c.command,
+                                 image=str(c.spec.get("image") or ""))
         except OSError as exc:
             error = exc
         if error is not None:

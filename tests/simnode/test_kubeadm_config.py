@@ -184,11 +184,17 @@ def test_v1beta3_shapes_are_read(tmp_path: Path) -> None:
 
 def test_upgrade_version_skew_rules() -> None:
     assert check_target("v1.32.1", "v1.32.1", "v1.31.4") == "v1.32.1"
-    assert check_target("1.31.4", "v1.32.1", "v1.31.4") == "v1.31.4"  # same version: allowed, kubeadm re-applies
-    with pytest.raises(KubeadmError, match="is higher than the kubeadm version"):
+    assert check_target("v1.31.4", "v1.31.4", "v1.31.4") == "v1.31.4"  # same version: kubeadm re-applies
+    # policy.go: a kubeadm of a newer minor than the target is skippable: refused without --force
+    with pytest.raises(KubeadmError, match=r"can only be used to upgrade to Kubernetes version 1\.32"):
+        check_target("1.31.4", "v1.32.1", "v1.31.4")
+    assert check_target("1.31.4", "v1.32.1", "v1.31.4", force=True) == "v1.31.4"
+    with pytest.raises(KubeadmError, match="at least one minor release higher than the kubeadm minor release"):
         check_target("v1.32.1", "v1.31.4", "v1.31.4")
-    with pytest.raises(KubeadmError, match="not supported"):
-        check_target("v1.31.4", "v1.32.1", "v1.32.1")  # a downgrade
+    with pytest.raises(KubeadmError, match="downgrades are not supported"):
+        check_target("v1.31.4", "v1.32.1", "v1.32.1", force=True)  # a downgrade: never, even forced
+    with pytest.raises(KubeadmError, match="kubelets in this cluster that are too old"):
+        check_target("v1.32.1", "v1.32.1", "v1.31.4", kubelet_versions=("v1.30.2",))
     with pytest.raises(KubeadmError, match="not a version the simulated node offers"):
         check_target("v1.33.0", "v1.33.0", "v1.32.1")
     with pytest.raises(KubeadmError, match=r"is not of the form vX\.Y\.Z"):
