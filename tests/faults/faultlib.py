@@ -150,7 +150,8 @@ class Driver:
         # The state last announced while the next batch was armed for it but waited for answers: the batch goes
         # out with the last answer unless another change came first. Replies and events are on different topics
         # and come in either order (docs/protocol.md), so the change into the state a batch's own request made
-        # (`renewing` -> `resetting` by a reset) often arrives before that batch's last reply.
+        # (`renewing` -> `resetting` by a reset) often arrives before that batch's last reply; that reply's own
+        # `state` tells whether the node is still there.
         self._entered: str | None = None
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -225,7 +226,13 @@ class Driver:
                 self.replies[message.topic.rsplit("/", 1)[1]] = body
                 self._unanswered.discard(message.topic.rsplit("/", 1)[1])
                 if not self._unanswered and self._entered is not None:
-                    self._fire(self._entered)  # the state was announced before this last answer
+                    # The state was announced before this last answer. Fire only if the answer says the node is
+                    # still in it: a batch's own cancel + resume are answered in `failed`, before the change back
+                    # into the state arrives (replies go out beside the request loop), and that change fires it.
+                    if body.get("state") == self._entered:
+                        self._fire(self._entered)
+                    else:
+                        self._entered = None
             elif body.get("type") == "lifecycle.state.changed" and all(
                     c["state_seq"] != body["data"]["state_seq"] for c in self.changes):  # a restart re-publishes
                 self.changes.append(body["data"])

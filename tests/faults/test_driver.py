@@ -19,7 +19,8 @@ from faultlib import Driver, Node
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-# Per request id, what the stand-in publishes, in this order: ("change", to) or ("reply",). Default: a reply.
+# Per request id, what the stand-in does, in this order: ("change", to) publishes a state change, ("set", to) moves
+# to a state whose change is published later (or never), ("reply",) answers. Default: a reply.
 Script = dict[str, list[tuple[str, ...]]]
 
 
@@ -44,7 +45,9 @@ class ScriptedService:
         request = json.loads(message.payload)
         self.got.append(request["id"])
         for step in self.script.get(request["id"], [("reply",)]):
-            if step[0] == "change":
+            if step[0] == "set":
+                self.state = step[1]
+            elif step[0] == "change":
                 self.state_seq += 1
                 data = {"from": self.state, "to": step[1], "state_seq": self.state_seq, "request_id": request["id"]}
                 self.state = step[1]
@@ -110,3 +113,20 @@ def test_a_batch_waits_for_the_next_change_into_its_state_when_the_state_was_lef
     d.send(*_asks("resume"))
     assert d.reply("binaries-status", timeout_s=5)["state"] == "binaries", d.arrivals
     assert service.got == ["start", "probe", "resume", "binaries-status"]
+
+
+def test_a_batch_is_not_sent_at_the_last_reply_when_that_reply_says_the_node_left_the_state(
+    service_and_driver: tuple[ScriptedService, Driver],
+) -> None:
+    """The change into the armed state came before the last reply, but that reply was made in `failed` (the batch
+    before cancelled, and its resume is answered before the change back is published, as the real service does
+    with replies going out beside its request loop): the batch waits for the change back into the state."""
+    service, d = service_and_driver
+    service.script = {"start": [("change", "binaries"), ("set", "failed"), ("reply",)],
+                      "resume": [("reply",), ("change", "binaries")]}
+    d.arm("binaries", _asks("binaries-status"))
+    d.send(*_asks("start"))
+    assert d.reply("start", timeout_s=5)["state"] == "failed"
+    d.send(*_asks("resume"))
+    assert d.reply("binaries-status", timeout_s=5)["state"] == "binaries", d.arrivals
+    assert service.got == ["start", "resume", "binaries-status"]
