@@ -2,9 +2,9 @@
 `lifecycle serve`, kubectl, and the node's processes counted from /proc.
 
 The issue's timing check (start -> `running` in less time than the install's kubelet + readiness) is measured by
-bench/bench_stop_start.py, not asserted here: the whole start was only 1.1x to 1.5x faster there (load ~3 on 2
-cores), a margin a busy moment eats. Asserted instead, like for like with a margin of about 2x: the start's
-kubelet + readiness against the install's, and the whole start against the install's kubelet + readiness + addons.
+bench/bench_stop_start.py, not asserted here: in 11 runs there (load 1 to 3 on 2 cores) the whole start was 0.99x
+to 1.51x faster, so one run already missed it and a busy moment would fail the test. Asserted instead, like for
+like: the start's kubelet + readiness take less than the install's (1.66x to 2.34x in 6 of those runs).
 """
 
 from __future__ import annotations
@@ -99,11 +99,9 @@ def test_stop_keeps_the_cluster_and_start_brings_it_back_without_the_install_ste
     print(f"kubelet+readiness: install {install_s:.2f} s, start {start_s:.2f} s; whole start {whole_start_s:.2f} s",
           [(c["from"], c["duration_s"]) for c in installed + started])
     # Like for like: no kubeadm phase and no first start of anything. The whole start (with the addons' wait for
-    # the storage provisioner to be available again) against the install's kubelet+readiness is the benchmark's
-    # (see the module's docstring): on the simulated node its controller-manager updates a Deployment's status
-    # every 2 s, so the start is only a little faster; against the same three steps of the install it is ~2x.
+    # the storage provisioner to be available again, ~2.4 s) against the install's kubelet+readiness is the
+    # benchmark's (see the module's docstring): printed, not asserted.
     assert start_s < install_s
-    assert whole_start_s < _took_s(installed, "kubelet", "readiness", "addons")
 
     stop_again = payload(node.request({"id": "stop-3", "action": "stop"}, correlation="c-stop3"))
     assert stop_again["ok"] is True
