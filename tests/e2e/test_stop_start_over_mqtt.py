@@ -1,5 +1,11 @@
 """Stop and start (issue 10 part 2) on the simulated node, driven over MQTT like a host backend: the real
-`lifecycle serve`, kubectl, and the node's processes counted from /proc."""
+`lifecycle serve`, kubectl, and the node's processes counted from /proc.
+
+The issue's timing check (start -> `running` in less time than the install's kubelet + readiness) is measured by
+bench/bench_stop_start.py, not asserted here: in 11 runs there (load 1 to 3 on 2 cores) the whole start was 0.99x
+to 1.51x faster, so one run already missed it and a busy moment would fail the test. Asserted instead, like for
+like: the start's kubelet + readiness take less than the install's (1.66x to 2.34x in 6 of those runs).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from test_install_over_mqtt import Node, _wait_state, payload
 from lifecycle.protocol import STOPPED_MESSAGE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-from faultlib import components_under, kubelets_under  # tests/faults is not on the path: added above
+from faultlib import components_under, kubelets_under, processes_under  # tests/faults: not on the path, added above
 
 make_node = test_install_over_mqtt.make_node  # the fixture, shared
 SKIPPED_BY_START = {"preflight", "certs", "images", "binaries", "network", "kubeadm"}
@@ -32,17 +38,33 @@ def _took_s(changes: list[dict[str, Any]], *states: str) -> float:
     return sum(c["duration_s"] for c in changes if c["from"] in states)
 
 
+# What a stop must keep: the cluster's objects, by identity. Pods, Endpoints, Leases and Events are left out: the
+# kubelet and the controllers rewrite those as the node comes back.
+KEPT_KINDS = ("namespaces,nodes,configmaps,secrets,serviceaccounts,services,deployments,replicasets,daemonsets,"
+              "clusterroles,clusterrolebindings,roles,rolebindings,storageclasses")
+
+
+def _objects(node: Node) -> set[str]:
+    out = node.kubectl("get", KEPT_KINDS, "-A", "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.namespace}/"
+                       '{.metadata.name}={.metadata.uid}{"\\n"}{end}')
+    return set(out.split())
+
+
 def test_stop_keeps_the_cluster_and_start_brings_it_back_without_the_install_steps(
     make_node: Callable[..., Node],
 ) -> None:
     node = make_node()
     events = node.install_until_running("install-1")
     node.kubectl("create", "configmap", "kept", "--from-literal=answer=42")
+    node.kubectl("create", "secret", "generic", "kept", "--from-literal=password=s3cret")
+    before = _objects(node)
+    assert {"ConfigMap/default/kept", "Secret/default/kept"} <= {o.split("=")[0] for o in before}, before
 
     reply = payload(node.request({"id": "stop-1", "action": "stop"}, correlation="c-stop"))
     assert (reply["ok"], reply["state"], reply["note"]) == (True, "stopped", "stop started"), reply
     events.wait_for(lambda m: payload(m)["data"].get("message") == STOPPED_MESSAGE, timeout_s=30)
     assert kubelets_under(node.root) == [] and components_under(node.root) == {}
+    assert processes_under(node.root) == []  # nothing else of the node either (a kubeadm, a pod's child)
     refused = subprocess.run(
         ["kubectl", "--kubeconfig", str(node.root / "etc/kubernetes/admin.conf"), "--request-timeout=3s",
          "get", "configmap", "kept"], capture_output=True, text=True, timeout=30, check=False)
@@ -56,6 +78,7 @@ def test_stop_keeps_the_cluster_and_start_brings_it_back_without_the_install_ste
     last = _wait_state(events, "running", timeout_s=60, request_id="start-1")
     assert last["data"]["to"] == "running", node.log_path.read_text()[-3000:]
     assert "answer" in node.kubectl("get", "configmap", "kept", "-o", "jsonpath={.data}")
+    assert _objects(node) == before  # the same objects: none lost, none created anew (same uids)
 
     started = _changes(events.messages, "start-1")
     assert [c["to"] for c in started] == ["kubelet", "readiness", "addons", "running"]
@@ -72,8 +95,8 @@ def test_stop_keeps_the_cluster_and_start_brings_it_back_without_the_install_ste
     print(f"kubelet+readiness: install {install_s:.2f} s, start {start_s:.2f} s; whole start {whole_start_s:.2f} s",
           [(c["from"], c["duration_s"]) for c in installed + started])
     # Like for like: no kubeadm phase and no first start of anything. The whole start (with the addons' wait for
-    # the storage provisioner to be available again) is printed, not asserted: on the simulated node it is about
-    # the install's kubelet+readiness (its controller-manager updates a Deployment's status every 2 s).
+    # the storage provisioner to be available again, ~2.4 s) against the install's kubelet+readiness is the
+    # benchmark's (see the module's docstring): printed, not asserted.
     assert start_s < install_s
 
     stop_again = payload(node.request({"id": "stop-3", "action": "stop"}, correlation="c-stop3"))
