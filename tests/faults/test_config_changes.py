@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import faultlib  # noqa: F401 (puts tests/e2e on sys.path first)
 import test_install_over_mqtt as install_e2e
 import yaml
 from conftest import free_port
