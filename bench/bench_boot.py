@@ -19,10 +19,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,16 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from benchlib import REPO_ROOT, machine_note, median
+from benchlib import machine_note, median
+from benchnode import BenchNode, ensure_images
 
-from lifecycle.config import DEFAULT_BINARIES
 from lifecycle.paths import HostPaths
-from simnode.host import prepare_host
 from states.kubelet import kubelet_argv
 
-VERSION = "v1.31.4"
-REGISTRY = os.environ.get("LIFECYCLE_REGISTRY", "127.0.0.1:5000")
-LIFECYCLE = REPO_ROOT / ".venv" / "bin" / "lifecycle"
 INSTALL_TIMEOUT_S = 300.0
 BOOT_TIMEOUT_S = 120.0
 POLL_S = 0.02
@@ -97,66 +91,19 @@ class Events:
         self._client.disconnect()
 
 
-class Node:
+class Node(BenchNode):
     def __init__(self, base: Path, namespace: str, broker: str) -> None:
-        self.name = f"bench-boot-{uuid.uuid4().hex[:8]}"
-        self.root = base / "root"
-        self.root.mkdir()
-        prepare_host(self.root)
-        self.config = base / "lifecycle.toml"
-        text = (REPO_ROOT / "simnode" / "lifecycle.toml").read_text()
-        text = text.replace('"../deploy/addons"', f'"{REPO_ROOT / "deploy" / "addons"}"')
-        binaries = ", ".join(f'"{path}"' for path in (*DEFAULT_BINARIES, "/pad"))  # /pad: what real binaries weigh
-        text = text.replace("\nbinaries_image = ", f"\nbinaries = [{binaries}]\nbinaries_image = ", 1)
-        self.config.write_text(text.replace(f'image_repository = "{REGISTRY}"',
-                                            f'image_repository = "{REGISTRY}/{namespace}"'))
-        self.log = base / "service.log"
+        super().__init__(base, namespace, label="bench-boot")
         self.broker = broker
-        self.service: subprocess.Popen[bytes] | None = None
         self.kubelet: subprocess.Popen[bytes] | None = None
 
-    def start_service(self) -> None:
-        with open(self.log, "ab") as log:
-            self.service = subprocess.Popen(
-                [str(LIFECYCLE), "serve", "--config", str(self.config), "--root", str(self.root), "--node", self.name],
-                stdout=log, stderr=subprocess.STDOUT)
-
     def request_install(self, host: str, port: int) -> None:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-boot-req-{uuid.uuid4().hex[:8]}")
-        client.connect(host, port)
-        client.loop_start()
-        info = client.publish(f"lifecycle/{self.name}/requests", json.dumps({"id": "bench-1", "action": "install"}),
-                              qos=1)
-        info.wait_for_publish(10)
-        client.loop_stop()
-        client.disconnect()
+        self.request(host, port, "bench-1", "install")
 
     def reboot(self) -> None:
         """Every process of the node gone, as after a power cut."""
-        for proc in (self.service, self.kubelet):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=10)
-        self.service = self.kubelet = None
-        deadline = time.monotonic() + 15
-        while self._pids_under_root() and time.monotonic() < deadline:
-            for pid in self._pids_under_root():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        if self._pids_under_root():
-            raise SystemExit("bench_boot: processes of the node survived the reboot")
-
-    def _pids_under_root(self) -> list[int]:
-        pids: list[int] = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                with contextlib.suppress(OSError):
-                    if f"{self.root}/".encode() in (entry / "cmdline").read_bytes():
-                        stat = (entry / "stat").read_text()
-                        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                            pids.append(int(entry.name))
-        return pids
+        self.kill_all(self.kubelet)
+        self.kubelet = None
 
     def start_kubelet_by_hand(self) -> None:
         with open(self.root.parent / "kubelet-by-hand.log", "ab") as log:
@@ -183,15 +130,6 @@ class Node:
         raise SystemExit(f"bench_boot: {url} not ready within {timeout_s:g} s")
 
 
-def ensure_images(namespace: str, pad_scale: float) -> None:
-    argv = [sys.executable, "-m", "simnode.images", "--pad-scale", str(pad_scale), "--namespace", namespace,
-            "--versions", VERSION]
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env={**os.environ, "DOCKER_BUILDKIT": "0"}, capture_output=True,
-                          text=True, timeout=900, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_boot: building the images failed: {proc.stderr.strip()[-2000:]}")
-
-
 def full_binaries_check_s(node: Node) -> float:
     """What the boot no longer waits for: the binaries step's full `is_done` (sha256 of each file)."""
     from states.binaries import RECORD_NAME, _hash_files, _read_record
@@ -216,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the node (root, service log) here instead of a temp dir")
     args = parser.parse_args(argv)
     print(f"bench_boot: {machine_note()}")
-    ensure_images(args.namespace, args.pad_scale)
+    ensure_images(args.namespace, args.pad_scale, who="bench_boot")
     floors_s: list[float] = []
     ours_readyz_s: list[float] = []
     ours_s: list[float] = []

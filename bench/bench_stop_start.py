@@ -14,12 +14,8 @@ readiness (the issue's goal: over 1), run by run too, and the like-for-like rati
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from benchlib import REPO_ROOT, Row, machine_note, median, print_table, ratio_line
+from benchlib import Row, machine_note, median, print_table, ratio_line
+from benchnode import BenchNode, ensure_images
 
-from lifecycle.config import DEFAULT_BINARIES
 from lifecycle.protocol import STOPPED_MESSAGE
-from simnode.host import prepare_host
 
-VERSION = "v1.31.4"
-REGISTRY = os.environ.get("LIFECYCLE_REGISTRY", "127.0.0.1:5000")
-LIFECYCLE = REPO_ROOT / ".venv" / "bin" / "lifecycle"
 INSTALL_TIMEOUT_S = 300.0
 STOP_START_TIMEOUT_S = 120.0
 START_CHAIN = ["kubelet", "readiness", "addons", "running"]
@@ -96,80 +88,13 @@ class Events:
         self._client.disconnect()
 
 
-class Node:
-    """One node under `base`: its root, config (the simulated node's, images from `namespace`) and service log."""
-
+class Node(BenchNode):
     def __init__(self, base: Path, namespace: str) -> None:
-        self.name = f"bench-stop-{uuid.uuid4().hex[:8]}"
-        self.root = base / "root"
-        self.root.mkdir()
-        prepare_host(self.root)
-        self.config = base / "lifecycle.toml"
-        text = (REPO_ROOT / "simnode" / "lifecycle.toml").read_text()
-        text = text.replace('"../deploy/addons"', f'"{REPO_ROOT / "deploy" / "addons"}"')
-        binaries = ", ".join(f'"{path}"' for path in (*DEFAULT_BINARIES, "/pad"))  # /pad: what real binaries weigh
-        text = text.replace("\nbinaries_image = ", f"\nbinaries = [{binaries}]\nbinaries_image = ", 1)
-        self.config.write_text(text.replace(f'image_repository = "{REGISTRY}"',
-                                            f'image_repository = "{REGISTRY}/{namespace}"'))
-        self.log = base / "service.log"
-        self.service: subprocess.Popen[bytes] | None = None
-
-    def start_service(self) -> None:
-        with open(self.log, "ab") as log:
-            self.service = subprocess.Popen(
-                [str(LIFECYCLE), "serve", "--config", str(self.config), "--root", str(self.root), "--node", self.name],
-                stdout=log, stderr=subprocess.STDOUT)
-
-    def request(self, host: str, port: int, request_id: str, action: str) -> float:
-        """Publish a request (QoS 1); monotonic time at which the broker acknowledged it."""
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-stop-req-{uuid.uuid4().hex[:8]}")
-        client.connect(host, port)
-        client.loop_start()
-        start_s = time.monotonic()
-        info = client.publish(f"lifecycle/{self.name}/requests", json.dumps({"id": request_id, "action": action}),
-                              qos=1)
-        info.wait_for_publish(10)
-        client.loop_stop()
-        client.disconnect()
-        return start_s
+        super().__init__(base, namespace, label="bench-stop")
 
     def kubelets(self) -> list[int]:
         """Live kubelets of the node (its own binary at argv[0], or argv[1] when run by its shebang's python)."""
-        return [pid for pid, argv in self._processes() if str(self.root / "usr/bin/kubelet") in argv[:2]]
-
-    def kill_all(self) -> None:
-        """The service and every process of the node gone (as bench_boot's reboot), so runs do not add up."""
-        if self.service is not None and self.service.poll() is None:
-            self.service.send_signal(signal.SIGKILL)
-            self.service.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while (pids := [pid for pid, argv in self._processes() if any(f"{self.root}/" in a for a in argv)]):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench_stop_start: processes of the node survived SIGKILL: {pids}")
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-
-    def _processes(self) -> list[tuple[int, list[str]]]:
-        found: list[tuple[int, list[str]]] = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                with contextlib.suppress(OSError):
-                    if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                        argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
-                        found.append((int(entry.name), argv))
-        return found
-
-
-def ensure_images(namespace: str, pad_scale: float) -> None:
-    """This checkout's simulated images of VERSION in `namespace` (seconds when they are up to date)."""
-    argv = [sys.executable, "-m", "simnode.images", "--pad-scale", str(pad_scale), "--namespace", namespace,
-            "--versions", VERSION]
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env={**os.environ, "DOCKER_BUILDKIT": "0"}, capture_output=True,
-                          text=True, timeout=900, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_stop_start: building the images failed: {proc.stderr.strip()[-2000:]}")
+        return [pid for pid, argv in self.processes() if str(self.root / "usr/bin/kubelet") in argv[:2]]
 
 
 def _took_s(changes: list[dict[str, Any]], *states: str) -> float:
@@ -218,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
     print(f"bench_stop_start: {machine_note()}")
-    ensure_images(args.namespace, args.pad_scale)
+    ensure_images(args.namespace, args.pad_scale, who="bench_stop_start")
     runs: list[dict[str, float]] = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="bench-stop-start-") as base:
