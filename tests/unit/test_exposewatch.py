@@ -14,7 +14,7 @@ from typing import Any
 
 from lifecycle_fakes import eventually, fake_plan, fake_reset, make_config, null_ports
 
-from lifecycle.bus import Bus
+from lifecycle.bus import Bus, Subscription
 from lifecycle.cli_render import exposure_text
 from lifecycle.engine import Engine
 from lifecycle.exposewatch import ExposureWatch
@@ -133,13 +133,19 @@ class ScriptedFactory:
         yield self.api
 
 
-async def test_a_410_lists_again_the_watch_stops_outside_running_and_a_reset_clears(tmp_path: Path) -> None:
+def _engine(tmp_path: Path) -> tuple[Engine, Bus, Subscription]:
+    """An engine with test steps on the node address NODE_IP, its bus, and a subscription that sees everything."""
     config = make_config(tmp_path)
     config = replace(config, kubernetes=replace(config.kubernetes, node_ip=NODE_IP))
     bus = Bus()
     items = bus.subscribe("test")
     engine = Engine(config=config, paths=HostPaths(tmp_path), ports=null_ports(), plan=fake_plan(), reset=fake_reset,
                     store=state_file(HostPaths(tmp_path)), bus=bus)
+    return engine, bus, items
+
+
+async def test_a_410_lists_again_the_watch_stops_outside_running_and_a_reset_clears(tmp_path: Path) -> None:
+    engine, bus, items = _engine(tmp_path)
     api = ScriptedServices([lb("web", 8080, 31000)])
     api.script = [KubeApiError("too old resource version", status=410, reason="Expired")]
     watch = ExposureWatch(engine=engine, bus=bus, services=ScriptedFactory(api), kubeconfig=tmp_path / "admin.conf",
@@ -204,12 +210,7 @@ def test_lifecycle_watch_prints_one_line_per_exposure_event() -> None:
 
 
 async def test_a_port_that_cannot_be_forwarded_is_told_once_as_skipped(tmp_path: Path) -> None:
-    config = make_config(tmp_path)
-    config = replace(config, kubernetes=replace(config.kubernetes, node_ip=NODE_IP))
-    bus = Bus()
-    items = bus.subscribe("test")
-    engine = Engine(config=config, paths=HostPaths(tmp_path), ports=null_ports(), plan=fake_plan(), reset=fake_reset,
-                    store=state_file(HostPaths(tmp_path)), bus=bus)
+    engine, bus, items = _engine(tmp_path)
     api = ScriptedServices([lb("sctp", 9, 30009, protocol="SCTP")])
     watch = ExposureWatch(engine=engine, bus=bus, services=ScriptedFactory(api), kubeconfig=tmp_path / "admin.conf",
                           host="localhost")
