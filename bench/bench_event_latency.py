@@ -1,32 +1,44 @@
-"""bench_event_latency: from an event's creation in the engine to its arrival at an external MQTT subscriber.
+"""bench_event_latency: from an event's creation in the service to its arrival at an external MQTT subscriber.
 
-An install-shaped run on the real Mosquitto (127.0.0.1:1883): Engine -> Bus -> MqttBridge with the durable outbox
-(fsync in a thread before a state change goes out), wired as `lifecycle.service.serve` wires them. Each of the 9
-steps reports a burst of progress events back to back (the first `--burst` events, as the certs step does for
-its 27 files; the others 5), then waits 20 ms; every state change and event is timed. The subscriber is a
-`mosquitto_sub` process (its own CPU time, no GIL shared with the service), stamping each arrival (`-F %U`).
-Latency = that arrival time - the event's `time_s` (time.time() when the engine made it).
+Part 1, a full install (what issue 11 asks for): `lifecycle serve` on the simulated node (bench/benchnode.py,
+binaries at `--pad-scale`), installed over Mosquitto; every event of the install timed by a `mosquitto_sub`
+process: arrival (`%U`) - the CloudEvent's `time`. Interleaved with the same install by the service of
+`--baseline-ref` (a084ce3: before this stop's latency work), exported with `git archive` and run from its own
+source tree by the same Python. That code stamped `time` to the millisecond only: its latencies are taken from
+the middle of that millisecond (+0.5 ms), as the best estimate.
 
-Ours: the bridge with up to `MAX_INFLIGHT` QoS 1 publishes in flight. Baseline, same process, runs interleaved:
-the same bridge with one publish at a time (`max_inflight=1`), i.e. one broker round trip per event, as before.
-Run: `.venv/bin/python bench/bench_event_latency.py [--runs N] [--burst N] [--host H] [--port P]`.
+Part 2, an install-shaped run on the real Mosquitto: Engine -> Bus -> MqttBridge with the durable outbox, wired
+as `lifecycle.service.serve` wires them. Each of the 9 steps reports a burst of progress events back to back
+(the first `--burst` events, as the certs step did for its 27 files before it told each as written; the others
+5), then waits 20 ms; every state change and event is timed by a `mosquitto_sub` process. Latency = arrival -
+the event's `time_s`. Ours: the bridge with up to `MAX_INFLIGHT` QoS 1 publishes in flight (the broker's
+Receive Maximum lowers it). Compared with, same process, runs interleaved: the same bridge with one publish at a
+time (`max_inflight=1`), one broker round trip per event.
+
+Run: `.venv/bin/python bench/bench_event_latency.py [--full-runs N] [--runs N] [--port P]` (`--help`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from benchlib import Row, machine_note, print_table, ratio_line
+from benchlib import REPO_ROOT, Row, machine_note, print_table, ratio_line
+from benchnode import BenchNode, ensure_images
 
 from lifecycle.adapters.mqtt import MAX_INFLIGHT, MqttBridge
 from lifecycle.bus import Bus
@@ -36,7 +48,7 @@ from lifecycle.logging import configure_logging
 from lifecycle.outbox import Outbox
 from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
-from lifecycle.protocol import Event, Topics
+from lifecycle.protocol import Event, EventType, Topics
 from lifecycle.service import RequestHandler, state_file
 from lifecycle.step import StepContext
 
@@ -73,6 +85,9 @@ async def no_reset(ctx: StepContext) -> None:
     return None
 
 
+FULL_INSTALL_TIMEOUT_S = 300.0
+
+
 class Subscriber:
     """`mosquitto_sub` on the events topic, a process of its own (no GIL or loop shared with the service): it
     stamps each message on arrival (%U, time.time()'s clock); seq -> arrival time once it has stopped."""
@@ -99,6 +114,25 @@ class Subscriber:
                             "-m", '{"ready": true}'], check=True)
             time.sleep(0.05)
         return self
+
+    def wait_for(self, needle: str, *, timeout_s: float) -> None:
+        """Until a message holding `needle` has arrived."""
+        deadline_s = time.monotonic() + timeout_s
+        while not any(needle in line for line in list(self._lines)):
+            if time.monotonic() > deadline_s:
+                raise SystemExit(f"bench_event_latency: no {needle!r} within {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def stamped_bodies(self) -> list[tuple[float, dict[str, Any]]]:
+        """(arrival, JSON body) of every message but the marker."""
+        found: list[tuple[float, dict[str, Any]]] = []
+        for line in list(self._lines):
+            stamp, _, payload = line.partition("|")
+            with contextlib.suppress(ValueError):
+                body = json.loads(payload)
+                if isinstance(body, dict) and "specversion" in body:
+                    found.append((float(stamp), body))
+        return found
 
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None and self._reader is not None
@@ -134,7 +168,6 @@ async def one_install(*, host: str, port: int, burst: int, max_inflight: int) ->
         bridge = MqttBridge(config=config.mqtt, topics=topics, outbox=outbox, status=engine.status,
                             handle=RequestHandler(engine).handle, client_id=f"lifecycle-{prefix}", durable=durable,
                             max_inflight=max_inflight)
-        syncer = asyncio.create_task(durable.run())
         with Subscriber(host=host, port=port, topic=topics.events) as subscriber:
             async with bridge:
                 await asyncio.wait_for(bridge.connected.wait(), CONNECT_TIMEOUT_S)
@@ -143,7 +176,6 @@ async def one_install(*, host: str, port: int, burst: int, max_inflight: int) ->
                 await outbox.drained()
                 await bridge.close(drain_timeout_s=5.0)
             await asyncio.sleep(0.2)  # the last arrivals reach mosquitto_sub
-        syncer.cancel()
         durable.close()
         events = [item for item in (capture.pop() for _ in range(len(capture))) if isinstance(item, Event)]
         missing = [e.seq for e in events if e.seq not in subscriber.arrivals]
@@ -152,38 +184,115 @@ async def one_install(*, host: str, port: int, burst: int, max_inflight: int) ->
         return [subscriber.arrivals[e.seq] - e.time_s for e in events]
 
 
+def _made_at_s(rfc3339: str) -> float:
+    """A CloudEvent's `time` as epoch seconds; one with milliseconds only from the middle of its millisecond."""
+    made = datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+    fraction = rfc3339.rstrip("Z").rpartition(".")[2]
+    return made + 0.0005 if len(fraction) == 3 else made
+
+
+def export_tree(ref: str, into: Path) -> Path:
+    """The source tree of `ref` (lifecycle/ and states/ are what `lifecycle serve` runs), by `git archive`."""
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", ref, "lifecycle", "states"],
+                             capture_output=True, check=True, timeout=60).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def full_install(namespace: str, *, host: str, port: int, code: Path | None) -> list[tuple[str, float]]:
+    """(event type, latency s) of every event of one install through `lifecycle serve` (`code`: another tree)."""
+    with tempfile.TemporaryDirectory(prefix="bench-latency-node-") as base:
+        node = BenchNode(Path(base), namespace, label="bench-latency")
+        try:
+            with Subscriber(host=host, port=port, topic=f"lifecycle/{node.name}/events") as subscriber:
+                node.start_service(code=code)
+                time.sleep(2)  # online before the request (the service takes requests once subscribed)
+                node.request(host, port, "latency-install", "install")
+                subscriber.wait_for('"to":"running"', timeout_s=FULL_INSTALL_TIMEOUT_S)
+                time.sleep(0.3)  # the last progress after `running`, if any
+            bodies = subscriber.stamped_bodies()
+        finally:
+            node.kill_all()
+            for leaf in ("status", "availability", "exposures"):
+                subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-t", f"lifecycle/{node.name}/{leaf}",
+                                "-r", "-n"], check=False)
+        if any(body["data"].get("to") == "failed" for _, body in bodies):
+            raise SystemExit(f"bench_event_latency: the install failed, see {node.log}")
+        return [(str(body["type"]), arrival - _made_at_s(str(body["time"]))) for arrival, body in bodies]
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _latency_row(label: str, values: list[float]) -> Row:
+    return Row(label, (str(len(values)), *(f"{quantile(values, q) * 1000:.1f}" for q in (0.5, 0.99, 1.0))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--full-runs", type=int, default=3, help="full installs per variant (0: part 1 skipped)")
+    parser.add_argument("--baseline-ref", default="a084ce3", help="the service compared with ('': none)")
+    parser.add_argument("--pad-scale", type=float, default=1.0, help="size of the simulated binaries (1.0: 150 MB)")
+    parser.add_argument("--namespace", default=os.environ.get("SIM_NAMESPACE", "bench"),
+                        help="registry namespace of the simulated images (this checkout's simnode is built there)")
+    parser.add_argument("--runs", type=int, default=5, help="install-shaped runs per variant in part 2 (0: skip)")
     parser.add_argument("--burst", type=int, default=30)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
     configure_logging("error")
-    variants = {f"bridge, {MAX_INFLIGHT} in flight (ours)": MAX_INFLIGHT, "bridge, 1 at a time (before)": 1}
-    latencies: dict[str, list[float]] = {name: [] for name in variants}
+    print(f"bench_event_latency: {machine_note()}")
 
-    async def measure() -> None:
-        for _ in range(args.runs):  # interleaved: the machine's load falls on both alike
-            for name, window in variants.items():
-                latencies[name] += await one_install(host=args.host, port=args.port, burst=args.burst,
-                                                     max_inflight=window)
+    if args.full_runs > 0:
+        ensure_images(args.namespace, args.pad_scale, who="bench_event_latency")
+        full: dict[str, list[tuple[str, float]]] = {"ours": []}
+        with tempfile.TemporaryDirectory(prefix="bench-latency-baseline-") as tree:
+            baseline = export_tree(args.baseline_ref, Path(tree)) if args.baseline_ref else None
+            if baseline is not None:
+                full[f"baseline {args.baseline_ref}"] = []
+            for _ in range(args.full_runs):  # interleaved: the machine's load falls on both alike
+                full["ours"] += full_install(args.namespace, host=args.host, port=args.port, code=None)
+                if baseline is not None:
+                    full[f"baseline {args.baseline_ref}"] += full_install(
+                        args.namespace, host=args.host, port=args.port, code=baseline)
+        rows: list[Row] = []
+        for name, timed_events in full.items():
+            rows.append(_latency_row(f"{name}: every event", [latency for _, latency in timed_events]))
+            rows.append(_latency_row(f"{name}: state changes",
+                                     [latency for kind, latency in timed_events if kind == EventType.STATE_CHANGED]))
+        print(f"# Part 1: full installs through `lifecycle serve` on the simulated node ({args.full_runs} per variant,"
+              f" pad scale {args.pad_scale:g}; {machine_note()})")
+        print_table("latency, service -> Mosquitto -> mosquitto_sub", ["", "events", "p50 ms", "p99 ms", "max ms"],
+                    rows)
+        if baseline is not None:
+            ours_all = [latency for _, latency in full["ours"]]
+            before_all = [latency for _, latency in full[f"baseline {args.baseline_ref}"]]
+            print(ratio_line("full install, p99 latency", baseline=quantile(before_all, 0.99),
+                             ours=quantile(ours_all, 0.99)))
+            print(ratio_line("full install, p50 latency", baseline=quantile(before_all, 0.5),
+                             ours=quantile(ours_all, 0.5)))
 
-    asyncio.run(measure())
-    rows: list[Row] = []
-    for name, values in latencies.items():
-        rows.append(Row(name, (str(len(values)), *(f"{quantile(values, q) * 1000:.1f}" for q in (0.5, 0.99, 1.0)))))
-    print(f"# Event latency, engine -> Mosquitto -> subscriber ({args.runs} installs of {len(STEP_NAMES)} steps,"
-          f" first burst {args.burst}, {machine_note()})")
-    print_table("latency", ["variant", "events", "p50 ms", "p99 ms", "max ms"], rows)
-    ours, before = (latencies[name] for name in variants)
-    print(ratio_line("p99 latency", baseline=quantile(before, 0.99), ours=quantile(ours, 0.99)))
-    print(ratio_line("p50 latency", baseline=quantile(before, 0.5), ours=quantile(ours, 0.5)))
+    if args.runs > 0:
+        variants = {f"bridge, {MAX_INFLIGHT} in flight (ours)": MAX_INFLIGHT, "bridge, 1 at a time": 1}
+        latencies: dict[str, list[float]] = {name: [] for name in variants}
+
+        async def measure() -> None:
+            for _ in range(args.runs):  # interleaved: the machine's load falls on both alike
+                for name, window in variants.items():
+                    latencies[name] += await one_install(host=args.host, port=args.port, burst=args.burst,
+                                                         max_inflight=window)
+
+        asyncio.run(measure())
+        print(f"# Part 2: install-shaped runs, engine -> Mosquitto -> subscriber ({args.runs} of {len(STEP_NAMES)}"
+              f" steps, first burst {args.burst} events back to back; {machine_note()})")
+        print_table("latency", ["variant", "events", "p50 ms", "p99 ms", "max ms"],
+                    [_latency_row(name, values) for name, values in latencies.items()])
+        ours, before = (latencies[name] for name in variants)
+        print(ratio_line("p99 latency", baseline=quantile(before, 0.99), ours=quantile(ours, 0.99)))
+        print(ratio_line("p50 latency", baseline=quantile(before, 0.5), ours=quantile(ours, 0.5)))
     return 0
 
 

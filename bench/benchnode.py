@@ -45,11 +45,14 @@ class BenchNode:
         self.log = base / "service.log"
         self.service: subprocess.Popen[bytes] | None = None
 
-    def start_service(self) -> None:
+    def start_service(self, *, code: Path | None = None) -> None:
+        """`lifecycle serve` of this checkout, or of the source tree `code` (another commit's, for a baseline)."""
+        argv = [str(LIFECYCLE)] if code is None else [sys.executable, "-m", "lifecycle"]
+        env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
         with open(self.log, "ab") as log:
             self.service = subprocess.Popen(
-                [str(LIFECYCLE), "serve", "--config", str(self.config), "--root", str(self.root), "--node", self.name],
-                stdout=log, stderr=subprocess.STDOUT)
+                [*argv, "serve", "--config", str(self.config), "--root", str(self.root), "--node", self.name],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=code)
 
     def request(self, host: str, port: int, request_id: str, action: str) -> float:
         """Publish a request (QoS 1); monotonic time at which it was handed to the client."""

@@ -3,15 +3,26 @@ published, and published again after a restart until the broker acknowledged the
 
 Leaves `outbox` (one JSON line per unacknowledged event, emptied once all are acknowledged) and `outbox.acked`
 (the seq of the last acknowledged one). The append is one write() on the loop (~10 us, like the `seq` file), so
-a SIGKILL right after it loses nothing; the fsync, for a power loss, runs in a thread, batched; the bridge
-publishes a durable event only once it is on disk. Progress events stay in memory: a subscriber sees a gap in
-`seq` when some were lost, and state changes carry `state_seq` (no gap there: see docs/protocol.md)."""
+a SIGKILL right after it loses nothing; the fsync, for a power loss, starts at once in a thread of its own,
+batched (one fsync covers every append before it); the bridge publishes a durable event only once it is on
+disk.
+
+State changes also replace `state.json` (lifecycle.store): `checkpoint` does it in the same thread, after the
+fsync of every event appended before it, so the loop never waits for the disk and the file is never ahead of
+the outbox. The outbox is emptied only once the broker acknowledged everything in it *and* every checkpoint
+handed in is done: a kill in between leaves the change in the outbox, and the next start takes its numbers
+(`last_seq`, `last_state_seq`) from there, as after a kill between the append and the state file.
+
+Progress events stay in memory: a subscriber sees a gap in `seq` when some were lost, and state changes carry
+`state_seq` (no gap there: see docs/protocol.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +49,7 @@ def _event_from_json(raw: Any) -> Event:
 
 
 class Outbox:
-    """Open with `open()` (returns what is still to deliver), run `run()` as a task for the fsyncs."""
+    """Open with `open()` (returns what is still to deliver); `append` on the event loop."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "outbox"
@@ -50,8 +61,13 @@ class Outbox:
         self._acked_seq = 0
         self.last_seq = 0  # the highest `seq` and `state_seq` read back by `open()`
         self.last_state_seq = 0
-        self._kick = asyncio.Event()
+        # One thread for the fsyncs, not the loop's default pool: an fsync must never queue behind minutes of
+        # hashing or extraction there. Started from `append` itself, so the fsync runs while the engine goes on
+        # writing state.json (a task would only start once the engine yields: ~1 ms later, measured).
+        self._fsyncer: ThreadPoolExecutor | None = None
+        self._syncing: asyncio.Future[None] | None = None
         self._synced = asyncio.Event()
+        self._checkpoints: set[asyncio.Future[None]] = set()  # handed to the thread, not done yet
         self._log = get_logger("lifecycle.outbox")
 
     def open(self) -> list[Event]:
@@ -79,6 +95,7 @@ class Outbox:
             if event.seq > self._acked_seq:
                 pending.append(event)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fsyncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifecycle-outbox-fsync")
         if not pending:
             os.ftruncate(self._fd, 0)  # nothing left to deliver: start the file afresh
         last = max((event.seq for event in pending), default=self._acked_seq)
@@ -89,6 +106,9 @@ class Outbox:
         return pending
 
     def close(self) -> None:
+        if self._fsyncer is not None:  # what was handed to the thread (a state file save) is finished first
+            self._fsyncer.shutdown(wait=True)
+            self._fsyncer = None
         for fd in (self._fd, self._acked_fd):
             if fd is not None:
                 os.close(fd)
@@ -104,12 +124,39 @@ class Outbox:
             self._log.error("could not write an event to the outbox", seq=event.seq, error=str(exc))
             return
         self._written_seq = max(self._written_seq, event.seq)
-        self._kick.set()
+        self._start_fsync()
+
+    def _start_fsync(self) -> None:
+        """fsync what was appended, in the outbox's thread; one at a time (the next covers every append made
+        meanwhile). Without a running loop (a caller outside the service) `on_disk` starts it."""
+        if self._syncing is not None or self._fd is None or self._fsyncer is None:
+            return
+        if self._synced_seq >= self._written_seq:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        fd, target = self._fd, self._written_seq
+        self._syncing = syncing = loop.run_in_executor(self._fsyncer, os.fsync, fd)
+        syncing.add_done_callback(lambda done: self._fsynced(done, target))
+
+    def _fsynced(self, done: asyncio.Future[None], target: int) -> None:
+        self._syncing = None
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:  # the write itself reached the kernel: a crash of the service loses nothing
+            self._log.error("outbox fsync failed", error=str(error))
+        self._mark_synced(target)
+        self._start_fsync()  # appended while this one ran
 
     async def on_disk(self, seq: int) -> None:
-        """Return once the event `seq` (appended earlier) was fsynced."""
-        while self._synced_seq < seq and self._fd is not None:
+        """Return once the event `seq` (appended earlier) was fsynced; at once if it never reached the file (its
+        append failed and said so: it goes out from memory)."""
+        while self._synced_seq < seq <= self._written_seq and self._fd is not None:
             self._synced.clear()
+            self._start_fsync()
             await self._synced.wait()
 
     def acknowledged(self, seq: int) -> None:
@@ -119,22 +166,58 @@ class Outbox:
         self._acked_seq = seq
         try:
             os.pwrite(self._acked_fd, f"{seq:020d}\n".encode(), 0)  # fixed width, in place; lost: a resend
-            if self._fd is not None and seq >= self._written_seq:
-                os.ftruncate(self._fd, 0)
         except OSError as exc:  # the next start publishes it again: a repeat, never a loss
             self._log.error("could not record an acknowledgement in the outbox", seq=seq, error=str(exc))
+            return
+        self._empty_if_done()
 
-    async def run(self) -> None:
-        """fsync what was appended, one batch at a time, in a thread: the loop never waits for the disk."""
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            fd, target = self._fd, self._written_seq
-            if fd is None:
-                return
+    def _empty_if_done(self) -> None:
+        """Empty the file once the broker has everything in it and state.json has caught up with it."""
+        if self._fd is None or self._acked_seq < self._written_seq or self._checkpoints:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError as exc:  # the next start publishes what is left again: a repeat, never a loss
+            self._log.error("could not empty the outbox", error=str(exc))
+
+    def checkpoint(self, save: Callable[[], None]) -> None:
+        """Run `save` (the state file's replace, with its fsyncs) in the outbox's thread, after an fsync of
+        everything appended so far (which releases `on_disk` first: a state change goes out without waiting for
+        state.json). Without a running loop, or once closed, `save` runs here."""
+        fd, fsyncer, target = self._fd, self._fsyncer, self._written_seq
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if fd is None or fsyncer is None or loop is None:
+            save()
+            return
+        running_loop = loop
+
+        def in_thread() -> None:
             try:
-                await asyncio.to_thread(os.fsync, fd)
-            except OSError as exc:  # the write itself reached the kernel: a crash of the service loses nothing
+                os.fsync(fd)
+            except OSError as exc:
                 self._log.error("outbox fsync failed", error=str(exc))
-            self._synced_seq = max(self._synced_seq, target)
-            self._synced.set()
+            running_loop.call_soon_threadsafe(self._mark_synced, target)
+            save()
+
+        done = loop.run_in_executor(fsyncer, in_thread)
+        self._checkpoints.add(done)
+        done.add_done_callback(self._checkpointed)
+
+    def _mark_synced(self, target: int) -> None:
+        self._synced_seq = max(self._synced_seq, target)
+        self._synced.set()
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        self._checkpoints.discard(done)
+        if not done.cancelled() and done.exception() is not None:  # state.json keeps the previous state: the
+            # outbox keeps the change (not emptied while this is the newest), a restart resumes from both
+            self._log.error("could not save the state file", error=str(done.exception()))
+        self._empty_if_done()
+
+    async def checkpoints_done(self) -> None:
+        """Return once every checkpoint handed in so far is on disk (or failed and said so)."""
+        while self._checkpoints:
+            await asyncio.wait(set(self._checkpoints))

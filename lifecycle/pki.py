@@ -305,15 +305,19 @@ def earliest_expiry(directory: Path) -> tuple[Path, datetime] | None:
     return path, when
 
 
-def write_files(planned: list[PlannedFile], *, pki_dir: Path, kubeconfig_dir: Path) -> list[Path]:
+def write_files(planned: list[PlannedFile], *, pki_dir: Path, kubeconfig_dir: Path,
+                wrote: Callable[[int, PlannedFile], None] | None = None) -> list[Path]:
+    """Write every planned file atomically; `wrote(index, item)` (1-based) after each, from the calling thread."""
     written: list[Path] = []
     for item in planned:
         if not item.data:
             raise ValueError(f"{item.name}: planned without data (a dry-run plan cannot be written)")
-    for item in planned:
+    for index, item in enumerate(planned, start=1):
         target = (kubeconfig_dir if item.name in KUBECONFIG_NAMES else pki_dir) / item.name
         write_atomic(target, item.data, item.mode)
         written.append(target)
+        if wrote is not None:
+            wrote(index, item)
     for directory in {p.parent for p in written}:
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

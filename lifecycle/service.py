@@ -231,8 +231,6 @@ async def serve(
             client_id=config.mqtt.client_id or f"lifecycle-{config.node_name}", durable=durable,
             on_reply=metrics.on_reply if metrics is not None else None,
         )
-        syncer = asyncio.create_task(durable.run(), name="lifecycle-outbox-fsync")
-        stack.callback(syncer.cancel)
         if metrics is not None:  # before the bridge: a port in use stops the start, before `online` is said
             await metrics.start(bridge=bridge, outbox=outbox, ports=ports)
             stack.push_async_callback(metrics.close)
@@ -253,8 +251,6 @@ async def serve(
             await asyncio.wait(watches)
             await engine.shutdown()
             await bridge.close(drain_timeout_s=drain_timeout_s)
-        syncer.cancel()
-        await asyncio.gather(syncer, return_exceptions=True)
         if failure is not None:
             log.error("stopped: the MQTT bridge failed, exiting to be restarted", state=engine.state.value)
             raise BridgeFailedError(f"the MQTT bridge failed: {type(failure).__name__}: {failure}") from failure

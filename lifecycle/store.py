@@ -1,6 +1,7 @@
 """The engine's snapshot in `<root>/var/lib/lifecycle/`: `state.json` replaced atomically and fsynced at every
-state change; `seq`, the last event number, overwritten in place per event (~10 us, survives a process crash,
-not a power loss: an fsync per progress event would stall the loop ~20 ms); `lock`, one service per root."""
+state change (in the outbox's thread when the service runs with one: lifecycle.outbox); `seq`, the last event
+number, overwritten in place per event (~10 us, survives a process crash, not a power loss: an fsync per
+progress event would stall the loop ~20 ms); `lock`, one service per root."""
 
 from __future__ import annotations
 
@@ -180,9 +181,12 @@ class Store:
             self._seq_fd = os.open(self.seq_path, os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(self._seq_fd, f"{seq:020d}\n".encode(), 0)  # fixed width: never a shorter, torn-looking file
 
-    def save(self, snapshot: Snapshot) -> None:
-        """Replace state.json atomically and durably (and the sequence number with it)."""
-        self.save_seq(snapshot.seq)
+    def save(self, snapshot: Snapshot, *, seq_file: bool = True) -> None:
+        """Replace state.json atomically and durably (and the sequence number with it, unless `seq_file` is
+        False: the engine writes it itself, before the event, and a save finishing in a thread after later
+        events must not set it back)."""
+        if seq_file:
+            self.save_seq(snapshot.seq)
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"

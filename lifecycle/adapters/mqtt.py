@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -36,8 +39,14 @@ from lifecycle.protocol import (
 )
 
 RequestHandler = Callable[[Request], Awaitable[Reply]]
-# QoS 1 publishes of the outbox awaiting their PUBACK at once: paho's own default window (max_inflight_messages).
-MAX_INFLIGHT = 20
+# QoS 1 publishes of the outbox awaiting their PUBACK at once, at most: the broker's Receive Maximum (CONNACK)
+# lowers it (Mosquitto's is its `max_inflight_messages`, 20 unless set; deploy/mosquitto sets 100). A burst of
+# events longer than the window waits for PUBACKs: the certs step reports 27 files back to back.
+MAX_INFLIGHT = 100
+# Replies awaiting their PUBACK at once (each through aiomqtt's publish, beside the request loop).
+REPLIES_IN_FLIGHT = 20
+# MQTT 5 (3.2.2.3.3): a CONNACK without Receive Maximum means 65535.
+DEFAULT_RECEIVE_MAXIMUM = 65535
 # Told of every request answered: its action ("invalid" when it could not be parsed) and the reply (metrics).
 ReplyObserver = Callable[[str, Reply], None]
 
@@ -77,9 +86,12 @@ class MqttBridge:
         self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
         self._client = self._make_client(client_id)
-        # aiomqtt warns past this many publishes awaiting their PUBACK: the outbox's window and the replies', plus
-        # status.
-        self._client.pending_calls_threshold = 2 * max_inflight + 10
+        # Outbox publishes handed to paho directly (`_publish_now`), by message id, resolved on their PUBACK.
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._receive_maximum = DEFAULT_RECEIVE_MAXIMUM  # the broker's, from the last CONNACK
+        self._hook_paho()
+        # aiomqtt warns past this many of its publishes awaiting their PUBACK: the replies', plus status.
+        self._client.pending_calls_threshold = REPLIES_IN_FLIGHT + 10
 
     def _make_client(self, client_id: str) -> aiomqtt.Client:
         connect_properties = mqtt_properties(PacketTypes.CONNECT)
@@ -101,6 +113,73 @@ class MqttBridge:
             # (a TLS refusal arrives as a closed socket) must not hold the reconnect loop for aiomqtt's 10 s.
             timeout=float(max(self._config.keepalive_s, 5)),
         )
+
+    def _hook_paho(self) -> None:
+        """Chained after aiomqtt's own callbacks on its paho client (`_client`, the same across reconnects;
+        aiomqtt 2.x has no public way to it), called on the loop (aiomqtt reads the socket from a reader
+        callback): on_publish tells `_publish_now`'s futures of their PUBACK, on_connect keeps the broker's
+        Receive Maximum (aiomqtt does not keep the CONNACK's properties)."""
+        inner = self._client._client
+        # aiomqtt's own: called with what paho passes (its callback types are a union of API versions)
+        aiomqtt_on_publish: Any = inner.on_publish
+        aiomqtt_on_connect: Any = inner.on_connect
+
+        def on_connect(client: paho.Client, userdata: object, flags: object, reason_code: object,
+                       properties: object) -> None:
+            self._receive_maximum = int(getattr(properties, "ReceiveMaximum", DEFAULT_RECEIVE_MAXIMUM))
+            # paho ignores the broker's Receive Maximum and its setter refuses a change once connected; its
+            # attribute is read at each send, and this callback runs before paho re-sends the session's messages.
+            client._max_inflight_messages = self._window()
+            if aiomqtt_on_connect is not None:
+                aiomqtt_on_connect(client, userdata, flags, reason_code, properties)
+
+        def on_publish(client: paho.Client, userdata: object, mid: int, reason_code: object,
+                       properties: object) -> None:
+            if aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(client, userdata, mid, reason_code, properties)
+            acked = self._acks.pop(mid, None)
+            if acked is not None and not acked.done():
+                acked.set_result(None)
+
+        inner.on_publish = on_publish
+        inner.on_connect = on_connect
+
+    def _window(self) -> int:
+        """QoS 1 publishes in flight at once: never more than the broker takes (more is a protocol error, MQTT 5
+        4.9); paho holds back what is over it (replies and status share it), the outbox keeps within it."""
+        return max(1, min(self._max_inflight, self._receive_maximum))
+
+    def _publish_now(self, topic: str, payload: bytes, *, retain: bool) -> asyncio.Future[None]:
+        """Hand a QoS 1 publish to paho at once; the future resolves on its PUBACK. aiomqtt's `publish` costs a
+        task, a timeout and, through its write callback, three system calls per message (~120 us here): a burst
+        of 30 events waited 2-3 ms in the service before its first byte left, and the last one ~5 ms
+        (bench/bench_event_latency.py). Same order as before: paho sends in the order of `publish` calls,
+        aiomqtt's included."""
+        inner = self._client._client
+        # Onto the socket now: a state change must not wait for the loop's next turn while the progress events
+        # behind it are encoded (~40 us each). Without a write callback paho writes in `publish` itself; what the
+        # socket did not take then goes to aiomqtt's write callback, as always. (Writing through `loop_write`
+        # after paho had asked aiomqtt for the callback left a deferred add_writer that could land on a closed
+        # socket.)
+        register_write = inner.on_socket_register_write
+        inner.on_socket_register_write = None
+        try:
+            info = inner.publish(topic, payload, qos=1, retain=retain)
+        except OSError as exc:
+            raise aiomqtt.MqttError(f"could not write to the broker: {exc}") from exc
+        finally:
+            inner.on_socket_register_write = register_write
+        if inner.want_write():  # paho marked the write callback registered while it was None: register it now
+            inner._registered_write = False
+            inner._call_socket_register_write()
+        if info.rc != paho.MQTT_ERR_SUCCESS:  # not connected (any more), or paho's queue is full
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if info.is_published():  # acknowledged before `publish` returned (paho allows it)
+            acked.set_result(None)
+        else:
+            self._acks[info.mid] = acked
+        return acked
 
     async def __aenter__(self) -> MqttBridge:
         self._run_task = asyncio.create_task(self.run(), name="mqtt-bridge")
@@ -158,13 +237,14 @@ class MqttBridge:
             # `online` only once subscribed: a client that saw it may send a request and be heard.
             await client.publish(self._topics.availability, b"online", qos=1, retain=True)
             await client.publish(self._topics.status, dumps(self._status().to_json()), qos=1, retain=True)
+            window = self._window()
             self.connected.set()
             self.connects += 1
             self._log.info("connected", undelivered=len(self._outbox))
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._read_requests(client), name="mqtt-requests")
-                    group.create_task(self._drain_outbox(client), name="mqtt-outbox")
+                    group.create_task(self._drain_outbox(window), name="mqtt-outbox")
             except* aiomqtt.MqttError:
                 raise
             except* Exception:
@@ -176,25 +256,33 @@ class MqttBridge:
                     await client.publish(self._topics.availability, b"offline", qos=1, retain=True)
                 raise
 
-    async def _drain_outbox(self, client: aiomqtt.Client) -> None:
-        """Publish the outbox with up to `max_inflight` QoS 1 publishes awaiting their PUBACK: one broker round
+    async def _drain_outbox(self, window: int) -> None:
+        """Publish the outbox with up to `window` QoS 1 publishes awaiting their PUBACK: one broker round
         trip per event would make a burst of events wait in line (issue 11). Order holds: paho sends in the order
         of `publish` calls and the broker acknowledges QoS 1 in order (MQTT 5, 4.6); acknowledgements are taken
         oldest first, so `Outbox.acknowledged` still sees increasing seqs. What is in flight when the connection
         drops goes back to the front of the outbox and is published again after the reconnect (as before: QoS 1,
         a repeat is possible, a loss is not)."""
         inflight = self._inflight
+        # aiomqtt gives up on a publish not acknowledged within its timeout (and ends the session): so do we.
+        ack_timeout_s = self._client.timeout
+        oldest_sent_s = time.monotonic()
         try:
             while True:
-                while len(inflight) < self._max_inflight and (item := self._outbox.peek()) is not None:
+                while len(inflight) < window and (item := self._outbox.peek()) is not None:
                     if isinstance(item, Event) and self._durable is not None and is_durable(item):
                         await self._durable.on_disk(item.seq)  # never on the wire before it is on disk
                         if self._outbox.peek() is not item:
                             continue  # the outbox changed meanwhile: look again
                     self._outbox.pop()
                     topic, payload, retain = self._encode(item)
-                    # A task per publish: its first step hands the message to paho, in creation order.
-                    sent = asyncio.ensure_future(client.publish(topic, payload, qos=1, retain=retain))
+                    if not inflight:
+                        oldest_sent_s = time.monotonic()
+                    try:
+                        sent = self._publish_now(topic, payload, retain=retain)
+                    except aiomqtt.MqttError:
+                        self._outbox.requeue([item])
+                        raise
                     inflight.append((item, sent))
                     self._idle.clear()
                 if not inflight:
@@ -204,16 +292,20 @@ class MqttBridge:
                 if not oldest.done():
                     waiting: list[asyncio.Future[None]] = [oldest]
                     more: asyncio.Future[None] | None = None
-                    if len(inflight) < self._max_inflight:
+                    if len(inflight) < window:
                         more = asyncio.ensure_future(self._outbox.wait())
                         waiting.append(more)
-                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    left_s = oldest_sent_s + ack_timeout_s - time.monotonic()
+                    await asyncio.wait(waiting, timeout=max(0.0, left_s), return_when=asyncio.FIRST_COMPLETED)
                     if more is not None:
                         more.cancel()
+                    if not oldest.done() and time.monotonic() >= oldest_sent_s + ack_timeout_s:
+                        raise aiomqtt.MqttError(f"no acknowledgement of a publish within {ack_timeout_s:g} s")
                 while inflight and inflight[0][1].done():
                     item, published = inflight[0]
-                    published.result()  # an MqttError ends the session: the finally puts it back in the outbox
+                    published.result()
                     inflight.popleft()
+                    oldest_sent_s = time.monotonic()  # the next one's wait starts now at the latest
                     if isinstance(item, Event) and self._durable is not None and is_durable(item):
                         self._durable.acknowledged(item.seq)
                 if not inflight:
@@ -221,6 +313,9 @@ class MqttBridge:
         finally:
             for _, publishing in inflight:
                 publishing.cancel()
+            for acked in self._acks.values():  # the session ended: these PUBACKs will not come on it
+                acked.cancel()
+            self._acks.clear()
             self._outbox.requeue([item for item, _ in inflight])
             inflight.clear()
             self._idle.set()
@@ -234,11 +329,11 @@ class MqttBridge:
 
     async def _read_requests(self, client: aiomqtt.Client) -> None:
         """Requests are handled one at a time, in order (an install then a cancel mean that order); their replies
-        go out beside the reading, up to `max_inflight` awaiting their PUBACK: waiting for each reply's PUBACK
+        go out beside the reading, up to `REPLIES_IN_FLIGHT` awaiting their PUBACK: waiting for each reply's PUBACK
         before reading the next request held the service to one broker round trip per request (~50 requests a
         second on a busy 2-core machine, measured by tests/faults/test_fuzz_requests.py), and a `diagnose`,
         collecting for seconds, kept every request behind it waiting; it is answered beside them too."""
-        room = asyncio.Semaphore(self._max_inflight)
+        room = asyncio.Semaphore(REPLIES_IN_FLIGHT)
         answering: set[asyncio.Task[None]] = set()
 
         def answered(done: asyncio.Future[None]) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 from pathlib import Path
 
+import pytest
 from lifecycle_fakes import drain_events, fake_plan, fake_reset, make_config, null_ports
 
 from lifecycle.bus import Bus
@@ -51,18 +54,31 @@ def test_the_file_empties_once_the_broker_acknowledged_everything(tmp_path: Path
     assert Outbox(tmp_path).open() == []
 
 
-async def test_an_event_counts_as_on_disk_only_after_the_fsync_task_ran(tmp_path: Path) -> None:
+async def test_an_event_counts_as_on_disk_only_after_its_fsync_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    disk = threading.Event()  # the disk answers when the test says so
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        disk.wait(5)
+        real_fsync(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr("lifecycle.outbox.os.fsync", slow_fsync)
     box = Outbox(tmp_path)
     box.open()
-    box.append(_change(1, 1))
-    waiter = asyncio.create_task(box.on_disk(1), name="on-disk")
+    box.append(_change(1, 1))  # starts the fsync at once, in the outbox's thread
+    box.append(_change(2, 2))  # while it runs: covered by the next one
+    waiter = asyncio.create_task(box.on_disk(2), name="on-disk")
     await asyncio.sleep(0.05)
     assert not waiter.done()
-    syncer = asyncio.create_task(box.run(), name="outbox-fsync")
+    disk.set()
     async with asyncio.timeout(5):
         await waiter
-    syncer.cancel()
-    await asyncio.gather(syncer, return_exceptions=True)
+    assert len(synced) == 2, "one fsync for the first append, one for what came while it ran"
+    await box.on_disk(99)  # never appended (an append that failed): nothing to wait for
     box.close()
 
 

@@ -100,7 +100,7 @@ def test_wire_shapes() -> None:
     event = Event(type=EventType.STATE_CHANGED, seq=3, data={"seq": 3}, time_s=0.5, id="e3")
     assert event.to_cloudevent(topics.source) == {
         "specversion": "1.0", "id": "e3", "source": "/lifecycle/n1", "type": "lifecycle.state.changed",
-        "time": "1970-01-01T00:00:00.500Z", "datacontenttype": "application/json", "data": {"seq": 3}}
+        "time": "1970-01-01T00:00:00.500000Z", "datacontenttype": "application/json", "data": {"seq": 3}}
     status = Status(node="n1", state="failed", since=0.0, seq=9, request_id="r", kubernetes_version="v1.31.4",
                     step=2, steps=7, error=ErrorInfo("x", "y", details={"a": 1}))
     assert set(status.to_json()) == {"node", "state", "since", "seq", "request_id", "kubernetes_version", "step",
