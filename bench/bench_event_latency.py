@@ -115,10 +115,15 @@ class Subscriber:
             time.sleep(0.05)
         return self
 
-    def wait_for(self, needle: str, *, timeout_s: float) -> None:
-        """Until a message holding `needle` has arrived."""
+    def wait_for(self, needle: str, *, timeout_s: float, unless: str) -> bool:
+        """Until a message holding `needle` (True) or `unless` (False) has arrived."""
         deadline_s = time.monotonic() + timeout_s
-        while not any(needle in line for line in list(self._lines)):
+        while True:
+            lines = list(self._lines)
+            if any(needle in line for line in lines):
+                return True
+            if any(unless in line for line in lines):
+                return False
             if time.monotonic() > deadline_s:
                 raise SystemExit(f"bench_event_latency: no {needle!r} within {timeout_s:g} s")
             time.sleep(0.05)
@@ -203,13 +208,16 @@ def export_tree(ref: str, into: Path) -> Path:
 def full_install(namespace: str, *, host: str, port: int, code: Path | None) -> list[tuple[str, float]]:
     """(event type, latency s) of every event of one install through `lifecycle serve` (`code`: another tree)."""
     with tempfile.TemporaryDirectory(prefix="bench-latency-node-") as base:
-        node = BenchNode(Path(base), namespace, label="bench-latency")
+        node = BenchNode(Path(base), namespace, label="bench-latency", broker=f"mqtt://{host}:{port}")
         try:
             with Subscriber(host=host, port=port, topic=f"lifecycle/{node.name}/events") as subscriber:
                 node.start_service(code=code)
                 time.sleep(2)  # online before the request (the service takes requests once subscribed)
                 node.request(host, port, "latency-install", "install")
-                subscriber.wait_for('"to":"running"', timeout_s=FULL_INSTALL_TIMEOUT_S)
+                if not subscriber.wait_for('"to":"running"', timeout_s=FULL_INSTALL_TIMEOUT_S,
+                                           unless='"to":"failed"'):
+                    tail = node.log.read_text(errors="replace").splitlines()[-15:]
+                    raise SystemExit("bench_event_latency: the install failed:\n" + "\n".join(tail))
                 time.sleep(0.3)  # the last progress after `running`, if any
             bodies = subscriber.stamped_bodies()
         finally:
@@ -217,8 +225,6 @@ def full_install(namespace: str, *, host: str, port: int, code: Path | None) -> 
             for leaf in ("status", "availability", "exposures"):
                 subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-t", f"lifecycle/{node.name}/{leaf}",
                                 "-r", "-n"], check=False)
-        if any(body["data"].get("to") == "failed" for _, body in bodies):
-            raise SystemExit(f"bench_event_latency: the install failed, see {node.log}")
         return [(str(body["type"]), arrival - _made_at_s(str(body["time"]))) for arrival, body in bodies]
 
 

@@ -29,7 +29,7 @@ class BenchNode:
     """One node under `base`: its root, config (the simulated node's, images from `namespace`, with `/pad` among
     the binaries: what real binaries weigh) and service log."""
 
-    def __init__(self, base: Path, namespace: str, *, label: str) -> None:
+    def __init__(self, base: Path, namespace: str, *, label: str, broker: str | None = None) -> None:
         self.label = label
         self.name = f"{label}-{uuid.uuid4().hex[:8]}"
         self.root = base / "root"
@@ -40,6 +40,8 @@ class BenchNode:
         text = text.replace('"../deploy/addons"', f'"{REPO_ROOT / "deploy" / "addons"}"')
         binaries = ", ".join(f'"{path}"' for path in (*DEFAULT_BINARIES, "/pad"))
         text = text.replace("\nbinaries_image = ", f"\nbinaries = [{binaries}]\nbinaries_image = ", 1)
+        if broker is not None:  # the simulated node's config names the local Mosquitto on 1883
+            text = text.replace('broker = "mqtt://127.0.0.1:1883"', f'broker = "{broker}"', 1)
         self.config.write_text(text.replace(f'image_repository = "{REGISTRY}"',
                                             f'image_repository = "{REGISTRY}/{namespace}"'))
         self.log = base / "service.log"

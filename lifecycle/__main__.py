@@ -30,6 +30,7 @@ from lifecycle.store import StoreError
 
 EXIT_FORCED = 1  # a second SIGTERM/SIGINT: exit at once, the broker publishes the `offline` will
 EXIT_BRIDGE_FAILED = 3  # the request loop died of a bug: a restart (systemd's Restart=on-failure) revives it
+GIL_SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval: see `run_service`
 # Fault knob for tests (docs/real-vm.md, "Fault knob"): when set, SIGUSR1 blocks the event loop for that many
 # seconds, as a stuck callback would, so a test can see the systemd watchdog pings stop. Unset in production: then
 # SIGUSR1 keeps its default action and nothing here runs.
@@ -117,6 +118,9 @@ def run_service(
         # What the start imported and built lives as long as the process: kept out of the garbage collector's
         # full collections, which would otherwise walk it all on the loop (lifecycle.loopwatch, issue 11).
         gc.freeze()
+        # A thread running Python (tar extraction, YAML, the Kubernetes client) keeps the GIL up to this long
+        # before the loop gets it back: 5 ms by default, which showed in event delivery (issue 11).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         try:
             if on_start is not None:  # before any job: clean-ups of what a killed service left
                 await on_start(config, ports)

@@ -3,13 +3,14 @@ published, and published again after a restart until the broker acknowledged the
 
 Leaves `outbox` (one JSON line per unacknowledged event, emptied once all are acknowledged) and `outbox.acked`
 (the seq of the last acknowledged one). The append is one write() on the loop (~10 us, like the `seq` file), so
-a SIGKILL right after it loses nothing; the fsync, for a power loss, starts at once in a thread of its own,
-batched (one fsync covers every append before it); the bridge publishes a durable event only once it is on
-disk.
+a SIGKILL right after it loses nothing, and the bridge may publish it from then on; the fsync, for a power
+loss, starts at once in a thread of its own, batched (one fsync covers every append before it). A power loss
+within those milliseconds may forget a change a host has already heard: the restarted service then makes it
+again under the same `state_seq` (docs/protocol.md).
 
 State changes also replace `state.json` (lifecycle.store): `checkpoint` does it in the same thread, after the
 fsync of every event appended before it, so the loop never waits for the disk and the file is never ahead of
-the outbox. The outbox is emptied only once the broker acknowledged everything in it *and* every checkpoint
+the outbox on disk. The outbox is emptied only once the broker acknowledged everything in it *and* every checkpoint
 handed in is done: a kill in between leaves the change in the outbox, and the next start takes its numbers
 (`last_seq`, `last_state_seq`) from there, as after a kill between the append and the state file.
 
@@ -19,6 +20,7 @@ Progress events stay in memory: a subscriber sees a gap in `seq` when some were 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -66,7 +68,6 @@ class Outbox:
         # writing state.json (a task would only start once the engine yields: ~1 ms later, measured).
         self._fsyncer: ThreadPoolExecutor | None = None
         self._syncing: asyncio.Future[None] | None = None
-        self._synced = asyncio.Event()
         self._checkpoints: set[asyncio.Future[None]] = set()  # handed to the thread, not done yet
         self._log = get_logger("lifecycle.outbox")
 
@@ -109,6 +110,9 @@ class Outbox:
         if self._fsyncer is not None:  # what was handed to the thread (a state file save) is finished first
             self._fsyncer.shutdown(wait=True)
             self._fsyncer = None
+        if self._fd is not None and self._synced_seq < self._written_seq:
+            with contextlib.suppress(OSError):  # appended without a loop to start the fsync (or after the last)
+                os.fsync(self._fd)
         for fd in (self._fd, self._acked_fd):
             if fd is not None:
                 os.close(fd)
@@ -128,7 +132,8 @@ class Outbox:
 
     def _start_fsync(self) -> None:
         """fsync what was appended, in the outbox's thread; one at a time (the next covers every append made
-        meanwhile). Without a running loop (a caller outside the service) `on_disk` starts it."""
+        meanwhile). Without a running loop (a caller outside the service) the next `checkpoint` or `close`
+        covers it."""
         if self._syncing is not None or self._fd is None or self._fsyncer is None:
             return
         if self._synced_seq >= self._written_seq:
@@ -150,14 +155,6 @@ class Outbox:
             self._log.error("outbox fsync failed", error=str(error))
         self._mark_synced(target)
         self._start_fsync()  # appended while this one ran
-
-    async def on_disk(self, seq: int) -> None:
-        """Return once the event `seq` (appended earlier) was fsynced; at once if it never reached the file (its
-        append failed and said so: it goes out from memory)."""
-        while self._synced_seq < seq <= self._written_seq and self._fd is not None:
-            self._synced.clear()
-            self._start_fsync()
-            await self._synced.wait()
 
     def acknowledged(self, seq: int) -> None:
         """The broker has the event `seq` (PUBACK): record it; empty the file once nothing is left to deliver."""
@@ -182,8 +179,7 @@ class Outbox:
 
     def checkpoint(self, save: Callable[[], None]) -> None:
         """Run `save` (the state file's replace, with its fsyncs) in the outbox's thread, after an fsync of
-        everything appended so far (which releases `on_disk` first: a state change goes out without waiting for
-        state.json). Without a running loop, or once closed, `save` runs here."""
+        everything appended so far. Without a running loop, or once closed, `save` runs here."""
         fd, fsyncer, target = self._fd, self._fsyncer, self._written_seq
         try:
             loop = asyncio.get_running_loop()
@@ -208,7 +204,6 @@ class Outbox:
 
     def _mark_synced(self, target: int) -> None:
         self._synced_seq = max(self._synced_seq, target)
-        self._synced.set()
 
     def _checkpointed(self, done: asyncio.Future[None]) -> None:
         self._checkpoints.discard(done)

@@ -122,6 +122,9 @@ listener $MQTT_PORT $MQTT_HOST
 allow_anonymous true
 persistence true
 persistence_location $S/mosquitto/
+# As deploy/mosquitto/lifecycle.conf: PUBACKs and deliveries without Nagle's delay, 100 QoS 1 in flight.
+set_tcp_nodelay true
+max_inflight_messages 100
 EOF
   # Started as root, mosquitto drops to its own user, which must be able to write the persistence file.
   if id mosquitto >/dev/null 2>&1; then chown mosquitto "$S/mosquitto"; fi

@@ -1,13 +1,14 @@
 """The MQTT bridge: one aiomqtt client (MQTT 5, persistent session, `offline` will) reconnected forever. After
 each connect: `online`, subscribe to requests, re-publish the status, flush the outbox of events kept while the
-broker was away. A durable event (lifecycle.outbox) is published once it is on disk and marked acknowledged
-there once the broker's PUBACK arrived. Replies go to the MQTT 5 response topic (with correlation data), else
-to `reply_to`, and only below the node's reply subtrees (`Topics.reply_topic_problem`)."""
+broker was away. A durable event (lifecycle.outbox) is in the outbox file before it is published and marked
+acknowledged there once the broker's PUBACK arrived. Replies go to the MQTT 5 response topic (with correlation
+data), else to `reply_to`, and only below the node's reply subtrees (`Topics.reply_topic_problem`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -118,11 +119,20 @@ class MqttBridge:
         """Chained after aiomqtt's own callbacks on its paho client (`_client`, the same across reconnects;
         aiomqtt 2.x has no public way to it), called on the loop (aiomqtt reads the socket from a reader
         callback): on_publish tells `_publish_now`'s futures of their PUBACK, on_connect keeps the broker's
-        Receive Maximum (aiomqtt does not keep the CONNACK's properties)."""
+        Receive Maximum (aiomqtt does not keep the CONNACK's properties), on_socket_open turns Nagle off."""
         inner = self._client._client
         # aiomqtt's own: called with what paho passes (its callback types are a union of API versions)
         aiomqtt_on_publish: Any = inner.on_publish
         aiomqtt_on_connect: Any = inner.on_connect
+        aiomqtt_on_socket_open: Any = inner.on_socket_open
+
+        def on_socket_open(client: paho.Client, userdata: object, sock: Any) -> None:
+            # Each event is a small packet: without this, one written while the previous packet (a reply, say)
+            # awaits its TCP acknowledgement waits for it, up to a delayed ACK: the install's first events
+            # arrived ~40 ms late (bench/bench_event_latency.py). paho does not set it.
+            with contextlib.suppress(OSError, AttributeError):  # a TLS socket passes it on; other kinds may not
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            aiomqtt_on_socket_open(client, userdata, sock)
 
         def on_connect(client: paho.Client, userdata: object, flags: object, reason_code: object,
                        properties: object) -> None:
@@ -143,6 +153,7 @@ class MqttBridge:
 
         inner.on_publish = on_publish
         inner.on_connect = on_connect
+        inner.on_socket_open = on_socket_open
 
     def _window(self) -> int:
         """QoS 1 publishes in flight at once: never more than the broker takes (more is a protocol error, MQTT 5
@@ -269,11 +280,12 @@ class MqttBridge:
         oldest_sent_s = time.monotonic()
         try:
             while True:
+                # A durable event is in the outbox file (written, not yet fsynced) before it is here: a crash of
+                # the service loses none. Waiting for its fsync as well cost 1-40 ms per state change on this
+                # machine while image layers were written (bench/bench_event_latency.py) and only guarded the
+                # announcement against a power loss, which the broker's own persistence (periodic) does not
+                # survive either; the fsync still guards what is queued while the broker is away.
                 while len(inflight) < window and (item := self._outbox.peek()) is not None:
-                    if isinstance(item, Event) and self._durable is not None and is_durable(item):
-                        await self._durable.on_disk(item.seq)  # never on the wire before it is on disk
-                        if self._outbox.peek() is not item:
-                            continue  # the outbox changed meanwhile: look again
                     self._outbox.pop()
                     topic, payload, retain = self._encode(item)
                     if not inflight:

@@ -43,7 +43,11 @@ def _kill(svc: ServiceProcess) -> None:
 
 
 def _saved_state(root: Path) -> str:
-    state: str = json.loads((root / "var/lib/lifecycle/state.json").read_text())["state"]
+    """The state in state.json; "" before its first save (it is saved off the event loop, just after the change)."""
+    try:
+        state: str = json.loads((root / "var/lib/lifecycle/state.json").read_text())["state"]
+    except FileNotFoundError:
+        return ""
     return state
 
 

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from paho.mqtt.client import ConnectFlags
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from lifecycle.adapters.mqtt import MqttBridge
+from lifecycle.adapters.mqtt import MAX_INFLIGHT, MqttBridge
 from lifecycle.bus import Bus
 from lifecycle.config import MqttConfig
 from lifecycle.outbox import Outbox
@@ -87,3 +91,19 @@ async def test_a_burst_goes_out_in_order_with_a_window_of_publishes_in_flight(tm
     durable.close()
 
 
+
+
+async def test_the_window_keeps_within_the_brokers_receive_maximum(tmp_path: Path) -> None:
+    """MQTT 5 (4.9): a client never has more QoS 1 publishes unacknowledged than the broker's CONNACK Receive
+    Maximum. Mosquitto 2.0 acknowledges QoS 1 at once whatever it said, so this is checked at the CONNACK: paho
+    does not apply it itself, the bridge's hook does, for its outbox and for paho's own limit."""
+    bridge = _bridge(tmp_path, Bus(), Outbox(tmp_path))
+    paho_client = bridge._client._client
+    connack = Properties(PacketTypes.CONNACK)  # type: ignore[no-untyped-call]
+    connack.ReceiveMaximum = 5
+    paho_client.on_connect(paho_client, None, ConnectFlags(session_present=False), ReasonCode(PacketTypes.CONNACK),
+                           connack)
+    assert bridge._window() == 5 and paho_client._max_inflight_messages == 5
+    paho_client.on_connect(paho_client, None, ConnectFlags(session_present=False), ReasonCode(PacketTypes.CONNACK),
+                           Properties(PacketTypes.CONNACK))  # type: ignore[no-untyped-call]
+    assert bridge._window() == MAX_INFLIGHT, "none said: 65535, so the bridge's own limit"
