@@ -961,6 +961,7 @@ class Engine:
             deadline=asyncio.get_running_loop().time() + timeout_s,
             log=self._log.bind(request_id=request_id, state=state),
             progress=self._progress_fn(State(state), request_id),
+            job=self._job.kind if self._job is not None else "install",
         )
 
     def _internal(self, ctx: StepContext, exc: BaseException, attempts: int) -> ErrorInfo:
