@@ -676,7 +676,8 @@ class Engine:
         again): the cluster then runs on the new version, and the status' error says what failed."""
         changed_at = UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED)
         kubelet_at = UPGRADE_STATES.index(State.UPGRADE_KUBELET)
-        repaired: ErrorInfo | None = None  # the failure a repair is recovering from
+        first_failure: ErrorInfo | None = None  # the failure a repair is recovering from
+        repaired: ErrorInfo | None = None  # what `running` says of it once the repair worked
         to_repair: list[tuple[State, ErrorInfo]] = []  # set by `failed` below when the step's failure is repaired
         index = first
         while index < len(self._upgrade_plan):
@@ -687,21 +688,21 @@ class Engine:
                 self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=shown)
             to_repair.clear()
 
-            def failed(state: State, error: ErrorInfo, step_no: int, *, first_failure: ErrorInfo | None = repaired,
+            def failed(state: State, error: ErrorInfo, step_no: int, *, before: ErrorInfo | None = first_failure,
                        repairable: bool = index > changed_at) -> None:
-                if repairable and first_failure is None:
+                if repairable and before is None:
                     to_repair.append((state, error))
                     return
                 self._upgrade_failed(state, error, step_no, request_id=request_id, old=old, target=target,
-                                     first_failure=first_failure)
+                                     first_failure=before)
 
             try:
                 await self._run_step(step, index, request_id, target, record=whole_run, on_fail=failed)
             except _StepFailedError:
                 if not to_repair:
                     raise
-                [(state, error)] = to_repair
-                repaired = self._upgrade_repair(state, error, request_id=request_id, target=target)
+                [(state, first_failure)] = to_repair
+                repaired = self._upgrade_repair(state, first_failure, request_id=request_id, target=target)
                 index = kubelet_at
                 continue
             index += 1
