@@ -1,6 +1,6 @@
 """addons: server-side applies every object of the `*.yaml` manifests in `config.addons.manifests_dir`
 (field manager `lifecycle`; `${IMAGE_REPOSITORY}`, `${STORAGE_PROVISIONER_IMAGE}` and `${STORAGE_HELPER_IMAGE}`
-substituted from the config) that is not in the API yet, then waits for their Deployments and DaemonSets.
+substituted from the config), then waits for their Deployments and DaemonSets.
 Done when every object exists, those workloads are available and exactly one StorageClass is the default
 (local-path, deploy/addons).
 On a start after a stop the objects are kept in etcd: done when they are all there as their manifests say and no
@@ -95,15 +95,11 @@ class Addons:
                                           placeholders=placeholders(ctx))
         try:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
-                missing = await _to_apply(api, objects)
-                kept = len(objects) - len(missing)
-                if kept:
-                    # A start after a stop (or a resume): etcd kept them; only their pods have to come back.
-                    ctx.progress(f"{kept} of {len(objects)} addon objects already in the API as their manifests "
-                                 "say; not applied again")
-                for index, obj in enumerate(missing, start=1):
+                # Every one, also those that exist: an apply puts back what was changed by hand (a ClusterRole
+                # that lost a verb), which `is_done` does not look at.
+                for index, obj in enumerate(objects, start=1):
                     await _apply(api, obj)
-                    ctx.progress(f"applied {obj.label()}", current=index, total=len(missing))
+                    ctx.progress(f"applied {obj.label()}", current=index, total=len(objects))
                 workloads = [o for o in objects if (o.api_version, o.kind) in WORKLOAD_KINDS]
                 await _wait_available(ctx, api=api, workloads=workloads)
         except KubeApiError as exc:
@@ -148,9 +144,8 @@ async def _not_hopeless(api: KubeApi, workloads: list[AddonObject]) -> None:
 
 
 async def _to_apply(api: KubeApi, objects: list[AddonObject]) -> list[AddonObject]:
-    """The objects to apply: those missing, or live with a problem an apply mends (a StorageClass no longer the
-    default). A workload that exists but is not available yet is waited for, not applied again: `is_done` takes
-    an existing object as applied, and so does this (a start after a stop finds them all, kept in etcd)."""
+    """The objects missing, or live with a problem an apply mends (a StorageClass no longer the default). A
+    workload that exists but is not available yet is not among them: its pods come back (a start after a stop)."""
     wanted: list[AddonObject] = []
     for obj in objects:
         try:
