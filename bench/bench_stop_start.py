@@ -102,7 +102,15 @@ def _took_s(changes: list[dict[str, Any]], *states: str) -> float:
     return sum(c["data"]["duration_s"] for c in changes if c["data"]["from"] in states)
 
 
-def one_run(base: Path, namespace: str, host: str, port: int) -> dict[str, float]:
+def _trace(events: Events, request_id: str, sent_s: float) -> None:
+    """Every event of the request, with its time after the request was sent (--trace: where a start's time goes)."""
+    for event in events.of(request_id):
+        data = event["data"]
+        what = f"-> {data.get('to')}" if event["type"] == "lifecycle.state.changed" else data.get("message", "")
+        print(f"  {event['seen_s'] - sent_s:6.2f} s  {data.get('state') or data.get('from') or '':<10} {what}")
+
+
+def one_run(base: Path, namespace: str, host: str, port: int, *, trace: bool = False) -> dict[str, float]:
     node = Node(base, namespace)
     events = Events(node.name, host, port)
     try:
@@ -116,6 +124,9 @@ def one_run(base: Path, namespace: str, host: str, port: int) -> dict[str, float
             raise SystemExit(f"bench_stop_start: a kubelet runs after the stop: {node.kubelets()}")
         sent_s = node.request(host, port, "start-1", "start")
         start_s = events.wait("start-1", state="running", timeout_s=STOP_START_TIMEOUT_S)["seen_s"] - sent_s
+        if trace:
+            print(f"{node.name}: the start's events")
+            _trace(events, "start-1", sent_s)
         started = [c["data"]["to"] for c in events.changes("start-1")]
         touched = {e["data"].get("state") for e in events.of("start-1")} & SKIPPED_BY_START
         if started != START_CHAIN or touched:
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pad-scale", type=float, default=1.0, help="size of the simulated binaries (1.0: 150 MB)")
     parser.add_argument("--namespace", default="bench",
                         help="registry namespace of the simulated images (this checkout's simnode is built there)")
+    parser.add_argument("--trace", action="store_true", help="print each start's events with their times")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     args = parser.parse_args(argv)
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, float]] = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="bench-stop-start-") as base:
-            runs.append(one_run(Path(base), args.namespace, args.host, args.port))
+            runs.append(one_run(Path(base), args.namespace, args.host, args.port, trace=args.trace))
 
     def cells(key: str) -> tuple[str, ...]:
         values = [r[key] for r in runs]

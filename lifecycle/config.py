@@ -179,6 +179,17 @@ DEFAULT_STEP_POLICIES: dict[str, StepPolicy] = {
     "addons": StepPolicy(timeout_s=300, retries=2),
 }
 
+# What a `[steps.upgrade_*]` table overrides: the upgrade steps' own defaults (states/upgrade_*.py, which the engine
+# uses when the table is absent).
+UPGRADE_STEP_POLICIES: dict[str, StepPolicy] = {
+    "upgrade_images": StepPolicy(timeout_s=1800, retries=3),
+    "upgrade_binaries": StepPolicy(timeout_s=300, retries=2),
+    "upgrade_plan": StepPolicy(timeout_s=60, retries=1),
+    "upgrade_apply": StepPolicy(timeout_s=600, retries=0),
+    "upgrade_kubelet": StepPolicy(timeout_s=180, retries=1),
+    "upgrade_readiness": StepPolicy(timeout_s=300, retries=0),
+}
+
 
 @dataclass(frozen=True)
 class ReadinessConfig:
@@ -605,10 +616,11 @@ def load_config(path: Path) -> Config:
     steps = dict(DEFAULT_STEP_POLICIES)
     st = top.table("steps")
     for step_name in st.names():
-        if step_name not in STEP_NAMES:
-            raise ConfigError(f"{st.key(step_name)}: unknown step (known: {', '.join(STEP_NAMES)})")
+        if step_name not in STEP_NAMES and step_name not in UPGRADE_STEP_POLICIES:
+            known = ", ".join((*STEP_NAMES, *UPGRADE_STEP_POLICIES))
+            raise ConfigError(f"{st.key(step_name)}: unknown step (known: {known})")
         one = st.table(step_name)
-        base_policy = steps[step_name]
+        base_policy = steps.get(step_name) or UPGRADE_STEP_POLICIES[step_name]
         steps[step_name] = StepPolicy(
             timeout_s=_positive(one, "timeout_s", base_policy.timeout_s),
             retries=int(_positive(one, "retries", base_policy.retries, allow_zero=True)),

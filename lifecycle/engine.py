@@ -678,27 +678,67 @@ class Engine:
     async def _upgrade_walk(self, request_id: str | None, old: ClusterParams, target: ClusterParams, *,
                             first: int) -> None:
         """Each upgrade step with the target in its context; the status names the old version until
-        `upgrade_apply` is done (the control plane changed), the new one from then on."""
+        `upgrade_apply` is done (the control plane changed), the new one from then on. A failure after that is
+        repaired once from `upgrade_kubelet` (the kubelet restarted on the new binaries, readiness waited for
+        again): the cluster then runs on the new version, and the status' error says what failed."""
         changed_at = UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED)
-        for index, step in enumerate(self._upgrade_plan):
-            if index < first:
-                continue
+        kubelet_at = UPGRADE_STATES.index(State.UPGRADE_KUBELET)
+        first_failure: ErrorInfo | None = None  # the failure a repair is recovering from
+        repaired: ErrorInfo | None = None  # what `running` says of it once the repair worked
+        to_repair: list[tuple[State, ErrorInfo]] = []  # set by `failed` below when the step's failure is repaired
+        index = first
+        while index < len(self._upgrade_plan):
+            step = self._upgrade_plan[index]
             shown = old if index <= changed_at else target
             whole_run = self._snap.state != step.name
             if whole_run:
                 self._transition(State(step.name), step=index + 1, request_id=request_id, cluster=shown)
+            to_repair.clear()
 
-            def failed(state: State, error: ErrorInfo, step_no: int) -> None:
-                self._upgrade_failed(state, error, step_no, request_id=request_id, old=old, target=target)
+            def failed(state: State, error: ErrorInfo, step_no: int, *, before: ErrorInfo | None = first_failure,
+                       repairable: bool = index > changed_at) -> None:
+                if repairable and before is None:
+                    to_repair.append((state, error))
+                    return
+                self._upgrade_failed(state, error, step_no, request_id=request_id, old=old, target=target,
+                                     first_failure=before)
 
-            await self._run_step(step, index, request_id, target, record=whole_run, on_fail=failed)
+            try:
+                await self._run_step(step, index, request_id, target, record=whole_run, on_fail=failed)
+            except _StepFailedError:
+                if not to_repair:
+                    raise
+                [(state, first_failure)] = to_repair
+                repaired = self._upgrade_repair(state, first_failure, request_id=request_id, target=target)
+                index = kubelet_at
+                continue
+            index += 1
         await asyncio.to_thread(clear_upgrade, self._paths)
-        self._transition(State.RUNNING, step=None, request_id=request_id, cluster=target)
+        self._transition(State.RUNNING, step=None, request_id=request_id, cluster=target, error=repaired)
+
+    def _upgrade_repair(self, state: State, error: ErrorInfo, *, request_id: str | None,
+                        target: ClusterParams) -> ErrorInfo:
+        """A step after `upgrade_apply` failed: the control plane already runs the new version (kubeadm keeps it
+        once healthy), so going back is no option; the kubelet is restarted on the new binaries and readiness
+        waited for again, each step under a fresh deadline. Returns the error `running` will carry."""
+        version = target.kubernetes_version
+        self._log.error("upgrade step failed after the control plane changed; repairing", state=state.value,
+                        code=error.code, error=error.message, version=version)
+        self._emit(EventType.STEP_FAILED, {"request_id": request_id, "state": state.value, "error": error.to_json()})
+        self._emit_progress(state, request_id, f"the control plane runs {version}: repairing from upgrade_kubelet "
+                                               "(the kubelet restarted on the new binaries, readiness again)")
+        if state != State.UPGRADE_KUBELET:
+            self._transition(State.UPGRADE_KUBELET, step=UPGRADE_STATES.index(State.UPGRADE_KUBELET) + 1,
+                             request_id=request_id, cluster=target)
+        return ErrorInfo.safe(error.code, f"upgrade to {version}: {state.value} failed, then was repaired (the "
+                                          f"cluster runs {version}): {error.message}", error.retryable,
+                              details={**error.details, "state": state.value, "repaired": True,
+                                       "running_version": version})
 
     def _upgrade_failed(self, state: State, error: ErrorInfo, step_no: int, *, request_id: str | None,
-                        old: ClusterParams, target: ClusterParams) -> None:
+                        old: ClusterParams, target: ClusterParams, first_failure: ErrorInfo | None = None) -> None:
         """Before the control plane changed, or rolled back by kubeadm: `running` on the old version, the error in
-        the status. After: `failed` on the new version (an `install` repairs the kubelet or binaries)."""
+        the status. After, once the repair failed too: `failed` on the new version (an `install` repairs)."""
         running = control_plane_version(self._paths)
         if UPGRADE_STATES.index(state) <= UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED) and \
                 running != target.kubernetes_version:
@@ -709,6 +749,9 @@ class Engine:
             clear_upgrade(self._paths)
             self._transition(State.RUNNING, step=None, request_id=request_id, cluster=old, error=error)
             return
+        if first_failure is not None:
+            error = ErrorInfo.safe(error.code, f"{error.message} (repairing after: {first_failure.message})",
+                                   error.retryable, details={**error.details, "first_failure": first_failure.to_json()})
         clear_upgrade(self._paths)  # `failed` is not resumed as an upgrade: an install repairs on the new version
         self._fail(state, request_id, target, error, step=step_no)
 
@@ -968,6 +1011,7 @@ class Engine:
             deadline=asyncio.get_running_loop().time() + timeout_s,
             log=self._log.bind(request_id=request_id, state=state),
             progress=self._progress_fn(State(state), request_id),
+            job=self._job.kind if self._job is not None else "install",
         )
 
     def _internal(self, ctx: StepContext, exc: BaseException, attempts: int) -> ErrorInfo:

@@ -76,11 +76,14 @@ _EDGES: list[tuple[str, list[State], State]] = [
     ("reset", [State.STOPPED], State.RESETTING),
     # Upgrade in place: from running, step by step, back to running on the new version. A failure before the
     # control plane changed (or one kubeadm rolled back) returns to running on the old version ("abandon"), with
-    # the error in the status; a failure after it is `failed` on the new version (an install repairs).
+    # the error in the status; a failure after it is repaired once from the kubelet restart (`running` on the new
+    # version with the error in the status), and only a failed repair is `failed` on the new version.
     ("upgrade", [State.RUNNING], UPGRADE_STATES[0]),
     *[("next", [a], b) for a, b in itertools.pairwise(UPGRADE_STATES)],
     ("next", [UPGRADE_STATES[-1]], State.RUNNING),
     ("abandon", list(UPGRADE_STATES[:UPGRADE_STATES.index(UPGRADE_LAST_UNCHANGED) + 1]), State.RUNNING),
+    # A failure once the control plane changed is repaired once, on the new version: back to the kubelet restart.
+    ("repair", [State.UPGRADE_READINESS], State.UPGRADE_KUBELET),
     ("fail", list(UPGRADE_STATES), State.FAILED),
     ("reset", list(UPGRADE_STATES), State.RESETTING),
 ]

@@ -69,6 +69,9 @@ class StepContext:
     deadline: float  # loop.time() at which the engine cancels the step; waiting steps fail with a precise reason first
     log: Any  # a structlog bound logger, bound to request id and state
     progress: ProgressFn
+    # The kind of job the step runs in ("install", "start", "boot", "upgrade", ...): a step whose outcome means
+    # less after a stop than at an install says so (states/addons.py on a start).
+    job: str = "install"
 
     @property
     def node_ip(self) -> str:

@@ -1,7 +1,11 @@
 """addons: server-side applies every object of the `*.yaml` manifests in `config.addons.manifests_dir`
 (field manager `lifecycle`; `${IMAGE_REPOSITORY}`, `${STORAGE_PROVISIONER_IMAGE}` and `${STORAGE_HELPER_IMAGE}`
-substituted from the config), then waits for their Deployments and DaemonSets. Done when every object exists,
-those workloads are available and exactly one StorageClass is the default (local-path, deploy/addons).
+substituted from the config), then waits for their Deployments and DaemonSets.
+Done when every object exists, those workloads are available and exactly one StorageClass is the default
+(local-path, deploy/addons).
+On a start after a stop the objects are kept in etcd: done when they are all there as their manifests say and no
+workload's pods are in a hopeless state; their pods come back with the kubelet, and their availability (the
+provisioner's readiness probe waits 5 s on a real node) is not waited for (docs/protocol.md, Stop and start).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from states.kubeadm import fail_at
 from states.readiness import HOPELESS_REASONS, labels_match, pods_summary
 
 FIELD_MANAGER = "lifecycle"
+START_JOB = "start"  # lifecycle.engine's job kind for a start after a stop
 WORKLOAD_KINDS = frozenset({("apps/v1", "Deployment"), ("apps/v1", "DaemonSet")})
 STORAGE_CLASS = ("storage.k8s.io/v1", "StorageClass")
 DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_POLL_S = 0.5
+# One GET per pending workload on the local API: cheap, and each poll period is time added to `running` (a
+# start's wait for the storage provisioner, issue 10).
+_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Addons:
     retries = 2  # server-side apply is idempotent
 
     async def is_done(self, ctx: StepContext) -> bool:
+        if ctx.job == START_JOB:
+            return await _kept(ctx)
         try:
             # In a thread: YAML of any size is parsed off the event loop (issue 11: nothing blocks the loop).
             objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
@@ -86,6 +95,8 @@ class Addons:
                                           placeholders=placeholders(ctx))
         try:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+                # Every one, also those that exist: an apply puts back what was changed by hand (a ClusterRole
+                # that lost a verb), which `is_done` does not look at.
                 for index, obj in enumerate(objects, start=1):
                     await _apply(api, obj)
                     ctx.progress(f"applied {obj.label()}", current=index, total=len(objects))
@@ -96,6 +107,55 @@ class Addons:
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None
+
+
+async def _kept(ctx: StepContext) -> bool:
+    """On a start: every object is in the API as its manifest says and no workload's pods are in a state that
+    waiting does not cure; their availability is not waited for (their pods come back with the kubelet)."""
+    try:
+        objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
+                                          placeholders=placeholders(ctx))
+    except PermanentError:
+        return False
+    if not ctx.paths.admin_conf.is_file():
+        return False
+    try:
+        async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
+            if await _to_apply(api, objects):
+                return False
+            await _not_hopeless(api, [o for o in objects if (o.api_version, o.kind) in WORKLOAD_KINDS])
+    except (KubeApiError, StepError):
+        return False
+    return True
+
+
+async def _not_hopeless(api: KubeApi, workloads: list[AddonObject]) -> None:
+    """PermanentError `not_available` when a workload's pods show a reason waiting does not cure (ErrImagePull,
+    CrashLoopBackOff...): a start must not say `running` over a provisioner that cannot come back."""
+    for workload in workloads:
+        selector = ((workload.body.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if not selector:
+            continue
+        pods = [p for p in await api.list_pods(workload.namespace or "default") if labels_match(selector, p)]
+        summary = pods_summary(pods)
+        if summary is not None and any(reason in summary for reason in HOPELESS_REASONS):
+            raise PermanentError(f"{workload.label()}: pods: {summary}", code="not_available",
+                                 details={"workloads": {workload.label(): summary}})
+
+
+async def _to_apply(api: KubeApi, objects: list[AddonObject]) -> list[AddonObject]:
+    """The objects missing, or live with a problem an apply mends (a StorageClass no longer the default). A
+    workload that exists but is not available yet is not among them: its pods come back (a start after a stop)."""
+    wanted: list[AddonObject] = []
+    for obj in objects:
+        try:
+            current = await api.get(obj.api_version, obj.kind, obj.name, obj.namespace or "default")
+        except KubeApiError as exc:
+            raise _api_error(exc, doing=f"reading {obj.label()}") from exc
+        if current is None or ((obj.api_version, obj.kind) not in WORKLOAD_KINDS
+                               and object_problem(obj, current) is not None):
+            wanted.append(obj)
+    return wanted
 
 
 def placeholders(ctx: StepContext) -> dict[str, str]:

@@ -3,7 +3,9 @@ into place (each a temp copy, fsync, rename: a reader sees the old file or the n
 with them, then the kubelet restarted on the new binary and healthy. kubeadm's order for a control-plane node:
 after `kubeadm upgrade apply` (kubernetes docs, tasks/administer-cluster/kubeadm/kubeadm-upgrade, "Upgrade
 kubelet and kubectl"). Leaves `<staging>/kubelet.restarted` naming the version once the new kubelet is healthy.
-Done when that file names the target, the binaries match the target's image and the kubelet is healthy."""
+Done when that file names the target, the binaries match the target's image and the kubelet is healthy.
+Boot evidence: once done, the `binaries` step's (`binaries-boot.json`) is recorded anew for the files now in place,
+so the first boot after an upgrade takes the fast path (lifecycle.step.BootEvidence) instead of hashing them."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from lifecycle.errors import PermanentError
 from lifecycle.paths import HostPaths
-from lifecycle.step import StepContext, finish_in_thread
+from lifecycle.step import BootCheck, StepContext, finish_in_thread
 from states.binaries import RECORD_NAME, Binaries
 from states.kubelet import Kubelet
 from states.upgrade_binaries import staged
@@ -52,6 +54,14 @@ class UpgradeKubelet:
 
     async def before_retry(self, ctx: StepContext) -> None:
         return None
+
+    async def boot_check(self, ctx: StepContext) -> BootCheck:
+        return BootCheck.UNKNOWN  # never asked: a boot checks the install's steps before the kubelet, not this one
+
+    async def record_boot_evidence(self, ctx: StepContext) -> None:
+        # The binaries in /usr/bin changed under the `binaries` step's evidence (the old files' sizes and mtimes,
+        # the old image): without this the next boot finds it stale and hashes every file before the kubelet.
+        await Binaries().record_boot_evidence(ctx)
 
 
 def _move_into_place(paths: HostPaths, stage: HostPaths, names: list[str]) -> int:

@@ -1,10 +1,11 @@
 """Stop and start (issue 10 part 2) on the simulated node, driven over MQTT like a host backend: the real
 `lifecycle serve`, kubectl, and the node's processes counted from /proc.
 
-The issue's timing check (start -> `running` in less time than the install's kubelet + readiness) is measured by
-bench/bench_stop_start.py, not asserted here: in 11 runs there (load 1 to 3 on 2 cores) the whole start was 0.99x
-to 1.51x faster, so one run already missed it and a busy moment would fail the test. Asserted instead, like for
-like: the start's kubelet + readiness take less than the install's (1.66x to 2.34x in 6 of those runs).
+The issue's timing check (start -> `running` in less time than the install's kubelet + readiness) is asserted on
+the steps' own durations, and measured over more runs by bench/bench_stop_start.py. Since a start no longer waits
+for the storage provisioner to be available again (it re-applies nothing and its addons step is done when the
+objects are kept, docs/protocol.md "Stop and start"), the whole start is well under the install's kubelet +
+readiness; like for like, the start's kubelet + readiness must also take less than the install's.
 """
 
 from __future__ import annotations
@@ -94,10 +95,14 @@ def test_stop_keeps_the_cluster_and_start_brings_it_back_without_the_install_ste
     whole_start_s = _took_s(started, "kubelet", "readiness", "addons")
     print(f"kubelet+readiness: install {install_s:.2f} s, start {start_s:.2f} s; whole start {whole_start_s:.2f} s",
           [(c["from"], c["duration_s"]) for c in installed + started])
-    # Like for like: no kubeadm phase and no first start of anything. The whole start (with the addons' wait for
-    # the storage provisioner to be available again, ~2.4 s) against the install's kubelet+readiness is the
-    # benchmark's (see the module's docstring): printed, not asserted.
+    # Like for like: no kubeadm phase and no first start of anything.
     assert start_s < install_s
+    # The issue's goal: the whole start against the install's kubelet + readiness. The addons step finds the kept
+    # objects and applies nothing again (before: each one re-applied, then ~2.4 s waiting for the provisioner).
+    assert whole_start_s < install_s
+    addons_said = [payload(m)["data"].get("message") for m in events.messages
+                   if payload(m)["data"].get("request_id") == "start-1" and payload(m)["data"].get("state") == "addons"]
+    assert addons_said == ["already done"], addons_said
 
     stop_again = payload(node.request({"id": "stop-3", "action": "stop"}, correlation="c-stop3"))
     assert stop_again["ok"] is True

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,31 @@ def _refused(node: Node, version: str, code: str, correlation: str) -> dict[str,
     return answer
 
 
+def _private_binaries(sim_images: SimImages) -> tuple[str, dict[str, str]]:
+    """The binaries image of both versions under a namespace of the test's own, with a layer of its own on top,
+    in the registry only: the upgrade's pull of the new one downloads something (byte progress), whatever the
+    engine holds of the shared tags. (tests/e2e/test_install_over_mqtt.py `private_images` does this for every
+    image of v1.31.4; the binaries image is the one image of the upgrade not shared between the versions that the
+    config names by a template of its own.) Returns the private repository and version -> reference."""
+    repo = f"{sim_images.repo}/e2e-up-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, DOCKER_BUILDKIT="0")
+    refs: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for version in ("v1.31.4", "v1.32.1"):
+            source = sim_images.binaries[version]
+            ref = source.replace(f"{sim_images.repo}/", f"{repo}/", 1)
+            context = Path(tmp) / version
+            context.mkdir()
+            (context / "nonce").write_bytes(os.urandom(256 * 1024))
+            (context / "Dockerfile").write_text(f"FROM {source}\nCOPY nonce /e2e-nonce\n")
+            subprocess.run(["docker", "build", "-q", "-t", ref, str(context)], check=True, capture_output=True,
+                           env=env)
+            subprocess.run(["docker", "push", ref], check=True, capture_output=True)
+            subprocess.run(["docker", "rmi", ref], check=True, capture_output=True)
+            refs[version] = ref
+    return repo, refs
+
+
 def _pods_running(node: Node, selector: str, count: int, *, timeout_s: float = 30) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -62,7 +90,10 @@ def _pods_running(node: Node, selector: str, count: int, *, timeout_s: float = 3
 def test_upgrade_keeps_objects_and_workloads_and_refusals_change_nothing(
     make_node: Callable[..., Node], sim_images: SimImages
 ) -> None:
-    node = make_node(config_text=SIM_CONFIG.read_text() + SKIP_VERSION_TOML)
+    private, binaries = _private_binaries(sim_images)
+    config = SIM_CONFIG.read_text().replace('binaries_image = "{repo}/', f'binaries_image = "{private}/', 1)
+    assert private in config
+    node = make_node(config_text=config + SKIP_VERSION_TOML)
     node.start_service()
     events = node.subscribe("events")
     assert payload(node.request({"id": "up-install", "action": "install"}, correlation="up-install"))["ok"] is True
@@ -98,11 +129,18 @@ def test_upgrade_keeps_objects_and_workloads_and_refusals_change_nothing(
     assert [c["data"]["from"] for c in changes] + [changes[-1]["data"]["to"]] == UPGRADE_CHAIN
     bodies = [payload(m) for m in events.messages]
     assert not [b for b in bodies if b["type"] == "lifecycle.step.failed"]
-    # Pulled with byte progress, or found present (the shared engine may hold them from another test).
+    # The target's images: pulled with byte progress, or found present (the shared engine holds most of them);
+    # nothing of the old version's.
     pulled = [b["data"]["message"] for b in bodies if b["type"] == "lifecycle.step.progress"
               and b["data"]["state"] == "upgrade_images"]
-    assert pulled and all(m == "already done" or "v1.32.1" in m or "3.10" in m or "v1.11.3" in m
-                          for m in pulled), pulled
+    assert pulled and not [m for m in pulled if "v1.31.4" in m or "3.5.15-0" in m], pulled
+    # The new binaries image is in the registry only: its pull is reported in bytes, to the end.
+    new_bytes = [b["data"] for b in bodies if b["type"] == "lifecycle.step.progress"
+                 and b["data"]["state"] == "upgrade_images" and b["data"]["unit"] == "bytes"]
+    assert {d["message"] for d in new_bytes} == {f"pulling {binaries['v1.32.1']}"}, new_bytes
+    assert new_bytes[-1]["current"] == new_bytes[-1]["total"] > 0, new_bytes
+    # A total of None: the size not known yet (the first report of a layer).
+    assert all(d["total"] is None or 0 <= d["current"] <= d["total"] for d in new_bytes), new_bytes
     phases = {b["data"]["message"] for b in bodies if b["type"] == "lifecycle.step.progress"
               and b["data"]["state"] == "upgrade_apply"}
     assert '[upgrade/successful] SUCCESS! Your cluster was upgraded to "v1.32.1". Enjoy!' in phases, phases
@@ -133,3 +171,5 @@ def test_upgrade_keeps_objects_and_workloads_and_refusals_change_nothing(
     final = payload(node.retained("status", lambda m: True, timeout_s=10))
     assert (final["state"], final["seq"], final["kubernetes_version"]) == ("running", status["seq"], "v1.32.1")
     print(f"upgrade v1.31.4 -> v1.32.1 over MQTT: {took_s:.1f} s")
+    for ref in binaries.values():
+        subprocess.run(["docker", "rmi", "-f", ref], check=False, capture_output=True)

@@ -1,5 +1,6 @@
 """The engine's upgrade job with fake steps in a tmp root: the upgrade states in order and the version the status
-names, where a failure leaves the cluster (old version running, or failed on the new one), refusals that change
+names, where a failure leaves the cluster (old version running, repaired on the new one, or failed there when the
+repair fails too), refusals that change
 nothing, and a restart in an upgrade state resuming it."""
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ async def test_upgrade_walks_the_upgrade_states_and_ends_running_on_the_new_vers
 @pytest.mark.parametrize(("failing", "state", "version"), [
     ("upgrade_images", "running", "v1.31.4"), ("upgrade_plan", "running", "v1.31.4"),
     ("upgrade_apply", "running", "v1.31.4"),  # no manifest at the new version: kubeadm rolled back
-    ("upgrade_kubelet", "failed", "v1.32.1"), ("upgrade_readiness", "failed", "v1.32.1"),
+    ("upgrade_kubelet", "failed", "v1.32.1"), ("upgrade_readiness", "failed", "v1.32.1"),  # the repair failed too
 ])
 async def test_a_failed_upgrade_says_which_version_the_cluster_is_on(
     tmp_path: Path, failing: str, state: str, version: str,
@@ -75,11 +76,40 @@ async def test_a_failed_upgrade_says_which_version_the_cluster_is_on(
     await rig.engine.upgrade(request_id="up", version="v1.32.1")
     await rig.engine.wait_job()
     events = rig.events()
+    failures = [e.data for e in events if e.type == EventType.STEP_FAILED]
+    assert {f["state"] for f in failures} == {failing}
+    assert len(failures) == (2 if state == "failed" else 1)  # after upgrade_apply: the failure, then the repair's
+    status = rig.engine.status()
+    assert (status.state, status.kubernetes_version) == (state, version)
+    assert status.error is not None and status.error.code == failures[-1]["error"]["code"]
+    if state == "failed":
+        assert status.error.details["first_failure"]["message"] == f"{failing} cannot work"
+    assert not (tmp_path / "var/lib/lifecycle/upgrade.json").exists()
+    await rig.engine.shutdown()
+
+
+@pytest.mark.parametrize("failing", ["upgrade_kubelet", "upgrade_readiness"])
+async def test_a_failure_after_apply_is_repaired_once_and_runs_on_the_new_version_with_the_error(
+    tmp_path: Path, failing: str,
+) -> None:
+    rig = make_upgrade_rig(tmp_path)
+    await _running_on(rig, "v1.31.4")
+    steer(tmp_path, failing, fail="permanent", fail_times=1)
+    await rig.engine.upgrade(request_id="up", version="v1.32.1")
+    await rig.engine.wait_job()
+    events = rig.events()
+    # upgrade_kubelet is run again in its own state; from upgrade_readiness the repair goes back to it.
+    repair = ["upgrade_kubelet", "upgrade_readiness"] if failing == "upgrade_readiness" else []
+    assert rig.states(events) == [*UPGRADE_ORDER, *repair, "running"]
+    said = [e.data["message"] for e in events if e.type == EventType.STEP_PROGRESS and e.data["state"] == failing]
+    assert any(m.startswith("the control plane runs v1.32.1: repairing from upgrade_kubelet") for m in said), said
     [failed] = [e.data for e in events if e.type == EventType.STEP_FAILED]
     assert failed["state"] == failing
     status = rig.engine.status()
-    assert (status.state, status.kubernetes_version) == (state, version)
+    assert (status.state, status.kubernetes_version) == ("running", "v1.32.1")
     assert status.error is not None and status.error.code == failed["error"]["code"]
+    assert status.error.details["repaired"] is True and status.error.details["state"] == failing
+    assert "then was repaired (the cluster runs v1.32.1)" in status.error.message
     assert not (tmp_path / "var/lib/lifecycle/upgrade.json").exists()
     await rig.engine.shutdown()
 
