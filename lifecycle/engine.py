@@ -88,7 +88,7 @@ class Engine:
         self, *, config: Config, paths: HostPaths, ports: Ports, plan: Sequence[Step], reset: ResetRoutine,
         store: Store, bus: Bus, renew: RenewRoutine | None = None, renewal_due: RenewalDue | None = None,
         outbox: Outbox | None = None, durations: StepDurations | None = None, stop_node: StopRoutine | None = None,
-        upgrade_plan: Sequence[Step] = (),
+        upgrade_plan: Sequence[Step] = (), kubelet_started_at_boot: bool = False,
     ) -> None:
         names = tuple(step.name for step in plan)
         if names != tuple(s.value for s in INSTALL_STATES):
@@ -132,6 +132,10 @@ class Engine:
         self._slow: dict[str, Any] | None = None
         # Set once a boot after a restart has started the kubelet, or has ended (at once when there is no boot).
         self._past_boot_checks = asyncio.Event()
+        # The kubelet was started before the engine, by the boot's first step (lifecycle.__main__ `boot_first`): the
+        # boot then walks from `kubelet` with its events, as when it starts the kubelet itself, instead of finding
+        # it running and saying nothing (which is for a kubelet that outlived a restart of the service).
+        self._kubelet_started_at_boot = kubelet_started_at_boot
 
     # ---- public API ---------------------------------------------------------------------------------------
 
@@ -608,8 +612,10 @@ class Engine:
         failed: _StepFailedError | None = None
         try:
             try:
-                await self._walk(request_id, cluster, first=kubelet_at, quiet_until=len(self._plan),
-                                 note=note + "starting the kubelet", on_enter=entered_kubelet)
+                quiet_until = kubelet_at if self._kubelet_started_at_boot else len(self._plan)
+                await self._walk(request_id, cluster, first=kubelet_at, quiet_until=quiet_until,
+                                 note=note + ("the kubelet was started first" if self._kubelet_started_at_boot
+                                              else "starting the kubelet"), on_enter=entered_kubelet)
             except _StepFailedError as exc:
                 failed = exc
             wrong = await verify

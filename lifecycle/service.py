@@ -20,13 +20,13 @@ from lifecycle.engine import Accepted, Engine, RenewalDue, RenewRoutine, ResetRo
 from lifecycle.errors import RequestError
 from lifecycle.exposewatch import ExposureWatch
 from lifecycle.logging import RECENT_LOG_LINES, get_logger
-from lifecycle.machine import State
 from lifecycle.outbox import Outbox
 from lifecycle.paths import HostPaths
 from lifecycle.pki_bundle_disk import bundle_prepare
 from lifecycle.ports import Ports
 from lifecycle.protocol import Action, Reply, Request, Topics
 from lifecycle.sdnotify import Notifier
+from lifecycle.statefile import state_file
 from lifecycle.step import Step
 from lifecycle.store import Store
 
@@ -35,10 +35,6 @@ if TYPE_CHECKING:
     from lifecycle.metrics import Metrics
 
 DRAIN_TIMEOUT_S = 5.0
-
-
-def state_file(paths: HostPaths) -> Store:
-    return Store(paths.state_dir / "state.json", known_states={s.value for s in State})
 
 
 class BridgeFailedError(Exception):
@@ -181,16 +177,19 @@ async def serve(
     config: Config, *, plan: Sequence[Step], reset: ResetRoutine, ports: Ports, stop: asyncio.Event,
     drain_timeout_s: float = DRAIN_TIMEOUT_S, renew: RenewRoutine | None = None,
     renewal_due: RenewalDue | None = None, notifier: Notifier | None = None, stop_node: StopRoutine | None = None,
-    upgrade_plan: Sequence[Step] = (),
+    upgrade_plan: Sequence[Step] = (), store: Store | None = None, kubelet_started_at_boot: bool = False,
 ) -> None:
     """Run the service until `stop` is set (the caller owns signals; tests set it themselves). With a `notifier`,
     systemd hears READY=1 once the saved state is loaded and `online` is on the broker, STATUS= on each change,
-    WATCHDOG=1 from this loop and STOPPING=1 when the shutdown begins."""
+    WATCHDOG=1 from this loop and STOPPING=1 when the shutdown begins. A `store` is the state file already locked
+    by the caller (lifecycle.__main__, which reads it before the boot's first step and may start the kubelet then:
+`kubelet_started_at_boot`); serve() releases it."""
     sd = notifier or Notifier(address=None, watchdog_usec=None)
     log = get_logger("lifecycle.service", node=config.node_name)
     paths = HostPaths(config.root)
-    store = state_file(paths)
-    store.lock()
+    if store is None:
+        store = state_file(paths)
+        store.lock()
     durable = Outbox(paths.state_dir)
     stack = contextlib.AsyncExitStack()  # the fsync, systemd and metrics tasks end whichever way serve() ends
     try:
@@ -210,7 +209,7 @@ async def serve(
             bus.publish(event)
         engine = Engine(config=config, paths=paths, ports=ports, plan=plan, reset=reset, store=store, bus=bus,
                         renew=renew, renewal_due=renewal_due, outbox=durable, stop_node=stop_node,
-                    upgrade_plan=upgrade_plan)
+                    upgrade_plan=upgrade_plan, kubelet_started_at_boot=kubelet_started_at_boot)
         metrics = _Metrics(config, bus) if config.metrics.listen is not None else None
         certs = CertWatch(pki=config.pki, paths=paths, engine=engine, bus=bus,
                           on_scan=metrics.on_scan if metrics is not None else None)

@@ -115,6 +115,13 @@ class BootEvidence(Protocol):
 StepFactory = Callable[[], list[Step]]
 
 
+def fail_at(ctx: StepContext) -> float:
+    """Loop time at which a waiting step gives up: a little before the engine's deadline, so the step can say
+    what it was waiting for instead of being cancelled without a reason."""
+    left_s = ctx.deadline - asyncio.get_running_loop().time()
+    return ctx.deadline - min(2.0, max(0.1, left_s * 0.1))
+
+
 async def finish_in_thread(fn: Callable[..., T], /, *args: Any) -> T:
     """`fn(*args)` in a thread, awaited to its end even when the awaiting step is cancelled: a thread cannot be
     stopped, and one that goes on writing files after its step was cancelled races whoever cancelled it (a reset

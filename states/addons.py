@@ -21,8 +21,7 @@ import yaml
 
 from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.ports import KubeApi, KubeApiError
-from lifecycle.step import StepContext
-from states.kubeadm import fail_at
+from lifecycle.step import StepContext, fail_at
 from states.readiness import HOPELESS_REASONS, labels_match, pods_summary
 
 FIELD_MANAGER = "lifecycle"

@@ -126,6 +126,13 @@ class Binaries:
         await finish_in_thread(_write_record, ctx.paths.state_dir / EVIDENCE_NAME, evidence)
 
 
+def unchanged_since_checked(paths: HostPaths, name: str) -> bool:
+    """`name` (e.g. /usr/bin/kubelet) has the size and mtime it had when its sha256 was last found right (the boot
+    evidence): a stat and a small file read, for the kubelet started before anything else at boot."""
+    evidence = _read_record(paths.state_dir / EVIDENCE_NAME, key="mtime_ns", kind=int)
+    return evidence is not None and evidence["files"].get(name) == _stat_files(paths, [name])[name]
+
+
 def copy_labels(node_name: str) -> dict[str, str]:
     return {"lifecycle.node": node_name, "lifecycle.role": COPY_ROLE}
 

@@ -21,9 +21,8 @@ from urllib.parse import urlsplit
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
 from lifecycle.pki import rooted_reader
-from lifecycle.step import StepContext
+from lifecycle.step import StepContext, fail_at
 from lifecycle.tls import load_client_certificate
-from states.kubeadm import fail_at
 from states.kubelet import healthz, os_error_text
 
 POLL_INTERVAL_S = 0.2  # a local probe; each period is time added to a start or an install (issue 10)

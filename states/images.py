@@ -20,8 +20,7 @@ from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.hostunits import configure_cri_dockerd, cri_dockerd_configured
 from lifecycle.ports import ContainerEngine, EngineError, PullProgress
-from lifecycle.step import BootCheck, StepContext
-from states.kubeadm import fail_at
+from lifecycle.step import BootCheck, StepContext, fail_at
 
 PROGRESS_INTERVAL_S = 0.25  # per image: a few lines a second, whatever the engine's rate
 PULL_RETRY_DELAY_S = 2.0

@@ -48,7 +48,7 @@ from lifecycle.drift import (
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.hostunits import mask_kubelet_unit
 from lifecycle.paths import KUBECONFIG_NAMES, HostPaths
-from lifecycle.step import StepContext
+from lifecycle.step import StepContext, fail_at
 
 INIT_PHASES: tuple[tuple[str, ...], ...] = (
     ("preflight",),
@@ -227,13 +227,6 @@ def cri_socket_flag(ctx: StepContext) -> str:
     (cmd/kubeadm/app/util/runtime/runtime.go, DetectCRISocket) and fails on a host where Docker Engine's
     containerd.sock sits next to cri-dockerd.sock ("found multiple CRI endpoints on the host")."""
     return f"--cri-socket={ctx.config.kubernetes.cri_socket}"
-
-
-def fail_at(ctx: StepContext) -> float:
-    """Loop time at which a waiting step gives up: a little before the engine's deadline, so the step can say
-    what it was waiting for instead of being cancelled without a reason."""
-    left_s = ctx.deadline - asyncio.get_running_loop().time()
-    return ctx.deadline - min(2.0, max(0.1, left_s * 0.1))
 
 
 async def reset_keeping_pki(ctx: StepContext) -> None:

@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import os
 import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.paths import HostPaths
-from lifecycle.step import StepContext
-from states.kubeadm import fail_at
+from lifecycle.step import StepContext, fail_at
 
 _POLL_S = 0.2
 _HEALTHZ_TIMEOUT_S = 2.0
@@ -72,6 +73,35 @@ class Kubelet:
                     code="kubelet_unhealthy",
                 )
             await asyncio.sleep(_POLL_S)
+
+
+class StartsBeforeTheLoop(Protocol):
+    """lifecycle.adapters.kubelet.ProcessKubeletSupervisor.start_now"""
+
+    def start_now(self, argv: Sequence[str], *, log_path: Path, env: Mapping[str, str]) -> bool: ...
+
+
+def start_at_boot(paths: HostPaths, kubelet: StartsBeforeTheLoop, *, env: Mapping[str, str]) -> tuple[bool, str]:
+    """The first act of a boot (the saved state `running`, lifecycle.__main__), before the service has imported the
+    rest of itself: the kubelet started on the files the node last ran on, when the cheapest local evidence vouches
+    for them: the kubelet binary has the size and mtime recorded when its sha256 last held (states.binaries) and
+    kubeadm's flags file is there. Every other check follows in the boot job (lifecycle.engine `_boot`), which
+    finds this kubelet running; what it finds not holding is repaired with the kubelet running, as after the
+    background check. Whether it started one, and what was done, for the log."""
+    from states.binaries import unchanged_since_checked  # here: a boot that does not start early never pays for it
+
+    binary = paths.binary("kubelet")
+    if not unchanged_since_checked(paths, "/" + str(binary.relative_to(paths.root))):
+        return False, "not started early: the kubelet binary is not as its last full check left it"
+    try:
+        argv = kubelet_argv(paths)
+    except PermanentError as exc:
+        return False, f"not started early: {exc.message}"
+    try:
+        started = kubelet.start_now(argv, log_path=paths.log_dir / "kubelet.log", env=env)
+    except OSError as exc:  # the kubelet step tries again and reports it
+        return False, f"not started early: {exc}"
+    return started, "kubelet started before the service's checks" if started else "a kubelet was already running"
 
 
 def kubelet_argv(paths: HostPaths) -> list[str]:

@@ -14,9 +14,9 @@ from typing import Any
 
 from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.ports import KubeApi, KubeApiError
-from lifecycle.step import StepContext
+from lifecycle.step import StepContext, fail_at
 from states.controlplane import wait_control_plane
-from states.kubeadm import fail_at, run_kubeadm
+from states.kubeadm import run_kubeadm
 from states.network import BIN_DIR as CNI_BIN_DIR
 from states.network import CONF_DIR as CNI_CONF_DIR
 

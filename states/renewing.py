@@ -22,8 +22,7 @@ from lifecycle.pki_x509 import load_cert
 from lifecycle.ports import KubeApiError
 from lifecycle.protocol import iso_time
 from lifecycle.renewal import RenewalError, leaves_to_renew, plan_renewal, write_renewal
-from lifecycle.step import StepContext
-from states.kubeadm import fail_at
+from lifecycle.step import StepContext, fail_at
 from states.kubelet import healthz, kubelet_argv
 from states.readiness import NAMESPACE, pod_ready
 

@@ -12,8 +12,11 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,38 @@ class ProcessKubeletSupervisor:
         if not await self._adopt_unrecorded(wanted, log_path=log_path):
             await self._spawn(wanted, log_path=log_path)
         self._ensure_task()
+
+    def start_now(self, argv: Sequence[str], *, log_path: Path, env: Mapping[str, str]) -> bool:
+        """`start` for the boot, before the event loop exists (lifecycle.__main__): spawns the kubelet unless one
+        runs already (adopted from the pid file, or found by its command line), and records it. It is watched from
+        the first call made inside the loop, as an adopted kubelet is. True when it spawned one."""
+        wanted = list(argv)
+        if not wanted:
+            raise ValueError("kubelet argv is empty")
+        if self._record is not None and _alive(self._record):
+            return False
+        for proc in hostprocs.running_program(Path(wanted[0])):  # as `_adopt_unrecorded`, without the loop
+            if list(proc.cmdline[-len(wanted):]) == wanted:
+                record = _Record(pid=proc.pid, start_ticks=proc.start_ticks, argv=wanted, cmdline=list(proc.cmdline),
+                                 log_path=str(log_path))
+                _write_record(self._pid_file, record)
+                self._record, self._proc = record, None
+                self._log.info("adopted running kubelet that had no pid file", pid=proc.pid)
+                return False
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = self._log_writer_now(log_path, env=env)
+        try:
+            child = subprocess.Popen(wanted, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=dict(env))
+        finally:
+            os.close(log_fd)
+        _reap_in_thread(child)
+        record = _Record(pid=child.pid, start_ticks=_start_ticks(child.pid) or 0, argv=wanted,
+                         cmdline=_settled_cmdline_now(child.pid) or wanted, log_path=str(log_path))
+        _write_record(self._pid_file, record)
+        self._record, self._proc = record, None  # no asyncio child: watched through /proc, reaped by its thread
+        self._log.info("started kubelet", pid=child.pid, log_path=str(log_path), before_the_event_loop=True)
+        return True
 
     async def stop(self, *, timeout_s: float = 10.0) -> None:
         task, self._task = self._task, None
@@ -191,6 +226,25 @@ class ProcessKubeletSupervisor:
             os.close(read_fd)
         return write_fd
 
+    def _log_writer_now(self, log_path: Path, *, env: Mapping[str, str]) -> int:
+        """`_log_writer` without the event loop."""
+        if self._log_rotation is None:
+            return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        max_bytes, files = self._log_rotation
+        read_fd, write_fd = os.pipe()
+        try:
+            pipe = subprocess.Popen(
+                [sys.executable, "-I", logpipe.__file__, "--path", str(log_path), "--max-bytes", str(max_bytes),
+                 "--files", str(files)], stdin=read_fd, stdout=subprocess.DEVNULL, start_new_session=True,
+                env=dict(env))
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        _reap_in_thread(pipe)
+        return write_fd
+
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
         backoff_s = self._min_backoff_s
@@ -252,6 +306,20 @@ async def _settled_cmdline(pid: int, *, timeout_s: float = 2.0) -> list[str] | N
     while (cmdline := _cmdline(pid)) is None and _start_ticks(pid) is not None and loop.time() < deadline:  # noqa: ASYNC110 (no event to wait on: the kernel's state, polled)
         await asyncio.sleep(0.005)
     return cmdline
+
+
+def _settled_cmdline_now(pid: int, *, timeout_s: float = 2.0) -> list[str] | None:
+    """`_settled_cmdline` without the event loop (Popen returns at the same point of the child's exec)."""
+    deadline = time.monotonic() + timeout_s
+    while (cmdline := _cmdline(pid)) is None and _start_ticks(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cmdline
+
+
+def _reap_in_thread(child: subprocess.Popen[bytes]) -> None:
+    """A child started outside the event loop is waited for by a thread of its own, so it never lingers as a
+    zombie (which `_alive` already counts as gone): the supervisor's watch sees it exit through /proc."""
+    threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
 
 
 def _alive(record: _Record) -> bool:

@@ -241,3 +241,27 @@ async def test_a_command_line_read_inside_the_exec_window_still_keeps_one_kubele
         assert sup.restarts == 0 and _pids_running(kubelet) == [record["pid"]]
     finally:
         await sup.stop(timeout_s=2)
+
+
+async def test_a_kubelet_started_before_the_loop_is_kept_by_start_and_restarted_when_it_dies(
+    kubelet: Path, tmp_path: Path
+) -> None:
+    """The boot's first step (`start_now`, lifecycle.__main__) then the kubelet step (`start`): one kubelet, whose
+    output goes through the rotating log pipe, watched like any other."""
+    sup = ProcessKubeletSupervisor(pid_file=tmp_path / "kubelet.pid", log=LOG, min_backoff_s=0.05,
+                                   log_rotation=(1_000_000, 2))
+    log_path = tmp_path / "log" / "kubelet.log"
+    try:
+        assert sup.start_now([str(kubelet)], log_path=log_path, env=os.environ) is True
+        first = _pids_running(kubelet)
+        assert len(first) == 1 and json.loads((tmp_path / "kubelet.pid").read_text())["pid"] == first[0]
+        assert sup.start_now([str(kubelet)], log_path=log_path, env=os.environ) is False  # it runs: not twice
+        await sup.start([str(kubelet)], log_path=log_path)
+        assert _pids_running(kubelet) == first
+        await _until(lambda: log_path.exists() and "fake kubelet up" in log_path.read_text(), timeout_s=5)
+        os.kill(first[0], signal.SIGKILL)
+        await _until(lambda: sup.restarts == 1 and sup.is_running(), timeout_s=5)
+        again = _pids_running(kubelet)
+        assert len(again) == 1 and again != first
+    finally:
+        await sup.stop(timeout_s=2)

@@ -27,7 +27,7 @@ from lifecycle.machine import State
 from lifecycle.nodeaddr import NodeAddressError, detect_node_ip
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import EventType
-from lifecycle.service import state_file
+from lifecycle.statefile import state_file
 from lifecycle.step import Step, StepContext
 from simnode.host import VM_ADDRESS, prepare_host
 from states.preflight import Preflight

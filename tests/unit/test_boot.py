@@ -17,7 +17,7 @@ from lifecycle.engine import Engine
 from lifecycle.machine import State
 from lifecycle.paths import HostPaths
 from lifecycle.protocol import Event, EventType
-from lifecycle.service import state_file
+from lifecycle.statefile import state_file
 from lifecycle.step import BootCheck, Step, StepContext
 
 SLOW_CHECK_S = 3.0  # a full check the boot must not wait for
@@ -39,12 +39,13 @@ def evidence(root: Path, **checks: BootCheck) -> None:
         (fake_dir(root) / f"{name}.evidence").write_text(check.value)
 
 
-def make_rig(root: Path) -> Rig:
+def make_rig(root: Path, *, kubelet_started_at_boot: bool = False) -> Rig:
     bus = Bus()
     sub = bus.subscribe("test")
     plan: list[Step] = [EvidenceStep(n) if n in ("images", "binaries") else FakeStep(n) for n in STEP_NAMES]
     engine = Engine(config=make_config(root), paths=HostPaths(root), ports=null_ports(), plan=plan,
-                    reset=fake_reset, store=state_file(HostPaths(root)), bus=bus)
+                    reset=fake_reset, store=state_file(HostPaths(root)), bus=bus,
+                    kubelet_started_at_boot=kubelet_started_at_boot)
     return Rig(root=root, engine=engine, sub=sub)
 
 
@@ -80,6 +81,28 @@ async def test_boot_trusts_the_evidence_starts_the_kubelet_and_checks_the_rest_i
     assert "the full check of binaries runs in the background" in said[0][1]
     assert said[-1] == ("running", "boot: the full check of binaries held")
     assert journal(tmp_path)[-1] == "evidence binaries"  # the full check held: the evidence is renewed
+    await rig.engine.shutdown()
+
+
+async def test_a_kubelet_started_before_the_engine_is_walked_with_events_not_found_running_quietly(
+    tmp_path: Path,
+) -> None:
+    await installed_then_rebooted(tmp_path)
+    evidence(tmp_path, images=BootCheck.HOLDS, binaries=BootCheck.HOLDS)
+    (fake_dir(tmp_path) / "kubelet.done").touch()  # lifecycle.__main__ `boot_first` started it: it runs
+    quiet = make_rig(tmp_path)  # a kubelet that outlived a restart of the service: nothing to say
+    await quiet.engine.start()
+    await quiet.engine.wait_job()
+    assert quiet.states(quiet.events()) == []
+    await quiet.engine.shutdown()
+    rig = make_rig(tmp_path, kubelet_started_at_boot=True)  # the node is coming up: the status says so
+    await rig.engine.start()
+    await rig.engine.wait_job()
+    events = rig.events()
+    assert rig.states(events) == ["kubelet", "readiness", "addons", "running"]
+    said = progress(events)
+    assert said[0][0] == "kubelet" and said[0][1].startswith("boot fast path: ") and \
+        said[0][1].endswith("the kubelet was started first"), said
     await rig.engine.shutdown()
 
 
