@@ -801,7 +801,9 @@ class Engine:
             if watch is not None:
                 watch.cancel()
         if record and ran:
-            self._durations.record(step.name, asyncio.get_running_loop().time() - started_s)
+            # The file's rename took 8 ms on the loop while image layers were written (issue 11's loop check).
+            took_s = asyncio.get_running_loop().time() - started_s
+            await asyncio.to_thread(self._durations.record, step.name, took_s)
 
     async def _say_when_slow(self, state: str, request_id: str | None, *, started_s: float, after_s: float) -> None:
         """One `lifecycle.step.slow` once the step outlasted its usual duration; the status carries it too."""

@@ -93,7 +93,7 @@ class Kubeadm:
             return
         # The stamp goes first: a crash in the middle must not leave an old stamp vouching for new files.
         (paths.state_dir / STAMP_NAME).unlink(missing_ok=True)
-        if _has_leftovers(paths):
+        if await asyncio.to_thread(_has_leftovers, paths):  # stat()s: ms each on a busy disk, off the loop
             ctx.progress("removing what an earlier, unfinished kubeadm run left")
             await ctx.ports.kubelet.stop()  # kubeadm reset stops a systemd kubelet, not the one we supervise
             await reset_keeping_pki(ctx)

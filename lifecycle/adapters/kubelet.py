@@ -201,8 +201,9 @@ class ProcessKubeletSupervisor:
             cmdline=await _settled_cmdline(proc.pid) or argv,
             log_path=str(log_path),
         )
-        _write_record(self._pid_file, record)
-        self._record, self._proc = record, proc
+        self._record, self._proc = record, proc  # tracked first: a cancellation during the write keeps it
+        # With its fsync, off the loop (7 ms on it while image layers were written: issue 11's loop check).
+        await asyncio.shield(asyncio.to_thread(_write_record, self._pid_file, record))
         self._log.info("started kubelet", pid=proc.pid, log_path=str(log_path))
 
     async def _log_writer(self, log_path: Path) -> int:
