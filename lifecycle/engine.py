@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -1085,9 +1084,10 @@ class Engine:
         if self._outbox is not None:
             self._store.save_seq(seq)  # a kill right after the append must not hand out this seq again
             self._outbox.append(event)
-            # state.json (two fsyncs, 1-10 ms here) in the outbox's thread: never on the loop, and the change
-            # goes out once the outbox line is on disk, without waiting for it (bench/bench_event_latency.py).
-            self._outbox.checkpoint(functools.partial(self._store.save, snap, seq_file=False))
+            # state.json replaced here (a kill finds it: the restart resumes where the hosts heard it went), its
+            # fsyncs (1-10 ms here, more while image layers are written) in the outbox's thread: never on the loop.
+            self._store.replace(snap)
+            self._outbox.checkpoint(self._store.sync)
         else:
             self._store.save(snap)
         self._machine.move(dest)

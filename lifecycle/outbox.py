@@ -8,11 +8,11 @@ loss, starts at once in a thread of its own, batched (one fsync covers every app
 within those milliseconds may forget a change a host has already heard: the restarted service then makes it
 again under the same `state_seq` (docs/protocol.md).
 
-State changes also replace `state.json` (lifecycle.store): `checkpoint` does it in the same thread, after the
-fsync of every event appended before it, so the loop never waits for the disk and the file is never ahead of
-the outbox on disk. The outbox is emptied only once the broker acknowledged everything in it *and* every checkpoint
-handed in is done: a kill in between leaves the change in the outbox, and the next start takes its numbers
-(`last_seq`, `last_state_seq`) from there, as after a kill between the append and the state file.
+State changes also replace `state.json` (lifecycle.store) on the loop, before they may be published (a
+write and a rename: a kill finds the state the hosts heard of); its fsyncs run in `checkpoint`, in the same
+thread, after the fsync of every event appended before it, so the loop never waits for the disk and the file is
+never durable ahead of the outbox. The outbox is emptied only once the broker acknowledged everything in it
+*and* every checkpoint handed in is done.
 
 Progress events stay in memory: a subscriber sees a gap in `seq` when some were lost, and state changes carry
 `state_seq` (no gap there: see docs/protocol.md)."""
@@ -198,8 +198,8 @@ class Outbox:
             fsyncer.submit(empty)
 
     def checkpoint(self, save: Callable[[], None]) -> None:
-        """Run `save` (the state file's replace, with its fsyncs) in the outbox's thread, after an fsync of
-        everything appended so far. Without a running loop, or once closed, `save` runs here."""
+        """Run `save` (the state file's fsyncs) in the outbox's thread, after an fsync of everything appended
+        so far. Without a running loop, or once closed, `save` runs here."""
         fd, fsyncer, target = self._fd, self._fsyncer, self._written_seq
         try:
             loop = asyncio.get_running_loop()

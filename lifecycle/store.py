@@ -1,5 +1,6 @@
 """The engine's snapshot in `<root>/var/lib/lifecycle/`: `state.json` replaced atomically and fsynced at every
-state change (in the outbox's thread when the service runs with one: lifecycle.outbox); `seq`, the last event
+state change (replaced on the loop, fsynced in the outbox's thread when the service runs with one:
+lifecycle.outbox); `seq`, the last event
 number, overwritten in place per event (~10 us, survives a process crash, not a power loss: an fsync per
 progress event would stall the loop ~20 ms); `lock`, one service per root."""
 
@@ -181,12 +182,27 @@ class Store:
             self._seq_fd = os.open(self.seq_path, os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(self._seq_fd, f"{seq:020d}\n".encode(), 0)  # fixed width: never a shorter, torn-looking file
 
-    def save(self, snapshot: Snapshot, *, seq_file: bool = True) -> None:
-        """Replace state.json atomically and durably (and the sequence number with it, unless `seq_file` is
-        False: the engine writes it itself, before the event, and a save finishing in a thread after later
-        events must not set it back)."""
-        if seq_file:
-            self.save_seq(snapshot.seq)
+    def save(self, snapshot: Snapshot) -> None:
+        """Replace state.json atomically and durably (and the sequence number with it)."""
+        self.save_seq(snapshot.seq)
+        self._replace(snapshot, durable=True)
+        self._sync_directory()
+
+    def replace(self, snapshot: Snapshot) -> None:
+        """Replace state.json atomically, without waiting for the disk: what a kill of the process (not a power
+        loss) finds afterwards. `sync` makes it durable, from a thread (lifecycle.outbox's `checkpoint`)."""
+        self._replace(snapshot, durable=False)
+
+    def sync(self) -> None:
+        """fsync state.json and its directory (after `replace`)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._sync_directory()
+
+    def _replace(self, snapshot: Snapshot, *, durable: bool) -> None:
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
@@ -196,11 +212,16 @@ class Store:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)  # the rename must never expose a file whose data is not on disk yet
+            if durable:
+                os.fsync(fd)  # the rename must never expose a file whose data is not on disk yet
         finally:
             os.close(fd)
+        # Without the fsync first, ext4 (auto_da_alloc, the default) still writes the data before a rename that
+        # replaces a file; `sync` follows within milliseconds.
         tmp.replace(self.path)
-        dir_fd = os.open(directory, os.O_RDONLY)
+
+    def _sync_directory(self) -> None:
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:

@@ -43,11 +43,7 @@ def _kill(svc: ServiceProcess) -> None:
 
 
 def _saved_state(root: Path) -> str:
-    """The state in state.json; "" before its first save (it is saved off the event loop, just after the change)."""
-    try:
-        state: str = json.loads((root / "var/lib/lifecycle/state.json").read_text())["state"]
-    except FileNotFoundError:
-        return ""
+    state: str = json.loads((root / "var/lib/lifecycle/state.json").read_text())["state"]
     return state
 
 

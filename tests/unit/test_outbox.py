@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lifecycle_fakes import drain_events, eventually, fake_plan, fake_reset, make_config, null_ports
 
-from lifecycle.bus import Bus
+from lifecycle.bus import Bus, BusItem
 from lifecycle.engine import Engine
 from lifecycle.outbox import Outbox
 from lifecycle.paths import HostPaths
@@ -153,3 +153,28 @@ async def test_state_seq_counts_state_changes_across_restarts_and_a_change_only_
                     reset=fake_reset, store=state_file(paths), bus=Bus(), outbox=box)
     assert engine.status().seq == 500
     box.close()
+
+
+async def test_every_state_change_is_in_state_json_when_it_is_published(tmp_path: Path) -> None:
+    """A kill right after a host heard of a change must find that state (its fsyncs may still be running in the
+    outbox's thread): the boot after a reboot otherwise resumed `addons` after `running` was announced and ended
+    `failed` (tests/faults/test_boot_offline.py)."""
+    paths = HostPaths(tmp_path)
+    seen: list[tuple[str, str]] = []
+
+    class CheckingBus(Bus):
+        def publish(self, item: BusItem) -> None:
+            if isinstance(item, Event) and item.type == EventType.STATE_CHANGED:
+                saved = json.loads((paths.state_dir / "state.json").read_text())["state"]
+                seen.append((item.data["to"], saved))
+            super().publish(item)
+
+    box = Outbox(paths.state_dir)
+    box.open()
+    engine = Engine(config=make_config(tmp_path), paths=paths, ports=null_ports(), plan=fake_plan(),
+                    reset=fake_reset, store=state_file(paths), bus=CheckingBus(), outbox=box)
+    await engine.start()
+    await engine.install(request_id="r1", version=None)
+    await engine.wait_job()
+    box.close()
+    assert seen and all(to == saved for to, saved in seen), seen
