@@ -151,9 +151,31 @@ class MqttBridge:
             if acked is not None and not acked.done():
                 acked.set_result(None)
 
+        aiomqtt_on_socket_unregister_write: Any = inner.on_socket_unregister_write
+
+        def on_socket_unregister_write(client: paho.Client, userdata: object, sock: Any) -> None:
+            # aiomqtt adds its write callback later (call_soon_threadsafe) but removes it at once. When paho wrote
+            # everything itself (`_publish_now`) after aiomqtt had asked for the callback, the removal came first
+            # and the late add left a callback on an always-writable socket, with paho believing none registered:
+            # the loop ran it ~9000 times a second, a whole CPU for as long as the service ran (strace: epoll_wait
+            # returning EPOLLOUT at once). Removing it again after whatever add is queued before this call ends it.
+            aiomqtt_on_socket_unregister_write(client, userdata, sock)
+            with contextlib.suppress(RuntimeError):  # not on the loop's thread: paho writes only on the loop
+                asyncio.get_running_loop().call_soon(self._remove_idle_writer, client, sock)
+
         inner.on_publish = on_publish
         inner.on_connect = on_connect
         inner.on_socket_open = on_socket_open
+        inner.on_socket_unregister_write = on_socket_unregister_write
+
+    @staticmethod
+    def _remove_idle_writer(client: paho.Client, sock: Any) -> None:
+        """The write callback off the socket unless paho wants it again (a later register) or the socket is no
+        longer the client's (its descriptor number may belong to another connection by now)."""
+        current: Any = client._sock
+        if current is not None and current is sock and not client._registered_write and not client.want_write():
+            with contextlib.suppress(ValueError, OSError):  # closed meanwhile
+                asyncio.get_running_loop().remove_writer(current.fileno())
 
     def _window(self) -> int:
         """QoS 1 publishes in flight at once: never more than the broker takes (more is a protocol error, MQTT 5
