@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
 from lifecycle.ports import KubeApi, KubeApiError, ServicesApi
-from lifecycle.tls import memory_file
+from lifecycle.tls import load_client_certificate
 
 # Where versions before the in-memory credentials unpacked the client key (kubernetes_asyncio's temp files).
 LEGACY_KEY_DIR_PREFIX = "lifecycle-kube-"
@@ -111,27 +111,56 @@ def _read_kubeconfig(kubeconfig: Path) -> KubeconfigContent:
 
 @contextlib.asynccontextmanager
 async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
-    """An `ApiClient` whose SSL context holds the kubeconfig's credentials; its connections close on exit."""
+    """An `ApiClient` whose SSL context holds the kubeconfig's credentials; its connections close on exit.
+
+    The SSL context is built in a thread: parsing the CA, the certificate and the key costs 1.5-4 ms of CPU, which
+    on the loop delayed the events published meanwhile (seen in bench_event_latency's tail: readiness, addons and
+    the exposure watch connect several times per install)."""
     from kubernetes_asyncio import client
 
     configuration = client.Configuration(host=content.server.rstrip("/"))
     try:
-        # kubernetes_asyncio's RESTClientObject loads ssl_ca_cert, cert_file and key_file into its SSL context
-        # when the ApiClient is built (client/rest.py, RESTClientObject.__init__): the memory files are needed
-        # only until then.
-        with memory_file(content.ca_pem, name="lifecycle-kube-ca") as ca_path, \
-                memory_file(content.cert_pem, name="lifecycle-kube-cert") as cert_path, \
-                memory_file(content.key_pem, name="lifecycle-kube-key") as key_path:
-            configuration.ssl_ca_cert, configuration.cert_file, configuration.key_file = ca_path, cert_path, key_path
-            api_client = client.ApiClient(configuration=configuration)
+        context = await asyncio.to_thread(_ssl_context, content)
     except ssl.SSLError as exc:
         raise KubeApiError(f"kubeconfig's CA, client certificate or key is unusable: {exc.reason or exc}",
                            reason="InvalidKubeconfig") from exc
-    finally:
-        # The paths are gone; nothing must try to open them again (a websocket client would).
-        configuration.ssl_ca_cert = configuration.cert_file = configuration.key_file = None
-    async with api_client:
+    async with _client_over(client, configuration, context) as api_client:
         yield api_client
+
+
+def _ssl_context(content: KubeconfigContent) -> ssl.SSLContext:
+    """What kubernetes_asyncio's RESTClientObject builds from ssl_ca_cert, cert_file and key_file
+    (`ssl.create_default_context(cafile=...)`, then `load_cert_chain`), from memory instead of paths."""
+    context = ssl.create_default_context(cadata=content.ca_pem.decode("ascii", errors="replace"))
+    load_client_certificate(context, cert_pem=content.cert_pem, key_pem=content.key_pem)
+    return context
+
+
+def _client_over(client: Any, configuration: Any, context: ssl.SSLContext) -> Any:
+    """kubernetes_asyncio's `ApiClient` over an SSL context built beforehand. `ApiClient.__init__` and
+    `RESTClientObject.__init__` (kubernetes_asyncio 36.1, client/api_client.py and client/rest.py) build their
+    own context and offer no way to pass one: this sets the attributes they set, with ours
+    (tests/integration/test_kube_adapter.py compares them with a client built the library's way)."""
+    import aiohttp
+
+    rest = client.rest.RESTClientObject.__new__(client.rest.RESTClientObject)
+    rest.server_hostname = configuration.tls_server_name
+    rest.proxy = configuration.proxy
+    rest.proxy_headers = configuration.proxy_headers
+    rest.pool_manager = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=configuration.connection_pool_maxsize, ssl=context),
+        trust_env=True,
+        read_bufsize=2**21,  # as the library: watch events of large objects exceed aiohttp's default buffer
+    )
+    api_client = client.ApiClient.__new__(client.ApiClient)
+    api_client.configuration = configuration
+    api_client.pool_threads = 1
+    api_client.rest_client = rest
+    api_client.default_headers = {}
+    api_client.cookie = None
+    api_client.user_agent = "OpenAPI-Generator/33.3.0+snapshot/python"
+    api_client.client_side_validation = configuration.client_side_validation
+    return api_client
 
 
 class _Deserializer:

@@ -194,6 +194,52 @@ async def test_connections_write_no_key_and_close_every_file(
     assert not _files_holding(key_pem, private_tmp)
 
 
+# OpenSSL work that parses the kubeconfig's CA, certificate or key (C methods of ssl.SSLContext).
+_TLS_LOADS = {"load_cert_chain", "load_verify_locations", "load_default_certs", "set_default_verify_paths"}
+
+
+async def test_a_connection_loads_its_tls_material_off_the_loop(api_server: ApiServer) -> None:
+    """Issue 11: `ApiClient()` built its SSL context on the event loop, 1.5-4 ms of CPU per connection that held
+    back the events published meanwhile. A profiler on the loop's thread sees no TLS loading while a connection
+    is made and used, and the connection still verifies the server and presents the client certificate."""
+    async with KubernetesApiFactory().connect(api_server.kubeconfig) as api:  # imports, once
+        await api.list_pods("kube-system")
+    on_loop: list[str] = []
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        if event == "c_call" and getattr(arg, "__name__", "") in _TLS_LOADS:
+            on_loop.append(str(getattr(arg, "__qualname__", arg)))
+
+    sys.setprofile(profile)  # this thread only: the loop's
+    try:
+        async with KubernetesApiFactory().connect(api_server.kubeconfig) as api:
+            pods = await api.list_pods("kube-system")
+    finally:
+        sys.setprofile(None)
+    assert on_loop == [], f"TLS material loaded on the event loop: {on_loop}"
+    assert isinstance(pods, list)
+
+
+async def test_the_api_client_has_what_the_librarys_own_construction_sets(api_server: ApiServer) -> None:
+    """The adapter builds kubernetes_asyncio's ApiClient and RESTClientObject around its own SSL context (the
+    library offers no way to pass one): every attribute their constructors set must be there, so that a new
+    version of the library that sets more fails here rather than in a cluster."""
+    from kubernetes_asyncio import client
+
+    async with KubernetesApiFactory().connect(api_server.kubeconfig) as api:
+        ours = api._api  # type: ignore[attr-defined]
+        theirs = client.ApiClient(configuration=client.Configuration(host="https://127.0.0.1:1"))
+        try:
+            assert sorted(vars(ours)) == sorted(vars(theirs))
+            assert sorted(vars(ours.rest_client)) == sorted(vars(theirs.rest_client))
+            assert ours.default_headers == theirs.default_headers
+            assert ours.rest_client.pool_manager._read_bufsize == theirs.rest_client.pool_manager._read_bufsize
+            assert ours.rest_client.pool_manager.trust_env == theirs.rest_client.pool_manager.trust_env
+            assert ours.rest_client.pool_manager.connector.limit == theirs.rest_client.pool_manager.connector.limit
+        finally:
+            await theirs.close()
+
+
 async def test_services_are_listed_watched_from_the_lists_version_and_get_an_ingress(api_server: ApiServer) -> None:
     """The ServicesApi of the exposure watch (issue 9): a watch from the list's resourceVersion sees a Service made
     after the list (and not the ones before it), the ingress goes through services/status, and 20 watches
