@@ -50,27 +50,39 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
         return p
 
+    def wait_flags(p: argparse.ArgumentParser, what: str, *, wait_by_default: bool) -> None:
+        """--watch and --no-wait on every command that starts a job, whatever its default (a user who typed
+        `start --watch` after `install --watch` must not get a usage error)."""
+        group = p.add_mutually_exclusive_group()
+        default = "(the default)" if wait_by_default else ""
+        group.add_argument("--watch", dest="watch", action="store_true",
+                           help=f"follow the {what} until it ends {default}".rstrip())
+        group.add_argument("--no-wait", dest="watch", action="store_false",
+                           help=f"return once the {what} is accepted {'' if wait_by_default else '(the default)'}"
+                           .rstrip())
+        p.set_defaults(watch=wait_by_default)
+
     install = client("install", "install (or resume) Kubernetes")
     install.add_argument("--version", dest="kubernetes_version", help="Kubernetes version, e.g. v1.31.4")
-    install.add_argument("--watch", action="store_true", help="follow the install until running or failed")
+    wait_flags(install, "install", wait_by_default=False)
     install.add_argument("--pki", dest="pki_dir", type=Path, metavar="DIR",
                          help="send the PKI in DIR (kubeadm's file names: ca.crt, ca.key, front-proxy-ca.*, etcd/ca.*, "
                               "sa.key, sa.pub, optionally leaf pairs); the service checks it before using it")
     upgrade = client("upgrade", "upgrade the running cluster in place to a configured version (one minor at a time)")
     upgrade.add_argument("--version", dest="kubernetes_version", required=True,
                          help="the Kubernetes version to upgrade to, e.g. v1.32.1")
-    upgrade.add_argument("--watch", action="store_true", help="follow the upgrade until running or failed")
+    wait_flags(upgrade, "upgrade", wait_by_default=False)
     client("status", "print the current state")
     client("watch", "print events until interrupted")
     reset = client("reset", "stop the kubelet, kubeadm reset, remove generated files (images are kept)")
-    reset.add_argument("--no-wait", dest="watch", action="store_false", help="return once the reset is accepted")
+    wait_flags(reset, "reset", wait_by_default=True)
     client("cancel", "stop a running install (state failed, code cancelled; install resumes it)")
     stop = client("stop", "stop the kubelet and every pod, keep everything else (state stopped; start resumes)")
-    stop.add_argument("--no-wait", dest="watch", action="store_false", help="return once the stop is accepted")
+    wait_flags(stop, "stop", wait_by_default=True)
     start = client("start", "bring a stopped cluster back to running (no pull, no kubeadm)")
-    start.add_argument("--no-wait", dest="watch", action="store_false", help="return once the start is accepted")
+    wait_flags(start, "start", wait_by_default=True)
     renew = client("renew-certs", "re-issue leaf certificates and kubeconfigs from the same CAs (no reset)")
-    renew.add_argument("--no-wait", dest="watch", action="store_false", help="return once the renewal is accepted")
+    wait_flags(renew, "renewal", wait_by_default=True)
     kubeconfig = client("kubeconfig", "fetch the admin kubeconfig (it holds the admin key)", output=False)
     where = kubeconfig.add_mutually_exclusive_group()
     where.add_argument("-o", "--output-file", dest="kubeconfig_file", type=Path, metavar="FILE",
