@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,13 @@ def start_ticks(pid: int) -> int | None:
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
+
+
+def started_at_s(ticks: int) -> float:
+    """The wall-clock time (epoch s) of a process start given as /proc/<pid>/stat's start time: the kernel counts
+    it in clock ticks since boot, as /proc/uptime counts seconds since boot (10 ms steps both)."""
+    uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime_s + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cmdline(pid: int) -> tuple[str, ...] | None:

@@ -111,6 +111,11 @@ class KubeletSupervisor(Protocol):
 
     def is_running(self) -> bool: ...
 
+    def binary_replaced(self) -> bool:
+        """True when the running kubelet started before its binary was last put in place: it runs the old code
+        (an upgrade or a repair replaced the file under it). `start` then replaces the process."""
+        ...
+
     @property
     def restarts(self) -> int: ...
 

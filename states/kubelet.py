@@ -1,6 +1,7 @@
 """kubelet: starts the kubelet as kubeadm's systemd drop-in would (flags from kubeadm-flags.env), supervised.
 Leaves a running kubelet (pid file of the supervisor) logging to `<log_dir>/kubelet.log`.
-Done when the supervisor's kubelet runs and answers http://127.0.0.1:<healthz port>/healthz.
+Done when the supervisor's kubelet runs, was started from the binary now in place (not one replaced since), and
+answers http://127.0.0.1:<healthz port>/healthz.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Kubelet:
     async def is_done(self, ctx: StepContext) -> bool:
         if not ctx.ports.kubelet.is_running():
             return False
+        if ctx.ports.kubelet.binary_replaced():  # healthy, but the old code: an upgrade left it, say
+            return False
         healthy, _ = await healthz(ctx.cluster.kubelet_healthz_port)
         return healthy
 
@@ -39,6 +42,8 @@ class Kubelet:
         argv = kubelet_argv(ctx.paths)
         log_path = ctx.paths.log_dir / "kubelet.log"
         restarts_before = ctx.ports.kubelet.restarts
+        if ctx.ports.kubelet.is_running() and ctx.ports.kubelet.binary_replaced():
+            ctx.progress(f"restarting the kubelet: {argv[0]} was replaced since it started")
         ctx.progress("starting the kubelet")
         try:
             await ctx.ports.kubelet.start(argv, log_path=log_path)

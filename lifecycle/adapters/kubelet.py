@@ -76,10 +76,20 @@ class ProcessKubeletSupervisor:
         self._ensure_task()
         return True
 
+    def binary_replaced(self) -> bool:
+        record = self._record
+        if record is None or not _alive(record):
+            return False
+        return _replaced_since(Path(record.argv[0]), started_at_s=hostprocs.started_at_s(record.start_ticks))
+
     async def start(self, argv: Sequence[str], *, log_path: Path) -> None:
         wanted = list(argv)
         if not wanted:
             raise ValueError("kubelet argv is empty")
+        if self._record is not None and self._record.argv == wanted and self.binary_replaced():
+            self._log.info("kubelet binary replaced since the kubelet started: restarting it", pid=self._record.pid,
+                           binary=wanted[0])
+            await self.stop()
         if self._record is not None and self._record.argv == wanted:
             if self._task is not None and not self._task.done():
                 return  # running or in backoff: the watch task owns it
@@ -321,6 +331,21 @@ def _reap_in_thread(child: subprocess.Popen[bytes]) -> None:
     """A child started outside the event loop is waited for by a thread of its own, so it never lingers as a
     zombie (which `_alive` already counts as gone): the supervisor's watch sees it exit through /proc."""
     threading.Thread(target=child.wait, name=f"reap-{child.pid}", daemon=True).start()
+
+
+# /proc's start time and /proc/uptime count in 10 ms steps; a binary put in place this much after the kubelet
+# started is newer than it for sure (the steps write binaries before they start the kubelet, never just after).
+_START_SLACK_S = 0.5
+
+
+def _replaced_since(binary: Path, *, started_at_s: float) -> bool:
+    """The binary's inode changed (ctime: written, renamed into place or chmod-ed) after `started_at_s`. A ctime
+    ahead of the clock says the clock went back since (a VM resumed): not judged, the kubelet is kept."""
+    try:
+        changed_s = binary.stat().st_ctime
+    except OSError:
+        return False  # gone: `start` reports the missing binary, not this
+    return started_at_s + _START_SLACK_S < changed_s <= time.time()
 
 
 def _alive(record: _Record) -> bool:

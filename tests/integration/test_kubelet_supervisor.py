@@ -265,3 +265,43 @@ async def test_a_kubelet_started_before_the_loop_is_kept_by_start_and_restarted_
         assert len(again) == 1 and again != first
     finally:
         await sup.stop(timeout_s=2)
+
+
+def _replace_binary(kubelet: Path) -> None:
+    """What the binaries and upgrade steps do: a new file next to it, renamed over it (a new inode)."""
+    staged = kubelet.with_name("kubelet.new")
+    staged.write_text(kubelet.read_text() + "# v2\n")
+    staged.chmod(0o755)
+    staged.replace(kubelet)
+
+
+async def test_a_kubelet_whose_binary_was_replaced_is_restarted_by_start_and_kept_otherwise(
+    kubelet: Path, tmp_path: Path
+) -> None:
+    """Issue 10's leftover: after an upgrade whose repair failed, an install found the old kubelet healthy and
+    kept it, the new binary on disk. A kubelet started before its binary was put in place is not kept; one
+    started after is, also by a new supervisor that adopts it after a service restart."""
+    argv = [str(kubelet), "--v=2"]
+    pid_file = tmp_path / "kubelet.pid"
+    _start_in_a_service_that_then_crashes(pid_file=pid_file, argv=argv, log_path=tmp_path / "kubelet.log")
+    [old] = _pids_running(kubelet)
+    await asyncio.sleep(0.6)  # past the start-time slack
+    sup = ProcessKubeletSupervisor(pid_file=pid_file, log=LOG)  # the restarted service's: adopts it
+    try:
+        assert sup.is_running() and not sup.binary_replaced()
+        await sup.start(argv, log_path=tmp_path / "kubelet.log")
+        assert _pids_running(kubelet) == [old], "an unchanged binary keeps its kubelet"
+
+        _replace_binary(kubelet)
+        assert sup.is_running() and sup.binary_replaced()
+        await sup.start(argv, log_path=tmp_path / "kubelet.log")
+        [new] = _pids_running(kubelet)
+        assert new != old
+        assert sup.is_running() and not sup.binary_replaced()
+        await asyncio.sleep(0.6)
+        await sup.start(argv, log_path=tmp_path / "kubelet.log")
+        assert _pids_running(kubelet) == [new]
+        assert sup.restarts == 0, "a replacement, not a crash"
+    finally:
+        await sup.stop(timeout_s=2)
+    assert _pids_running(kubelet) == []
