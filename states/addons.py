@@ -33,6 +33,9 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # One GET per pending workload on the local API: cheap, and each poll period is time added to `running` (a
 # start's wait for the storage provisioner, issue 10).
 _POLL_S = 0.1
+# How long a start lets pods show a hopeless reason (CrashLoopBackOff...) before it fails on them: longer than
+# a kubelet's first back-off (10 s), shorter than its longest (5 min).
+HOPELESS_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,10 @@ class Addons:
                     await _apply(api, obj)
                     ctx.progress(f"applied {obj.label()}", current=index, total=len(objects))
                 workloads = [o for o in objects if (o.api_version, o.kind) in WORKLOAD_KINDS]
-                await _wait_available(ctx, api=api, workloads=workloads)
+                if ctx.job == START_JOB:
+                    await _wait_not_hopeless(ctx, api=api, workloads=workloads)
+                else:
+                    await _wait_available(ctx, api=api, workloads=workloads)
         except KubeApiError as exc:
             raise _api_error(exc, doing="talking to the API") from exc
 
@@ -140,6 +146,32 @@ async def _not_hopeless(api: KubeApi, workloads: list[AddonObject]) -> None:
         if summary is not None and any(reason in summary for reason in HOPELESS_REASONS):
             raise PermanentError(f"{workload.label()}: pods: {summary}", code="not_available",
                                  details={"workloads": {workload.label(): summary}})
+
+
+async def _wait_not_hopeless(ctx: StepContext, *, api: KubeApi, workloads: list[AddonObject]) -> None:
+    """A start's run: until no workload's pods show a reason waiting does not cure, unless one does for
+    HOPELESS_GRACE_S. Right after the kubelet comes back such a reason can be passing: a provisioner that
+    crashed while the API server was still starting shows CrashLoopBackOff until its back-off ends (10 s for a
+    first crash, pkg/kubelet/kubelet.go backOffPeriod). A start that took the Deployment's last status as
+    `available` (written before the stop) failed its outcome check on such a pod 0.2 s later."""
+    loop = asyncio.get_running_loop()
+    give_up_at = fail_at(ctx)
+    first_seen: float | None = None
+    while True:
+        try:
+            await _not_hopeless(api, workloads)
+        except PermanentError as exc:
+            now = loop.time()
+            if first_seen is None:
+                first_seen = now
+                ctx.progress(f"waiting whether this passes: {exc.message}")
+            if now - first_seen >= HOPELESS_GRACE_S or now + _POLL_S >= give_up_at:
+                raise
+        except KubeApiError:
+            pass  # an API restart is waited out, as in _wait_available
+        else:
+            return
+        await asyncio.sleep(_POLL_S)
 
 
 async def _to_apply(api: KubeApi, objects: list[AddonObject]) -> list[AddonObject]:
