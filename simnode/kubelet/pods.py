@@ -67,8 +67,10 @@ class ContainerSim:
     terminated: dict[str, Any] | None = None  # exited for good (restartPolicy Never/OnFailure)
     runtime_id: str | None = None  # the engine's container id, for containers run in the engine (engine.py)
 
-    PERSISTED = ("image_id", "created_at", "pid", "restart_count", "crash_streak", "backoff_until",
-                 "last_terminated", "terminated", "runtime_id")
+    # Not crash_streak and backoff_until: a kubelet keeps its container back-off in memory
+    # (pkg/kubelet/kubelet.go: `klet.backOff = flowcontrol.NewBackOff(backOffPeriod, MaxContainerBackOff)`), so a
+    # restarted kubelet restarts an exited container at once, without CrashLoopBackOff.
+    PERSISTED = ("image_id", "created_at", "pid", "restart_count", "last_terminated", "terminated", "runtime_id")
 
     def to_record(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.PERSISTED}
@@ -176,7 +178,12 @@ class PodSim:
             "containerID": container_id(self, c),
         }
         c.restart_count += 1
-        c.backoff_until = now + min(BACKOFF_BASE_S * 2.0**c.crash_streak, BACKOFF_MAX_S)
+        # pkg/kubelet/kuberuntime/kuberuntime_manager.go doBackOff: a container whose key is not in the back-off
+        # (`backOff.IsInBackOffSince(key, ts)` false: its first exit, or the first since the kubelet started) is
+        # restarted at once and `backOff.Next(key, ts)` gives the key the initial period; an exit within it
+        # waits (CrashLoopBackOff), the period doubling up to the maximum.
+        c.backoff_until = (None if c.crash_streak == 0
+                           else now + min(BACKOFF_BASE_S * 2.0 ** (c.crash_streak - 1), BACKOFF_MAX_S))
         c.crash_streak += 1
         c.created_at = None
         c.pid = None
