@@ -53,13 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     def wait_flags(p: argparse.ArgumentParser, what: str, *, wait_by_default: bool) -> None:
         """--watch and --no-wait on every command that starts a job, whatever its default (a user who typed
         `start --watch` after `install --watch` must not get a usage error)."""
+        follow, accepted = f"follow the {what} until it ends", f"return once the {what} is accepted"
         group = p.add_mutually_exclusive_group()
-        default = "(the default)" if wait_by_default else ""
         group.add_argument("--watch", dest="watch", action="store_true",
-                           help=f"follow the {what} until it ends {default}".rstrip())
+                           help=follow + (" (the default)" if wait_by_default else ""))
         group.add_argument("--no-wait", dest="watch", action="store_false",
-                           help=f"return once the {what} is accepted {'' if wait_by_default else '(the default)'}"
-                           .rstrip())
+                           help=accepted + ("" if wait_by_default else " (the default)"))
         p.set_defaults(watch=wait_by_default)
 
     install = client("install", "install (or resume) Kubernetes")

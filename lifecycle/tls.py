@@ -34,5 +34,19 @@ def load_client_certificate(context: ssl.SSLContext, *, cert_pem: bytes, key_pem
         context.load_cert_chain(cert_path, key_path, password=_no_password)
 
 
+def client_context(*, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """What a kubeconfig's cluster and user say: verify the server with `ca_pem` only (not the system store) and
+    present `cert_pem` with `key_pem`. ValueError naming the part OpenSSL cannot use."""
+    try:
+        context = ssl.create_default_context(cadata=ca_pem.decode())
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"certificate-authority-data is not a usable CA: {exc}") from exc
+    try:
+        load_client_certificate(context, cert_pem=cert_pem, key_pem=key_pem)
+    except ssl.SSLError as exc:
+        raise ValueError(f"client certificate or key unusable: {exc.reason or exc}") from exc
+    return context
+
+
 def _no_password() -> bytes:
     return b""

@@ -22,7 +22,7 @@ from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
 from lifecycle.pki import rooted_reader
 from lifecycle.step import StepContext, fail_at
-from lifecycle.tls import load_client_certificate
+from lifecycle.tls import client_context
 from states.kubelet import healthz, os_error_text
 
 POLL_INTERVAL_S = 0.2  # a local probe; each period is time added to a start or an install (issue 10)
@@ -134,13 +134,6 @@ def _tls_context(content: KubeconfigContent, *, scratch_parent: Path) -> ssl.SSL
     for stale in scratch_parent.glob(f"{SCRATCH_PREFIX}*"):  # an older version's, left by a crash
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        context = ssl.create_default_context(cadata=content.ca_pem.decode())
-    except (ssl.SSLError, ValueError) as exc:
-        raise PermanentError(f"admin.conf: certificate-authority-data is not a usable CA: {exc}",
-                             code="admin_conf_invalid") from exc
-    try:
-        load_client_certificate(context, cert_pem=content.cert_pem, key_pem=content.key_pem)
-    except ssl.SSLError as exc:
-        raise PermanentError(f"admin.conf: client certificate or key unusable: {exc.reason or exc}",
-                             code="admin_conf_invalid") from exc
-    return context
+        return client_context(ca_pem=content.ca_pem, cert_pem=content.cert_pem, key_pem=content.key_pem)
+    except ValueError as exc:
+        raise PermanentError(f"admin.conf: {exc}", code="admin_conf_invalid") from exc

@@ -42,7 +42,7 @@ class Kubelet:
         argv = kubelet_argv(ctx.paths)
         log_path = ctx.paths.log_dir / "kubelet.log"
         restarts_before = ctx.ports.kubelet.restarts
-        if ctx.ports.kubelet.is_running() and ctx.ports.kubelet.binary_replaced():
+        if ctx.ports.kubelet.binary_replaced():  # only of a kubelet that runs
             ctx.progress(f"restarting the kubelet: {argv[0]} was replaced since it started")
         ctx.progress("starting the kubelet")
         try:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from lifecycle.kubefiles import KubeconfigContent, parse_kubeconfig
 from lifecycle.ports import KubeApi, KubeApiError, ServicesApi
-from lifecycle.tls import load_client_certificate
+from lifecycle.tls import client_context
 
 # Where versions before the in-memory credentials unpacked the client key (kubernetes_asyncio's temp files).
 LEGACY_KEY_DIR_PREFIX = "lifecycle-kube-"
@@ -120,20 +120,13 @@ async def _api_client(content: KubeconfigContent) -> AsyncIterator[Any]:
 
     configuration = client.Configuration(host=content.server.rstrip("/"))
     try:
-        context = await asyncio.to_thread(_ssl_context, content)
-    except ssl.SSLError as exc:
-        raise KubeApiError(f"kubeconfig's CA, client certificate or key is unusable: {exc.reason or exc}",
+        context = await asyncio.to_thread(client_context, ca_pem=content.ca_pem, cert_pem=content.cert_pem,
+                                          key_pem=content.key_pem)
+    except ValueError as exc:
+        raise KubeApiError(f"kubeconfig's CA, client certificate or key is unusable: {exc}",
                            reason="InvalidKubeconfig") from exc
     async with _client_over(client, configuration, context) as api_client:
         yield api_client
-
-
-def _ssl_context(content: KubeconfigContent) -> ssl.SSLContext:
-    """What kubernetes_asyncio's RESTClientObject builds from ssl_ca_cert, cert_file and key_file
-    (`ssl.create_default_context(cafile=...)`, then `load_cert_chain`), from memory instead of paths."""
-    context = ssl.create_default_context(cadata=content.ca_pem.decode("ascii", errors="replace"))
-    load_client_certificate(context, cert_pem=content.cert_pem, key_pem=content.key_pem)
-    return context
 
 
 def _client_over(client: Any, configuration: Any, context: ssl.SSLContext) -> Any:
