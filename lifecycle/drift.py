@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lifecycle import yamlsafe
 from lifecycle.config import Config
 from lifecycle.paths import HostPaths
 from lifecycle.step import ClusterParams
@@ -181,7 +182,7 @@ def merge_kubelet_config(current: dict[str, Any], wanted: Mapping[str, Any]) -> 
 
 def _documents(text: str) -> dict[str, dict[str, Any]]:
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yamlsafe.load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML: {exc}") from exc
     out: dict[str, dict[str, Any]] = {}

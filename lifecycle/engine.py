@@ -600,7 +600,7 @@ class Engine:
         def entered_kubelet() -> None:
             self._past_boot_checks.set()
             # The Kubernetes client's import (a second of CPU) while the kubelet starts, not when readiness asks.
-            preload.append(asyncio.create_task(self._preload_kube_client(), name="boot-preload-kube-client"))
+            preload.append(asyncio.create_task(self.preload_kube_client(), name="boot-preload-kube-client"))
 
         note = "boot fast path: " + (f"{', '.join(trusted)} held on local evidence (no registry request, no "
                                      "hashing), the rest checked in full; " if trusted else "")
@@ -634,7 +634,8 @@ class Engine:
                          note=f"boot: the full check found {wrong} no longer holding (the boot fast path trusted "
                               "its local evidence); repairing from here")
 
-    async def _preload_kube_client(self) -> None:
+    async def preload_kube_client(self) -> None:
+        """Import the Kubernetes client off the loop, once (the adapter's `preload`); never raises."""
         try:
             await self._ports.kube.preload()
         except Exception as exc:  # best effort: the readiness step's first connect loads it anyway

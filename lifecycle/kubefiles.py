@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from lifecycle import yamlsafe
 from lifecycle.config import Config
 from lifecycle.step import ClusterParams, node_ip_of
 
@@ -70,7 +71,7 @@ def parse_kubeconfig(data: bytes, *, read_file: Callable[[str], bytes]) -> Kubec
     Raises ValueError naming what is missing or malformed.
     """
     try:
-        doc = yaml.safe_load(data)
+        doc = yamlsafe.load(data)
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML: {exc}") from exc
     if not isinstance(doc, dict):

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from lifecycle import yamlsafe
 from lifecycle.atomicfile import replace_file
 
 BACKUP_SUFFIX = ".lifecycle-backup"  # one backup, the bytes before the last merge
@@ -49,7 +50,7 @@ def default_target(environ: Mapping[str, str], *, home: Path) -> Path:
 def _load(text: str, *, what: str) -> dict[str, Any]:
     """A kubeconfig document as a dict, checked the way client-go decodes one; KubeconfigMergeError naming why not."""
     try:
-        doc = yaml.safe_load(text)
+        doc = yamlsafe.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -18,6 +18,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from lifecycle import yamlsafe
 from lifecycle.kubefiles import KubeconfigSpec, render_kubeconfig
 from lifecycle.paths import HostPaths
 from lifecycle.pki import CERT_MODE, KEY_MODE, KUBECONFIG_MODE, PkiError, plan_pki, read_existing, rooted_reader
@@ -146,7 +147,7 @@ def _kubeconfig_files(
 def client_files(kubeconfig: bytes) -> tuple[str, str] | None:
     """(client-certificate, client-key) paths of the current context's user when it names files, else None."""
     try:
-        doc = yaml.safe_load(kubeconfig)
+        doc = yamlsafe.load(kubeconfig)
     except yaml.YAMLError:
         return None
     if not isinstance(doc, dict):

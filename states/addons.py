@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from lifecycle import yamlsafe
 from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.ports import KubeApi, KubeApiError
 from lifecycle.step import StepContext, fail_at
@@ -209,7 +210,7 @@ def load_manifests(directory: Path, *, placeholders: Mapping[str, str]) -> list[
                                  code="bad_manifest")
         text = _PLACEHOLDER.sub(lambda m: placeholders[m.group(1)], text)
         try:
-            documents = list(yaml.safe_load_all(text))
+            documents = list(yamlsafe.load_all(text))
         except yaml.YAMLError as exc:
             raise PermanentError(f"{path}: not valid YAML: {exc}", code="bad_manifest") from exc
         for index, doc in enumerate(documents):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from lifecycle import hostprocs
+from lifecycle import hostprocs, yamlsafe
 from lifecycle.atomicfile import write_atomic
 from lifecycle.drift import (
     KUBEADM_STAMP,
@@ -159,7 +159,7 @@ async def _rewrite_kubelet_config(ctx: StepContext, kubeadm_config: str) -> None
     write config.yaml from the new KubeletConfiguration (kubeadm's defaults in the file kept)."""
     path = ctx.paths.kubelet_config
     try:
-        current = await asyncio.to_thread(lambda: yaml.safe_load(path.read_text()))  # off the loop: YAML
+        current = await asyncio.to_thread(lambda: yamlsafe.load(path.read_text()))  # off the loop: YAML
     except (OSError, yaml.YAMLError) as exc:
         raise PermanentError(f"{path}: cannot read the kubelet's config: {exc}", code="kubelet_config_invalid") from exc
     if not isinstance(current, dict):

@@ -14,6 +14,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from lifecycle import yamlsafe
 from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import PermanentError, TemporaryError
 from lifecycle.paths import HostPaths
@@ -145,7 +146,7 @@ def annotate_manifests(paths: HostPaths, *, stamp: str, names: tuple[str, ...] =
     for name in names:
         path = paths.manifests_dir / name
         try:
-            pod = yaml.safe_load(path.read_text())
+            pod = yamlsafe.load(path.read_text())
             mode = path.stat().st_mode & 0o777
         except FileNotFoundError:
             continue  # an external etcd, say: nothing of ours to restart

@@ -14,6 +14,7 @@ import hashlib
 
 import yaml
 
+from lifecycle import yamlsafe
 from lifecycle.atomicfile import write_atomic
 from lifecycle.errors import CommandError, PermanentError
 from lifecycle.step import StepContext, finish_in_thread
@@ -69,7 +70,7 @@ class UpgradeApply:
 def _manifests_at(ctx: StepContext, version: str) -> bool:
     for name in CONTROL_PLANE_MANIFESTS:
         try:
-            pod = yaml.safe_load((ctx.paths.manifests_dir / name).read_text())
+            pod = yamlsafe.load((ctx.paths.manifests_dir / name).read_text())
             image = str(pod["spec"]["containers"][0]["image"])
         except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
             return False
@@ -89,5 +90,5 @@ def _applied(ctx: StepContext) -> bool:
     stamp = read_stamp_doc(ctx.paths) or {}
     if stamp.get("kubeadm_config_sha256") != hashlib.sha256(text).hexdigest():
         return False
-    docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    docs = [d for d in yamlsafe.load_all(text) if isinstance(d, dict)]
     return any(d.get("kind") == "ClusterConfiguration" and d.get("kubernetesVersion") == version for d in docs)

@@ -178,6 +178,20 @@ class _NullDocker:
         raise AssertionError(f"fake steps do not use the container engine ({name})")
 
 
+class NullKube:
+    """The Kubernetes API port of the fakes: `serve` preloads its client at start (counted); fake steps connect
+    to nothing."""
+
+    def __init__(self) -> None:
+        self.preloads = 0
+
+    async def preload(self) -> None:
+        self.preloads += 1
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"fake steps do not use the Kubernetes API ({name})")
+
+
 class _Unused:
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"fake steps do not use this port ({name})")
@@ -185,7 +199,7 @@ class _Unused:
 
 def null_ports(_config: Config | None = None) -> Ports:
     unused = cast(Any, _Unused())
-    return Ports(docker=cast(Any, _NullDocker()), commands=unused, kubelet=unused, kube=unused)
+    return Ports(docker=cast(Any, _NullDocker()), commands=unused, kubelet=unused, kube=cast(Any, NullKube()))
 
 
 async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 5.0, interval_s: float = 0.01) -> None:

@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from lifecycle.adapters.mqtt import mqtt_properties
 from lifecycle.config import Config, MqttConfig
+from lifecycle.ports import Ports
 from lifecycle.protocol import Topics
 from lifecycle.service import serve
 
@@ -50,10 +51,11 @@ class RunningService:
 
 
 @asynccontextmanager
-async def service_in_process(config: Config) -> AsyncIterator[RunningService]:
+async def service_in_process(config: Config, *, ports: Ports | None = None) -> AsyncIterator[RunningService]:
     stop = asyncio.Event()
     task = asyncio.create_task(
-        serve(config, plan=fake_plan(), reset=fake_reset, ports=null_ports(), stop=stop, drain_timeout_s=2.0),
+        serve(config, plan=fake_plan(), reset=fake_reset, ports=ports if ports is not None else null_ports(),
+              stop=stop, drain_timeout_s=2.0),
         name=f"service-{config.node_name}",
     )
     try:

@@ -1,6 +1,7 @@
 """The Kubernetes API through kubernetes_asyncio (`KubeApiFactory`): list and watch pods, server-side apply, get.
 
-kubernetes_asyncio is imported on first connect, in a thread (it costs ~1 s and 60 MB). The kubeconfig's CA,
+kubernetes_asyncio is imported in a thread (it costs ~1 s of CPU and 60 MB): by `preload`, which `serve` calls at
+start, or else by the first connect. The kubeconfig's CA,
 client certificate and key never reach a disk: they are loaded into the connection's SSL context from memory
 files (`lifecycle.tls`), not through kubernetes_asyncio's kubeconfig loader, which writes them to temp files.
 """
@@ -15,8 +16,8 @@ import json
 import os
 import shutil
 import ssl
-import sys
 import tempfile
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,18 +81,32 @@ class KubernetesApiFactory:
             yield api
 
 
-async def _import_kubernetes_asyncio() -> None:
-    """Off the event loop: the first import takes about a second; later ones find the modules loaded."""
-    def load() -> None:
-        if "kubernetes_asyncio.client" in sys.modules:
+# Held by the thread that imports kubernetes_asyncio: a second caller waits for it in its own thread.
+_import_lock = threading.Lock()
+_imported = False
+
+
+def _load_kubernetes_asyncio() -> None:
+    """Import kubernetes_asyncio once; a caller that comes while another thread imports waits for it here.
+    (A module is in `sys.modules` from the start of its import: a check of that lets a connect go on while the
+    preload is half way, and its `from kubernetes_asyncio import client` then waits for the module's import lock
+    on the event loop, for up to the rest of that second.)"""
+    global _imported
+    with _import_lock:
+        if _imported:
             return
         for module in ("kubernetes_asyncio.client", "kubernetes_asyncio.watch", "aiohttp"):
             importlib.import_module(module)
         # The import leaves ~1 M objects that live as long as the process: out of the collector's sight, or a
         # full collection walks them all, ~200 ms on the loop at a random moment (seen by lifecycle.loopwatch).
         gc.freeze()
+        _imported = True
 
-    await asyncio.to_thread(load)
+
+async def _import_kubernetes_asyncio() -> None:
+    """Off the event loop: the first import takes about a second; later ones return at once."""
+    if not _imported:
+        await asyncio.to_thread(_load_kubernetes_asyncio)
 
 
 def _read_kubeconfig(kubeconfig: Path) -> KubeconfigContent:
