@@ -102,8 +102,10 @@ async def kubeadm_config_for(ctx: StepContext) -> bytes:
             f"cannot write the kubelet's cgroup driver: the container engine could not tell its own: {exc.message}",
             code="engine_unavailable",
         ) from exc
-    return render_kubeadm_config(ctx.config, ctx.cluster, certificates_dir=ctx.paths.pki_dir,
-                                 cgroup_driver=cgroup_driver)
+    # In a thread: PyYAML's emitter takes ~4 ms of CPU for it, which held the loop (and the events queued behind
+    # it) three times per install (issue 11: lifecycle.loopwatch at a 2 ms budget).
+    return await asyncio.to_thread(render_kubeadm_config, ctx.config, ctx.cluster,
+                                   certificates_dir=ctx.paths.pki_dir, cgroup_driver=cgroup_driver)
 
 
 def _plan(ctx: StepContext, params: PkiParams) -> list[PlannedFile]:
