@@ -2,10 +2,12 @@
 
 Part 1, a full install (what issue 11 asks for): `lifecycle serve` on the simulated node (bench/benchnode.py,
 binaries at `--pad-scale`), installed over Mosquitto; every event of the install timed by a `mosquitto_sub`
-process: arrival (`%U`) - the CloudEvent's `time`. Interleaved with the same install by the service of
-`--baseline-ref` (a084ce3: before this stop's latency work), exported with `git archive` and run from its own
-source tree by the same Python. That code stamped `time` to the millisecond only: its latencies are taken from
-the middle of that millisecond (+0.5 ms), as the best estimate.
+process: arrival (`%U`) - the CloudEvent's `time`. Beside it, from the service's start to `running`, a probe
+process publishes a timestamped message every 10 ms to the same broker and subscriber: its latency is the floor
+that the broker and the subscriber set on this machine under the same load. Interleaved with the same install
+by the service of `--baseline-ref` (a084ce3: before the latency work of issue 11), exported with `git archive`
+and run from its own source tree by the same Python. That code stamped `time` to the millisecond only: its
+latencies are taken from the middle of that millisecond (+0.5 ms), as the best estimate.
 
 Part 2, an install-shaped run on the real Mosquitto: Engine -> Bus -> MqttBridge with the durable outbox, wired
 as `lifecycle.service.serve` wires them. Each of the 9 steps reports a burst of progress events back to back
@@ -92,8 +94,9 @@ class Subscriber:
     """`mosquitto_sub` on the events topic, a process of its own (no GIL or loop shared with the service): it
     stamps each message on arrival (%U, time.time()'s clock); seq -> arrival time once it has stopped."""
 
-    def __init__(self, *, host: str, port: int, topic: str) -> None:
-        self._argv = ["mosquitto_sub", "-h", host, "-p", str(port), "-q", "1", "-t", topic, "-F", "%U|%p"]
+    def __init__(self, *, host: str, port: int, topic: str, also: tuple[str, ...] = ()) -> None:
+        self._argv = ["mosquitto_sub", "-h", host, "-p", str(port), "-q", "1", "-t", topic,
+                      *(arg for extra in also for arg in ("-t", extra)), "-F", "%U|%p"]
         self._host, self._port, self._topic = host, port, topic
         self._lines: list[str] = []
         self._proc: subprocess.Popen[str] | None = None
@@ -139,6 +142,17 @@ class Subscriber:
                     found.append((float(stamp), body))
         return found
 
+    def probe_latencies(self) -> list[float]:
+        """Arrival - publication of every message of a `Probe` (seconds)."""
+        found: list[float] = []
+        for line in list(self._lines):
+            stamp, _, payload = line.partition("|")
+            with contextlib.suppress(ValueError):
+                body = json.loads(payload)
+                if isinstance(body, dict) and isinstance(body.get("probe_s"), float):
+                    found.append(float(stamp) - body["probe_s"])
+        return found
+
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None and self._reader is not None
         self._proc.terminate()
@@ -149,6 +163,49 @@ class Subscriber:
             seq = json.loads(payload).get("data", {}).get("seq")
             if isinstance(seq, int):
                 self.arrivals.setdefault(seq, float(stamp))
+
+
+PROBE_INTERVAL_S = 0.01
+PROBE_SCRIPT = """
+import json, socket, sys, time
+import paho.mqtt.client as mqtt
+host, port, topic, interval_s = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+client.connect(host, port)
+client.loop(timeout=1.0)  # the CONNACK
+sock = client.socket()
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the service sets it
+print("connected", flush=True)
+next_s = time.monotonic()
+while True:  # until killed
+    client.publish(topic, json.dumps({"probe_s": time.time()}), qos=1)  # no network thread: written here, now
+    next_s += interval_s
+    while (left_s := next_s - time.monotonic()) > 0:
+        client.loop(timeout=left_s)  # PUBACKs and keepalive until the next one is due
+"""
+
+
+class Probe:
+    """The floor under the service's figures: a process of its own that publishes a timestamped QoS 1 message
+    every `PROBE_INTERVAL_S` to the same broker, heard by the same `mosquitto_sub`, during the same install. Its
+    latency (arrival - publication) is what the broker and the subscriber add on this machine under that load;
+    the service's event latency also holds the service's own delay before its write."""
+
+    def __init__(self, *, host: str, port: int, topic: str) -> None:
+        self._argv = [sys.executable, "-c", PROBE_SCRIPT, host, str(port), topic, str(PROBE_INTERVAL_S)]
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Probe:
+        self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != "connected":
+            raise SystemExit("bench_event_latency: the probe could not connect")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait(timeout=10)
 
 
 async def one_install(*, host: str, port: int, burst: int, max_inflight: int) -> list[float]:
@@ -205,12 +262,16 @@ def export_tree(ref: str, into: Path) -> Path:
     return into
 
 
-def full_install(namespace: str, *, host: str, port: int, code: Path | None) -> list[tuple[str, float]]:
-    """(event type, latency s) of every event of one install through `lifecycle serve` (`code`: another tree)."""
+def full_install(namespace: str, *, host: str, port: int, code: Path | None
+                 ) -> tuple[list[tuple[str, float]], list[float]]:
+    """(event type, latency s) of every event of one install through `lifecycle serve` (`code`: another tree),
+    and the latencies of the probe's messages during it."""
     with tempfile.TemporaryDirectory(prefix="bench-latency-node-") as base:
         node = BenchNode(Path(base), namespace, label="bench-latency", broker=f"mqtt://{host}:{port}")
+        probe_topic = f"bench-probe/{node.name}"
         try:
-            with Subscriber(host=host, port=port, topic=f"lifecycle/{node.name}/events") as subscriber:
+            with Subscriber(host=host, port=port, topic=f"lifecycle/{node.name}/events",
+                            also=(probe_topic,)) as subscriber, Probe(host=host, port=port, topic=probe_topic):
                 node.start_service(code=code)
                 time.sleep(2)  # online before the request (the service takes requests once subscribed)
                 node.request(host, port, "latency-install", "install")
@@ -220,12 +281,13 @@ def full_install(namespace: str, *, host: str, port: int, code: Path | None) -> 
                     raise SystemExit("bench_event_latency: the install failed:\n" + "\n".join(tail))
                 time.sleep(0.3)  # the last progress after `running`, if any
             bodies = subscriber.stamped_bodies()
+            probes = subscriber.probe_latencies()
         finally:
             node.kill_all()
             for leaf in ("status", "availability", "exposures"):
                 subprocess.run(["mosquitto_pub", "-h", host, "-p", str(port), "-t", f"lifecycle/{node.name}/{leaf}",
                                 "-r", "-n"], check=False)
-        return [(str(body["type"]), arrival - _made_at_s(str(body["time"]))) for arrival, body in bodies]
+        return [(str(body["type"]), arrival - _made_at_s(str(body["time"]))) for arrival, body in bodies], probes
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -255,20 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_runs > 0:
         ensure_images(args.namespace, args.pad_scale, who="bench_event_latency")
         full: dict[str, list[tuple[str, float]]] = {"ours": []}
+        floor: dict[str, list[float]] = {"ours": []}
         with tempfile.TemporaryDirectory(prefix="bench-latency-baseline-") as tree:
             baseline = export_tree(args.baseline_ref, Path(tree)) if args.baseline_ref else None
             if baseline is not None:
                 full[f"baseline {args.baseline_ref}"] = []
+                floor[f"baseline {args.baseline_ref}"] = []
             for _ in range(args.full_runs):  # interleaved: the machine's load falls on both alike
-                full["ours"] += full_install(args.namespace, host=args.host, port=args.port, code=None)
-                if baseline is not None:
-                    full[f"baseline {args.baseline_ref}"] += full_install(
-                        args.namespace, host=args.host, port=args.port, code=baseline)
+                for name, code in (("ours", None), (f"baseline {args.baseline_ref}", baseline)):
+                    if name == "ours" or code is not None:
+                        timed, probed = full_install(args.namespace, host=args.host, port=args.port, code=code)
+                        full[name] += timed
+                        floor[name] += probed
         rows: list[Row] = []
         for name, timed_events in full.items():
             rows.append(_latency_row(f"{name}: every event", [latency for _, latency in timed_events]))
             rows.append(_latency_row(f"{name}: state changes",
                                      [latency for kind, latency in timed_events if kind == EventType.STATE_CHANGED]))
+            rows.append(_latency_row(f"{name}: floor (probe, same installs)", floor[name]))
         print(f"# Part 1: full installs through `lifecycle serve` on the simulated node ({args.full_runs} per variant,"
               f" pad scale {args.pad_scale:g}; {machine_note()})")
         print_table("latency, service -> Mosquitto -> mosquitto_sub", ["", "events", "p50 ms", "p99 ms", "max ms"],
