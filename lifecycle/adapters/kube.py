@@ -1,6 +1,6 @@
 """The Kubernetes API through kubernetes_asyncio (`KubeApiFactory`): list and watch pods, server-side apply, get.
 
-kubernetes_asyncio is imported in a thread (it costs ~1 s of CPU and 60 MB): by `preload`, which `serve` calls at
+kubernetes_asyncio is imported in a thread (~1 s of CPU, ~36 MB of RSS): by `preload`, which `serve` calls at
 start, or else by the first connect. The kubeconfig's CA,
 client certificate and key never reach a disk: they are loaded into the connection's SSL context from memory
 files (`lifecycle.tls`), not through kubernetes_asyncio's kubeconfig loader, which writes them to temp files.
