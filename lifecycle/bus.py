@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 import structlog
 
@@ -27,6 +28,9 @@ class Subscription:
     def __init__(self, *, name: str, max_items: int) -> None:
         self.name = name
         self.dropped = 0
+        # Called after each item is buffered, synchronously (the MQTT bridge hands it to the broker's socket right
+        # there, instead of when its task next runs); it must not raise.
+        self.on_offer: Callable[[], None] | None = None
         self._items: deque[BusItem] = deque()
         self._max_items = max_items
         self._changed = asyncio.Event()
@@ -41,6 +45,8 @@ class Subscription:
         self._items.append(item)
         self._changed.set()
         self._emptied.clear()
+        if self.on_offer is not None:
+            self.on_offer()
 
     def _drop_oldest_droppable(self) -> bool:
         for index, queued in enumerate(self._items):  # durable events are few: this finds one at once

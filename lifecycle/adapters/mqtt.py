@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,12 @@ class MqttBridge:
         self._inflight: deque[tuple[BusItem, asyncio.Future[None]]] = deque()
         self._idle = asyncio.Event()
         self._idle.set()
+        # The sending state while `_drain_outbox` runs (a window of 0: no session, nothing is sent on offer).
+        self._send_window = 0
+        self._oldest_sent_s = 0.0  # when the oldest publish in flight was sent (its PUBACK deadline runs from it)
+        self._send_failure: Exception | None = None  # raised in a send on offer, for the drain to end the session on
+        self._offered = asyncio.Event()  # something was put on the outbox (and maybe already sent)
+        self._loop_thread = 0  # the event loop's, set by the drain: paho's socket is written from it alone
         self.connected = asyncio.Event()
         self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
@@ -295,56 +302,62 @@ class MqttBridge:
         of `publish` calls and the broker acknowledges QoS 1 in order (MQTT 5, 4.6); acknowledgements are taken
         oldest first, so `Outbox.acknowledged` still sees increasing seqs. What is in flight when the connection
         drops goes back to the front of the outbox and is published again after the reconnect (as before: QoS 1,
-        a repeat is possible, a loss is not)."""
+        a repeat is possible, a loss is not).
+
+        While this runs, an item is handed to paho the moment the engine puts it on the bus (`_send_on_offer`),
+        not when this task next gets the loop: the engine goes on with its step after a state change, and the
+        callbacks already queued on the loop (a TLS handshake, a pod list) ran before this task did; events
+        waited 2-15 ms for that at the readiness step (bench_event_latency's tail). This task takes the
+        acknowledgements, enforces their deadline, and sends what the window could not take then."""
         inflight = self._inflight
         # aiomqtt gives up on a publish not acknowledged within its timeout (and ends the session): so do we.
         ack_timeout_s = self._client.timeout
-        oldest_sent_s = time.monotonic()
+        self._oldest_sent_s = time.monotonic()
+        self._send_window = window
+        self._send_failure = None
+        self._loop_thread = threading.get_ident()
+        self._outbox.on_offer = self._send_on_offer
         try:
             while True:
+                if self._send_failure is not None:
+                    raise self._send_failure
                 # A durable event is in the outbox file (written, not yet fsynced) before it is here: a crash of
                 # the service loses none. Waiting for its fsync as well cost 1-40 ms per state change on this
                 # machine while image layers were written (bench/bench_event_latency.py) and only guarded the
                 # announcement against a power loss, which the broker's own persistence (periodic) does not
                 # survive either; the fsync still guards what is queued while the broker is away.
-                while len(inflight) < window and (item := self._outbox.peek()) is not None:
-                    self._outbox.pop()
-                    topic, payload, retain = self._encode(item)
-                    if not inflight:
-                        oldest_sent_s = time.monotonic()
-                    try:
-                        sent = self._publish_now(topic, payload, retain=retain)
-                    except aiomqtt.MqttError:
-                        self._outbox.requeue([item])
-                        raise
-                    inflight.append((item, sent))
-                    self._idle.clear()
+                self._send_queued()
                 if not inflight:
-                    await self._outbox.wait()
+                    self._offered.clear()
+                    if self._outbox.peek() is None:
+                        await self._offered.wait()
                     continue
                 oldest = inflight[0][1]
                 if not oldest.done():
-                    waiting: list[asyncio.Future[None]] = [oldest]
-                    more: asyncio.Future[None] | None = None
-                    if len(inflight) < window:
-                        more = asyncio.ensure_future(self._outbox.wait())
+                    waiting: list[asyncio.Future[Any]] = [oldest]
+                    more: asyncio.Future[Any] | None = None
+                    if len(inflight) < window:  # room: wake for what is offered (sent, or a send that failed)
+                        self._offered.clear()
+                        more = asyncio.ensure_future(self._offered.wait())
                         waiting.append(more)
-                    left_s = oldest_sent_s + ack_timeout_s - time.monotonic()
+                    left_s = self._oldest_sent_s + ack_timeout_s - time.monotonic()
                     await asyncio.wait(waiting, timeout=max(0.0, left_s), return_when=asyncio.FIRST_COMPLETED)
                     if more is not None:
                         more.cancel()
-                    if not oldest.done() and time.monotonic() >= oldest_sent_s + ack_timeout_s:
+                    if not oldest.done() and time.monotonic() >= self._oldest_sent_s + ack_timeout_s:
                         raise aiomqtt.MqttError(f"no acknowledgement of a publish within {ack_timeout_s:g} s")
                 while inflight and inflight[0][1].done():
                     item, published = inflight[0]
                     published.result()
                     inflight.popleft()
-                    oldest_sent_s = time.monotonic()  # the next one's wait starts now at the latest
+                    self._oldest_sent_s = time.monotonic()  # the next one's wait starts now at the latest
                     if isinstance(item, Event) and self._durable is not None and is_durable(item):
                         self._durable.acknowledged(item.seq)
                 if not inflight:
                     self._idle.set()
         finally:
+            self._outbox.on_offer = None
+            self._send_window = 0
             for _, publishing in inflight:
                 publishing.cancel()
             for acked in self._acks.values():  # the session ended: these PUBACKs will not come on it
@@ -353,6 +366,34 @@ class MqttBridge:
             self._outbox.requeue([item for item, _ in inflight])
             inflight.clear()
             self._idle.set()
+
+    def _send_queued(self) -> None:
+        """Hand the outbox's items to paho, oldest first, while fewer than the window await their PUBACK."""
+        inflight = self._inflight
+        while len(inflight) < self._send_window and (item := self._outbox.peek()) is not None:
+            self._outbox.pop()
+            topic, payload, retain = self._encode(item)  # a bug here ends the bridge, and the service with it
+            if not inflight:
+                self._oldest_sent_s = time.monotonic()
+            try:
+                sent = self._publish_now(topic, payload, retain=retain)
+            except aiomqtt.MqttError:
+                self._outbox.requeue([item])
+                raise
+            inflight.append((item, sent))
+            self._idle.clear()
+
+    def _send_on_offer(self) -> None:
+        """The outbox's `on_offer`, called in the engine's `bus.publish` on the loop: send at once. Nothing is
+        raised into the engine: a failure is kept for `_drain_outbox`, which ends the session with it (a broker
+        error: reconnect, the item back in the outbox; a bug: the bridge fails, as it would in the drain)."""
+        self._offered.set()
+        if self._send_failure is not None or threading.get_ident() != self._loop_thread:
+            return  # paho's socket is written on the loop's thread only; the drain task sends it then
+        try:
+            self._send_queued()
+        except Exception as exc:
+            self._send_failure = exc
 
     def _encode(self, item: BusItem) -> tuple[str, bytes, bool]:
         if isinstance(item, Event):
