@@ -1085,15 +1085,22 @@ class Engine:
         if self._outbox is not None:
             self._store.save_seq(seq)  # a kill right after the append must not hand out this seq again
             self._outbox.append(event)
+            # Published here, between the two (the MQTT bridge writes it to the broker's socket on the bus's
+            # offer): a kill before state.json is replaced leaves it in the outbox, and the restart publishes it
+            # again (the same event, same `id`) before it makes the change again, as it does after a kill between
+            # the append and the state file (docs/protocol.md). Replacing state.json first cost every state
+            # change ~1 ms, up to 10 ms while image layers were written (bench_event_latency). No PUBACK can be
+            # taken before the replace (this runs on the loop), so the outbox is never emptied ahead of it.
+            self._bus.publish(event)
             # state.json replaced here (a kill finds it: the restart resumes where the hosts heard it went), its
             # fsyncs (1-10 ms here, more while image layers are written) in the outbox's thread: never on the loop.
             self._store.replace(snap)
             self._outbox.checkpoint(self._store.sync)
         else:
             self._store.save(snap)
+            self._bus.publish(event)
         self._machine.move(dest)
         self._snap = snap
-        self._bus.publish(event)
         self._bus.publish(self.status())
         self._log.info("state changed", request_id=request_id, state=dest.value, previous=prev.state,
                        duration_s=duration_s)

@@ -26,6 +26,7 @@ from lifecycle.ports import Ports
 from lifecycle.protocol import Topics
 from lifecycle.service import RequestHandler, state_file
 from lifecycle.step import StepContext
+from lifecycle.store import Snapshot
 
 BLOCK_S = 1.0
 MARK = "before the loop is held"
@@ -93,41 +94,79 @@ class Subscriber:
         self.proc.wait(timeout=10)
 
 
+class Wired:
+    """Engine -> Bus -> MqttBridge with the durable outbox, wired as `serve` wires them, on the shared Mosquitto;
+    every event heard by a `Subscriber`."""
+
+    def __init__(self, tmp_path: Path, plan: list[HoldsTheLoop], label: str) -> None:
+        prefix = unique_prefix(label)
+        config = service_config(tmp_path / "root", prefix=prefix)
+        self.topics = Topics(prefix, config.node_name)
+        self.paths = HostPaths(config.root)
+        self.store = state_file(self.paths)
+        bus = Bus()
+        self.outbox = bus.subscribe("mqtt")
+        self.durable = Outbox(self.paths.state_dir)
+        self.durable.open()
+        unused = cast(Any, None)
+        self.engine = Engine(config=config, paths=self.paths, ports=Ports(docker=unused, commands=unused,
+                             kubelet=unused, kube=unused), plan=plan, reset=_no_reset, store=self.store, bus=bus,
+                             outbox=self.durable)
+        self.bridge = MqttBridge(config=config.mqtt, topics=self.topics, outbox=self.outbox,
+                                 status=self.engine.status, handle=RequestHandler(self.engine).handle,
+                                 client_id=f"lifecycle-{prefix}", durable=self.durable)
+        self.subscriber = Subscriber(self.topics.events)
+
+    async def install(self, *, heard: str) -> float:
+        """Install to `running`; the arrival time of the first message holding `heard`."""
+        try:
+            await asyncio.to_thread(self.subscriber.wait_subscribed)
+            async with self.bridge:
+                await asyncio.wait_for(self.bridge.connected.wait(), 10)
+                await self.engine.install(request_id="held", version=None)
+                await self.engine.wait_job()
+                await self.outbox.drained()
+                await self.bridge.close(drain_timeout_s=5.0)
+            await eventually(lambda: self.subscriber.arrival_of(heard) is not None, timeout_s=5.0)
+        finally:
+            self.subscriber.close()
+            self.durable.close()
+        events = [json.loads(line.partition("|")[2]) for line in self.subscriber.lines if '"specversion"' in line]
+        assert [e["data"]["to"] for e in events if e["type"].endswith("state.changed")][-1] == "running"
+        arrived_s = self.subscriber.arrival_of(heard)
+        assert arrived_s is not None
+        return arrived_s
+
+
 async def test_an_event_reaches_the_subscriber_while_the_step_that_reported_it_still_holds_the_loop(
     tmp_path: Path,
 ) -> None:
-    prefix = unique_prefix("send-on-offer")
-    config = service_config(tmp_path / "root", prefix=prefix)
-    topics = Topics(prefix, config.node_name)
-    paths = HostPaths(config.root)
-    bus = Bus()
-    outbox = bus.subscribe("mqtt")
-    durable = Outbox(paths.state_dir)
-    durable.open()
     plan = [HoldsTheLoop(name, blocks=index == 0) for index, name in enumerate(STEP_NAMES)]
-    unused = cast(Any, None)
-    engine = Engine(config=config, paths=paths, ports=Ports(docker=unused, commands=unused, kubelet=unused,
-                    kube=unused), plan=plan, reset=_no_reset, store=state_file(paths), bus=bus, outbox=durable)
-    bridge = MqttBridge(config=config.mqtt, topics=topics, outbox=outbox, status=engine.status,
-                        handle=RequestHandler(engine).handle, client_id=f"lifecycle-{prefix}", durable=durable)
-    subscriber = Subscriber(topics.events)
-    try:
-        await asyncio.to_thread(subscriber.wait_subscribed)
-        async with bridge:
-            await asyncio.wait_for(bridge.connected.wait(), 10)
-            await engine.install(request_id="held", version=None)
-            await engine.wait_job()
-            await outbox.drained()
-            await bridge.close(drain_timeout_s=5.0)
-        await eventually(lambda: subscriber.arrival_of(MARK) is not None, timeout_s=5.0)
-        arrived_s = subscriber.arrival_of(MARK)
-    finally:
-        subscriber.close()
-        durable.close()
-    assert arrived_s is not None, "the progress event never arrived"
+    arrived_s = await Wired(tmp_path, plan, "send-on-offer").install(heard=MARK)
     released_s = plan[0].released_at_s
     assert arrived_s < released_s, (
         f"the event arrived {arrived_s - released_s:+.3f} s after the step released the loop: it waited for it")
     assert released_s - arrived_s > BLOCK_S / 2, "it left at once, not at the end of the hold"
-    events = [json.loads(line.partition("|")[2]) for line in subscriber.lines if '"specversion"' in line]
-    assert [e["data"]["to"] for e in events if e["type"].endswith("state.changed")][-1] == "running"
+
+
+async def test_a_state_change_is_heard_before_a_slow_disk_has_replaced_the_state_file(tmp_path: Path) -> None:
+    """state.json's replace (a write and a rename on the loop) comes after the publish: a disk that takes 1 s for
+    it (held on purpose) does not hold the announcement back. The outbox append still comes first."""
+    plan = [HoldsTheLoop(name, blocks=False) for name in STEP_NAMES]
+    wired = Wired(tmp_path, plan, "state-before-disk")
+    replace = wired.store.replace
+    slow: dict[str, float] = {}
+
+    def slow_replace(snapshot: Snapshot) -> None:
+        if snapshot.state == "images" and not slow:
+            outbox_text = (wired.paths.state_dir / "outbox").read_text()
+            assert '"to": "images"' in outbox_text or '"to":"images"' in outbox_text, "appended before"
+            time.sleep(BLOCK_S)  # on purpose: the loop is held, as by a slow disk
+            slow["released_s"] = time.time()
+        replace(snapshot)
+
+    wired.store.replace = slow_replace  # type: ignore[method-assign]
+    arrived_s = await wired.install(heard='"to":"images"')
+    assert slow, "the replace into `images` was never made"
+    assert arrived_s < slow["released_s"] - BLOCK_S / 2, (
+        f"`images` was heard {arrived_s - slow['released_s']:+.3f} s after state.json was replaced")
