@@ -29,7 +29,7 @@ from lifecycle.paths import HostPaths
 from lifecycle.ports import Ports
 from lifecycle.protocol import STOPPED_MESSAGE, Action, CertsStatus, ErrorInfo, Event, EventType, Status
 from lifecycle.step import BootCheck, BootEvidence, ClusterParams, ProgressFn, Step, StepContext, node_ip_of
-from lifecycle.store import Snapshot, Store
+from lifecycle.store import Snapshot, Store, snapshot_from_json
 from lifecycle.upgrade import UpgradeRecord, check_upgrade, control_plane_version, read_record, write_record
 from lifecycle.upgrade import clear as clear_upgrade
 
@@ -115,6 +115,8 @@ class Engine:
         self._outbox = outbox  # state changes and failures are written here before they are published
         self._log = get_logger("lifecycle.engine", node=config.node_name)
         self._snap = store.load() or Snapshot(state=State.IDLE.value, since=time.time(), seq=0)
+        if outbox is not None:
+            self._snap = self._newer_in_outbox(outbox, store, self._snap)
         self._snap = replace(self._snap, cluster=self._with_node_ip(self._snap.cluster))
         if outbox is not None:  # a change appended to the outbox just before a kill keeps its numbers
             self._snap = replace(self._snap, seq=max(self._snap.seq, outbox.last_seq),
@@ -137,6 +139,24 @@ class Engine:
         self._kubelet_started_at_boot = kubelet_started_at_boot
 
     # ---- public API ---------------------------------------------------------------------------------------
+
+    def _newer_in_outbox(self, outbox: Outbox, store: Store, saved: Snapshot) -> Snapshot:
+        """The state the hosts may have heard of: a state change is published before state.json is replaced (in
+        the same callback), so a kill between the two leaves state.json one change behind the outbox, whose record
+        holds the file's new content. That one is taken, and written to state.json now (before the outbox could
+        be emptied), so the restart goes on from where the hosts heard it went instead of making the change
+        again."""
+        if outbox.last_snapshot is None or outbox.last_state_seq <= saved.state_seq:
+            return saved
+        try:
+            newer = snapshot_from_json(outbox.last_snapshot, known_states={state.value for state in State})
+        except (TypeError, ValueError) as exc:  # a record of another version: the change is made again instead
+            self._log.warning("the outbox's newest state could not be read; keeping state.json's", error=str(exc))
+            return saved
+        self._log.info("state.json was one change behind the outbox (a kill after the publish): taking the "
+                       "outbox's", state=newer.state, saved_state=saved.state, state_seq=newer.state_seq)
+        store.save(newer)
+        return newer
 
     @property
     def state(self) -> State:
@@ -1084,7 +1104,7 @@ class Engine:
         # next start then makes again (a repeat a host can see by `from`), never a change no host heard of.
         if self._outbox is not None:
             self._store.save_seq(seq)  # a kill right after the append must not hand out this seq again
-            self._outbox.append(event)
+            self._outbox.append(event, snapshot=snap.to_json())
             # Published here, between the two (the MQTT bridge writes it to the broker's socket on the bus's
             # offer): a kill before state.json is replaced leaves it in the outbox, and the restart publishes it
             # again (the same event, same `id`) before it makes the change again, as it does after a kill between

@@ -41,8 +41,11 @@ def is_durable(item: object) -> bool:
     return isinstance(item, Event) and item.type in DURABLE_EVENTS
 
 
-def _event_to_json(event: Event) -> dict[str, Any]:
-    return {"type": event.type.value, "seq": event.seq, "time_s": event.time_s, "id": event.id, "data": event.data}
+def _event_to_json(event: Event, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+    record = {"type": event.type.value, "seq": event.seq, "time_s": event.time_s, "id": event.id, "data": event.data}
+    if snapshot is not None:
+        record["snapshot"] = snapshot
+    return record
 
 
 def _event_from_json(raw: Any) -> Event:
@@ -65,6 +68,10 @@ class Outbox:
         self._acked_seq = 0
         self.last_seq = 0  # the highest `seq` and `state_seq` read back by `open()`
         self.last_state_seq = 0
+        # The state file's content as of the newest state change read back by `open()` (its `state_seq` is
+        # `last_state_seq`): the engine takes it when state.json is older (a kill between the publish and the
+        # replace of state.json).
+        self.last_snapshot: dict[str, Any] | None = None
         # One thread for the fsyncs, not the loop's default pool: an fsync must never queue behind minutes of
         # hashing or extraction there. Started from `append` itself, so the fsync runs while the engine goes on
         # writing state.json (a task would only start once the engine yields: ~1 ms later, measured).
@@ -88,14 +95,17 @@ class Outbox:
             lines = []
         for line in lines:
             try:
-                event = _event_from_json(json.loads(line))
+                raw = json.loads(line)
+                event = _event_from_json(raw)
             except (ValueError, KeyError, TypeError) as exc:
                 self._log.warning("skipping an unreadable outbox record", error=str(exc), record=line[:80])
                 continue
             self.last_seq = max(self.last_seq, event.seq)
             state_seq = event.data.get("state_seq")
-            if isinstance(state_seq, int):
-                self.last_state_seq = max(self.last_state_seq, state_seq)
+            if isinstance(state_seq, int) and state_seq >= self.last_state_seq:
+                self.last_state_seq = state_seq
+                snapshot = raw.get("snapshot")
+                self.last_snapshot = snapshot if isinstance(snapshot, dict) else self.last_snapshot
             if event.seq > self._acked_seq:
                 pending.append(event)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -121,13 +131,15 @@ class Outbox:
                 os.close(fd)
         self._fd = self._acked_fd = None
 
-    def append(self, event: Event) -> None:
-        """Write the event before it is published (one write: O_APPEND keeps a line whole between processes)."""
+    def append(self, event: Event, *, snapshot: dict[str, Any] | None = None) -> None:
+        """Write the event before it is published (one write: O_APPEND keeps a line whole between processes);
+        a state change with the state file's new content (`snapshot`), written to state.json only after the
+        publish."""
         if self._fd is None:
             return  # not opened (a service without an outbox): the event is published from memory only
         try:
             with self._file_lock:  # never while the thread empties the file (held for an ftruncate, rarely)
-                os.write(self._fd, dumps(_event_to_json(event)) + b"\n")
+                os.write(self._fd, dumps(_event_to_json(event, snapshot)) + b"\n")
                 self._written_seq = max(self._written_seq, event.seq)
         except OSError as exc:  # a full disk must not stop the engine: the event still goes out from memory
             self._log.error("could not write an event to the outbox", seq=event.seq, error=str(exc))
