@@ -1100,17 +1100,16 @@ class Engine:
             "seq": seq, "state_seq": state_seq, "request_id": request_id, "from": prev.state, "to": dest.value,
             "step": step, "steps": self._steps_in(dest), "duration_s": duration_s,
         })
-        # The event reaches the outbox before the state file: a kill between the two re-publishes a change the
-        # next start then makes again (a repeat a host can see by `from`), never a change no host heard of.
+        # The event reaches the outbox, with state.json's new content, before anything else: a kill after that
+        # finds the change there, and the restart takes its state from it (`_newer_in_outbox`) and publishes it
+        # again (the same event), never a change no host heard of, nor one made twice.
         if self._outbox is not None:
             self._store.save_seq(seq)  # a kill right after the append must not hand out this seq again
             self._outbox.append(event, snapshot=snap.to_json())
-            # Published here, between the two (the MQTT bridge writes it to the broker's socket on the bus's
-            # offer): a kill before state.json is replaced leaves it in the outbox, and the restart publishes it
-            # again (the same event, same `id`) before it makes the change again, as it does after a kill between
-            # the append and the state file (docs/protocol.md). Replacing state.json first cost every state
-            # change ~1 ms, up to 10 ms while image layers were written (bench_event_latency). No PUBACK can be
-            # taken before the replace (this runs on the loop), so the outbox is never emptied ahead of it.
+            # Published before state.json is replaced (the MQTT bridge writes it to the broker's socket on the
+            # bus's offer): replacing the file first cost every state change ~1 ms, up to 10 ms while image
+            # layers were written (bench_event_latency). No PUBACK can be taken before the replace (this runs on
+            # the loop), so the outbox is never emptied ahead of it.
             self._bus.publish(event)
             # state.json replaced here (a kill finds it: the restart resumes where the hosts heard it went), its
             # fsyncs (1-10 ms here, more while image layers are written) in the outbox's thread: never on the loop.

@@ -8,12 +8,13 @@ loss, starts at once in a thread of its own, batched (one fsync covers every app
 within those milliseconds may forget a change a host has already heard: the restarted service then makes it
 again under the same `state_seq` (docs/protocol.md).
 
-State changes also replace `state.json` (lifecycle.store) on the loop, right after they were published (a
-write and a rename, in the same callback: a kill finds the state the hosts heard of, or the change still in
-the outbox, which the restart publishes again before it makes the change again); its fsyncs run in
-`checkpoint`, in the same thread, after the fsync of every event appended before it, so the loop never waits
-for the disk and the file is never durable ahead of the outbox. The outbox is emptied only once the broker
-acknowledged everything in it *and* every checkpoint handed in is done.
+A state change's record also holds state.json's new content (`snapshot`): the change is published, then
+`state.json` (lifecycle.store) replaced on the loop in the same callback (a write and a rename); a kill in
+between finds the file one change behind, and the restart takes the record's (`last_snapshot`, lifecycle.engine
+`_newer_in_outbox`). The file's fsyncs run in `checkpoint`, in the same thread, after the fsync of every event
+appended before it, so the loop never waits for the disk and the file is never durable ahead of the outbox.
+The outbox is emptied only once the broker acknowledged everything in it *and* every checkpoint handed in is
+done.
 
 Progress events stay in memory: a subscriber sees a gap in `seq` when some were lost, and state changes carry
 `state_seq` (no gap there: see docs/protocol.md)."""
