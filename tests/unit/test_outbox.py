@@ -205,17 +205,8 @@ def test_a_restart_takes_the_outbox_state_when_state_json_is_one_change_behind(t
     before = Snapshot(state="addons", since=1.0, seq=41, state_seq=9, request_id="r1", step=9)
     store.save(before)
     after = Snapshot(state="running", since=2.0, seq=42, state_seq=10, request_id="r1")
-    box = Outbox(paths.state_dir)
-    box.open()
-    box.append(Event(type=EventType.STATE_CHANGED, seq=42, data={"seq": 42, "state_seq": 10, "from": "addons",
-                                                                    "to": "running"}), snapshot=after.to_json())
-    box.close()  # killed: state.json never replaced
-
-    box = Outbox(paths.state_dir)
-    box.open()
-    engine = Engine(config=make_config(tmp_path), paths=paths, ports=null_ports(), plan=fake_plan(),
-                    reset=fake_reset, store=state_file(paths), bus=Bus(), outbox=box)
-    box.close()
+    _append_change(paths, after, came_from="addons")  # killed: state.json never replaced
+    engine = _restarted_engine(tmp_path, paths)
     assert engine.state.value == "running"
     assert (engine.status().seq, engine.status().state_seq) == (42, 10)
     saved = json.loads((paths.state_dir / "state.json").read_text())
@@ -225,16 +216,24 @@ def test_a_restart_takes_the_outbox_state_when_state_json_is_one_change_behind(t
 def test_an_outbox_state_older_than_state_json_is_not_taken(tmp_path: Path) -> None:
     paths = HostPaths(tmp_path)
     store = state_file(paths)
+    _append_change(paths, Snapshot(state="addons", since=1.0, seq=41, state_seq=9), came_from="readiness")
+    store.save(Snapshot(state="running", since=2.0, seq=42, state_seq=10))  # replaced after the append
+    assert _restarted_engine(tmp_path, paths).state.value == "running"
+
+
+def _append_change(paths: HostPaths, snap: Snapshot, *, came_from: str) -> None:
+    """The outbox record of the change into `snap` (as `Engine._transition` appends it), then the process ends."""
     box = Outbox(paths.state_dir)
     box.open()
-    old = Snapshot(state="addons", since=1.0, seq=41, state_seq=9)
-    box.append(Event(type=EventType.STATE_CHANGED, seq=41, data={"seq": 41, "state_seq": 9, "from": "readiness",
-                                                                    "to": "addons"}), snapshot=old.to_json())
+    data = {"seq": snap.seq, "state_seq": snap.state_seq, "from": came_from, "to": snap.state}
+    box.append(Event(type=EventType.STATE_CHANGED, seq=snap.seq, data=data), snapshot=snap.to_json())
     box.close()
-    store.save(Snapshot(state="running", since=2.0, seq=42, state_seq=10))  # replaced after the append
+
+
+def _restarted_engine(tmp_path: Path, paths: HostPaths) -> Engine:
     box = Outbox(paths.state_dir)
     box.open()
     engine = Engine(config=make_config(tmp_path), paths=paths, ports=null_ports(), plan=fake_plan(),
                     reset=fake_reset, store=state_file(paths), bus=Bus(), outbox=box)
     box.close()
-    assert engine.state.value == "running"
+    return engine
