@@ -108,6 +108,9 @@ class Bus:
         return sub
 
     def publish(self, item: BusItem) -> None:
+        """On the event loop's thread only (as every caller is: the engine, whose steps' threads report through
+        `call_soon_threadsafe`): the buffers' events are asyncio's, and an `on_offer` writes to the broker's
+        socket."""
         for sub in list(self._subscribers):
             try:
                 sub.offer(item)

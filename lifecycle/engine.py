@@ -1105,7 +1105,8 @@ class Engine:
         # again (the same event), never a change no host heard of, nor one made twice.
         if self._outbox is not None:
             self._store.save_seq(seq)  # a kill right after the append must not hand out this seq again
-            self._outbox.append(event, snapshot=snap.to_json())
+            content = snap.to_json()
+            self._outbox.append(event, snapshot=content)
             # Published before state.json is replaced (the MQTT bridge writes it to the broker's socket on the
             # bus's offer): replacing the file first cost every state change ~1 ms, up to 10 ms while image
             # layers were written (bench_event_latency). No PUBACK can be taken before the replace (this runs on
@@ -1113,7 +1114,7 @@ class Engine:
             self._bus.publish(event)
             # state.json replaced here (a kill finds it: the restart resumes where the hosts heard it went), its
             # fsyncs (1-10 ms here, more while image layers are written) in the outbox's thread: never on the loop.
-            self._store.replace(snap)
+            self._store.replace(snap, content=content)
             self._outbox.checkpoint(self._store.sync)
         else:
             self._store.save(snap)

@@ -185,13 +185,14 @@ class Store:
     def save(self, snapshot: Snapshot) -> None:
         """Replace state.json atomically and durably (and the sequence number with it)."""
         self.save_seq(snapshot.seq)
-        self._replace(snapshot, durable=True)
+        self._replace(snapshot.to_json(), durable=True)
         self._sync_directory()
 
-    def replace(self, snapshot: Snapshot) -> None:
+    def replace(self, snapshot: Snapshot, *, content: dict[str, Any] | None = None) -> None:
         """Replace state.json atomically, without waiting for the disk: what a kill of the process (not a power
-        loss) finds afterwards. `sync` makes it durable, from a thread (lifecycle.outbox's `checkpoint`)."""
-        self._replace(snapshot, durable=False)
+        loss) finds afterwards. `sync` makes it durable, from a thread (lifecycle.outbox's `checkpoint`).
+        `content`: `snapshot.to_json()`, when the caller made it already (the engine, for the outbox's record)."""
+        self._replace(snapshot.to_json() if content is None else content, durable=False)
 
     def sync(self) -> None:
         """fsync state.json and its directory (after `replace`)."""
@@ -202,11 +203,11 @@ class Store:
             os.close(fd)
         self._sync_directory()
 
-    def _replace(self, snapshot: Snapshot, *, durable: bool) -> None:
+    def _replace(self, content: dict[str, Any], *, durable: bool) -> None:
         directory = self.path.parent
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
-        data = json.dumps(snapshot.to_json(), indent=1, sort_keys=True).encode()
+        data = json.dumps(content, indent=1, sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data)

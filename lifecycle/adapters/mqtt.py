@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -88,8 +87,9 @@ class MqttBridge:
         self._send_window = 0
         self._oldest_sent_s = 0.0  # when the oldest publish in flight was sent (its PUBACK deadline runs from it)
         self._send_failure: Exception | None = None  # raised in a send on offer, for the drain to end the session on
-        self._offered = asyncio.Event()  # something was put on the outbox (and maybe already sent)
-        self._loop_thread = 0  # the event loop's, set by the drain: paho's socket is written from it alone
+        # Something was put on the outbox, and maybe sent at once: the drain wakes on it to take the PUBACK (the
+        # outbox's own `wait` looks for buffered items, and an item sent on offer is no longer buffered).
+        self._offered = asyncio.Event()
         self.connected = asyncio.Event()
         self.connects = 0  # sessions established since start: every one after the first is a reconnect
         self._run_task: asyncio.Task[None] | None = None
@@ -315,7 +315,6 @@ class MqttBridge:
         self._oldest_sent_s = time.monotonic()
         self._send_window = window
         self._send_failure = None
-        self._loop_thread = threading.get_ident()
         self._outbox.on_offer = self._send_on_offer
         try:
             while True:
@@ -388,8 +387,8 @@ class MqttBridge:
         raised into the engine: a failure is kept for `_drain_outbox`, which ends the session with it (a broker
         error: reconnect, the item back in the outbox; a bug: the bridge fails, as it would in the drain)."""
         self._offered.set()
-        if self._send_failure is not None or threading.get_ident() != self._loop_thread:
-            return  # paho's socket is written on the loop's thread only; the drain task sends it then
+        if self._send_failure is not None:
+            return  # the session ends with it: the drain requeues and sends again after the reconnect
         try:
             self._send_queued()
         except Exception as exc:

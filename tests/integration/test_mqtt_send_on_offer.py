@@ -157,13 +157,13 @@ async def test_a_state_change_is_heard_before_a_slow_disk_has_replaced_the_state
     replace = wired.store.replace
     slow: dict[str, float] = {}
 
-    def slow_replace(snapshot: Snapshot) -> None:
+    def slow_replace(snapshot: Snapshot, **kwargs: Any) -> None:
         if snapshot.state == "images" and not slow:
             outbox_text = (wired.paths.state_dir / "outbox").read_text()
             assert '"to": "images"' in outbox_text or '"to":"images"' in outbox_text, "appended before"
             time.sleep(BLOCK_S)  # on purpose: the loop is held, as by a slow disk
             slow["released_s"] = time.time()
-        replace(snapshot)
+        replace(snapshot, **kwargs)
 
     wired.store.replace = slow_replace  # type: ignore[method-assign]
     arrived_s = await wired.install(heard='"to":"images"')
