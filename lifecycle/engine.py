@@ -146,12 +146,14 @@ class Engine:
         holds the file's new content. That one is taken, and written to state.json now (before the outbox could
         be emptied), so the restart goes on from where the hosts heard it went instead of making the change
         again."""
-        if outbox.last_snapshot is None or outbox.last_state_seq <= saved.state_seq:
+        if outbox.last_snapshot is None:
             return saved
         try:
             newer = snapshot_from_json(outbox.last_snapshot, known_states={state.value for state in State})
         except (TypeError, ValueError) as exc:  # a record of another version: the change is made again instead
             self._log.warning("the outbox's newest state could not be read; keeping state.json's", error=str(exc))
+            return saved
+        if newer.state_seq <= saved.state_seq:  # its own number: the record's, not the outbox's newest
             return saved
         self._log.info("state.json was one change behind the outbox (a kill after the publish): taking the "
                        "outbox's", state=newer.state, saved_state=saved.state, state_seq=newer.state_seq)

@@ -69,9 +69,9 @@ class Outbox:
         self._acked_seq = 0
         self.last_seq = 0  # the highest `seq` and `state_seq` read back by `open()`
         self.last_state_seq = 0
-        # The state file's content as of the newest state change read back by `open()` (its `state_seq` is
-        # `last_state_seq`): the engine takes it when state.json is older (a kill between the publish and the
-        # replace of state.json).
+        # The state file's content in the newest state change's record read back by `open()` (None when that
+        # record holds none: an older version's): the engine takes it when state.json is older (a kill between
+        # the publish and the replace of state.json).
         self.last_snapshot: dict[str, Any] | None = None
         # One thread for the fsyncs, not the loop's default pool: an fsync must never queue behind minutes of
         # hashing or extraction there. Started from `append` itself, so the fsync runs while the engine goes on
@@ -106,7 +106,7 @@ class Outbox:
             if isinstance(state_seq, int) and state_seq >= self.last_state_seq:
                 self.last_state_seq = state_seq
                 snapshot = raw.get("snapshot")
-                self.last_snapshot = snapshot if isinstance(snapshot, dict) else self.last_snapshot
+                self.last_snapshot = snapshot if isinstance(snapshot, dict) else None
             if event.seq > self._acked_seq:
                 pending.append(event)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -221,6 +221,21 @@ def test_an_outbox_state_older_than_state_json_is_not_taken(tmp_path: Path) -> N
     assert _restarted_engine(tmp_path, paths).state.value == "running"
 
 
+def test_the_outbox_offers_no_state_when_its_newest_change_holds_none(tmp_path: Path) -> None:
+    """A change appended by a version that wrote no state into its records: the record before it is not the
+    newest state, so none is offered (the engine keeps state.json's)."""
+    paths = HostPaths(tmp_path)
+    _append_change(paths, Snapshot(state="addons", since=1.0, seq=41, state_seq=9), came_from="readiness")
+    box = Outbox(paths.state_dir)
+    box.open()
+    box.append(_change(42, 10))
+    box.close()
+    again = Outbox(paths.state_dir)
+    again.open()
+    assert (again.last_state_seq, again.last_snapshot) == (10, None)
+    again.close()
+
+
 def _append_change(paths: HostPaths, snap: Snapshot, *, came_from: str) -> None:
     """The outbox record of the change into `snap` (as `Engine._transition` appends it), then the process ends."""
     box = Outbox(paths.state_dir)
