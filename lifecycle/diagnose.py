@@ -2,10 +2,10 @@
 
 Holds the service's recent log lines (kept in memory: the service logs to stderr or the journal), the kubelet log
 tail, the status with the last step error (kubeadm's output tail), the saved state and the last events, the config,
-`docker info`, versions, node/pod status and cluster events (when the API answers), disk and memory. Every text
-part goes through `redact` (PEM private keys, bootstrap tokens, JWTs, password/token fields) before it is packed;
-key files are never read. The bundle travels in numbered chunks with the sha256 of the whole (`chunk`,
-`reassemble`). Writes nothing on the node.
+`docker info`, versions, node/pod status and cluster events (when the API answers), disk and memory. Every part
+goes through `redact` (PEM private keys, bootstrap tokens, JWTs, password/token fields) before it is packed, a
+JSON one as data (`redact_json`: it stays JSON); key files are never read. The bundle travels in numbered
+chunks with the sha256 of the whole (`chunk`, `reassemble`). Writes nothing on the node.
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ def _field(match: re.Match[str]) -> str:
 
 
 def _redact_line(line: str) -> str:
+    # The field first: kubeadm's "Using token: <token>" would otherwise become "token: [redacted]" and then have
+    # the field's value, "[redacted", redacted again ("[redacted]]").
+    line = _SECRET_FIELD_RE.sub(_field, line)
     line = _JWT_RE.sub(REDACTED, line)
-    line = _BOOTSTRAP_TOKEN_RE.sub(REDACTED, line)
-    return _SECRET_FIELD_RE.sub(_field, line)
+    return _BOOTSTRAP_TOKEN_RE.sub(REDACTED, line)
 
 
 def redact(text: str) -> str:
@@ -76,6 +78,39 @@ def redact(text: str) -> str:
     Line by line after the PEM blocks are gone: a regex call holds the GIL, and many short calls let the event
     loop run between them while this works in a thread."""
     return "\n".join(_redact_line(line) for line in scrub(text).split("\n"))
+
+
+# A JSON member's key that names a secret (the words of `_SECRET_FIELD_RE`).
+_SECRET_NAME_RE = re.compile(r"(?i)password|passwd|token|secret|key[-_]data")
+
+
+def redact_json(value: Any) -> Any:
+    """JSON data without secrets, still JSON: the value of a key that names a secret is replaced (null, booleans
+    and "" kept: they say there is none; objects and arrays searched), every string redacted as text (`redact`).
+    Text redaction of a JSON document's text cannot keep it JSON: an unquoted value (`"password_file": null`)
+    became `[redacted]`, and a field inside a string (kubeadm's "Using token: ...") lost its closing quote."""
+    if isinstance(value, dict):
+        return {key: REDACTED if _SECRET_NAME_RE.search(str(key)) and _holds_a_value(item) else redact_json(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_json(item) for item in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value
+
+
+def _holds_a_value(item: Any) -> bool:
+    return isinstance(item, int | float | str) and not isinstance(item, bool) and item != ""
+
+
+def _redacted_member(name: str, text: str) -> str:
+    """A member as it goes into the bundle: a JSON one redacted as data (it stays JSON), any other as text."""
+    if name.endswith(".json"):
+        try:
+            return _json(redact_json(json.loads(text)))
+        except ValueError:  # a state file that is not JSON (torn, or not ours): as text
+            pass
+    return redact(text)
 
 
 # ---- chunks ---------------------------------------------------------------------------------------------
@@ -239,7 +274,7 @@ def _tar_gz(parts: Mapping[str, str], *, prefix: str, mtime: float) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name, text in parts.items():
-            data = redact(text).encode("utf-8")
+            data = _redacted_member(name, text).encode("utf-8")
             info = tarfile.TarInfo(f"{prefix}/{name}")
             info.size, info.mode, info.mtime = len(data), 0o600, int(mtime)
             tar.addfile(info, io.BytesIO(data))

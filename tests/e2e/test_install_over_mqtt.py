@@ -446,6 +446,13 @@ def diagnose(node: Node, out: Path) -> dict[str, str]:
     with tarfile.open(out) as tar:
         members = {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode()  # type: ignore[union-attr]
                    for m in tar.getmembers() if m.isfile()}
+    unparsable = []
+    for name, text in members.items():
+        try:
+            json.loads(text) if name.endswith(".json") else None
+        except ValueError as exc:
+            unparsable.append(f"{name}: {exc}")
+    assert not unparsable, f"redaction broke JSON members: {unparsable}"
     everything = "\n".join(members.values())
     pki = node.root / "etc/kubernetes/pki"
     for key in (pki / "ca.key", pki / "sa.key", pki / "apiserver.key"):

@@ -21,7 +21,7 @@ from lifecycle.config import MqttConfig
 from lifecycle.diagnose import REDACTED, chunk, collect, missing_chunks, reassemble, redact
 from lifecycle.paths import HostPaths
 from lifecycle.ports import EngineError, Ports
-from lifecycle.protocol import ErrorInfo, Status
+from lifecycle.protocol import ErrorInfo, Event, EventType, Status
 
 TOKEN = "abcdef.0123456789abcdef"
 JWT = ("eyJhbGciOiJSUzI1NiIsImtpZCI6IjEyMyJ9.eyJpc3MiOiJrdWJlcm5ldGVzL3NlcnZpY2VhY2NvdW50In0."
@@ -132,3 +132,35 @@ def test_a_bundle_from_a_node_full_of_secrets_holds_its_parts_and_none_of_them(t
     everything = "\n".join(members.values())
     for secret in (_body(key), TOKEN, "mqtt-pass-4711", "PRIVATE KEY-----"):
         assert secret not in everything, secret
+
+
+def test_every_json_member_of_a_bundle_stays_json_once_redacted(tmp_path: Path) -> None:
+    """Found by hand (issue 11's check): a node with an MQTT password gave a config.json with
+    `"password_file": [redacted]` and an events.json whose kubeadm line "Using token: <token>" lost its closing
+    quote: neither parsed. JSON members are redacted as data now."""
+    paths = HostPaths(tmp_path)
+    paths.state_dir.mkdir(parents=True)
+    (paths.state_dir / "state.json").write_text(json.dumps({"state": "failed", "token_file": None, "n": 3}))
+    paths.under("/proc").mkdir()
+    paths.under("/proc/meminfo").write_text("MemTotal:        4194304 kB\n")
+    config = dataclasses.replace(make_config(tmp_path), mqtt=MqttConfig(username="lc", password="mqtt-pass-4711"))
+    said = f"[bootstrap-token] Using token: {TOKEN}"
+    progress = Event(type=EventType.STEP_PROGRESS, seq=7, data={"seq": 7, "state": "kubeadm", "message": said})
+    status = Status(node="unit", state="failed", since=0.0, seq=7, request_id="r1", kubernetes_version=None,
+                    step=None, steps=9, error=None)
+    ports = Ports(docker=cast(Any, _DeadEngine()), commands=cast(Any, None), kubelet=cast(Any, None),
+                  kube=cast(Any, None))
+    bundle = asyncio.run(collect(config=config, paths=paths, ports=ports, status=status, events=[progress],
+                                 log_lines=[], source="/lifecycle/unit"))
+
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read().decode() for m in tar.getmembers()  # type: ignore[union-attr]
+                   if m.isfile()}
+    parsed = {name: json.loads(text) for name, text in members.items() if name.endswith(".json")}
+    assert {"config.json", "events.json", "state/state.json", "status.json"} <= set(parsed)
+    assert parsed["config.json"]["mqtt"]["password"] == REDACTED
+    assert parsed["config.json"]["mqtt"]["password_file"] is None, "none is not a secret: it stays null"
+    assert parsed["events.json"][0]["data"]["message"] == f"[bootstrap-token] Using token: {REDACTED}"
+    assert parsed["state/state.json"] == {"state": "failed", "token_file": None, "n": 3}
+    everything = "\n".join(members.values())
+    assert TOKEN not in everything and "mqtt-pass-4711" not in everything
