@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -211,8 +212,18 @@ def parse_request(payload: bytes) -> Request:
     if len(payload) > MAX_PKI_PAYLOAD_BYTES:
         raise BadRequestError("payload_too_large",
                               f"request is {len(payload)} bytes, the limit is {MAX_PKI_PAYLOAD_BYTES} (with 'pki')")
+    twice: list[str] = []  # keys named twice in one object, at any depth
+
+    def object_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                twice.append(key)
+            obj[key] = value
+        return obj
+
     try:
-        raw = json.loads(payload.decode("utf-8"))
+        raw = json.loads(payload.decode("utf-8"), object_pairs_hook=object_of)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequestError("malformed_json", f"request is not UTF-8 JSON: {exc}") from None
     except ValueError:  # the one other ValueError json.loads raises: Python's int-string conversion limit
@@ -221,7 +232,7 @@ def parse_request(payload: bytes) -> Request:
     except RecursionError:  # the C decoder's guard against deep nesting ("[" * 10000)
         raise BadRequestError("malformed_json", "request is nested too deeply") from None
     try:
-        return _parse_object(raw, size_bytes=len(payload))
+        return _parse_object(raw, size_bytes=len(payload), keys_twice=twice)
     except RecursionError:  # e.g. quoting a value nested almost as deep as the decoder allows
         raise BadRequestError("invalid_request", "request is nested too deeply") from None
 
@@ -242,7 +253,7 @@ def has_lone_surrogate(value: object) -> bool:
     return False
 
 
-def _parse_object(raw: object, *, size_bytes: int) -> Request:
+def _parse_object(raw: object, *, size_bytes: int, keys_twice: Sequence[str] = ()) -> Request:
     if not isinstance(raw, dict):
         raise BadRequestError("invalid_request", f"request must be a JSON object, got {type(raw).__name__}")
     if size_bytes > MAX_PAYLOAD_BYTES and raw.get("pki") is None:
@@ -263,6 +274,8 @@ def _parse_object(raw: object, *, size_bytes: int) -> Request:
     if reply_to is not None and readable_reply_to is None:
         raise bad("invalid_reply_to", f"'reply_to' must be a topic without wildcards or control characters, "
                                       f"got {_shown(reply_to)}")
+    if keys_twice:  # JSON leaves it open which one counts (RFC 8259, 4): a reader before us may have taken the other
+        raise bad("invalid_request", f"the request names {_shown(keys_twice[0])} twice in one object")
     if has_lone_surrogate(raw):  # checked before any field is acted on: nothing of it may reach disk
         raise bad("invalid_request", "a string in the request holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     action = raw.get("action")
