@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVarTuple, Unpack
 
 # Only what a boot needs before it starts the kubelet (`boot_first`); the rest of the service (aiomqtt, aiodocker,
 # cryptography, the engine and the steps) is imported after it: tests/unit/test_boot_first.py holds that.
@@ -116,18 +116,51 @@ def load_serve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config).with_overrides(root=args.root, node_name=args.node, broker=args.broker)
 
 
-def watch_children_by_pidfd(loop: asyncio.AbstractEventLoop) -> None:
+_Ts = TypeVarTuple("_Ts")
+
+
+class _PidfdWatcher(asyncio.PidfdChildWatcher):
+    """asyncio's pidfd watcher that can let go of the children still running when the service stops: the kubelet
+    and its log pipe, which outlive it on purpose. Without `let_go`, closing the loop warns of each ("RuntimeWarning:
+    A loop is being detached from a child watcher with pending handlers") on every stop, in the operator's journal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._running: set[int] = set()
+
+    def add_child_handler(self, pid: int, callback: Callable[[int, int, Unpack[_Ts]], object],
+                          *args: *_Ts) -> None:
+        def ended(pid: int, returncode: int, *args: *_Ts) -> None:
+            self._running.discard(pid)
+            callback(pid, returncode, *args)
+
+        self._running.add(pid)
+        super().add_child_handler(pid, ended, *args)
+
+    @property
+    def running(self) -> frozenset[int]:
+        """The children watched that have not ended."""
+        return frozenset(self._running)
+
+    def let_go(self) -> None:
+        for pid in self._running:
+            self.remove_child_handler(pid)
+        self._running.clear()
+
+
+def watch_children_by_pidfd(loop: asyncio.AbstractEventLoop) -> _PidfdWatcher | None:
     """Child processes (kubeadm, crictl, the kubelet) watched through a pidfd on the loop itself. asyncio's default
     on 3.11 starts a thread per child and waits on the loop for it to start: 3-5 ms of a stalled loop per spawn,
     seen by lifecycle.loopwatch as `loop slow` in `add_child_handler` and as late events (issue 11). Kept when
-    the kernel has no pidfd (before Linux 5.3)."""
+    the kernel has no pidfd (before Linux 5.3): None."""
     try:
         os.close(os.pidfd_open(os.getpid()))
     except (AttributeError, OSError):
-        return
-    watcher = asyncio.PidfdChildWatcher()
+        return None
+    watcher = _PidfdWatcher()
     watcher.attach_loop(loop)
     asyncio.set_child_watcher(watcher)
+    return watcher
 
 
 def run_service(
@@ -144,7 +177,7 @@ def run_service(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        watch_children_by_pidfd(loop)
+        children = watch_children_by_pidfd(loop)
         stop = asyncio.Event()
         log = get_logger("lifecycle.main", node=config.node_name)
 
@@ -182,7 +215,9 @@ def run_service(
         finally:
             beat.cancel()
             sd.close()
-            await ports.docker.close()  # the kubelet is left running on purpose
+            await ports.docker.close()
+            if children is not None:
+                children.let_go()  # the kubelet (and its log pipe) is left running on purpose
 
     try:
         asyncio.run(main())

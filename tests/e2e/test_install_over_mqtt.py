@@ -606,3 +606,47 @@ def test_reset_during_install_stops_everything_removes_generated_files_and_keeps
         assert subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0, ref
     status = payload(node.retained("status", lambda m: payload(m)["state"] == "idle", timeout_s=10))
     assert status["error"] is None
+
+
+def _kubelets_under(root: Path) -> list[int]:
+    """The pids of the kubelets of the node at `root` (the simulated static pods run from the same binary)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if any(arg.startswith(f"--bootstrap-kubeconfig={root}/".encode()) for arg in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_leaves_the_cluster_running_says_nothing_unstructured_and_the_next_start_keeps_the_kubelet(
+    make_node: Callable[..., Node],
+) -> None:
+    """An operator's `systemctl restart lifecycle` (KillMode=process): the service stops with exit 0, the kubelet
+    goes on, and the next start finds the cluster running with that same kubelet. Every line the service wrote is
+    a structured log line: found by hand, asyncio warned on stderr at every stop ("RuntimeWarning: A loop is being
+    detached from a child watcher with pending handlers": the kubelet's, left running on purpose)."""
+    node = make_node()
+    node.install_until_running("sigterm-1")
+    kubelets = _kubelets_under(node.root)
+    assert len(kubelets) == 1, kubelets
+    assert node.service is not None
+    node.service.send_signal(signal.SIGTERM)
+    assert node.service.wait(timeout=30) == 0
+    assert _kubelets_under(node.root) == kubelets, "the kubelet must outlive the service"
+
+    node.start_service()
+    status = payload(node.retained("status", lambda m: payload(m)["state"] == "running", timeout_s=30))
+    assert status["state"] == "running"
+    assert _kubelets_under(node.root) == kubelets, "the restart must keep the running kubelet"
+    node.service.send_signal(signal.SIGTERM)
+    assert node.service.wait(timeout=30) == 0
+    unstructured = []
+    for line in node.log_path.read_text(errors="replace").splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            unstructured.append(line)
+    assert not unstructured, "the service wrote lines that are not log records:\n" + "\n".join(unstructured)
