@@ -218,6 +218,9 @@ def run_service(
             await ports.docker.close()
             if children is not None:
                 children.let_go()  # the kubelet (and its log pipe) is left running on purpose
+                # Process-wide: asyncio's default again for a loop run after this one (a test runs the service inside
+                # pytest's process). The policy takes None (asyncio/unix_events.py); typeshed's stub does not say so.
+                asyncio.set_child_watcher(None)  # type: ignore[arg-type]
 
     try:
         asyncio.run(main())
