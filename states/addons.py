@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from lifecycle import yamlsafe
+from lifecycle.config import Config
 from lifecycle.errors import PermanentError, StepError, TemporaryError
 from lifecycle.ports import KubeApi, KubeApiError
 from lifecycle.step import StepContext, fail_at
@@ -78,7 +79,7 @@ class Addons:
         try:
             # In a thread: YAML of any size is parsed off the event loop (issue 11: nothing blocks the loop).
             objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
-                                              placeholders=placeholders(ctx))
+                                              placeholders=placeholders(ctx.config))
         except PermanentError:
             return False  # run reports what is wrong with them
         if not ctx.paths.admin_conf.is_file():
@@ -95,7 +96,7 @@ class Addons:
 
     async def run(self, ctx: StepContext) -> None:
         objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
-                                          placeholders=placeholders(ctx))
+                                          placeholders=placeholders(ctx.config))
         try:
             async with ctx.ports.kube.connect(ctx.paths.admin_conf) as api:
                 # Every one, also those that exist: an apply puts back what was changed by hand (a ClusterRole
@@ -120,7 +121,7 @@ async def _kept(ctx: StepContext) -> bool:
     waiting does not cure; their availability is not waited for (their pods come back with the kubelet)."""
     try:
         objects = await asyncio.to_thread(load_manifests, ctx.config.addons.manifests_dir,
-                                          placeholders=placeholders(ctx))
+                                          placeholders=placeholders(ctx.config))
     except PermanentError:
         return False
     if not ctx.paths.admin_conf.is_file():
@@ -190,10 +191,10 @@ async def _to_apply(api: KubeApi, objects: list[AddonObject]) -> list[AddonObjec
     return wanted
 
 
-def placeholders(ctx: StepContext) -> dict[str, str]:
+def placeholders(config: Config) -> dict[str, str]:
     """What `${NAME}` in a manifest stands for: the image repository and the addon images of the config."""
-    repo = ctx.config.kubernetes.image_repository
-    return {"IMAGE_REPOSITORY": repo, **ctx.config.addons.images(repo)}
+    repo = config.kubernetes.image_repository
+    return {"IMAGE_REPOSITORY": repo, **config.addons.images(repo)}
 
 
 def load_manifests(directory: Path, *, placeholders: Mapping[str, str]) -> list[AddonObject]:

@@ -1,5 +1,6 @@
-"""preflight: what kubeadm, the kubelet and etcd need of this machine, checked before anything is written; every
-unmet prerequisite is reported at once, each with its check name (kubeadm's where kubeadm has one) and the fix.
+"""preflight: what kubeadm, the kubelet and etcd need of this machine, and the addon manifests the last state will
+apply, checked before anything is written; every unmet prerequisite is reported at once, each with its check name
+(kubeadm's where kubeadm has one) and the fix.
 Leaves nothing behind but, when the API endpoint name resolves nowhere, a line for it in /etc/hosts (as Docker
 Desktop's VM has it; a progress event says so). Done when every check passes and the name resolves, or when the
 node already has a cluster: the checks are for a fresh machine, and a running cluster holds the ports they look at.
@@ -25,6 +26,7 @@ from lifecycle.hostfacts import (
 from lifecycle.nodeaddr import NodeAddressError, add_hosts_entry, detect_node_ip, is_local, local_addresses, resolve
 from lifecycle.paths import HostPaths
 from lifecycle.step import ClusterParams, StepContext
+from states.addons import load_manifests, placeholders
 from states.kubeadm import STATIC_POD_MANIFESTS
 
 # kubeadm's constants (cmd/kubeadm/app/constants/constants.go): ControlPlaneNumCPU, ControlPlaneMem (MB), and the
@@ -53,7 +55,7 @@ class Unmet:
 
 
 # Which error code the failure carries when several kinds of check failed: the address first (it is config).
-_CODE_ORDER = ("node_ip_undetected", "node_ip_not_local", "endpoint_not_local", "prerequisites")
+_CODE_ORDER = ("node_ip_undetected", "node_ip_not_local", "endpoint_not_local", "bad_manifest", "prerequisites")
 
 
 class Preflight:
@@ -89,7 +91,8 @@ class Preflight:
 
 async def _all_checks(ctx: StepContext) -> tuple[list[Unmet], bool]:
     """Every unmet prerequisite (the address first), and whether the endpoint name needs a hosts entry."""
-    unmet = await asyncio.to_thread(machine_checks, ctx.config, ctx.cluster, ctx.paths, ctx.node_ip)
+    unmet = await asyncio.to_thread(
+        lambda: machine_checks(ctx.config, ctx.cluster, ctx.paths, ctx.node_ip) + addon_checks(ctx.config))
     address_unmet, add_hosts = await _address_checks(ctx)
     return address_unmet + unmet, add_hosts
 
@@ -134,6 +137,23 @@ def machine_checks(config: Config, cluster: ClusterParams, paths: HostPaths, nod
         unmet.append(Unmet("DirAvailable--var-lib-etcd", "/var/lib/etcd is not empty",
                            "it holds another cluster's data: move it away (or `kubeadm reset` that cluster)"))
     return unmet
+
+
+def addon_checks(config: Config) -> list[Unmet]:
+    """The addon manifests, read and validated as the addons step will (nothing is applied): a directory that is
+    not there or a manifest it cannot use is config, found here before kubeadm has run rather than after. (Found
+    by hand: a config copied to another folder named `../deploy/addons` from there, and the install failed in its
+    last step.) Read only."""
+    try:
+        load_manifests(config.addons.manifests_dir, placeholders=placeholders(config))
+    except PermanentError as exc:
+        problem = exc.message
+    except OSError as exc:
+        problem = f"cannot read the addon manifests: {exc}"
+    else:
+        return []
+    return [Unmet("AddonManifests", problem, "correct addons.manifests_dir in the config (a relative path is taken "
+                  "from the config file's folder) or the manifest named", code="bad_manifest")]
 
 
 def _forwarding_checks(config: Config, paths: HostPaths, node_ip: str) -> list[Unmet]:

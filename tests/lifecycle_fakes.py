@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from lifecycle.bus import Subscription
-from lifecycle.config import STEP_NAMES, Config, KubernetesConfig, StepPolicy, VersionImages
+from lifecycle.config import STEP_NAMES, AddonsConfig, Config, KubernetesConfig, StepPolicy, VersionImages
 from lifecycle.errors import CommandError, PermanentError, TemporaryError
 from lifecycle.ports import Ports
 from lifecycle.protocol import Event
@@ -216,6 +216,9 @@ BINARIES_TAGS = {"cni": "v1.6.0", "critools": "v1.31.1", "cri_dockerd": "v0.3.16
 _BINARIES_TOML = "".join(f'{k} = "{v}"\n' for k, v in BINARIES_TAGS.items())
 
 
+DEPLOY_ADDONS = Path(__file__).resolve().parent.parent / "deploy/addons"
+
+
 def make_config(root: Path, *, node: str = "unit", **policies: StepPolicy) -> Config:
     """A config for in-process tests: both versions, free ports, short deadlines, no retries unless asked."""
     versions = {
@@ -227,6 +230,7 @@ def make_config(root: Path, *, node: str = "unit", **policies: StepPolicy) -> Co
     return Config(
         node_name=node, root=root, steps=steps,
         kubernetes=KubernetesConfig(version="v1.31.4", versions=versions, api_port=0, kubelet_healthz_port=0),
+        addons=AddonsConfig(manifests_dir=DEPLOY_ADDONS),  # preflight reads them (a package installs them)
     )
 
 

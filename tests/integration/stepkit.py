@@ -57,7 +57,8 @@ def make_config(root: Path, *, docker_host: str = "unix:///nonexistent", repo: s
     )
     # The storage addon's images under the test's repository, as simnode/lifecycle.toml names them.
     addons = AddonsConfig(storage_provisioner_image="{repo}/rancher/local-path-provisioner:v0.0.37",
-                          storage_helper_image="{repo}/library/busybox:1.37.0")
+                          storage_helper_image="{repo}/library/busybox:1.37.0",
+                          manifests_dir=Path(__file__).resolve().parents[2] / "deploy/addons")
     return Config(node_name="node-a", root=root, kubernetes=kubernetes, pki=PkiConfig(),
                   docker=DockerConfig(host=docker_host, pull_concurrency=3), addons=addons)
 

@@ -205,3 +205,29 @@ async def test_engine_fails_in_preflight_with_every_problem_then_resumes_once_fi
     await engine.wait_job()
     assert engine.state == State.RUNNING, engine.status().error
     await engine.shutdown()
+
+
+@pytest.mark.parametrize("problem", ["no directory", "bad manifest"])
+async def test_addon_manifests_it_cannot_use_fail_the_preflight_and_nothing_is_written(
+    machine: Path, tmp_path: Path, problem: str,
+) -> None:
+    """Found by hand: a config copied to another folder named `../deploy/addons` from there; the install ran every
+    step, kubeadm's included, and failed in the last one. The manifests are config: preflight reads them."""
+    addons = tmp_path / "addons"
+    if problem == "bad manifest":
+        addons.mkdir()
+        (addons / "storage.yaml").write_text("kind: ConfigMap\nimage: ${NO_SUCH_IMAGE}\n")
+    config = step_config(machine)
+    config = replace(config, addons=replace(config.addons, manifests_dir=addons))
+    before = tree(machine)
+    ctx, progress = preflight_ctx(config, api_port=0)
+    assert not await Preflight().is_done(ctx)
+    with pytest.raises(PermanentError) as raised:
+        await Preflight().run(ctx)
+    assert raised.value.code == "bad_manifest"
+    checks = raised.value.details["checks"]
+    assert isinstance(checks, list) and [c["check"] for c in checks] == ["AddonManifests"]
+    said = {"no directory": f"addons.manifests_dir {addons} is not a directory",
+            "bad manifest": "unknown placeholder ${NO_SUCH_IMAGE}"}[problem]
+    assert said in raised.value.message
+    assert tree(machine) == before and not progress.calls

@@ -68,7 +68,7 @@ def _context(root: Path, api: KeptObjects, *, job: str) -> StepContext:
 
 def _objects(root: Path) -> list[dict[str, Any]]:
     ctx = _context(root, KeptObjects([], reason=""), job="install")
-    return [o.body for o in load_manifests(DEPLOY_ADDONS, placeholders=placeholders(ctx))]
+    return [o.body for o in load_manifests(DEPLOY_ADDONS, placeholders=placeholders(ctx.config))]
 
 
 async def test_a_start_takes_the_kept_addons_while_their_pods_come_back_and_an_install_waits(tmp_path: Path) -> None:
