@@ -209,5 +209,7 @@ def test_a_request_loop_killed_by_a_bug_ends_the_process_non_zero_after_saying_o
     started = time.monotonic()
     code = run_service(config, plan=fake_plan(), reset=fake_reset, ports_factory=null_ports)
     assert code == EXIT_BRIDGE_FAILED and time.monotonic() - started < 10  # not alive and deaf: restartable
+    # Its pidfd child watcher is process-wide: left set, it would warn of the children of every later loop.
+    assert not isinstance(asyncio.get_child_watcher(), asyncio.PidfdChildWatcher), "the service's watcher stayed"
     topics = Topics(config.mqtt.prefix, config.node_name)
     assert asyncio.run(retained(topics.availability)) == b"offline"
