@@ -129,6 +129,16 @@ class Probe:
     def events(self) -> list[dict[str, Any]]:
         return [m.json() for m in self.seen if m.topic == self.topics.events]
 
+    async def wait_state_of(self, request_id: str, state: str, *, timeout_s: float = 20.0) -> dict[str, Any]:
+        """The state.changed event of `request_id`'s job entering `state`."""
+        found = await self.wait_for(
+            lambda m: m.topic == self.topics.events and m.json()["type"] == "lifecycle.state.changed"
+            and m.json()["data"]["to"] == state and m.json()["data"]["request_id"] == request_id,
+            timeout_s=timeout_s,
+        )
+        event: dict[str, Any] = found.json()
+        return event
+
     async def wait_state(self, state: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
         """The state.changed event entering `state` (seen at any time since the probe connected)."""
         found = await self.wait_for(

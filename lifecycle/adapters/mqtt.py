@@ -11,7 +11,7 @@ import contextlib
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -189,7 +189,8 @@ class MqttBridge:
         4.9); paho holds back what is over it (replies and status share it), the outbox keeps within it."""
         return max(1, min(self._max_inflight, self._receive_maximum))
 
-    def _publish_now(self, topic: str, payload: bytes, *, retain: bool) -> asyncio.Future[None]:
+    def _publish_now(self, topic: str, payload: bytes, *, retain: bool,
+                     properties: Properties | None = None) -> asyncio.Future[None]:
         """Hand a QoS 1 publish to paho at once; the future resolves on its PUBACK. aiomqtt's `publish` costs a
         task, a timeout and, through its write callback, three system calls per message (~120 us here): a burst
         of 30 events waited 2-3 ms in the service before its first byte left, and the last one ~5 ms
@@ -204,7 +205,7 @@ class MqttBridge:
         register_write = inner.on_socket_register_write
         inner.on_socket_register_write = None
         try:
-            info = inner.publish(topic, payload, qos=1, retain=retain)
+            info = inner.publish(topic, payload, qos=1, retain=retain, properties=properties)
         except OSError as exc:
             raise aiomqtt.MqttError(f"could not write to the broker: {exc}") from exc
         finally:
@@ -417,7 +418,12 @@ class MqttBridge:
                 self._log.error("a reply failed", exc_info=done.exception())
 
         async def beside(work: Awaitable[None]) -> None:
-            await room.acquire()
+            try:
+                await room.acquire()
+            except BaseException:  # the session ends meanwhile: `work` is never run (and must not warn of it)
+                if isinstance(work, Coroutine):
+                    work.close()
+                raise
             task = asyncio.ensure_future(work)
             answering.add(task)
             task.add_done_callback(answered)
@@ -473,15 +479,25 @@ class MqttBridge:
                 return
             reply_to = request.reply_to
             reply = await self._handle(request)
-        await beside(self._answer(client, action, reply, response_topic, reply_to, correlation))
+        # Sent here, before this coroutine lets the loop run the job the request may have started: the job's
+        # first state change goes to the broker's socket when it is made (`_send_on_offer`), and a reply sent from
+        # a task of its own came after it (a requester heard `idle -> preflight` before "install started").
+        pending = self._answer(client, action, reply, response_topic, reply_to, correlation)
+        if pending is not None:
+            await beside(pending)
 
     async def _handle_and_answer(self, client: aiomqtt.Client, request: Request, action: str,
                                  response_topic: str | None, correlation: bytes | None) -> None:
         reply = await self._handle(request)
-        await self._answer(client, action, reply, response_topic, request.reply_to, correlation)
+        pending = self._answer(client, action, reply, response_topic, request.reply_to, correlation)
+        if pending is not None:
+            await pending
 
-    async def _answer(self, client: aiomqtt.Client, action: str, reply: Reply, response_topic: str | None,
-                      reply_to: str | None, correlation: bytes | None) -> None:
+    def _answer(self, client: aiomqtt.Client, action: str, reply: Reply, response_topic: str | None,
+                reply_to: str | None, correlation: bytes | None) -> Awaitable[None] | None:
+        """Count and log the reply and send it: a one-message reply is handed to paho now (it goes out before
+        anything the loop runs after this), a chunked one (`diagnose`) by the awaitable returned, which also waits
+        for the PUBACKs. None when there is nothing to wait for."""
         if self._on_reply is not None:
             self._on_reply(action, reply)
         # Replies go only where `reply_topic_problem` allows: never onto status/events/availability/requests (a
@@ -492,8 +508,8 @@ class MqttBridge:
             self._log.info("request rejected", request_id=reply.id, code=reply.error[0], error=reply.error[1],
                            replied=target is not None)
         if target is None:
-            return  # acted on (or refused) without a reply: none was asked for, or none is possible
-        await self._reply(client, target, reply, correlation)
+            return None  # acted on (or refused) without a reply: none was asked for, or none is possible
+        return self._reply(client, target, reply, correlation)
 
     def _check_reply_topics(self, response_topic: str | None, request: Request) -> None:
         """Refuse a request whose reply could not go where it asks: its requester would never hear of it."""
@@ -508,7 +524,8 @@ class MqttBridge:
     def _rejected(self, request_id: str | None, code: str, message: str) -> Reply:
         return Reply(id=request_id, ok=False, state=self._status().state, error=(code, message))
 
-    async def _reply(self, client: aiomqtt.Client, topic: str, reply: Reply, correlation: bytes | None) -> None:
+    def _reply(self, client: aiomqtt.Client, topic: str, reply: Reply,
+               correlation: bytes | None) -> Awaitable[None] | None:
         props = mqtt_properties(PacketTypes.PUBLISH)
         props.ContentType = "application/json"
         if correlation is not None:
@@ -516,14 +533,38 @@ class MqttBridge:
         if reply.message_expiry_s is not None:  # a reply carrying credentials must not wait long for its reader
             props.MessageExpiryInterval = reply.message_expiry_s
         body = reply.to_json()
-        # One message per chunk of a large payload (`diagnose`), each a whole reply; QoS 1 keeps their order.
-        payloads = [dumps({**body, "chunk": part}) for part in reply.chunks] if reply.chunks else [dumps(body)]
+        if reply.chunks:  # one message per chunk (`diagnose`), each a whole reply, one at a time: they may be MBs
+            return self._send_chunks(client, topic, [dumps({**body, "chunk": part}) for part in reply.chunks],
+                                     props, request_id=reply.id)
         try:
-            for payload in payloads:
-                await client.publish(topic, payload, qos=1, properties=props)
+            acked = self._publish_now(topic, dumps(body), retain=False, properties=props)
         except aiomqtt.MqttError as exc:  # the requester will time out and ask again; the action stands
             self._log.warning("could not send a reply", topic=topic, error=str(exc))
+            return None
         except (ValueError, TypeError) as exc:  # a topic or property paho cannot encode: no reply is possible
-            self._log.warning("reply dropped: cannot be sent to this topic", topic=repr(topic),
-                              request_id=reply.id, error=f"{type(exc).__name__}: {exc}")
+            self._reply_dropped(topic, reply.id, exc)
+            return None
+        return self._reply_acknowledged(acked, topic)
+
+    async def _reply_acknowledged(self, acked: asyncio.Future[None], topic: str) -> None:
+        """The PUBACK of a reply, within aiomqtt's publish timeout (a session that ends cancels it)."""
+        done, _ = await asyncio.wait({acked}, timeout=self._client.timeout)
+        if not done or acked.cancelled() or acked.exception() is not None:  # the requester times out, asks again
+            self._log.warning("a reply was not acknowledged", topic=topic,
+                              why="timeout" if not done else "the session ended")
+
+    async def _send_chunks(self, client: aiomqtt.Client, topic: str, payloads: list[bytes], props: Properties, *,
+                           request_id: str | None) -> None:
+        try:
+            for payload in payloads:  # QoS 1 keeps their order
+                await client.publish(topic, payload, qos=1, properties=props)
+        except aiomqtt.MqttError as exc:  # the requester will time out and ask again
+            self._log.warning("could not send a reply", topic=topic, error=str(exc))
+        except (ValueError, TypeError) as exc:
+            self._reply_dropped(topic, request_id, exc)
+
+    def _reply_dropped(self, topic: str, request_id: str | None, exc: Exception) -> None:
+        """A topic or property paho cannot encode: no reply is possible."""
+        self._log.warning("reply dropped: cannot be sent to this topic", topic=repr(topic), request_id=request_id,
+                          error=f"{type(exc).__name__}: {exc}")
 
