@@ -43,7 +43,12 @@ def _kill(svc: ServiceProcess) -> None:
 
 
 def _saved_state(root: Path) -> str:
-    state: str = json.loads((root / "var/lib/lifecycle/state.json").read_text())["state"]
+    """state.json's state; `idle` before the first change wrote it (an install's reply comes before its job's
+    first change: docs/protocol.md, replies)."""
+    try:
+        state: str = json.loads((root / "var/lib/lifecycle/state.json").read_text())["state"]
+    except FileNotFoundError:
+        return "idle"
     return state
 
 
