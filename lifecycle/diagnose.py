@@ -52,8 +52,9 @@ _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*")
 # quoted, also as escaped JSON inside JSON (a log line quoting a document). The pattern starts with the secret word
 # itself (what comes before it in the name stays as it is): a leading `[\w.-]*` would backtrack over every long
 # word of a log, and a regex holds the GIL, so a slow one stalls the service's loop even from a thread.
+_SECRET_WORDS = r"password|passwd|token|secret|key[-_]data"  # in a name, what marks its value as secret
 _SECRET_FIELD_RE = re.compile(
-    r"""(?i)((?:password|passwd|token|secret|key[-_]data)[A-Za-z0-9_.-]{0,64}(?:\\?["'])?[ \t]*[:=][ \t]*)"""
+    rf"""(?i)((?:{_SECRET_WORDS})[A-Za-z0-9_.-]{{0,64}}(?:\\?["'])?[ \t]*[:=][ \t]*)"""
     r"""(\\?"(?:[^"\\\n]|\\.){0,4096}?\\?"|'[^'\n]{0,4096}'|[^\s,}\]]{1,4096})"""
 )
 
@@ -80,8 +81,7 @@ def redact(text: str) -> str:
     return "\n".join(_redact_line(line) for line in scrub(text).split("\n"))
 
 
-# A JSON member's key that names a secret (the words of `_SECRET_FIELD_RE`).
-_SECRET_NAME_RE = re.compile(r"(?i)password|passwd|token|secret|key[-_]data")
+_SECRET_NAME_RE = re.compile(f"(?i){_SECRET_WORDS}")  # a JSON member's key that names a secret
 
 
 def redact_json(value: Any) -> Any:

@@ -253,7 +253,7 @@ def has_lone_surrogate(value: object) -> bool:
     return False
 
 
-def _parse_object(raw: object, *, size_bytes: int, keys_twice: Sequence[str] = ()) -> Request:
+def _parse_object(raw: object, *, size_bytes: int, keys_twice: Sequence[str]) -> Request:
     if not isinstance(raw, dict):
         raise BadRequestError("invalid_request", f"request must be a JSON object, got {type(raw).__name__}")
     if size_bytes > MAX_PAYLOAD_BYTES and raw.get("pki") is None:
